@@ -25,6 +25,7 @@ function definition to the saved model afterwards.
 from __future__ import annotations
 
 import onnx
+import onnx_ir as ir
 import onnxscript
 import torch
 from onnxscript import opset18 as op
@@ -118,15 +119,15 @@ def mrope_function_proto(opset: int) -> onnx.FunctionProto:
     return fn
 
 
-def attach_mrope_function(model: onnx.ModelProto) -> onnx.ModelProto:
+def attach_mrope_function(model: ir.Model) -> ir.Model:
     """Add the MRoPE function definition and domain import to an exported model (in place)."""
-    opset = next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
-    if not any(f.domain == DOMAIN and f.name == OP_NAME for f in model.functions):
-        model.functions.append(mrope_function_proto(opset))
-    if not any(i.domain == DOMAIN for i in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    opset = model.opset_imports.get("", 18)
+    fn = ir.serde.deserialize_function(mrope_function_proto(opset))
+    model.functions.setdefault(fn.identifier(), fn)
+    model.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
     return model
 
 
 def count_mrope_nodes(model: onnx.ModelProto) -> int:
+    """MRoPE nodes in the main graph (a saved model must keep them, not an inlined body)."""
     return sum(1 for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_NAME)

@@ -1,0 +1,142 @@
+"""`edgevl` command line: one entry point, one subcommand per stage.
+
+Each subcommand is a `add_<name>_parser(subparsers)` + `cmd_<name>(args)` pair.
+Export needs the [export] extra (torch, transformers); `run` needs only the runtime.
+User-facing problems (EdgevlError) print one sentence and exit 2; pass --debug for
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from edgevl import __version__
+from edgevl.errors import EdgevlError
+
+EXIT_USER_ERROR = 2
+
+
+# ----------------------------------------------------------------------------- export
+def add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a Qwen2-VL checkpoint to vision + decoder ONNX graphs",
+        description="Split a Qwen2-VL checkpoint into vision.onnx and decoder.onnx (KV cache, M-RoPE as the "
+                    "edgevl::MRoPE custom op), plus the embedding table, tokenizer, chat template, image-"
+                    "processor settings and manifest.json. Needs `pip install edgevl[export]`.")
+    p.add_argument("model", metavar="MODEL",
+                   help="a local Hugging Face model folder (config.json, *.safetensors, tokenizer.json, "
+                        "chat template, preprocessor_config.json) or a hub id such as Qwen/Qwen2-VL-2B-Instruct")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="artifact folder to create; written to a temporary folder and renamed at the end")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="weight and activation precision of both graphs (default: fp32)")
+    p.add_argument("--opset", type=int, default=18, metavar="N",
+                   help="ONNX opset of the default domain, 18..23 (default: 18)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it already exists")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    try:
+        from edgevl.export.exporter import export_model
+    except ImportError as e:
+        raise EdgevlError(f"`edgevl export` needs the export extra ({e.name} is missing); "
+                          f"install it with `pip install 'edgevl[export]'`.") from None
+    out = export_model(args.model, args.output, dtype=args.dtype, opset=args.opset, force=args.force,
+                       log=lambda msg: print(f"[export] {msg}", file=sys.stderr))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- run
+def add_run_parser(sub) -> None:
+    p = sub.add_parser(
+        "run", help="generate text from an export folder (torch-free runtime)",
+        description="Preprocess images, run the vision encoder, build the prompt with the model's chat "
+                    "template and generate with a KV cache. Text streams to stdout as it is generated; "
+                    "sampling defaults come from the model's generation_config.json.")
+    p.add_argument("artifact", metavar="OUT", help="folder written by `edgevl export` (or `edgevl quantize`)")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file; repeat for several images in one prompt (in order)")
+    p.add_argument("--prompt", required=True, help="the user's message")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                   help="stop after N generated tokens (default: 128)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (overrides sampling settings)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: generation_config)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with probability >= p")
+    p.add_argument("--repetition-penalty", type=float, help="penalty > 1 discourages repeating seen tokens")
+    p.add_argument("--seed", type=int, help="random seed for sampling (default: nondeterministic)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the output contains TEXT (not included in the output); repeatable")
+    p.add_argument("--backend", default=None, help="execution backend (default: ort-cpu)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per graph (0 = onnxruntime's default)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (prompt_token_ids, token_ids, text, timings) instead of "
+                        "streaming text")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args) -> int:
+    from edgevl.runtime.pipeline import Pipeline
+
+    if args.max_new_tokens < 1:
+        raise EdgevlError("--max-new-tokens must be at least 1.")
+    pipe = Pipeline.load(args.artifact, backend=args.backend, verify=not args.no_verify, threads=args.threads)
+    sampling = {"do_sample": False} if args.greedy else {
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    sampling.update(repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if not args.greedy and any(v is not None for v in (args.temperature, args.top_k, args.top_p)):
+        sampling["do_sample"] = True
+
+    def stream(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    result = pipe.generate(args.prompt, images=args.image, max_new_tokens=args.max_new_tokens, stop=args.stop,
+                           on_text=None if args.json else stream, **sampling)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        sys.stdout.write("\n")
+        t = result.timings
+        per_token = (sum(t["decode_s_per_token"]) / len(t["decode_s_per_token"]) * 1e3
+                     if t["decode_s_per_token"] else float("nan"))
+        print(f"[{len(result.token_ids)} tokens, {result.finish_reason}; preprocess {t['preprocess_s']*1e3:.0f} ms, "
+              f"vision {t['vision_s']*1e3:.0f} ms, prefill {t['prefill_s']*1e3:.0f} ms, "
+              f"decode {per_token:.1f} ms/token on {pipe.backend.name}]", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgevl", description="Qwen2-VL from a Hugging Face checkpoint to verified ONNX inference.")
+    parser.add_argument("--version", action="version", version=f"edgevl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_export_parser(sub)
+    add_run_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgevlError as e:
+        if args.debug:
+            raise
+        print(f"edgevl {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""A complete Qwen2-VL-Instruct model folder with random weights, made offline.
+
+This file owns the stand-in checkpoint that tests and benchmarks use instead
+of downloaded weights: `write_random_model` writes the files a real
+Qwen/Qwen2-VL-*-Instruct folder has (config.json, generation_config.json,
+model.safetensors, tokenizer.json, vocab.json, merges.txt,
+tokenizer_config.json, chat_template.jinja, preprocessor_config.json), so that
+`Qwen2VLForConditionalGeneration`, `AutoTokenizer` and
+`Qwen2VLImageProcessorPil` load it with `from_pretrained` and no network.
+
+The tokenizer is a 2000-entry byte-level BPE trained here, in well under a
+second, on `assets/tokenizer_corpus.txt` with the Qwen2 pre-tokenizer, plus
+Qwen2-VL's 14 special tokens in their real order. Training is deterministic,
+so it is not cached. The chat template is the real one
+(`assets/qwen2_vl_chat_template.jinja`). Shapes come from `presets.py`.
+
+    python -m edgevl.export.tiny_model OUT_DIR [--preset NAME] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edgevl.export.presets import ModelPreset, build_config, get_preset
+
+ASSETS = Path(__file__).parent / "assets"
+CORPUS_PATH = ASSETS / "tokenizer_corpus.txt"
+CHAT_TEMPLATE_PATH = ASSETS / "qwen2_vl_chat_template.jinja"
+
+# Size of the trained BPE vocabulary; the special tokens come after it, as
+# in the real tokenizer (151643 regular tokens, then <|endoftext|> ...).
+BPE_VOCAB_SIZE = 2000
+
+# Qwen2-VL's added tokens, in id order (151643..151656 in the real tokenizer).
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# transformers' Qwen2Tokenizer splits text with this regex before byte-level
+# BPE; it rebuilds the pipeline from this constant when loading, so the
+# tokenizer.json written here must use the same one to agree with it.
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Image preprocessing of the real checkpoints (CLIP mean/std, 14-px patches,
+# 2x2 merge, 4..16384 merged tokens per image).
+MIN_PIXELS = 56 * 56  # 3136
+MAX_PIXELS = 28 * 28 * 16384  # 12845056
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def train_tokenizer(corpus_path: Path = CORPUS_PATH, vocab_size: int = BPE_VOCAB_SIZE):
+    """Train the tiny byte-level BPE and add Qwen2-VL's special tokens.
+
+    Returns a `tokenizers.Tokenizer` with ids 0..vocab_size-1 for BPE pieces
+    and vocab_size.. for SPECIAL_TOKENS. Same corpus, same bytes out (checked
+    across processes, whose Rust hash seeds differ): the trainer orders merges
+    by count, then by pair id.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+
+    tokenizer = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        show_progress=False,
+        # All 256 byte symbols, so any UTF-8 text encodes without an unk.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    lines = Path(corpus_path).read_text(encoding="utf-8").splitlines(keepends=True)
+    tokenizer.train_from_iterator(lines, trainer=trainer)
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"corpus too small: BPE stopped at {tokenizer.get_vocab_size()} < {vocab_size} tokens")
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tokenizer
+
+
+def special_token_ids(tokenizer) -> dict:
+    """The ids `build_config` and generation_config.json need, read from `tokenizer`."""
+    tid = tokenizer.token_to_id
+    return {
+        "bos_token_id": tid("<|endoftext|>"),
+        "eos_token_id": tid("<|im_end|>"),
+        "pad_token_id": tid("<|endoftext|>"),
+        "image_token_id": tid("<|image_pad|>"),
+        "video_token_id": tid("<|video_pad|>"),
+        "vision_start_token_id": tid("<|vision_start|>"),
+        "vision_end_token_id": tid("<|vision_end|>"),
+    }
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_tokenizer_files(tokenizer, out_dir: Path) -> None:
+    """tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, chat_template.jinja.
+
+    tokenizer_config.json mirrors the real (transformers-4 era) file, chat
+    template inline included; chat_template.jinja is how transformers 5 saves
+    a template, and it wins over the inline copy when both exist.
+    """
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tokenizer.model.save(str(out_dir))  # vocab.json + merges.txt, as the real folder has
+    template = CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
+    (out_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    added = {
+        str(tokenizer.token_to_id(t)): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in SPECIAL_TOKENS
+    }
+    config = {
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
+        "bos_token": None,
+        "chat_template": template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    _write_json(out_dir / "tokenizer_config.json", config)
+
+
+def write_preprocessor_config(out_dir: Path, preset: ModelPreset) -> None:
+    """preprocessor_config.json: the real file's keys plus transformers 5's own.
+
+    The real file says min_pixels/max_pixels; transformers 5 maps them onto
+    size.shortest_edge/longest_edge (pixel counts, not edges) and saves the
+    latter. Both are written, with the same values, so old and new readers agree.
+    """
+    config = {
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": CLIP_MEAN,
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "image_std": CLIP_STD,
+        "max_pixels": MAX_PIXELS,
+        "merge_size": preset.spatial_merge_size,
+        "min_pixels": MIN_PIXELS,
+        "patch_size": preset.patch_size,
+        "processor_class": "Qwen2VLProcessor",
+        "resample": 3,  # PIL bicubic
+        "rescale_factor": 1 / 255,
+        "size": {"longest_edge": MAX_PIXELS, "shortest_edge": MIN_PIXELS},
+        "temporal_patch_size": preset.temporal_patch_size,
+    }
+    _write_json(out_dir / "preprocessor_config.json", config)
+
+
+def generation_config(ids: dict):
+    """Qwen2-VL-Instruct's generation_config.json with this tokenizer's ids.
+
+    Note do_sample=True with top_k=1 is greedy in effect, but
+    repetition_penalty=1.05 still reshapes logits: pass do_sample=False,
+    repetition_penalty=1.0 for plain greedy decoding.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=ids["bos_token_id"],
+        pad_token_id=ids["pad_token_id"],
+        do_sample=True,
+        eos_token_id=[ids["eos_token_id"], ids["pad_token_id"]],  # <|im_end|>, <|endoftext|>
+        repetition_penalty=1.05,
+        temperature=0.1,
+        top_p=0.001,
+        top_k=1,
+    )
+
+
+def write_weights(out_dir: Path, config, ids: dict, seed: int, dtype: str) -> None:
+    """config.json, generation_config.json and model.safetensors with random weights.
+
+    The model is built directly in `dtype` (a 2B in bfloat16 needs ~4.4 GB,
+    not 8.8 GB of float32 first). transformers' init draws every Linear,
+    Conv3d and Embedding from N(0, initializer_range) and zeroes biases.
+    """
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
+    model.generation_config = generation_config(ids)
+    model.save_pretrained(out_dir)
+
+
+def write_random_model(out_dir, preset: str = "tiny", seed: int = 0, dtype: str | None = None) -> Path:
+    """Write a loadable Qwen2-VL-Instruct folder with random weights; return its path.
+
+    `preset` names an entry of presets.PRESETS; `dtype` (e.g. "float32")
+    overrides the preset's weight dtype. Same arguments, same bytes.
+    """
+    spec = get_preset(preset)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    ids = special_token_ids(tokenizer)
+    config = build_config(spec, ids)
+    write_weights(out, config, ids, seed, dtype or spec.dtype)
+    write_tokenizer_files(tokenizer, out)
+    write_preprocessor_config(out, spec)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default=None, help="float32, float16 or bfloat16 (default: the preset's)")
+    args = parser.parse_args(argv)
+    path = write_random_model(args.out_dir, preset=args.preset, seed=args.seed, dtype=args.dtype)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""`Pipeline`: an artifact folder -> text, through preprocess, vision, prefill and decode.
+
+    pipe = Pipeline.load("out/")
+    result = pipe.generate("Describe the image.", images=["photo.jpg"], max_new_tokens=64)
+    print(result.text)
+
+Stages and where they live:
+  preprocess    image_processing.preprocess_image   (PIL + numpy, identical to transformers)
+  prompt        prompt.ChatTemplate / expand_vision_pads / Tokenizer
+  vision        vision runner, one call per image (memory linear in the number of images)
+  embeddings    gather from embed_tokens.npy, image embeddings scattered into the pad slots
+  positions     rope_index.mrope_position_ids (3-D M-RoPE)
+  generate      generate.generate over the decoder runner
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgevl.errors import EdgevlError
+from edgevl.runtime.artifact import Artifact, load_artifact
+from edgevl.runtime.backends import get_backend
+from edgevl.runtime.generate import KVCache, generate
+from edgevl.runtime.image_processing import ImageProcessorSettings, load_image, preprocess_image
+from edgevl.runtime.prompt import ChatTemplate, StreamDecoder, Tokenizer, expand_vision_pads, user_message
+from edgevl.runtime.rope_index import mrope_position_ids, vision_rotary_position_ids
+from edgevl.runtime.sampling import SamplingOptions
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+@dataclass
+class PreparedPrompt:
+    """One prompt row after preprocessing: token ids and its images' patches."""
+
+    input_ids: np.ndarray                     # [S] int64, image pads already expanded
+    pixel_values: list[np.ndarray]            # per image [t*h*w, C*T*P*P]
+    grids: list[tuple[int, int, int]]         # per image (t, h, w)
+
+
+@dataclass
+class Result:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str                        # "eos" | "stop" | "length"
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
+                "finish_reason": self.finish_reason, "timings": self.timings}
+
+
+class Pipeline:
+    def __init__(self, artifact: Artifact, backend: str | None = None, threads: int = 0):
+        t0 = time.perf_counter()
+        self.artifact = artifact
+        self.config = artifact.config
+        self.backend = get_backend(backend)
+        self.tokenizer = Tokenizer(artifact.file("tokenizer.json"))
+        self.template = ChatTemplate.from_file(artifact.file("chat_template.jinja"))
+        self.image_settings = ImageProcessorSettings.from_dict(artifact.manifest["image_processor"])
+        self.generation_config = artifact.read_json("generation_config.json")
+        # Memory-mapped: only the rows of tokens actually used are read from disk.
+        self.embed_table = np.load(artifact.file(artifact.manifest["embeddings"]["file"]), mmap_mode="r")
+        self.vision = self.backend.make_runner(artifact.graph_path("vision"), threads)
+        self.decoder = self.backend.make_runner(artifact.graph_path("decoder"), threads)
+        self.vision.activate()
+        self.decoder.activate()
+        self.dtype = self.decoder.input_metadata()["inputs_embeds"].dtype
+        self.load_s = time.perf_counter() - t0
+
+    @classmethod
+    def load(cls, path, backend: str | None = None, verify: bool = True, threads: int = 0) -> "Pipeline":
+        return cls(load_artifact(path, verify=verify), backend=backend, threads=threads)
+
+    @property
+    def max_context(self) -> int:
+        return int(self.config["max_position_embeddings"])
+
+    # ------------------------------------------------------------------ stages
+    def prepare(self, prompt: str, images=()) -> PreparedPrompt:
+        """Chat template + image preprocessing + pad expansion + tokenization for one prompt."""
+        if not prompt or not prompt.strip():
+            raise EdgevlError("the prompt is empty; pass some text with --prompt.")
+        processed = [preprocess_image(load_image(img), self.image_settings) for img in images]
+        text = self.template.render([user_message(prompt, num_images=len(processed))])
+        grids = [grid for _, grid in processed]
+        text = expand_vision_pads(text, IMAGE_PAD, grids, self.image_settings.merge_size)
+        ids = self.tokenizer.encode(text)
+        return PreparedPrompt(ids, [pv for pv, _ in processed], grids)
+
+    def encode_image(self, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+        """[t*h*w, D] patches -> [t*h*w/merge^2, hidden] embeddings; each temporal patch attends alone."""
+        t, h, w = grid
+        rotary = vision_rotary_position_ids((1, h, w), self.image_settings.merge_size)
+        dtype = self.vision.input_metadata()["pixel_values"].dtype
+        frames = np.split(pixel_values.astype(dtype), t)
+        return np.concatenate([self.vision.infer({"pixel_values": f, "rotary_pos_ids": rotary})["image_embeds"]
+                               for f in frames])
+
+    def embed(self, input_ids: np.ndarray, image_embeds: list[np.ndarray]) -> np.ndarray:
+        """input_ids [S] -> [S, hidden] with the image-pad rows replaced by vision embeddings, in order."""
+        embeds = np.asarray(self.embed_table[input_ids], dtype=self.dtype)
+        slots = np.flatnonzero(input_ids == self.config["image_token_id"])
+        if image_embeds:
+            vision = np.concatenate(image_embeds).astype(self.dtype)
+            if len(vision) != len(slots):
+                raise EdgevlError(f"{len(slots)} image tokens in the prompt but {len(vision)} image embeddings.")
+            embeds[slots] = vision
+        return embeds
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt: str, images=(), max_new_tokens: int = 128, stop=(), on_text=None,
+                 **sampling) -> Result:
+        """One prompt. `on_text(delta)` receives text as it is generated (streaming)."""
+        return self.generate_batch([prompt], [list(images)], max_new_tokens, stop,
+                                   on_text=(lambda row, delta: on_text(delta)) if on_text else None,
+                                   **sampling)[0]
+
+    def generate_batch(self, prompts: list[str], images: list[list] | None = None, max_new_tokens: int = 128,
+                       stop=(), on_text=None, **sampling) -> list[Result]:
+        """Several prompts at once, left-padded into one batch. `sampling`: do_sample, temperature,
+        top_k, top_p, repetition_penalty, seed (None = the model's generation_config)."""
+        images = images or [[] for _ in prompts]
+        t0 = time.perf_counter()
+        rows = [self.prepare(p, imgs) for p, imgs in zip(prompts, images)]
+        t_pre = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        row_embeds = [self.embed(r.input_ids, [self.encode_image(pv, g) for pv, g in zip(r.pixel_values, r.grids)])
+                      for r in rows]
+        t_vision = time.perf_counter() - t0
+        longest = max(len(r.input_ids) for r in rows)
+        if longest >= self.max_context:
+            raise EdgevlError(f"the prompt is {longest} tokens long but the model's context is "
+                              f"{self.max_context} tokens; shorten it or use smaller images.")
+        max_new_tokens = min(max_new_tokens, self.max_context - longest)
+
+        ids, mask, embeds = self._left_pad(rows, row_embeds, longest)
+        grids = [g for r in rows for g in r.grids]
+        position_ids, rope_deltas = mrope_position_ids(
+            ids, mask, self.config["image_token_id"], self.config["video_token_id"],
+            np.array(grids, np.int64).reshape(-1, 3) if grids else None, None, self.config["spatial_merge_size"])
+        opts = SamplingOptions.from_generation_config(self.generation_config, **sampling)
+        cache = KVCache.empty(self.config["num_hidden_layers"], len(rows), self.config["num_key_value_heads"],
+                              self.config["head_dim"], self.dtype)
+        streams = [StreamDecoder(self.tokenizer) for _ in rows]
+        stopped = [False] * len(rows)
+
+        def on_token(row: int, token: int) -> bool:
+            if token in self.config["eos_token_id"]:
+                return False
+            delta = streams[row].push(token)
+            if stop and any(s in streams[row].emitted for s in stop):
+                stopped[row] = True
+                return True
+            if on_text and delta:
+                on_text(row, delta)
+            return False
+
+        gen = generate(self.decoder, self.embed_table, embeds, ids, mask, position_ids, rope_deltas, cache, opts,
+                       max_new_tokens, self.config["eos_token_id"], self._pad_id(), on_token)
+        results = []
+        for b, row in enumerate(rows):
+            tokens = [int(t) for t in gen.token_ids[b, :gen.lengths[b]]]
+            text = self.tokenizer.decode(tokens)
+            reason = "stop" if stopped[b] else "eos" if tokens and tokens[-1] in self.config["eos_token_id"] \
+                else "length"
+            if stopped[b]:
+                text = text[:min(text.find(s) for s in stop if s in text)]
+            results.append(Result(row.input_ids.tolist(), tokens, text, reason, {
+                "preprocess_s": t_pre, "vision_s": t_vision, "prefill_s": gen.prefill_s,
+                "decode_s_per_token": gen.decode_s, "load_s": self.load_s}))
+        return results
+
+    def _pad_id(self) -> int:
+        pad = self.config.get("pad_token_id")
+        return int(pad if pad is not None else self.config["eos_token_id"][0])
+
+    def _left_pad(self, rows, row_embeds, length: int):
+        """Left-pad every row to `length`: ids and mask [B, L] int64, embeds [B, L, hidden]."""
+        bsz, hidden = len(rows), row_embeds[0].shape[1]
+        ids = np.full((bsz, length), self._pad_id(), np.int64)
+        mask = np.zeros((bsz, length), np.int64)
+        embeds = np.zeros((bsz, length, hidden), self.dtype)
+        pad_embed = np.asarray(self.embed_table[self._pad_id()], dtype=self.dtype)
+        for b, (row, e) in enumerate(zip(rows, row_embeds)):
+            n = len(row.input_ids)
+            ids[b, length - n:], mask[b, length - n:], embeds[b, length - n:] = row.input_ids, 1, e
+            embeds[b, :length - n] = pad_embed
+        return ids, mask, embeds

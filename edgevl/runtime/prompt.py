@@ -1,0 +1,104 @@
+"""Prompt -> token ids: the model's own chat template (jinja2) and vision-pad expansion.
+
+The chat template puts one `<|image_pad|>` between `<|vision_start|>` and
+`<|vision_end|>` per image; like transformers' Qwen2VLProcessor we expand it to
+`t*h*w / merge_size**2` pads (one per merged vision token) before tokenizing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from edgevl.errors import EdgevlError
+
+
+def _raise_exception(message):
+    raise TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class ChatTemplate:
+    """Renders messages with a Hugging Face chat template, in the same jinja environment transformers uses."""
+
+    def __init__(self, source: str):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        self.template = env.from_string(source)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "ChatTemplate":
+        return cls(Path(path).read_text())
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        except TemplateError as e:
+            raise EdgevlError(f"the model's chat template rejected the messages: {e}") from None
+
+
+def user_message(text: str, num_images: int = 0, num_videos: int = 0) -> dict:
+    """One user turn in the Hugging Face content-list format: images, then videos, then the text."""
+    content = [{"type": "image"} for _ in range(num_images)]
+    content += [{"type": "video"} for _ in range(num_videos)]
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def expand_vision_pads(text: str, pad_token: str, grids: list[tuple[int, int, int]], merge_size: int) -> str:
+    """Replace the i-th `pad_token` with t*h*w/merge^2 copies of itself (grids[i] = (t, h, w))."""
+    pieces = text.split(pad_token)
+    if len(pieces) - 1 != len(grids):
+        raise EdgevlError(f"the prompt has {len(pieces) - 1} {pad_token} placeholders but {len(grids)} "
+                          f"inputs were given for them.")
+    out = [pieces[0]]
+    for (t, h, w), piece in zip(grids, pieces[1:]):
+        out.append(pad_token * (t * h * w // merge_size ** 2))
+        out.append(piece)
+    return "".join(out)
+
+
+class Tokenizer:
+    """tokenizer.json through the `tokenizers` library (no transformers)."""
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.impl = HFTokenizer.from_file(str(path))
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.impl.encode(text, add_special_tokens=True).ids, dtype=np.int64)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.impl.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self.impl.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.impl.id_to_token(int(token_id))
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
