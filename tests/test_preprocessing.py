@@ -84,9 +84,16 @@ CASES = {
     "palette": lambda: photo("chelsea").quantize(64),
     "palette_transparent": palette_with_transparency,
     "cmyk": lambda: photo("coffee").convert("CMYK"),
-    "i16": lambda: Image.fromarray((skimage.data.camera().astype(np.uint16) * 3)[:200, :300]),
     "binary_1": lambda: photo("camera").convert("1"),
 }
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_wide_pixel_modes_are_refused(mode):
+    """transformers clips >8-bit pixels to 255 without a word; we refuse with a sentence."""
+    image = Image.fromarray((skimage.data.camera().astype(np.uint16) * 3)[:200, :300]).convert(mode)
+    with pytest.raises(EdgevlError, match="8-bit"):
+        preprocess_images([image], ImageProcessorSettings())
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

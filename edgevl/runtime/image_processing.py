@@ -172,11 +172,20 @@ def _open(source) -> tuple[Image.Image, str]:
         ) from err
 
 
+# Integer / float pixel data wider than 8 bits. transformers converts these with
+# PIL's convert("RGB"), which clips every value to 255 (a white or garbage image):
+# we refuse them with a sentence instead of answering about a picture nobody sent.
+WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
 def to_rgb(image: Image.Image, name: str = "given as a PIL image") -> Image.Image:
     """transformers' `convert_to_rgb` for PIL: alpha (band A or palette transparency)
     is composited onto opaque white, everything else goes through `convert("RGB")`
-    (so 16-bit 'I;16' clips to 255, CMYK uses PIL's naive formula, like transformers).
+    (CMYK uses PIL's naive formula, like transformers). Wide modes are refused.
     """
+    if image.mode in WIDE_MODES:
+        raise EdgevlError(f"Image {name} has {image.mode!r} pixels (more than 8 bits per channel), which "
+                          f"edgevl does not support; convert it to 8-bit RGB first.")
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     try:
         if has_alpha:

@@ -148,31 +148,27 @@ class Pipeline:
         opts = SamplingOptions.from_generation_config(self.generation_config, **sampling)
         cache = KVCache.empty(self.config["num_hidden_layers"], len(rows), self.config["num_key_value_heads"],
                               self.config["head_dim"], self.dtype)
-        streams = [StreamDecoder(self.tokenizer) for _ in rows]
-        stopped = [False] * len(rows)
+        streams = [StreamDecoder(self.tokenizer, tuple(stop)) for _ in rows]
 
         def on_token(row: int, token: int) -> bool:
             if token in self.config["eos_token_id"]:
                 return False
             delta = streams[row].push(token)
-            if stop and any(s in streams[row].emitted for s in stop):
-                stopped[row] = True
-                return True
             if on_text and delta:
                 on_text(row, delta)
-            return False
+            return streams[row].stopped
 
         gen = generate(self.decoder, self.embed_table, embeds, ids, mask, position_ids, rope_deltas, cache, opts,
                        max_new_tokens, self.config["eos_token_id"], self._pad_id(), on_token)
         results = []
-        for b, row in enumerate(rows):
+        for b, (row, stream) in enumerate(zip(rows, streams)):
             tokens = [int(t) for t in gen.token_ids[b, :gen.lengths[b]]]
-            text = self.tokenizer.decode(tokens)
-            reason = "stop" if stopped[b] else "eos" if tokens and tokens[-1] in self.config["eos_token_id"] \
+            rest = stream.finish()
+            if on_text and rest:
+                on_text(b, rest)
+            reason = "stop" if stream.stopped else "eos" if tokens and tokens[-1] in self.config["eos_token_id"] \
                 else "length"
-            if stopped[b]:
-                text = text[:min(text.find(s) for s in stop if s in text)]
-            results.append(Result(row.input_ids.tolist(), tokens, text, reason, {
+            results.append(Result(row.input_ids.tolist(), tokens, stream.text, reason, {
                 "preprocess_s": t_pre, "vision_s": t_vision, "prefill_s": gen.prefill_s,
                 "decode_s_per_token": gen.decode_s, "load_s": self.load_s}))
         return results

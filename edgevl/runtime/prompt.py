@@ -88,17 +88,48 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of token ids into text deltas, holding back incomplete UTF-8."""
+    """Turns a growing list of token ids into text deltas for streaming.
 
-    def __init__(self, tokenizer: Tokenizer):
+    Holds back an incomplete UTF-8 character, and any tail that could be the start
+    of a stop string, so a stop string is never printed even in part. `text` is the
+    final output (cut before the first stop string); `finish()` releases what is held.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
-        self.emitted = ""
+        self.text = ""
+        self.printed = 0
+        self.stopped = False
 
     def push(self, token_id: int) -> str:
+        """Add a token; returns the text that is now safe to print."""
         self.ids.append(int(token_id))
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
-        delta, self.emitted = text[len(self.emitted):], text
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:
+            self.text, self.stopped = text[:min(hits)], True
+            return self.flush()
+        self.text = text
+        return self._release(len(text) - self._held_tail(text))
+
+    def flush(self) -> str:
+        return self._release(len(self.text))
+
+    def finish(self) -> str:
+        """End of generation: the full text (even a trailing partial character) and what is left to print."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.ids)
+        return self.flush()
+
+    def _held_tail(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        return max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+    def _release(self, upto: int) -> str:
+        delta = self.text[self.printed:upto]
+        self.printed = max(self.printed, upto)
         return delta

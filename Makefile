@@ -1,0 +1,41 @@
+# edgevl: set-up, demo and tests on a fresh machine.
+#   make setup   virtual environment in .venv with the runtime, the export extra and test tools
+#   make demo    build a tiny random Qwen2-VL, export it, run it on a real photograph
+#   make test    the whole test suite (CPU, a few minutes)
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ART    := artifacts
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of torch (on disk here); an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[export,dev]'
+	touch $@
+
+$(ART)/tiny-model/config.json: | setup
+	$(PY) -m edgevl.export.tiny_model $(ART)/tiny-model --preset tiny --seed 0
+
+$(ART)/tiny-export/manifest.json: $(ART)/tiny-model/config.json
+	$(VENV)/bin/edgevl export $(ART)/tiny-model -o $(ART)/tiny-export --force
+
+$(ART)/astronaut.png: | setup
+	$(PY) -c "import skimage.data, PIL.Image; PIL.Image.fromarray(skimage.data.astronaut()).save('$@')"
+
+demo: $(ART)/tiny-export/manifest.json $(ART)/astronaut.png
+	$(VENV)/bin/edgevl run $(ART)/tiny-export --image $(ART)/astronaut.png \
+		--prompt "Describe this image." --max-new-tokens 32
+	@echo "(random weights: the text above is meaningless; a real checkpoint gives real answers)"
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(ART) .pytest_cache

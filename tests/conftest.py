@@ -1,0 +1,63 @@
+"""Shared fixtures: one tiny random Qwen2-VL folder, its fp32 export, and transformers' view of it.
+
+Everything is built once per session in a temp folder (tens of seconds on 2 cores).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from edgevl.export.tiny_model import write_random_model
+    return write_random_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    from edgevl.export.exporter import export_model
+    out = tmp_path_factory.mktemp("export") / "tiny-fp32"
+    return export_model(str(tiny_model_dir), out, dtype="fp32", log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_model_dir):
+    from transformers import Qwen2VLForConditionalGeneration
+    return Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype="float32").eval()
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_artifact):
+    from edgevl.runtime.pipeline import Pipeline
+    return Pipeline.load(tiny_artifact)
+
+
+def _photo(name: str) -> Image.Image:
+    import skimage.data
+    return Image.fromarray(getattr(skimage.data, name)())
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> dict[str, Path]:
+    """Real photographs (scikit-image samples) saved as files, incl. odd sizes, grayscale and RGBA."""
+    folder = tmp_path_factory.mktemp("photos")
+    images = {
+        "astronaut": _photo("astronaut"),                                   # 512x512 RGB
+        "coffee": _photo("coffee"),                                         # 600x400 RGB
+        "chelsea_odd": _photo("chelsea").crop((13, 7, 13 + 333, 7 + 217)),  # odd-sized crop
+        "camera_gray": _photo("camera").resize((301, 199)),                 # grayscale (L)
+        "rocket_rgba": _photo("rocket").convert("RGBA"),                    # RGBA
+    }
+    rgba = np.array(images["rocket_rgba"])
+    rgba[:, : rgba.shape[1] // 3, 3] = 90                                   # real transparency
+    images["rocket_rgba"] = Image.fromarray(rgba)
+    paths = {}
+    for name, img in images.items():
+        paths[name] = folder / f"{name}.png"
+        img.save(paths[name])
+    return paths

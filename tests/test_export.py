@@ -1,0 +1,168 @@
+"""Export: graph structure, the MRoPE custom op, vision/decoder parity with transformers, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgevl.errors import EdgevlError
+from edgevl.export.mrope import DOMAIN, OP_NAME, mrope_function_proto, mrope_reference
+from edgevl.runtime.artifact import FORMAT_VERSION, load_artifact
+from edgevl.runtime.image_processing import ImageProcessorSettings, preprocess_image
+from edgevl.runtime.rope_index import vision_rotary_position_ids
+
+
+def test_manifest_describes_the_artifact(tiny_artifact, hf_model):
+    m = json.loads((tiny_artifact / "manifest.json").read_text())
+    assert m["format_version"] == FORMAT_VERSION
+    cfg = m["config"]
+    text = hf_model.config.text_config
+    assert cfg["mrope_section"] == list(text.rope_parameters["mrope_section"])
+    assert cfg["image_token_id"] == hf_model.config.image_token_id
+    assert cfg["num_hidden_layers"] == text.num_hidden_layers
+    assert m["image_processor"]["min_pixels"] == 3136 and len(m["image_processor"]["image_mean"]) == 3
+    for name in ("vision.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer.json", "chat_template.jinja",
+                 "preprocessor_config.json", "generation_config.json"):
+        assert name in m["files"] and len(m["files"][name]) == 64
+    dec = m["graphs"]["decoder"]
+    assert [i["name"] for i in dec["inputs"][:3]] == ["inputs_embeds", "position_ids", "attention_mask"]
+    assert dec["inputs"][1]["shape"] == [3, "batch", "sequence"]
+    assert dec["inputs"][3]["shape"] == ["batch", text.num_key_value_heads, "past_sequence", 16]
+    assert dec["outputs"][1]["shape"][2] == "total_sequence"
+    assert m["graphs"]["vision"]["inputs"][0]["shape"] == ["num_patches", 3 * 2 * 14 * 14]
+    assert {"torch", "transformers", "onnx", "edgevl"} <= set(m["versions"])
+    load_artifact(tiny_artifact)  # verifies every hash
+
+
+def test_decoder_keeps_mrope_custom_op_and_passes_checker(tiny_artifact, hf_model):
+    model = onnx.load(str(tiny_artifact / "decoder.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_NAME]
+    assert len(nodes) == 2 * hf_model.config.text_config.num_hidden_layers  # q and k of every layer
+    section = [a for a in nodes[0].attribute if a.name == "mrope_section"][0]
+    assert list(section.ints) == [2, 3, 3]
+    assert any(f.domain == DOMAIN and f.name == OP_NAME for f in model.functions)
+    assert any(i.domain == DOMAIN for i in model.opset_import)
+
+
+def _single_node_model(opset: int = 18) -> onnx.ModelProto:
+    """A model holding only edgevl.MRoPE, to run the function body on its own."""
+    h = onnx.helper
+    node = h.make_node(OP_NAME, ["x", "pos", "inv_freq"], ["y"], domain=DOMAIN, mrope_section=[2, 3, 3])
+    graph = h.make_graph([node], "mrope", [
+        h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 4, "S", 16]),
+        h.make_tensor_value_info("pos", onnx.TensorProto.INT64, [3, "B", "S"]),
+        h.make_tensor_value_info("inv_freq", onnx.TensorProto.FLOAT, [8])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", 4, "S", 16])])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset), h.make_opsetid(DOMAIN, 1)],
+                        functions=[mrope_function_proto(opset)])
+
+
+def test_mrope_function_body_matches_transformers_rotary(hf_model):
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+    model = _single_node_model()
+    onnx.checker.check_model(model, full_check=True)
+    sess = ort.InferenceSession(model.SerializeToString())
+    rotary = hf_model.model.language_model.rotary_emb
+    x = torch.randn(2, 4, 7, 16)
+    pos = torch.randint(0, 50, (3, 2, 7))          # three different rows: a genuine 3-D case
+    cos, sin = rotary(x, pos)
+    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    got = sess.run(None, {"x": x.numpy(), "pos": pos.numpy(), "inv_freq": rotary.inv_freq.numpy()})[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
+    ref = mrope_reference(x, pos, rotary.inv_freq, [2, 3, 3])
+    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+
+
+def _hf_vision(hf_model, pixel_values, grids):
+    with torch.no_grad():
+        out = hf_model.model.visual(torch.from_numpy(pixel_values), grid_thw=torch.tensor(grids))
+    return out.pooler_output.numpy()
+
+
+@pytest.mark.parametrize("size", [(224, 224), (333, 217), (640, 360), (56, 1000)])
+def test_vision_matches_transformers_for_several_sizes(tiny_artifact, hf_model, pipeline, photos, size):
+    from PIL import Image
+    image = Image.open(photos["coffee"]).convert("RGB").resize(size)
+    pv, grid = preprocess_image(image, pipeline.image_settings)
+    ours = pipeline.encode_image(pv, grid)
+    ref = _hf_vision(hf_model, pv, [grid])
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_vision_two_images_at_once_and_one_large(hf_model, pipeline, photos):
+    from PIL import Image
+    images = [Image.open(photos["astronaut"]).convert("RGB"), Image.open(photos["chelsea_odd"]).convert("RGB")]
+    processed = [preprocess_image(img, pipeline.image_settings) for img in images]
+    ours = np.concatenate([pipeline.encode_image(pv, g) for pv, g in processed])
+    ref = _hf_vision(hf_model, np.concatenate([pv for pv, _ in processed]), [g for _, g in processed])
+    assert np.abs(ours - ref).max() <= 1e-4
+    large = Image.open(photos["astronaut"]).convert("RGB").resize((1344, 1008))  # 48x36 = 1728 patches
+    pv, grid = preprocess_image(large, pipeline.image_settings)
+    assert grid[1] * grid[2] > 1500
+    assert np.abs(pipeline.encode_image(pv, grid) - _hf_vision(hf_model, pv, [grid])).max() <= 1e-4
+
+
+def test_vision_graph_runs_video_temporal_patches_separately(hf_model, pipeline):
+    """t > 1: each temporal patch attends alone, exactly as transformers' cu_seqlens do."""
+    rng = np.random.default_rng(0)
+    grid = (3, 4, 6)
+    pv = rng.standard_normal((3 * 4 * 6, 3 * 2 * 14 * 14)).astype(np.float32)
+    assert np.abs(pipeline.encode_image(pv, grid) - _hf_vision(hf_model, pv, [grid])).max() <= 1e-4
+
+
+def test_decoder_logits_and_cache_match_transformers(pipeline, hf_model):
+    """Prefill + two decode steps through the runner vs transformers' forward with a cache."""
+    from transformers import DynamicCache
+    from edgevl.runtime.generate import KVCache, decoder_step
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 2000, (1, 9))
+    embeds = pipeline.embed_table[ids].astype(np.float32)
+    cfg = pipeline.config
+    cache = KVCache.empty(cfg["num_hidden_layers"], 1, cfg["num_key_value_heads"], cfg["head_dim"], np.float32)
+    hf_cache = DynamicCache(config=hf_model.config.text_config)
+    for step, chunk in enumerate([ids[:, :7], ids[:, 7:8], ids[:, 8:9]]):
+        start = cache.length
+        pos = np.broadcast_to(np.arange(start, start + chunk.shape[1])[None, None], (3, 1, chunk.shape[1]))
+        mask = np.ones((1, start + chunk.shape[1]), np.int64)
+        ours = decoder_step(pipeline.decoder, embeds[:, start:start + chunk.shape[1]], pos.copy(), mask, cache)
+        with torch.no_grad():
+            out = hf_model(input_ids=torch.from_numpy(chunk), cache=hf_cache, use_cache=True,
+                           position_ids=torch.from_numpy(pos.copy()), attention_mask=torch.from_numpy(mask))
+        assert np.abs(ours - out.logits[:, -1].numpy()).max() <= 1e-4, f"step {step}"
+        hf_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    hf_key0 = hf_cache.layers[0].keys.numpy()
+    assert np.abs(cache.arrays["past_key_values.0.key"] - hf_key0).max() <= 1e-4
+
+
+def test_unknown_model_type_is_rejected(tmp_path):
+    from edgevl.export.exporter import export_model
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(EdgevlError, match="'llama' model"):
+        export_model(str(tmp_path / "m"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeypatch):
+    from edgevl.export import exporter
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C half way
+
+    monkeypatch.setattr(exporter, "export_decoder", boom)
+    with pytest.raises(KeyboardInterrupt):
+        exporter.export_model(str(tiny_model_dir), tmp_path / "out", log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_force(tiny_model_dir, tiny_artifact):
+    from edgevl.export.exporter import export_model
+    with pytest.raises(EdgevlError, match="already exists"):
+        export_model(str(tiny_model_dir), tiny_artifact)
