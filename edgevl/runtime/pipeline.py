@@ -84,15 +84,22 @@ class Pipeline:
 
     # ------------------------------------------------------------------ stages
     def prepare(self, prompt: str, images=()) -> PreparedPrompt:
-        """Chat template + image preprocessing + pad expansion + tokenization for one prompt."""
+        """One user message (images first, then text) -> token ids and image patches."""
         if not prompt or not prompt.strip():
             raise EdgevlError("the prompt is empty; pass some text with --prompt.")
+        return self.prepare_messages([user_message(prompt, num_images=len(images))], images)
+
+    def prepare_messages(self, messages: list[dict], images=()) -> PreparedPrompt:
+        """A whole conversation in Hugging Face content format -> ids; `images` fill its image slots in order."""
         processed = [preprocess_image(load_image(img), self.image_settings) for img in images]
-        text = self.template.render([user_message(prompt, num_images=len(processed))])
         grids = [grid for _, grid in processed]
+        return PreparedPrompt(self.tokenize_messages(messages, grids), [pv for pv, _ in processed], grids)
+
+    def tokenize_messages(self, messages: list[dict], grids: list[tuple[int, int, int]]) -> np.ndarray:
+        """Chat template -> one image pad per merged vision token -> token ids [S]."""
+        text = self.template.render(messages)
         text = expand_vision_pads(text, IMAGE_PAD, grids, self.image_settings.merge_size)
-        ids = self.tokenizer.encode(text)
-        return PreparedPrompt(ids, [pv for pv, _ in processed], grids)
+        return self.tokenizer.encode(text)
 
     def encode_image(self, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
         """[t*h*w, D] patches -> [t*h*w/merge^2, hidden] embeddings; each temporal patch attends alone."""
@@ -129,48 +136,76 @@ class Pipeline:
         images = images or [[] for _ in prompts]
         t0 = time.perf_counter()
         rows = [self.prepare(p, imgs) for p, imgs in zip(prompts, images)]
-        t_pre = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        row_embeds = [self.embed(r.input_ids, [self.encode_image(pv, g) for pv, g in zip(r.pixel_values, r.grids)])
-                      for r in rows]
-        t_vision = time.perf_counter() - t0
-        longest = max(len(r.input_ids) for r in rows)
-        if longest >= self.max_context:
-            raise EdgevlError(f"the prompt is {longest} tokens long but the model's context is "
-                              f"{self.max_context} tokens; shorten it or use smaller images.")
-        max_new_tokens = min(max_new_tokens, self.max_context - longest)
+        return self.generate_prepared(rows, max_new_tokens, stop, on_text, preprocess_s=time.perf_counter() - t0,
+                                      **sampling)
 
+    def generate_prepared(self, rows: list[PreparedPrompt], max_new_tokens: int = 128, stop=(), on_text=None,
+                          preprocess_s: float = 0.0, **sampling) -> list[Result]:
+        """Vision, embeddings, M-RoPE positions and decoding for already tokenized rows (fresh cache)."""
+        t0 = time.perf_counter()
+        row_embeds = [self.embed(r.input_ids, self.encode_images(r)) for r in rows]
+        vision_s = time.perf_counter() - t0
+        longest = max(len(r.input_ids) for r in rows)
+        self.check_context(longest)
         ids, mask, embeds = self._left_pad(rows, row_embeds, longest)
-        grids = [g for r in rows for g in r.grids]
-        position_ids, rope_deltas = mrope_position_ids(
-            ids, mask, self.config["image_token_id"], self.config["video_token_id"],
-            np.array(grids, np.int64).reshape(-1, 3) if grids else None, None, self.config["spatial_merge_size"])
+        position_ids, rope_deltas = self.positions(ids, mask, [g for r in rows for g in r.grids])
+        cache = self.new_cache(len(rows))
+        return self.decode(ids, mask, embeds, position_ids, rope_deltas, cache, max_new_tokens, stop, on_text,
+                           {"preprocess_s": preprocess_s, "vision_s": vision_s}, **sampling)
+
+    def encode_images(self, row: PreparedPrompt) -> list[np.ndarray]:
+        return [self.encode_image(pv, g) for pv, g in zip(row.pixel_values, row.grids)]
+
+    def check_context(self, length: int) -> None:
+        if length >= self.max_context:
+            raise EdgevlError(f"the prompt is {length} tokens long but the model's context is "
+                              f"{self.max_context} tokens; shorten it or use smaller images.")
+
+    def positions(self, ids: np.ndarray, mask: np.ndarray, grids: list) -> tuple[np.ndarray, np.ndarray]:
+        """M-RoPE ids [3, B, S] and rope deltas [B, 1] for (left-padded) rows of token ids."""
+        grid_array = np.array(grids, np.int64).reshape(-1, 3) if grids else None
+        return mrope_position_ids(ids, mask, self.config["image_token_id"], self.config["video_token_id"],
+                                  grid_array, None, self.config["spatial_merge_size"])
+
+    def new_cache(self, batch: int) -> KVCache:
+        cfg = self.config
+        return KVCache.empty(cfg["num_hidden_layers"], batch, cfg["num_key_value_heads"], cfg["head_dim"],
+                             self.dtype)
+
+    def decode(self, context_ids: np.ndarray, attention_mask: np.ndarray, embeds: np.ndarray,
+               position_ids: np.ndarray, rope_deltas: np.ndarray, cache: KVCache, max_new_tokens: int,
+               stop=(), on_text=None, timings: dict | None = None, **sampling) -> list[Result]:
+        """Prefill `embeds` (the tokens not yet in `cache`) and generate.
+
+        context_ids [B, T]: every token of the context (cached + new) for the repetition penalty;
+        attention_mask [B, T]; embeds [B, S_new, H]; position_ids [3, B, S_new]; rope_deltas [B, 1].
+        """
+        max_new_tokens = max(1, min(max_new_tokens, self.max_context - context_ids.shape[1]))
         opts = SamplingOptions.from_generation_config(self.generation_config, **sampling)
-        cache = KVCache.empty(self.config["num_hidden_layers"], len(rows), self.config["num_key_value_heads"],
-                              self.config["head_dim"], self.dtype)
-        streams = [StreamDecoder(self.tokenizer, tuple(stop)) for _ in rows]
+        eos = self.config["eos_token_id"]
+        streams = [StreamDecoder(self.tokenizer, tuple(stop)) for _ in range(len(context_ids))]
 
         def on_token(row: int, token: int) -> bool:
-            if token in self.config["eos_token_id"]:
+            if token in eos:
                 return False
             delta = streams[row].push(token)
             if on_text and delta:
                 on_text(row, delta)
             return streams[row].stopped
 
-        gen = generate(self.decoder, self.embed_table, embeds, ids, mask, position_ids, rope_deltas, cache, opts,
-                       max_new_tokens, self.config["eos_token_id"], self._pad_id(), on_token)
+        gen = generate(self.decoder, self.embed_table, embeds, context_ids, attention_mask, position_ids,
+                       rope_deltas, cache, opts, max_new_tokens, eos, self._pad_id(), on_token)
+        timings = {**(timings or {}), "prefill_s": gen.prefill_s, "decode_s_per_token": gen.decode_s,
+                   "load_s": self.load_s}
         results = []
-        for b, (row, stream) in enumerate(zip(rows, streams)):
+        for b, stream in enumerate(streams):
             tokens = [int(t) for t in gen.token_ids[b, :gen.lengths[b]]]
             rest = stream.finish()
             if on_text and rest:
                 on_text(b, rest)
-            reason = "stop" if stream.stopped else "eos" if tokens and tokens[-1] in self.config["eos_token_id"] \
-                else "length"
-            results.append(Result(row.input_ids.tolist(), tokens, stream.text, reason, {
-                "preprocess_s": t_pre, "vision_s": t_vision, "prefill_s": gen.prefill_s,
-                "decode_s_per_token": gen.decode_s, "load_s": self.load_s}))
+            reason = "stop" if stream.stopped else "eos" if tokens and tokens[-1] in eos else "length"
+            prompt_ids = context_ids[b][attention_mask[b] == 1].tolist()
+            results.append(Result(prompt_ids, tokens, stream.text, reason, dict(timings)))
         return results
 
     def _pad_id(self) -> int:
