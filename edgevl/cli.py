@@ -14,6 +14,7 @@ import sys
 
 from edgevl import __version__
 from edgevl.errors import EdgevlError
+from edgevl.serve.cli import add_serve_parser
 
 EXIT_USER_ERROR = 2
 
@@ -63,34 +64,52 @@ def add_run_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help="the user's message")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="stop after N generated tokens (default: 128)")
+    add_sampling_args(p)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when the output contains TEXT (not included in the output); repeatable")
+    add_runtime_args(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object (prompt_token_ids, token_ids, text, timings) instead of "
+                        "streaming text")
+    p.set_defaults(func=cmd_run)
+
+
+def add_sampling_args(p) -> None:
     p.add_argument("--greedy", action="store_true", help="greedy decoding (overrides sampling settings)")
     p.add_argument("--temperature", type=float, help="sampling temperature (default: generation_config)")
     p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with probability >= p")
     p.add_argument("--repetition-penalty", type=float, help="penalty > 1 discourages repeating seen tokens")
     p.add_argument("--seed", type=int, help="random seed for sampling (default: nondeterministic)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when the output contains TEXT (not included in the output); repeatable")
+
+
+def sampling_from_args(args) -> dict:
+    """CLI flags -> Pipeline sampling keywords; flags not given keep the model's generation_config."""
+    if args.greedy:
+        sampling = {"do_sample": False}
+    else:
+        sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+        if any(v is not None for v in sampling.values()):
+            sampling["do_sample"] = True
+    return {**sampling, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+
+
+def add_runtime_args(p) -> None:
     p.add_argument("--backend", default=None, help="execution backend (default: ort-cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per graph (0 = onnxruntime's default)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (prompt_token_ids, token_ids, text, timings) instead of "
-                        "streaming text")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files")
-    p.set_defaults(func=cmd_run)
+
+
+def load_pipeline(args):
+    from edgevl.runtime.pipeline import Pipeline
+    return Pipeline.load(args.artifact, backend=args.backend, verify=not args.no_verify, threads=args.threads)
 
 
 def cmd_run(args) -> int:
-    from edgevl.runtime.pipeline import Pipeline
-
     if args.max_new_tokens < 1:
         raise EdgevlError("--max-new-tokens must be at least 1.")
-    pipe = Pipeline.load(args.artifact, backend=args.backend, verify=not args.no_verify, threads=args.threads)
-    sampling = {"do_sample": False} if args.greedy else {
-        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    sampling.update(repetition_penalty=args.repetition_penalty, seed=args.seed)
-    if not args.greedy and any(v is not None for v in (args.temperature, args.top_k, args.top_p)):
-        sampling["do_sample"] = True
+    pipe = load_pipeline(args)
+    sampling = sampling_from_args(args)
 
     def stream(delta: str) -> None:
         sys.stdout.write(delta)
@@ -111,6 +130,76 @@ def cmd_run(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- chat
+CHAT_HELP = """commands: /image PATH  attach an image to your next message (repeatable)
+          /reset       forget the conversation (and its KV cache)
+          /exit        quit (or Ctrl-D)"""
+
+
+def add_chat_parser(sub) -> None:
+    p = sub.add_parser(
+        "chat", help="interactive multi-turn chat in the terminal",
+        description="Chat with an export. Earlier turns stay in the KV cache, so each turn only prefills "
+                    "the new tokens. When the conversation outgrows the model's context you are asked to "
+                    "/reset.\n\n" + CHAT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", metavar="OUT", help="folder written by `edgevl export` (or `edgevl quantize`)")
+    p.add_argument("--system", default=None, help="system prompt (default: the chat template's own)")
+    p.add_argument("--max-new-tokens", type=int, default=512, metavar="N",
+                   help="longest reply in tokens (default: 512)")
+    add_sampling_args(p)
+    add_runtime_args(p)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args) -> int:
+    from edgevl.runtime.chat import ChatSession
+
+    session = ChatSession(load_pipeline(args), system=args.system)
+    sampling = sampling_from_args(args)
+    pending_images: list[str] = []
+    interactive = sys.stdin.isatty()
+    print(CHAT_HELP, file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            pending_images.clear()
+            print("[conversation reset]", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=sys.stderr)
+                continue
+            pending_images.append(path)
+            print(f"[image attached: {path}]", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}\n{CHAT_HELP}", file=sys.stderr)
+            continue
+        started = []
+
+        def show(delta: str) -> None:
+            if not started:  # the prefix only once text arrives: a failed turn prints nothing
+                started.append(sys.stdout.write("assistant> "))
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+        try:
+            session.send(line, images=pending_images, max_new_tokens=args.max_new_tokens, on_text=show, **sampling)
+            print()
+        except EdgevlError as e:  # a bad image or a full context: say so and keep chatting
+            print(f"error: {e}", file=sys.stderr)
+        pending_images.clear()
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -120,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_export_parser(sub)
     add_run_parser(sub)
+    add_chat_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

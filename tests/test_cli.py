@@ -28,7 +28,7 @@ def assert_one_sentence_error(proc, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", ["export", "run"])
+@pytest.mark.parametrize("command", ["export", "run", "chat", "serve"])
 def test_every_option_has_help(command):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
@@ -52,6 +52,17 @@ def test_run_streams_text(tiny_artifact):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "ms/token" in proc.stderr
+
+
+def test_chat_reads_turns_from_stdin(tiny_artifact, photos, tmp_path):
+    turns = f"Hello\n/image {photos['coffee']}\nWhat is this?\n/image {tmp_path / 'missing.png'}\nAnd this?\n" \
+            "/reset\nHi again\n"
+    proc = subprocess.run([sys.executable, "-m", "edgevl", "chat", str(tiny_artifact), "--max-new-tokens", "5",
+                           "--greedy"], input=turns, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 3          # the missing image fails its turn, not the chat
+    assert "missing.png" in proc.stderr and "conversation reset" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.fixture

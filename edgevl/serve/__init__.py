@@ -1,0 +1,1 @@
+"""`edgevl serve`: an OpenAI-compatible HTTP server over the torch-free runtime."""

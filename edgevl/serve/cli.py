@@ -1,0 +1,64 @@
+"""`edgevl serve` arguments and entry point."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+
+from edgevl.errors import EdgevlError
+
+
+def add_serve_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve an export over an OpenAI-compatible HTTP API",
+        description="Start an HTTP server with /v1/chat/completions (streaming with \"stream\": true), "
+                    "/v1/models and /health. Requests run one at a time in arrival order. Needs "
+                    "`pip install 'edgevl[serve]'` (FastAPI + uvicorn).")
+    p.add_argument("artifact", metavar="OUT", help="folder written by `edgevl export` (or `edgevl quantize`)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--model-name", default=None,
+                   help="model id clients must send (default: the artifact folder's name)")
+    p.add_argument("--allow-local-files", action="store_true",
+                   help="accept image_url values that are paths on this machine (off by default: clients "
+                        "could read any image file the server can)")
+    p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="largest image accepted, in pixels (default: 16777216 = 4096x4096)")
+    p.add_argument("--backend", default=None, help="execution backend (default: ort-cpu)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per graph (0 = onnxruntime's default)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from edgevl.serve.app import ServerLimits, create_app
+    except ImportError as e:
+        raise EdgevlError(f"`edgevl serve` needs the serve extra ({e.name} is missing); install it with "
+                          f"`pip install 'edgevl[serve]'`.") from None
+    from pathlib import Path
+
+    from edgevl.runtime.pipeline import Pipeline
+
+    pipe = Pipeline.load(args.artifact, backend=args.backend, verify=not args.no_verify, threads=args.threads)
+    name = args.model_name or Path(args.artifact).resolve().name
+    limits = ServerLimits(int(args.max_request_mb * 1024 * 1024), args.max_image_pixels, args.allow_local_files)
+    if not _is_loopback(args.host):
+        print(f"warning: binding to {args.host} exposes the server beyond this machine; it has no "
+              f"authentication.", file=sys.stderr)
+    print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (backend {pipe.backend.name})", file=sys.stderr)
+    uvicorn.run(create_app(pipe, name, limits), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
