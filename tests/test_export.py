@@ -166,3 +166,23 @@ def test_existing_output_needs_force(tiny_model_dir, tiny_artifact):
     from edgevl.export.exporter import export_model
     with pytest.raises(EdgevlError, match="already exists"):
         export_model(str(tiny_model_dir), tiny_artifact)
+
+
+def test_fp16_export_runs_close_to_fp32(tiny_model_dir, tmp_path, pipeline, photos):
+    from edgevl.export.exporter import export_model
+    from edgevl.runtime.pipeline import Pipeline
+    out = export_model(str(tiny_model_dir), tmp_path / "fp16", dtype="fp16", log=lambda m: None)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["graphs"]["decoder"]["inputs"][0]["dtype"] == "float16"
+    assert m["graphs"]["decoder"]["mrope_nodes"] == 4
+    half = Pipeline.load(out)
+    row = half.prepare("Describe.", images=[photos["coffee"]])
+    (pv,), (grid,) = row.pixel_values, row.grids
+    a = half.encode_image(pv, grid).astype(np.float32)
+    b = pipeline.encode_image(pv, grid)
+    cosine = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+    assert cosine > 0.999
+    r16 = half.generate("Describe.", images=[photos["coffee"]], max_new_tokens=4, do_sample=False)
+    r32 = pipeline.generate("Describe.", images=[photos["coffee"]], max_new_tokens=4, do_sample=False)
+    assert r16.prompt_token_ids == r32.prompt_token_ids
+    assert r16.token_ids[0] == r32.token_ids[0]

@@ -228,13 +228,13 @@ def write_weights(out_dir: Path, config, ids: dict, seed: int, dtype: str) -> No
     model.save_pretrained(out_dir)
 
 
-def write_random_model(out_dir, preset: str = "tiny", seed: int = 0, dtype: str | None = None) -> Path:
+def write_random_model(out_dir, preset: str | ModelPreset = "tiny", seed: int = 0, dtype: str | None = None) -> Path:
     """Write a loadable Qwen2-VL-Instruct folder with random weights; return its path.
 
-    `preset` names an entry of presets.PRESETS; `dtype` (e.g. "float32")
-    overrides the preset's weight dtype. Same arguments, same bytes.
+    `preset` names an entry of presets.PRESETS (or is a ModelPreset); `dtype`
+    (e.g. "float32") overrides the preset's weight dtype. Same arguments, same bytes.
     """
-    spec = get_preset(preset)
+    spec = preset if isinstance(preset, ModelPreset) else get_preset(preset)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer()
