@@ -61,6 +61,12 @@ def add_run_parser(sub) -> None:
     p.add_argument("artifact", metavar="OUT", help="folder written by `edgevl export` (or `edgevl quantize`)")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image file; repeat for several images in one prompt (in order)")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video file (needs the video extra, PyAV); repeatable; images come first in the message")
+    p.add_argument("--fps", type=float, default=2.0,
+                   help="frames per second sampled from each video (default: 2, as Qwen2-VL was trained)")
+    p.add_argument("--max-frames", type=int, default=768, metavar="N",
+                   help="at most N frames per video (default: 768); bounds the number of video tokens")
     p.add_argument("--prompt", required=True, help="the user's message")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
                    help="stop after N generated tokens (default: 128)")
@@ -110,17 +116,20 @@ def cmd_run(args) -> int:
         raise EdgevlError("--max-new-tokens must be at least 1.")
     pipe = load_pipeline(args)
     sampling = sampling_from_args(args)
+    from edgevl.runtime.video import load_video
+    videos = [load_video(v, fps=args.fps, max_frames=args.max_frames, temporal_patch_size=pipe.video_temporal)
+              for v in args.video]
 
     def stream(delta: str) -> None:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    result = pipe.generate(args.prompt, images=args.image, max_new_tokens=args.max_new_tokens, stop=args.stop,
-                           on_text=None if args.json else stream, **sampling)
+    result = pipe.generate(args.prompt, images=args.image, videos=videos, max_new_tokens=args.max_new_tokens,
+                           stop=args.stop, on_text=None if args.json else stream, **sampling)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
-        sys.stdout.write("\n")
+        print(flush=True)
         t = result.timings
         per_token = (sum(t["decode_s_per_token"]) / len(t["decode_s_per_token"]) * 1e3
                      if t["decode_s_per_token"] else float("nan"))

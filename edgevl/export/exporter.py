@@ -29,12 +29,13 @@ from edgevl.export.graphs import DecoderGraph, VisionGraph
 from edgevl.export.mrope import attach_mrope_function, count_mrope_nodes, mrope_translation
 from edgevl.runtime.artifact import staged_folder, write_manifest
 from edgevl.runtime.image_processing import ImageProcessorSettings
+from edgevl.runtime.video import video_settings
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # graphs over 1 GiB keep weights in a .data file (protobuf caps at 2 GB)
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                "preprocessor_config.json", "config.json")
+                "preprocessor_config.json", "video_preprocessor_config.json", "config.json")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -236,7 +237,12 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int = 
     preprocessor = model_dir / "preprocessor_config.json"
     if not preprocessor.exists():
         raise EdgevlError(f"{model_dir} has no preprocessor_config.json (the image-processor settings).")
-    settings = ImageProcessorSettings.from_dict(json.loads(preprocessor.read_text()))
+    preprocessor_dict = json.loads(preprocessor.read_text())
+    settings = ImageProcessorSettings.from_dict(preprocessor_dict)
+    # transformers' video processor reads video_preprocessor_config.json, else preprocessor_config.json.
+    video_file = model_dir / "video_preprocessor_config.json"
+    frames = video_settings(settings, json.loads(video_file.read_text()) if video_file.exists()
+                            else preprocessor_dict)
     generation = json.loads((model_dir / "generation_config.json").read_text()) \
         if (model_dir / "generation_config.json").exists() else {}
 
@@ -261,6 +267,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int = 
             "quantization": None,
             "config": model_facts(hf_model.config, generation),
             "image_processor": settings.to_dict(),
+            "video_processor": frames.to_dict(),
             "graphs": {"vision": graph_io(tmp / "vision.onnx"), "decoder": graph_io(tmp / "decoder.onnx")},
             "embeddings": {"file": "embed_tokens.npy", "dtype": str(table.dtype), "shape": list(table.shape)},
             "versions": package_versions(),

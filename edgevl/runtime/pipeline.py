@@ -29,17 +29,21 @@ from edgevl.runtime.image_processing import ImageProcessorSettings, load_image, 
 from edgevl.runtime.prompt import ChatTemplate, StreamDecoder, Tokenizer, expand_vision_pads, user_message
 from edgevl.runtime.rope_index import mrope_position_ids, vision_rotary_position_ids
 from edgevl.runtime.sampling import SamplingOptions
+from edgevl.runtime.video import VideoClip, load_video, preprocess_video, video_settings
 
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
 
 
 @dataclass
 class PreparedPrompt:
-    """One prompt row after preprocessing: token ids and its images' patches."""
+    """One prompt row after preprocessing: token ids and its images' and videos' patches."""
 
-    input_ids: np.ndarray                     # [S] int64, image pads already expanded
+    input_ids: np.ndarray                     # [S] int64, vision pads already expanded
     pixel_values: list[np.ndarray]            # per image [t*h*w, C*T*P*P]
     grids: list[tuple[int, int, int]]         # per image (t, h, w)
+    video_pixel_values: list[np.ndarray] = field(default_factory=list)  # per video [t*h*w, C*T*P*P]
+    video_grids: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +68,7 @@ class Pipeline:
         self.tokenizer = Tokenizer(artifact.file("tokenizer.json"))
         self.template = ChatTemplate.from_file(artifact.file("chat_template.jinja"))
         self.image_settings = ImageProcessorSettings.from_dict(artifact.manifest["image_processor"])
+        self.video_settings = video_settings(self.image_settings, artifact.manifest.get("video_processor"))
         self.generation_config = artifact.read_json("generation_config.json")
         # Memory-mapped: only the rows of tokens actually used are read from disk.
         self.embed_table = np.load(artifact.file(artifact.manifest["embeddings"]["file"]), mmap_mode="r")
@@ -83,22 +88,37 @@ class Pipeline:
         return int(self.config["max_position_embeddings"])
 
     # ------------------------------------------------------------------ stages
-    def prepare(self, prompt: str, images=()) -> PreparedPrompt:
-        """One user message (images first, then text) -> token ids and image patches."""
+    def prepare(self, prompt: str, images=(), videos=()) -> PreparedPrompt:
+        """One user message (images, then videos, then text) -> token ids and vision patches.
+
+        images: paths or PIL images; videos: paths (sampled at 2 fps) or `VideoClip`s from `load_video`.
+        """
         if not prompt or not prompt.strip():
             raise EdgevlError("the prompt is empty; pass some text with --prompt.")
-        return self.prepare_messages([user_message(prompt, num_images=len(images))], images)
+        message = user_message(prompt, num_images=len(images), num_videos=len(videos))
+        return self.prepare_messages([message], images, videos)
 
-    def prepare_messages(self, messages: list[dict], images=()) -> PreparedPrompt:
-        """A whole conversation in Hugging Face content format -> ids; `images` fill its image slots in order."""
+    def prepare_messages(self, messages: list[dict], images=(), videos=()) -> PreparedPrompt:
+        """A whole conversation in Hugging Face content format -> ids; images/videos fill its slots in order."""
         processed = [preprocess_image(load_image(img), self.image_settings) for img in images]
+        clips = [v if isinstance(v, VideoClip) else load_video(v, temporal_patch_size=self.video_temporal)
+                 for v in videos]
+        processed_videos = [preprocess_video(c.frames, self.video_settings) for c in clips]
         grids = [grid for _, grid in processed]
-        return PreparedPrompt(self.tokenize_messages(messages, grids), [pv for pv, _ in processed], grids)
+        video_grids = [grid for _, grid in processed_videos]
+        return PreparedPrompt(self.tokenize_messages(messages, grids, video_grids), [pv for pv, _ in processed],
+                              grids, [pv for pv, _ in processed_videos], video_grids)
 
-    def tokenize_messages(self, messages: list[dict], grids: list[tuple[int, int, int]]) -> np.ndarray:
-        """Chat template -> one image pad per merged vision token -> token ids [S]."""
+    @property
+    def video_temporal(self) -> int:
+        return self.video_settings.temporal_patch_size
+
+    def tokenize_messages(self, messages: list[dict], grids: list[tuple[int, int, int]],
+                          video_grids: list[tuple[int, int, int]] = ()) -> np.ndarray:
+        """Chat template -> one vision pad per merged vision token -> token ids [S]."""
         text = self.template.render(messages)
         text = expand_vision_pads(text, IMAGE_PAD, grids, self.image_settings.merge_size)
+        text = expand_vision_pads(text, VIDEO_PAD, list(video_grids), self.video_settings.merge_size)
         return self.tokenizer.encode(text)
 
     def encode_image(self, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
@@ -110,24 +130,28 @@ class Pipeline:
         return np.concatenate([self.vision.infer({"pixel_values": f, "rotary_pos_ids": rotary})["image_embeds"]
                                for f in frames])
 
-    def embed(self, input_ids: np.ndarray, image_embeds: list[np.ndarray]) -> np.ndarray:
-        """input_ids [S] -> [S, hidden] with the image-pad rows replaced by vision embeddings, in order."""
+    def embed(self, input_ids: np.ndarray, image_embeds: list[np.ndarray],
+              video_embeds: list[np.ndarray] = ()) -> np.ndarray:
+        """input_ids [S] -> [S, hidden] with image/video pad rows replaced by vision embeddings, in order."""
         embeds = np.asarray(self.embed_table[input_ids], dtype=self.dtype)
-        slots = np.flatnonzero(input_ids == self.config["image_token_id"])
-        if image_embeds:
-            vision = np.concatenate(image_embeds).astype(self.dtype)
-            if len(vision) != len(slots):
-                raise EdgevlError(f"{len(slots)} image tokens in the prompt but {len(vision)} image embeddings.")
-            embeds[slots] = vision
+        for token, vision in (("image_token_id", image_embeds), ("video_token_id", video_embeds)):
+            slots = np.flatnonzero(input_ids == self.config[token])
+            rows = np.concatenate(vision).astype(self.dtype) if len(vision) else np.zeros((0, embeds.shape[1]))
+            if len(rows) != len(slots):
+                raise EdgevlError(f"{len(slots)} {token.split('_')[0]} tokens in the prompt but {len(rows)} "
+                                  f"embeddings for them.")
+            embeds[slots] = rows
         return embeds
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompt: str, images=(), max_new_tokens: int = 128, stop=(), on_text=None,
-                 **sampling) -> Result:
+                 videos=(), **sampling) -> Result:
         """One prompt. `on_text(delta)` receives text as it is generated (streaming)."""
-        return self.generate_batch([prompt], [list(images)], max_new_tokens, stop,
-                                   on_text=(lambda row, delta: on_text(delta)) if on_text else None,
-                                   **sampling)[0]
+        t0 = time.perf_counter()
+        row = self.prepare(prompt, images, videos)
+        return self.generate_prepared([row], max_new_tokens, stop,
+                                      (lambda _, delta: on_text(delta)) if on_text else None,
+                                      preprocess_s=time.perf_counter() - t0, **sampling)[0]
 
     def generate_batch(self, prompts: list[str], images: list[list] | None = None, max_new_tokens: int = 128,
                        stop=(), on_text=None, **sampling) -> list[Result]:
@@ -143,29 +167,34 @@ class Pipeline:
                           preprocess_s: float = 0.0, **sampling) -> list[Result]:
         """Vision, embeddings, M-RoPE positions and decoding for already tokenized rows (fresh cache)."""
         t0 = time.perf_counter()
-        row_embeds = [self.embed(r.input_ids, self.encode_images(r)) for r in rows]
+        row_embeds = [self.embed(r.input_ids, *self.encode_vision(r)) for r in rows]
         vision_s = time.perf_counter() - t0
         longest = max(len(r.input_ids) for r in rows)
         self.check_context(longest)
         ids, mask, embeds = self._left_pad(rows, row_embeds, longest)
-        position_ids, rope_deltas = self.positions(ids, mask, [g for r in rows for g in r.grids])
+        position_ids, rope_deltas = self.positions(ids, mask, [g for r in rows for g in r.grids],
+                                                   [g for r in rows for g in r.video_grids])
         cache = self.new_cache(len(rows))
         return self.decode(ids, mask, embeds, position_ids, rope_deltas, cache, max_new_tokens, stop, on_text,
                            {"preprocess_s": preprocess_s, "vision_s": vision_s}, **sampling)
 
-    def encode_images(self, row: PreparedPrompt) -> list[np.ndarray]:
-        return [self.encode_image(pv, g) for pv, g in zip(row.pixel_values, row.grids)]
+    def encode_vision(self, row: PreparedPrompt) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Embeddings per image and per video (a video is a t > 1 grid through the same graph)."""
+        return ([self.encode_image(pv, g) for pv, g in zip(row.pixel_values, row.grids)],
+                [self.encode_image(pv, g) for pv, g in zip(row.video_pixel_values, row.video_grids)])
 
     def check_context(self, length: int) -> None:
         if length >= self.max_context:
             raise EdgevlError(f"the prompt is {length} tokens long but the model's context is "
                               f"{self.max_context} tokens; shorten it or use smaller images.")
 
-    def positions(self, ids: np.ndarray, mask: np.ndarray, grids: list) -> tuple[np.ndarray, np.ndarray]:
+    def positions(self, ids: np.ndarray, mask: np.ndarray, grids: list,
+                  video_grids: list = ()) -> tuple[np.ndarray, np.ndarray]:
         """M-RoPE ids [3, B, S] and rope deltas [B, 1] for (left-padded) rows of token ids."""
-        grid_array = np.array(grids, np.int64).reshape(-1, 3) if grids else None
+        def as_array(g):
+            return np.array(g, np.int64).reshape(-1, 3) if len(g) else None
         return mrope_position_ids(ids, mask, self.config["image_token_id"], self.config["video_token_id"],
-                                  grid_array, None, self.config["spatial_merge_size"])
+                                  as_array(grids), as_array(video_grids), self.config["spatial_merge_size"])
 
     def new_cache(self, batch: int) -> KVCache:
         cfg = self.config
