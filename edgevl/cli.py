@@ -14,6 +14,7 @@ import sys
 
 from edgevl import __version__
 from edgevl.errors import EdgevlError
+from edgevl.gpu_cli import add_backend_arguments, add_build_parser, add_doctor_parser, backend_options
 from edgevl.serve.cli import add_serve_parser
 
 EXIT_USER_ERROR = 2
@@ -101,14 +102,15 @@ def sampling_from_args(args) -> dict:
 
 
 def add_runtime_args(p) -> None:
-    p.add_argument("--backend", default=None, help="execution backend (default: ort-cpu)")
+    add_backend_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="CPU threads per graph (0 = onnxruntime's default)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files")
 
 
 def load_pipeline(args):
     from edgevl.runtime.pipeline import Pipeline
-    return Pipeline.load(args.artifact, backend=args.backend, verify=not args.no_verify, threads=args.threads)
+    return Pipeline.load(args.artifact, backend=args.backend, verify=not args.no_verify,
+                         options=backend_options(args))
 
 
 def cmd_run(args) -> int:
@@ -127,7 +129,7 @@ def cmd_run(args) -> int:
     result = pipe.generate(args.prompt, images=args.image, videos=videos, max_new_tokens=args.max_new_tokens,
                            stop=args.stop, on_text=None if args.json else stream, **sampling)
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps({**result.to_json(), "backend": pipe.backend.name}))
     else:
         print(flush=True)
         t = result.timings
@@ -220,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_chat_parser(sub)
     add_serve_parser(sub)
+    add_build_parser(sub)
+    add_doctor_parser(sub)
     return parser
 
 

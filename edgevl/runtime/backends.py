@@ -1,38 +1,299 @@
-"""Named backends: which runner class and settings run a graph.
+"""Named backends: which runner class and settings run a graph, and whether this machine can.
 
-`edgevl run --backend NAME` picks one of these. Each backend turns a graph path
-into a Runner; the generation loop only ever sees Runners. GPU backends (issue:
-ort-cuda, ort-trt, trt) are added here as entries, never as branches elsewhere.
+`edgevl run --backend NAME` picks one of these; without it, the first AVAILABLE one in
+`BACKENDS`' order (fastest first) is used and named in the output. Each entry has
+
+    available()              -> (ok, reason): a cheap probe, never imports tensorrt's engine code
+    make_runner(graph, opts) -> Runner for one graph file of an artifact
+    build(graph, opts)       -> build engines ahead of time (`edgevl build`), where there is anything to build
+
+This table is the only place that knows execution providers or engines; the generate
+loop and the pipeline only ever see Runners. Asking for a backend that cannot run here is
+an EdgevlError naming what is missing (package, driver, GPU): never a silent fallback.
+
+    ort-cpu    ONNX Runtime, CPU EP                          plain session.run, numpy in and out
+    ort-cuda   ONNX Runtime, CUDA EP, IO binding             KV cache stays on the GPU between steps
+    ort-trt    ONNX Runtime, TensorRT EP (+ CUDA EP)         engines cached by ORT under the engine cache
+    trt        TensorRT 10 engines, execute_async_v3         engines cached by edgevl (`edgevl build`)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.runners import OnnxrtRunner, Runner, SessionFromOnnx
+from edgevl.runtime import probe
+from edgevl.runtime.artifact import Artifact, load_artifact
+from edgevl.runtime.runners import OnnxrtRunner, OrtIoBindingRunner, Runner, SessionFromOnnx
+from edgevl.runtime.sizing import Limits, build_profiles, max_dims, max_tensor_bytes, ort_trt_profile_options
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EDGEVL_CACHE") or Path.home() / ".cache" / "edgevl")
 
 
 @dataclass(frozen=True)
-class OrtBackend:
+class BackendOptions:
+    """User settings shared by every backend (each uses the ones it needs)."""
+
+    threads: int = 0                       # CPU threads per graph (ort-cpu)
+    device_id: int = 0                     # which GPU
+    max_batch: int | None = None           # engines: largest batch (default 1)
+    max_context: int | None = None         # KV-cache positions = prompt + new tokens (engines default 4096)
+    max_image_patches: int | None = None   # engines: 14x14 patches per vision call (default 4096)
+    precision: str = "graph"               # graph | fp16 | int8 (engines; see trt.BuildOptions)
+    cache_dir: Path | None = None          # engine cache (default $EDGEVL_CACHE or ~/.cache/edgevl)
+    log: Callable[[str], None] = field(default=lambda msg: None, compare=False)
+
+    def __post_init__(self):
+        for name in ("max_batch", "max_context", "max_image_patches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EdgevlError(f"--{name.replace('_', '-')} must be at least 1, not {value}.")
+
+    def limits(self, config: dict) -> Limits:
+        return Limits.resolve(config, self.max_batch, self.max_context, self.max_image_patches)
+
+    @property
+    def cache(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+
+
+# ----------------------------------------------------------------------------- availability
+def _ort_provider(provider: str, package: str) -> list[str]:
+    version, providers = probe.onnxruntime_info()
+    if version is None:
+        return ["onnxruntime is not installed"]
+    if provider not in providers:
+        return [f"onnxruntime {version} here has no {provider} (install {package})"]
+    return []
+
+
+def _gpu() -> list[str]:
+    reason = probe.no_gpu_reason()
+    return [reason] if reason else []
+
+
+def _verdict(missing: list[str]) -> tuple[bool, str]:
+    return (not missing, "; ".join(missing))
+
+
+def available_ort_cpu() -> tuple[bool, str]:
+    return _verdict(_ort_provider("CPUExecutionProvider", "onnxruntime"))
+
+
+def available_ort_cuda() -> tuple[bool, str]:
+    return _verdict(_ort_provider("CUDAExecutionProvider", "onnxruntime-gpu; on Jetson NVIDIA's wheel") + _gpu())
+
+
+def available_ort_trt() -> tuple[bool, str]:
+    missing = _ort_provider("TensorrtExecutionProvider", "onnxruntime-gpu; on Jetson NVIDIA's wheel") + _gpu()
+    if probe.libnvinfer_name() is None:
+        missing.append("TensorRT's libnvinfer.so.10 is not on the library path (JetPack has it; on x86_64 "
+                       "pip install tensorrt and add its libs to LD_LIBRARY_PATH)")
+    if not probe.module_available("onnx"):
+        missing.append("the onnx package is missing (pip install onnx; it inlines edgevl.MRoPE)")
+    return _verdict(missing)
+
+
+def available_trt() -> tuple[bool, str]:
+    missing = []
+    version = probe.tensorrt_version() if probe.module_available("tensorrt") else None
+    if version is None:
+        missing.append("TensorRT's Python package is missing (JetPack: python3-libnvinfer; x86_64: pip install "
+                       "tensorrt)")
+    elif int(version.split(".")[0]) < 10:
+        missing.append(f"TensorRT {version} is too old (the trt backend needs TensorRT 10 or newer)")
+    if probe.cuda_python_module() is None:
+        missing.append("cuda-python is missing (pip install cuda-python)")
+    return _verdict(missing + _gpu())
+
+
+# ----------------------------------------------------------------------------- runner factories
+def _graph_name(artifact: Artifact, graph: Path) -> str:
+    for name, entry in artifact.manifest["graphs"].items():
+        if entry["file"] == Path(graph).name:
+            return name
+    raise EdgevlError(f"{graph} is not one of the artifact's graphs.")
+
+
+def _artifact_of(graph: Path) -> tuple[Artifact, str]:
+    """The artifact a graph file belongs to (already verified by whoever loaded it) and the graph's name."""
+    artifact = load_artifact(Path(graph).parent, verify=False)
+    return artifact, _graph_name(artifact, graph)
+
+
+def _cuda_options(opts: BackendOptions) -> dict:
+    # TF32 only where the user allowed reduced precision: fp32 exports stay fp32 (verified to 1e-4).
+    return {"device_id": opts.device_id, "use_tf32": 1 if opts.precision != "graph" else 0}
+
+
+def make_ort_cpu(graph: Path, opts: BackendOptions) -> Runner:
+    return OnnxrtRunner(SessionFromOnnx(graph, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads),
+                        name=f"ort-cpu:{Path(graph).stem}")
+
+
+def make_ort_cuda(graph: Path, opts: BackendOptions) -> Runner:
+    providers = [("CUDAExecutionProvider", _cuda_options(opts)), "CPUExecutionProvider"]
+    return OrtIoBindingRunner(SessionFromOnnx(graph, providers=providers, intra_op_threads=opts.threads),
+                              name=f"ort-cuda:{Path(graph).stem}", device="cuda", device_id=opts.device_id)
+
+
+def _device(opts: BackendOptions) -> probe.GpuInfo:
+    gpus = probe.gpus()
+    if not 0 <= opts.device_id < len(gpus):
+        raise EdgevlError(f"--device {opts.device_id}: this machine has {len(gpus)} GPU(s).")
+    return gpus[opts.device_id]
+
+
+def ort_trt_provider_options(artifact: Artifact, name: str, opts: BackendOptions) -> dict:
+    """TensorRT EP options but the cache paths: precision flags and explicit profiles from the manifest."""
+    limits = opts.limits(artifact.config)
+    profiles = build_profiles(name, artifact.manifest["graphs"][name]["inputs"], limits, artifact.config)
+    fp16_graph = any(i["dtype"] == "float16" for i in artifact.manifest["graphs"][name]["inputs"])
+    return {"device_id": opts.device_id, "trt_fp16_enable": fp16_graph or opts.precision in ("fp16", "int8"),
+            "trt_int8_enable": opts.precision == "int8", **ort_trt_profile_options(profiles)}
+
+
+def make_ort_trt(graph: Path, opts: BackendOptions) -> Runner:
+    """ORT's TensorRT EP over the graph with edgevl.MRoPE inlined; ORT caches the engines in a folder keyed
+    like trt's engines (GPU, compute capability, TensorRT, graph sha256, options) plus the ORT version."""
+    from edgevl.runtime.trt import engine_cache_key, graph_digest, inline_local_functions
+    artifact, name = _artifact_of(graph)
+    digest = graph_digest(artifact.manifest, name)
+    source = Path(graph)
+    if artifact.manifest["graphs"][name].get("mrope_nodes", 0):
+        source = inline_local_functions(source, opts.cache / "inlined" / digest[:16], log=opts.log)
+    options = ort_trt_provider_options(artifact, name, opts)
+    gpu = _device(opts)
+    key = engine_cache_key(digest, gpu.name, gpu.compute_capability, probe.tensorrt_version() or "unknown",
+                           {"onnxruntime": probe.onnxruntime_info()[0], **options})
+    cache_dir = str(opts.cache / "ort-trt" / f"{name}-{key}")
+    options.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache_dir, trt_timing_cache_enable=True,
+                   trt_timing_cache_path=cache_dir)
+    providers = [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", _cuda_options(opts)),
+                 "CPUExecutionProvider"]
+    return OrtIoBindingRunner(SessionFromOnnx(source, providers=providers), name=f"ort-trt:{name}",
+                              device="cuda", device_id=opts.device_id)
+
+
+def build_ort_trt(graph: Path, opts: BackendOptions) -> None:
+    """ORT's TensorRT EP builds its engines when the session is created (explicit profiles): do that once."""
+    runner = make_ort_trt(graph, opts)
+    runner.activate()
+    runner.deactivate()
+
+
+def trt_engine_loader(graph: Path, opts: BackendOptions):
+    """(EngineFromCache loader for a graph, its profiles, its buffer sizes) for the trt backend."""
+    from edgevl.runtime import trt
+    artifact, name = _artifact_of(graph)
+    limits = opts.limits(artifact.config)
+    entry = artifact.manifest["graphs"][name]
+    profiles = build_profiles(name, entry["inputs"], limits, artifact.config)
+    env = max_dims(name, limits, artifact.config)
+    max_bytes = {v["name"]: max_tensor_bytes(v, env) for v in entry["inputs"] + entry["outputs"]}
+    gpu = _device(opts)
+    build_options = trt.BuildOptions(precision=opts.precision)
+    digest = trt.graph_digest(artifact.manifest, name)
+    key = trt.engine_cache_key(digest, gpu.name, gpu.compute_capability, probe.tensorrt_version(),
+                               build_options.key(profiles))
+    describe = {"graph": name, "artifact": str(artifact.path), "graph_sha256": digest, "gpu": gpu.name,
+                "compute_capability": gpu.sm, "tensorrt": probe.tensorrt_version(), **build_options.key(profiles)}
+    build = trt.EngineFromOnnx(graph, profiles, build_options, log=opts.log)
+    cache = trt.EngineFromCache(opts.cache / "trt", f"{name}-{key}", build, describe, log=opts.log)
+    return cache, profiles, max_bytes
+
+
+def make_trt(graph: Path, opts: BackendOptions) -> Runner:
+    from edgevl.runtime import trt
+    cache, profiles, max_bytes = trt_engine_loader(graph, opts)
+    return trt.TrtRunner(trt.EngineFromBytes(cache), profiles, max_bytes, name=f"trt:{Path(graph).stem}",
+                         memory_factory=lambda: trt.CudaMemory(opts.device_id))
+
+
+def build_trt(graph: Path, opts: BackendOptions) -> None:
+    cache, _, _ = trt_engine_loader(graph, opts)
+    cache().close()                                       # builds and stores unless already cached
+
+
+# ----------------------------------------------------------------------------- the table
+@dataclass(frozen=True)
+class BackendSpec:
     name: str
-    providers: tuple[str, ...]
     description: str
-
-    def make_runner(self, graph: Path, threads: int = 0) -> Runner:
-        return OnnxrtRunner(SessionFromOnnx(graph, providers=self.providers, intra_op_threads=threads),
-                            name=f"{self.name}:{Path(graph).stem}")
-
-
-BACKENDS = {
-    "ort-cpu": OrtBackend("ort-cpu", ("CPUExecutionProvider",), "ONNX Runtime on the CPU"),
-}
-DEFAULT_BACKEND = "ort-cpu"
+    available: Callable[[], tuple[bool, str]]
+    factory: Callable[[Path, BackendOptions], Runner]
+    build: Callable[[Path, BackendOptions], None] | None = None   # None: nothing to build ahead of time
+    engine_limits: bool = False                                    # bounded by --max-context etc.
 
 
-def get_backend(name: str | None):
-    name = name or DEFAULT_BACKEND
+# In preference order: the default is the first available one.
+BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
+    BackendSpec("trt", "TensorRT 10 engines (edgevl build), KV cache on the GPU", available_trt, make_trt, build_trt,
+                engine_limits=True),
+    BackendSpec("ort-trt", "ONNX Runtime TensorRT EP, KV cache on the GPU", available_ort_trt, make_ort_trt,
+                build_ort_trt, engine_limits=True),
+    BackendSpec("ort-cuda", "ONNX Runtime CUDA EP with IO binding, KV cache on the GPU", available_ort_cuda,
+                make_ort_cuda),
+    BackendSpec("ort-cpu", "ONNX Runtime on the CPU", available_ort_cpu, make_ort_cpu),
+)}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend bound to the user's options: what the pipeline holds."""
+
+    spec: BackendSpec
+    options: BackendOptions = BackendOptions()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def description(self) -> str:
+        return self.spec.description
+
+    def make_runner(self, graph: Path, threads: int | None = None) -> Runner:
+        opts = self.options if threads is None else replace(self.options, threads=threads)
+        return self.spec.factory(Path(graph), opts)
+
+    def build(self, graph: Path) -> bool:
+        """Build what can be built ahead of time; False when this backend has nothing to build."""
+        if self.spec.build is None:
+            return False
+        self.spec.build(Path(graph), self.options)
+        return True
+
+    def context_limit(self, config: dict) -> int:
+        """Most KV positions this backend accepts for a model (engines are built for a fixed maximum)."""
+        if self.spec.engine_limits:
+            return self.options.limits(config).max_context
+        return min(int(config["max_position_embeddings"]), self.options.max_context or 1 << 62)
+
+
+def availability() -> dict[str, tuple[bool, str]]:
+    """Every backend's (ok, reason), in preference order."""
+    return {name: spec.available() for name, spec in BACKENDS.items()}
+
+
+def get_backend(name: str | None = None, options: BackendOptions | None = None) -> Backend:
+    """The named backend, or the fastest available one; EdgevlError naming what is missing otherwise."""
+    options = options or BackendOptions()
+    if name is None:
+        for spec in BACKENDS.values():
+            if spec.available()[0]:
+                return Backend(spec, options)
+        raise EdgevlError("no backend can run here: " + "; ".join(f"{n}: {r}" for n, (_, r) in availability().items()))
     if name not in BACKENDS:
-        raise EdgevlError(f"unknown backend {name!r}; available here: {', '.join(BACKENDS)}.")
-    return BACKENDS[name]
+        raise EdgevlError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    ok, reason = BACKENDS[name].available()
+    if not ok:
+        usable = [n for n, (good, _) in availability().items() if good]
+        raise EdgevlError(f"backend {name} is not available here: {reason}. Available here: "
+                          f"{', '.join(usable) or 'none'}.")
+    return Backend(BACKENDS[name], options)

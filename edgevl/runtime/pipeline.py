@@ -23,7 +23,7 @@ import numpy as np
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.artifact import Artifact, load_artifact
-from edgevl.runtime.backends import get_backend
+from edgevl.runtime.backends import BackendOptions, get_backend
 from edgevl.runtime.generate import KVCache, generate
 from edgevl.runtime.image_processing import ImageProcessorSettings, load_image, preprocess_image
 from edgevl.runtime.prompt import ChatTemplate, StreamDecoder, Tokenizer, expand_vision_pads, user_message
@@ -60,11 +60,13 @@ class Result:
 
 
 class Pipeline:
-    def __init__(self, artifact: Artifact, backend: str | None = None, threads: int = 0):
+    def __init__(self, artifact: Artifact, backend: str | None = None, threads: int = 0,
+                 options: BackendOptions | None = None):
+        """backend: a name from backends.BACKENDS, or None for the fastest available here."""
         t0 = time.perf_counter()
         self.artifact = artifact
         self.config = artifact.config
-        self.backend = get_backend(backend)
+        self.backend = get_backend(backend, options or BackendOptions(threads=threads))
         self.tokenizer = Tokenizer(artifact.file("tokenizer.json"))
         self.template = ChatTemplate.from_file(artifact.file("chat_template.jinja"))
         self.image_settings = ImageProcessorSettings.from_dict(artifact.manifest["image_processor"])
@@ -72,20 +74,22 @@ class Pipeline:
         self.generation_config = artifact.read_json("generation_config.json")
         # Memory-mapped: only the rows of tokens actually used are read from disk.
         self.embed_table = np.load(artifact.file(artifact.manifest["embeddings"]["file"]), mmap_mode="r")
-        self.vision = self.backend.make_runner(artifact.graph_path("vision"), threads)
-        self.decoder = self.backend.make_runner(artifact.graph_path("decoder"), threads)
+        self.vision = self.backend.make_runner(artifact.graph_path("vision"))
+        self.decoder = self.backend.make_runner(artifact.graph_path("decoder"))
         self.vision.activate()
         self.decoder.activate()
         self.dtype = self.decoder.input_metadata()["inputs_embeds"].dtype
         self.load_s = time.perf_counter() - t0
 
     @classmethod
-    def load(cls, path, backend: str | None = None, verify: bool = True, threads: int = 0) -> "Pipeline":
-        return cls(load_artifact(path, verify=verify), backend=backend, threads=threads)
+    def load(cls, path, backend: str | None = None, verify: bool = True, threads: int = 0,
+             options: BackendOptions | None = None) -> "Pipeline":
+        return cls(load_artifact(path, verify=verify), backend=backend, threads=threads, options=options)
 
     @property
     def max_context(self) -> int:
-        return int(self.config["max_position_embeddings"])
+        """Longest sequence (prompt + generated): the model's context, or the backend's KV-cache size."""
+        return self.backend.context_limit(self.config)
 
     # ------------------------------------------------------------------ stages
     def prepare(self, prompt: str, images=(), videos=()) -> PreparedPrompt:

@@ -12,6 +12,12 @@ exposes
 so the generation loop never knows which backend it drives, and one comparator
 can check any two runners against each other. Backends other than ONNX Runtime on
 the CPU are added as new runner classes; optional packages are imported lazily.
+
+Accelerator runners may leave chosen outputs on the device (`keep_on_device`, e.g. the
+KV cache `present.*`): they come back as `DeviceTensor`s, opaque values with `.shape` and
+`.dtype` that the same runner accepts back as inputs (`past_key_values.*`) without a copy.
+The generate loop only reads `.shape`, so it drives host and device caches alike; only
+`logits` (and the vision encoder's `image_embeds`) come back to the host as numpy.
 """
 
 from __future__ import annotations
@@ -45,8 +51,50 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(int32)": np.int32, "tensor(bool)": np.bool_, "tensor(double)": np.float64}
 
 
+class DeviceTensor:
+    """A runner's output left on the accelerator. Opaque: `.shape`, `.dtype`, and `.numpy()` (a copy to host).
+
+    `handle` is the runner's own (an OrtValue for ONNX Runtime, a device pointer for TensorRT);
+    only the runner that made it knows how to bind it again.
+    """
+
+    __slots__ = ("handle", "shape", "dtype", "owner", "_to_host")
+
+    def __init__(self, handle, shape: tuple, dtype, owner, to_host: Callable[[], np.ndarray]):
+        self.handle, self.shape, self.dtype, self.owner, self._to_host = handle, tuple(shape), np.dtype(dtype), \
+            owner, to_host
+
+    def numpy(self) -> np.ndarray:
+        return self._to_host()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self._to_host()
+        return array if dtype is None else array.astype(dtype)
+
+    def __getitem__(self, index) -> np.ndarray:
+        """Slicing copies to the host (chat trims its cache to a common prefix once per turn); the
+        runners take numpy past values back, copying them to the device again."""
+        return self._to_host()[index]
+
+    def __repr__(self) -> str:
+        return f"DeviceTensor(shape={self.shape}, dtype={self.dtype})"
+
+
+def to_host(value) -> np.ndarray:
+    """numpy for anything a runner returns (DeviceTensors are copied to the host)."""
+    return value.numpy() if isinstance(value, DeviceTensor) else np.asarray(value)
+
+
+def provider_names(providers) -> list[str]:
+    """['CUDAExecutionProvider', ...] from ORT's providers list (names, or (name, options) pairs)."""
+    return [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
+
+
 class SessionFromOnnx:
-    """Loader: builds an onnxruntime.InferenceSession for one graph."""
+    """Loader: builds an onnxruntime.InferenceSession for one graph.
+
+    `providers` is ONNX Runtime's list: names or (name, provider-options) pairs, first preferred.
+    """
 
     def __init__(self, path: str | os.PathLike, providers=("CPUExecutionProvider",), intra_op_threads: int = 0,
                  optimization_level: str = "all"):
@@ -67,14 +115,21 @@ class SessionFromOnnx:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[self.optimization_level]
-        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        missing = [p for p in provider_names(self.providers) if p not in ort.get_available_providers()]
         if missing:
             raise EdgevlError(f"onnxruntime {ort.__version__} here has no {', '.join(missing)} "
                               f"(available: {', '.join(ort.get_available_providers())}).")
         try:
-            return ort.InferenceSession(str(self.path), options, providers=self.providers)
+            session = ort.InferenceSession(str(self.path), options, providers=self.providers)
         except Exception as e:  # a corrupt or foreign graph: one sentence, not an ORT stack
             raise EdgevlError(f"onnxruntime could not load {self.path.name}: {str(e).splitlines()[0]}") from None
+        # ORT quietly drops a provider whose libraries fail to load (CUDA, cuDNN, TensorRT): never run
+        # on the CPU while the user asked for a GPU.
+        dropped = [p for p in provider_names(self.providers) if p not in session.get_providers()]
+        if dropped:
+            raise EdgevlError(f"onnxruntime could not start {', '.join(dropped)} for {self.path.name} (its CUDA, "
+                              f"cuDNN or TensorRT libraries did not load; see `edgevl doctor`).")
+        return session
 
 
 class OnnxrtRunner:
@@ -117,11 +172,67 @@ class OnnxrtRunner:
             raise RuntimeError(f"runner {self.name} used before activate()")
 
 
-def compare_outputs(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float, rtol: float = 0.0) -> dict:
-    """Comparator: max abs error per output shared by two runners' results, and whether all pass."""
+class OrtIoBindingRunner(OnnxrtRunner):
+    """ONNX Runtime with IO binding: outputs named in `keep_on_device` stay on `device` as DeviceTensors.
+
+    Inputs: numpy arrays are cast to the graph's dtype (input_metadata: fp16 graphs take fp16) and
+    copied by ORT; DeviceTensors from this runner are bound as they are (no copy). Outputs: ORT
+    allocates each on `device` ("cuda") or on the host, with the shape it computes at run time;
+    every call gets fresh output values, so a DeviceTensor stays valid as long as it is referenced.
+    With device="cpu" the same code runs on the CPU EP (how the CPU tests exercise it).
+    """
+
+    def __init__(self, build_session: Callable, name: str = "onnxrt-iobinding", device: str = "cuda",
+                 device_id: int = 0, keep_on_device: tuple[str, ...] = ("present.",)):
+        super().__init__(build_session, name)
+        self.device, self.device_id, self.keep_on_device = device, device_id, tuple(keep_on_device)
+        self._meta: dict[str, TensorMeta] | None = None
+        self._outputs: list[str] | None = None
+
+    def activate(self) -> None:
+        super().activate()
+        self._meta, self._outputs = self.input_metadata(), self.output_names()
+
+    def deactivate(self) -> None:
+        super().deactivate()
+        self._meta = self._outputs = None
+
+    def infer(self, feed: dict) -> dict:
+        self._require_active()
+        binding = self.session.io_binding()
+        keep_alive = []                                   # host arrays must outlive the run
+        for name, value in feed.items():
+            if isinstance(value, DeviceTensor):
+                if value.owner is not self:
+                    value = value.numpy()                 # another runner's tensor: through the host
+                else:
+                    binding.bind_ortvalue_input(name, value.handle)
+                    continue
+            array = np.ascontiguousarray(value, dtype=self._meta[name].dtype)
+            keep_alive.append(array)
+            binding.bind_cpu_input(name, array)
+        for name in self._outputs:
+            on_device = name.startswith(self.keep_on_device)
+            binding.bind_output(name, self.device if on_device else "cpu", self.device_id if on_device else 0)
+        self.session.run_with_iobinding(binding)
+        results = {}
+        for name, value in zip(self._outputs, binding.get_outputs()):
+            if name.startswith(self.keep_on_device):
+                results[name] = DeviceTensor(value, tuple(value.shape()), _ORT_TYPES[value.data_type()], self,
+                                             value.numpy)
+            else:
+                results[name] = value.numpy()
+        return results
+
+
+def compare_outputs(a: dict, b: dict, atol: float, rtol: float = 0.0) -> dict:
+    """Comparator: max abs error per output shared by two runners' results, and whether all pass.
+
+    Values may be numpy arrays or DeviceTensors (copied to the host here)."""
     report = {}
     for name in a.keys() & b.keys():
-        err = float(np.max(np.abs(a[name].astype(np.float64) - b[name].astype(np.float64)))) if a[name].size else 0.0
-        bound = atol + rtol * float(np.max(np.abs(b[name]))) if b[name].size else atol
+        x, y = to_host(a[name]), to_host(b[name])
+        err = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if x.size else 0.0
+        bound = atol + rtol * float(np.max(np.abs(y))) if y.size else atol
         report[name] = {"max_abs_error": err, "ok": err <= bound}
     return {"outputs": report, "ok": all(r["ok"] for r in report.values())}

@@ -26,9 +26,8 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
                    help="largest image accepted, in pixels (default: 16777216 = 4096x4096)")
-    p.add_argument("--backend", default=None, help="execution backend (default: ort-cpu)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per graph (0 = onnxruntime's default)")
-    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files")
+    from edgevl.cli import add_runtime_args
+    add_runtime_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -42,9 +41,9 @@ def cmd_serve(args) -> int:
                           f"`pip install 'edgevl[serve]'`.") from None
     from pathlib import Path
 
-    from edgevl.runtime.pipeline import Pipeline
+    from edgevl.cli import load_pipeline
 
-    pipe = Pipeline.load(args.artifact, backend=args.backend, verify=not args.no_verify, threads=args.threads)
+    pipe = load_pipeline(args)
     name = args.model_name or Path(args.artifact).resolve().name
     limits = ServerLimits(int(args.max_request_mb * 1024 * 1024), args.max_image_pixels, args.allow_local_files)
     if not _is_loopback(args.host):

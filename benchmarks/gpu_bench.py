@@ -1,0 +1,235 @@
+"""edgevl on a GPU backend vs transformers (bf16, sdpa) in the same process: vision, time to first token,
+decode time per token, for one prompt with one square image. Writes one JSON file naming the card.
+
+    python benchmarks/gpu_bench.py --model MODEL_DIR --artifact FP16_EXPORT [--backend ort-cuda]
+        [--image-size 448] [--new-tokens 64] [--runs 3] [--out FILE.json] [--hf-device cuda] [--skip-hf]
+
+Random-weight models stop whenever they draw an EOS token, so EOS is switched off on both sides
+(edgevl: the pipeline's eos list is emptied; transformers: min_new_tokens): every run decodes exactly
+--new-tokens tokens. Each stage is measured after one warm-up run; medians over --runs are reported.
+A failing side is recorded in the JSON (with its error) and the other side still runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout without installing
+
+PROMPT = "Describe this image in detail."
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def make_image(size: int) -> Path:
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+    path = Path(tempfile.mkdtemp(prefix="edgevl-bench-")) / f"astronaut-{size}.png"
+    Image.fromarray(np.asarray(skimage.data.astronaut())).resize((size, size), Image.BICUBIC).save(path)
+    return path
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def bench_edgevl(artifact: Path, backend: str, image: Path, new_tokens: int, runs: int) -> dict:
+    from edgevl.runtime.pipeline import Pipeline
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(artifact, backend=backend, verify=False)
+    load_s = time.perf_counter() - t0
+    log(f"edgevl loaded on {pipe.backend.name} in {load_s:.1f} s; warming up")
+    pipe.config["eos_token_id"] = []                 # random weights: decode exactly new_tokens
+    pipe.generate(PROMPT, images=[image], max_new_tokens=4, do_sample=False)
+    row = pipe.prepare(PROMPT, [image])
+    vision = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        pipe.encode_image(row.pixel_values[0], row.grids[0])
+        vision.append(time.perf_counter() - t0)
+    ttft, prefill, decode, pre = [], [], [], []
+    for i in range(runs):
+        r = pipe.generate(PROMPT, images=[image], max_new_tokens=new_tokens, do_sample=False)
+        t = r.timings
+        pre.append(t["preprocess_s"])
+        prefill.append(t["prefill_s"])
+        ttft.append(t["preprocess_s"] + t["vision_s"] + t["prefill_s"])
+        decode.append(median(t["decode_s_per_token"]))
+        log(f"edgevl run {i + 1}/{runs}: ttft {ttft[-1] * 1e3:.1f} ms, decode {decode[-1] * 1e3:.2f} ms/token, "
+            f"{len(r.token_ids)} tokens")
+    result = {"backend": pipe.backend.name, "load_s": load_s, "prompt_tokens": len(row.input_ids),
+              "image_grid": list(row.grids[0]), "new_tokens": new_tokens,
+              "preprocess_ms": median(pre) * 1e3, "vision_ms": median(vision) * 1e3,
+              "prefill_ms": median(prefill) * 1e3, "ttft_ms": median(ttft) * 1e3,
+              "decode_ms_per_token": median(decode) * 1e3, "dtype": str(pipe.dtype)}
+    del pipe
+    gc.collect()
+    return result
+
+
+def bench_transformers(model_dir: Path, image: Path, new_tokens: int, runs: int, device: str) -> dict:
+    import torch
+    from PIL import Image
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                            attn_implementation="sdpa").to(device).eval()
+    load_s = time.perf_counter() - t0
+    log(f"transformers loaded (bf16, sdpa, {device}) in {load_s:.1f} s")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+
+    def preprocess():
+        content = [{"type": "image"}, {"type": "text", "text": PROMPT}]
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        px = processor([Image.open(image)], return_tensors="pt")
+        n = int(px["image_grid_thw"][0].prod()) // processor.merge_size ** 2
+        text = text.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        return ids, px
+
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        """generate() calls put() with the prompt, then once per new token: a timestamp each."""
+
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run(tokens: int) -> tuple[float, list[float]]:
+        """(time to first token incl. preprocessing, seconds per decoded token)."""
+        t0 = time.perf_counter()
+        ids, px = preprocess()
+        ids = ids.to(device)
+        clock = Clock()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           mm_token_type_ids=(ids == model.config.image_token_id).int(),
+                           pixel_values=px["pixel_values"].to(device, torch.bfloat16),
+                           image_grid_thw=px["image_grid_thw"].to(device), max_new_tokens=tokens,
+                           min_new_tokens=tokens, do_sample=False, streamer=clock)
+        sync()
+        stamps = clock.times[1:]                      # [0] is the prompt
+        return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
+
+    ids, px = preprocess()
+    pixels, grid = px["pixel_values"].to(device, torch.bfloat16), px["image_grid_thw"].to(device)
+    run(4)                                           # warm-up (kernels, allocator)
+    pre, vision, ttft, decode = [], [], [], []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        preprocess()
+        pre.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            sync()
+            t0 = time.perf_counter()
+            model.model.visual(pixels, grid_thw=grid)
+            sync()
+            vision.append(time.perf_counter() - t0)
+        first, steps = run(new_tokens)
+        ttft.append(first)
+        decode.append(median(steps))
+        log(f"transformers run {i + 1}/{runs}: ttft {ttft[-1] * 1e3:.1f} ms, decode {decode[-1] * 1e3:.2f} ms/token, "
+            f"{len(steps) + 1} tokens")
+    result = {"load_s": load_s, "prompt_tokens": int(ids.shape[1]), "new_tokens": new_tokens,
+              "preprocess_ms": median(pre) * 1e3, "vision_ms": median(vision) * 1e3, "ttft_ms": median(ttft) * 1e3,
+              "decode_ms_per_token": median(decode) * 1e3,
+              "dtype": "bfloat16", "attention": "sdpa", "device": device,
+              "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    del model
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return result
+
+
+def card_name() -> str:
+    from edgevl.runtime import probe
+    gpus = probe.gpus()
+    return gpus[0].name if gpus else f"cpu-{platform.machine()}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face model folder (for transformers)")
+    p.add_argument("--artifact", type=Path, required=True, help="edgevl export folder of the same model")
+    p.add_argument("--backend", default="ort-cuda", help="edgevl backend (default: ort-cuda)")
+    p.add_argument("--image-size", type=int, default=448, help="square image side in pixels (default: 448)")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per run (default: 64)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs after one warm-up (default: 3)")
+    p.add_argument("--hf-device", default="cuda", help="torch device for transformers (default: cuda)")
+    p.add_argument("--skip-hf", action="store_true", help="measure edgevl only")
+    p.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/gpu-<card>-<date>.json)")
+    args = p.parse_args(argv)
+    if args.new_tokens < 2:
+        p.error("--new-tokens must be at least 2")
+
+    from edgevl.runtime.doctor import collect
+    card = card_name()
+    image = make_image(args.image_size)
+    manifest = json.loads((args.artifact / "manifest.json").read_text())
+    report = {"card": card, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "model": {"artifact": str(args.artifact), "dtype": manifest.get("dtype"),
+                        "layers": manifest["config"]["num_hidden_layers"], "hidden": manifest["config"]["hidden_size"],
+                        "vision_depth": manifest["config"]["vision_depth"], "weights": "random"},
+              "image": f"{args.image_size}x{args.image_size}", "prompt": PROMPT, "environment": collect()}
+    log(f"card {card}; image {args.image_size}x{args.image_size}; {args.new_tokens} new tokens; {args.runs} runs")
+    sides = [("edgevl", lambda: bench_edgevl(args.artifact, args.backend, image, args.new_tokens, args.runs))]
+    if not args.skip_hf:
+        sides.append(("transformers", lambda: bench_transformers(args.model, image, args.new_tokens, args.runs,
+                                                                 args.hf_device)))
+    for name, fn in sides:
+        try:
+            report[name] = fn()
+        except Exception as e:   # record and carry on: the other side's numbers are still worth having
+            report[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            log(f"{name} failed: {type(e).__name__}: {e}")
+    ours, ref = report.get("edgevl", {}), report.get("transformers", {})
+    if "error" not in ours and ref and "error" not in ref:
+        report["speedup_vs_transformers"] = {k: ref[k] / ours[k] for k in ("vision_ms", "ttft_ms",
+                                                                           "decode_ms_per_token") if ours[k]}
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", card).strip("-").lower()
+    out = args.out or Path(__file__).parent / "results" / f"gpu-{slug}-{datetime.date.today():%Y%m%d}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log(f"wrote {out}")
+    for name in ("edgevl", "transformers"):
+        r = report.get(name)
+        if r and "error" not in r:
+            log(f"{name:>12}: vision {r['vision_ms']:.1f} ms, ttft {r['ttft_ms']:.1f} ms, "
+                f"decode {r['decode_ms_per_token']:.2f} ms/token")
+    if "speedup_vs_transformers" in report:
+        log("speedup vs transformers: " + ", ".join(f"{k} x{v:.2f}"
+                                                   for k, v in report["speedup_vs_transformers"].items()))
+    return 0 if all("error" not in report.get(n, {}) for n, _ in sides) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""pytest plugin for a CPU dry run of the GPU check: `ort-cuda` pretends to be available and is backed by
+the same IO-binding runner on ONNX Runtime's CPU EP (device "cpu"), so tests/test_gpu.py and
+benchmarks/gpu_check.sh run end to end on a machine without a GPU:
+
+    PYTHONPATH=benchmarks python -m pytest -p gpu_dryrun -m gpu tests/test_gpu.py \
+        -k "not kv_cache_stays and not doctor_sees"      # these two check real CUDA placement
+
+Never loaded by default; it changes nothing on a machine where it is not named.
+"""
+
+from dataclasses import replace
+
+from edgevl.runtime import backends, runners
+
+
+def _cpu_io_binding(graph, opts):
+    return runners.OrtIoBindingRunner(runners.SessionFromOnnx(graph), name="dry-run-cuda", device="cpu")
+
+
+backends.BACKENDS["ort-cuda"] = replace(backends.BACKENDS["ort-cuda"], available=lambda: (True, ""),
+                                        factory=_cpu_io_binding)

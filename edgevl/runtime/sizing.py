@@ -1,0 +1,226 @@
+"""Shapes and bytes, as pure functions: optimization profiles, buffer sizes, KV-cache and weight memory.
+
+TensorRT (native or through ONNX Runtime's TensorRT EP) needs, for every input with a
+symbolic dim, a (min, opt, max) range: an *optimization profile*. The manifest names
+every symbolic dim of both graphs,
+
+    vision   pixel_values [num_patches, 1176]       rotary_pos_ids [num_patches, 2]
+    decoder  inputs_embeds [batch, sequence, H]     position_ids [3, batch, sequence]
+             attention_mask [batch, total_sequence] past_key_values.{i}.* [batch, kv, past_sequence, D]
+
+so one table (`dim_ranges`) turns the user's limits (max batch, max context = KV-cache
+size, max image patches) into ranges per dim, and every input's profile follows from its
+dims. The decoder gets two profiles: "decode" (one new token, opt at a half-full cache) and
+"prefill" (a whole prompt, empty cache); a runner picks the first profile that holds the
+shapes of a call (`select_profile`). Nothing here imports onnxruntime or tensorrt.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgevl.errors import EdgevlError
+
+DEFAULT_ENGINE_CONTEXT = 4096      # KV positions an engine is built for unless --max-context says otherwise
+DEFAULT_MAX_IMAGE_PATCHES = 4096   # 14x14-pixel patches per vision call: 896x896 pixels; 448x448 is 1024
+OPT_PROMPT = 512                   # prefill length the prefill profile is tuned for (one 448x448 image + text)
+OPT_PATCHES = 1024                 # vision profile tuned for a 448x448 image
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What engines must accept: the user's sizes, resolved against the model's config."""
+
+    max_batch: int = 1
+    max_context: int = DEFAULT_ENGINE_CONTEXT   # prompt + generated tokens = KV-cache positions
+    max_image_patches: int = DEFAULT_MAX_IMAGE_PATCHES
+
+    def __post_init__(self):
+        for field in ("max_batch", "max_context", "max_image_patches"):
+            if getattr(self, field) < 1:
+                raise EdgevlError(f"--{field.replace('_', '-')} must be at least 1, not {getattr(self, field)}.")
+
+    @classmethod
+    def resolve(cls, config: dict, max_batch: int | None = None, max_context: int | None = None,
+                max_image_patches: int | None = None) -> "Limits":
+        """Defaults filled in; max_context never above the model's max_position_embeddings."""
+        model_max = int(config["max_position_embeddings"])
+        context = min(max_context or DEFAULT_ENGINE_CONTEXT, model_max)
+        if max_context and max_context > model_max:
+            raise EdgevlError(f"--max-context {max_context} is above the model's context of {model_max} tokens.")
+        return cls(max_batch or 1, context, max_image_patches or DEFAULT_MAX_IMAGE_PATCHES)
+
+
+Range = tuple[int, int, int]                                   # (min, opt, max) of one dim
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: input name -> (min shape, opt shape, max shape)."""
+
+    name: str
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+
+
+def dim_ranges(graph: str, limits: Limits, config: dict) -> list[tuple[str, dict[str, Range]]]:
+    """Per profile of `graph` ("vision" | "decoder"): its name and (min, opt, max) per symbolic dim."""
+    b, c = limits.max_batch, limits.max_context
+    if graph == "vision":
+        smallest = int(config.get("spatial_merge_size", 2)) ** 2   # one merged token
+        top = max(limits.max_image_patches, smallest)
+        return [("image", {"num_patches": (smallest, min(OPT_PATCHES, top), top)})]
+    if graph == "decoder":
+        if c < 2:
+            raise EdgevlError("--max-context must be at least 2 (a prompt token and a new one).")
+        half = max(1, c // 2)
+        prompt = min(OPT_PROMPT, c)
+        batch = (1, 1, b)
+        return [
+            ("decode", {"batch": batch, "sequence": (1, 1, 1), "past_sequence": (1, half, c - 1),
+                        "total_sequence": (2, half + 1, c)}),
+            ("prefill", {"batch": batch, "sequence": (1, prompt, c), "past_sequence": (0, 0, c - 1),
+                         "total_sequence": (1, prompt, c)}),
+        ]
+    raise EdgevlError(f"no profile rules for a graph called {graph!r}.")
+
+
+def build_profiles(graph: str, inputs: list[dict], limits: Limits, config: dict) -> list[Profile]:
+    """Profiles for a graph's inputs (the manifest's `graphs.<name>.inputs`: name, dtype, shape)."""
+    profiles = []
+    for name, ranges in dim_ranges(graph, limits, config):
+        shapes = {}
+        for value in inputs:
+            dims = value["shape"]
+            if all(isinstance(d, int) for d in dims):
+                continue                                       # static input: no profile entry needed
+            picked = []
+            for d in dims:
+                if isinstance(d, int):
+                    picked.append((d, d, d))
+                elif d in ranges:
+                    picked.append(ranges[d])
+                else:
+                    raise EdgevlError(f"{graph} input {value['name']} has a dim {d!r} with no size rule; "
+                                      f"this edgevl does not know how to bound it.")
+            shapes[value["name"]] = tuple(tuple(r[i] for r in picked) for i in range(3))
+        profiles.append(Profile(name, shapes))
+    return profiles
+
+
+def ort_trt_profile_options(profiles: list[Profile]) -> dict[str, str]:
+    """ONNX Runtime TensorRT EP's explicit profiles: 'name:1x2x3,name2:...' per min/opt/max.
+
+    Several profiles are written by listing each input once per profile, in profile order.
+    """
+    def shape(s):
+        return "x".join(str(d) for d in s)
+
+    out = {}
+    for i, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
+        out[key] = ",".join(f"{name}:{shape(s[i])}" for p in profiles for name, s in p.shapes.items())
+    return out
+
+
+def select_profile(profiles: list[Profile], shapes: dict[str, tuple[int, ...]]) -> int:
+    """Index of the first profile whose [min, max] holds every given input shape; EdgevlError if none."""
+    for i, p in enumerate(profiles):
+        if all(name not in p.shapes or _within(shapes[name], p.shapes[name]) for name in shapes):
+            return i
+    # Say which limit the call broke, in the user's words.
+    for name, shape in shapes.items():
+        top = tuple(max(p.shapes[name][2][k] for p in profiles) for k in range(len(shape))) \
+            if all(name in p.shapes for p in profiles) else None
+        if top and any(s > t for s, t in zip(shape, top)):
+            raise EdgevlError(f"{name} has shape {list(shape)} but the engines were built for at most {list(top)}; "
+                              f"rebuild with a larger --max-context / --max-batch / --max-image-patches.")
+    raise EdgevlError(f"no optimization profile holds the input shapes {shapes}.")
+
+
+def _within(shape, rng) -> bool:
+    lo, _, hi = rng
+    return len(shape) == len(lo) and all(a <= s <= b for s, a, b in zip(shape, lo, hi))
+
+
+# ----------------------------------------------------------------------------- buffer sizing
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv}
+
+
+def eval_dim(dim, env: dict[str, int]) -> int:
+    """A manifest dim -> int: an int, a name ('batch') or an exporter expression ('(num_patches//4)')."""
+    if isinstance(dim, int):
+        return dim
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name) and node.id in env:
+            return int(env[node.id])
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.left), ev(node.right))
+        raise EdgevlError(f"cannot size the dim {dim!r} (unknown name or operator).")
+
+    try:
+        return ev(ast.parse(str(dim), mode="eval"))
+    except SyntaxError:
+        raise EdgevlError(f"cannot size the dim {dim!r}.") from None
+
+
+def max_dims(graph: str, limits: Limits, config: dict) -> dict[str, int]:
+    """Largest value of every symbolic dim over all profiles of a graph."""
+    env: dict[str, int] = {}
+    for _, ranges in dim_ranges(graph, limits, config):
+        for name, (_, _, hi) in ranges.items():
+            env[name] = max(env.get(name, 0), hi)
+    return env
+
+
+def max_tensor_bytes(value: dict, env: dict[str, int]) -> int:
+    """Bytes of the largest tensor a manifest input/output entry can hold under `env` (buffers sized once)."""
+    count = 1
+    for d in value["shape"]:
+        count *= eval_dim(d, env)
+    return count * np.dtype(value["dtype"]).itemsize
+
+
+# ----------------------------------------------------------------------------- memory arithmetic
+def kv_cache_bytes(config: dict, batch: int, max_context: int, dtype="float16") -> int:
+    """Bytes of one full KV cache: 2 (key, value) x layers x batch x kv_heads x positions x head_dim x itemsize.
+
+    Qwen2-VL-2B, fp16, batch 1, 32768 positions: 2*28*1*2*32768*128*2 = 0.94 GB. A decode step holds the
+    past and the new present cache at once, so plan for twice this.
+    """
+    return (2 * int(config["num_hidden_layers"]) * batch * int(config["num_key_value_heads"]) * max_context
+            * int(config["head_dim"]) * np.dtype(dtype).itemsize)
+
+
+def graph_files(manifest: dict, graph: str) -> list[str]:
+    """A graph's files as the manifest lists them: 'decoder.onnx' and its external data 'decoder.onnx.data'."""
+    main = manifest["graphs"][graph]["file"]
+    return sorted(f for f in manifest["files"] if f == main or f.startswith(main + "."))
+
+
+def weights_bytes(manifest: dict, folder: Path) -> dict[str, int]:
+    """Bytes per part: each graph's files (weights the accelerator holds) and the embedding table
+    (memory-mapped on the host, only the rows of the tokens used are read)."""
+    sizes = {g: sum((Path(folder) / f).stat().st_size for f in graph_files(manifest, g)) for g in manifest["graphs"]}
+    emb = manifest.get("embeddings")
+    if emb:
+        sizes["embeddings"] = int(np.prod(emb["shape"])) * np.dtype(emb["dtype"]).itemsize
+    return sizes
+
+
+def memory_plan(manifest: dict, folder: Path, batch: int, max_context: int) -> dict[str, int]:
+    """Device bytes to expect: graph weights + a double KV cache in the decoder's dtype (host: embeddings)."""
+    w = weights_bytes(manifest, folder)
+    kv_dtype = next(i["dtype"] for i in manifest["graphs"]["decoder"]["inputs"] if i["name"] == "inputs_embeds")
+    kv = kv_cache_bytes(manifest["config"], batch, max_context, kv_dtype)
+    device = sum(v for k, v in w.items() if k != "embeddings") + 2 * kv
+    return {**{f"weights_{k}": v for k, v in w.items()}, "kv_cache": kv, "kv_cache_double": 2 * kv,
+            "device_total": device}

@@ -1,0 +1,401 @@
+"""Native TensorRT 10 (named-tensor API): engines from the ONNX graphs, cached, run on a CUDA stream.
+
+Loaders build, the runner runs (Polygraphy's split):
+
+    EngineFromOnnx(onnx, profiles, BuildOptions)   -> serialized engine (builds: minutes for a 2B decoder)
+    EngineFromCache(dir, key, build)               -> <dir>/<key>.engine memory-mapped, or build() once and store
+    EngineFromBytes(load)                          -> ICudaEngine (trt.Runtime.deserialize_cuda_engine)
+    TrtRunner(load_engine, profiles, io)           -> the Runner interface; execute_async_v3 on one stream
+
+The cache key (`engine_cache_key`) covers everything an engine depends on: GPU name and compute
+capability, TensorRT version, the sha256 of the graph's files (from the manifest) and the build
+options (precision, profiles). An engine is never reused across any of them.
+
+M-RoPE: TensorRT's ONNX parser imports model-local functions (onnx-tensorrt changelog, TensorRT 9.0:
+"Added support for ONNX local functions"), so `trt` parses decoder.onnx as exported and builds
+each edgevl.MRoPE node from its body (TensorRT >= 10.7 would prefer a plugin registered under that
+op name: the place for a fused kernel). ONNX Runtime's TensorRT EP hands TensorRT sub-graphs it
+cuts itself, so for `ort-trt` the functions are inlined first (`inline_local_functions`).
+
+`tensorrt` and `cuda-python` are imported only inside the loaders and `CudaMemory`; everything else
+here is plain Python so that the runner's logic is tested on a CPU with stand-ins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgevl.errors import EdgevlError
+from edgevl.runtime.runners import DeviceTensor, TensorMeta, to_host
+from edgevl.runtime.sizing import Profile, graph_files, select_profile
+
+# TensorRT DataType member names -> numpy (BF16/FP8/INT4 have no numpy type: not graph I/O here).
+TRT_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
+              "INT8": np.int8, "UINT8": np.uint8}
+
+
+def trt_dtype_to_numpy(name: str) -> np.dtype:
+    if name not in TRT_DTYPES:
+        raise EdgevlError(f"TensorRT I/O type {name} has no numpy equivalent; edgevl graphs use fp32/fp16/int64.")
+    return np.dtype(TRT_DTYPES[name])
+
+
+# ----------------------------------------------------------------------------- cache keys
+def graph_digest(manifest: dict, graph: str) -> str:
+    """sha256 over a graph's files' sha256s from the manifest (decoder.onnx + decoder.onnx.data)."""
+    lines = "".join(f"{f}:{manifest['files'][f]}\n" for f in graph_files(manifest, graph))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def engine_cache_key(graph_sha: str, gpu_name: str, compute_capability: tuple[int, int], trt_version: str,
+                     options: dict) -> str:
+    """Stable hex key: changes with the GPU, its compute capability, TensorRT, the graph or any option."""
+    material = {"graph": graph_sha, "gpu": gpu_name, "sm": list(compute_capability), "tensorrt": trt_version,
+                "options": options}
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=list).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """precision: "graph" = strongly typed (each layer in the ONNX graph's own type: an fp16 export runs
+    in fp16), "fp16" = weakly typed with FP16 allowed (for fp32 exports), "int8" = INT8+FP16 allowed
+    (Q/DQ-quantized exports). workspace_bytes 0 = TensorRT's default (the whole GPU)."""
+
+    precision: str = "graph"
+    workspace_bytes: int = 0
+
+    def __post_init__(self):
+        if self.precision not in ("graph", "fp16", "int8"):
+            raise EdgevlError(f"precision must be graph, fp16 or int8, not {self.precision!r}.")
+
+    def key(self, profiles: list[Profile]) -> dict:
+        return {**asdict(self), "profiles": [[p.name, sorted(p.shapes.items())] for p in profiles]}
+
+
+# ----------------------------------------------------------------------------- M-RoPE inlining
+def inline_local_functions(src: Path, dst_dir: Path, log=print) -> Path:
+    """dst_dir/<src name>: `src` with every model-local function (edgevl.MRoPE) replaced by its body.
+
+    Done once per graph digest (dst_dir names it); written to a temporary sibling folder and renamed,
+    so an interrupted run leaves nothing half-written. Needs the `onnx` package (pure wheels on
+    aarch64 too) and holds the whole graph in memory once.
+    """
+    dst = dst_dir / src.name
+    if dst.exists():
+        return dst
+    try:
+        import onnx
+        from onnx import inliner
+    except ImportError:
+        raise EdgevlError("ort-trt inlines the edgevl.MRoPE function before TensorRT sees the graph and needs the "
+                          "onnx package for it: pip install onnx.") from None
+    log(f"inlining model-local functions of {src.name} (once per artifact) -> {dst_dir}")
+    model = inliner.inline_local_functions(onnx.load(str(src)))
+    used = {n.domain for n in model.graph.node}
+    keep = [imp for imp in model.opset_import if imp.domain in used or imp.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    dst_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst_dir.with_name(f".{dst_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    external = Path(f"{src}.data").exists()
+    onnx.save_model(model, str(tmp / src.name), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=f"{src.name}.data", size_threshold=1024)
+    shutil.rmtree(dst_dir, ignore_errors=True)
+    tmp.rename(dst_dir)
+    return dst
+
+
+# ----------------------------------------------------------------------------- loaders
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError:
+        raise EdgevlError("the trt backend needs TensorRT's Python package (JetPack ships it; on x86_64 "
+                          "pip install tensorrt).") from None
+    return tensorrt
+
+
+def _progress_monitor(trt, log):
+    """A trt.IProgressMonitor printing the top-level build phases and their steps."""
+    if not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+            self.steps, self.top = {}, set()
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.steps[phase_name] = num_steps
+            if parent_phase is None:
+                self.top.add(phase_name)
+                log(f"  {phase_name} ({num_steps} steps)")
+
+        def step_complete(self, phase_name, step):
+            if phase_name in self.top:
+                log(f"  {phase_name}: {step + 1}/{self.steps.get(phase_name, '?')}")
+            return True                                   # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            self.top.discard(phase_name)
+
+    return Monitor()
+
+
+class EngineFromOnnx:
+    """Loader: parse an ONNX file (external data beside it) and build a serialized engine."""
+
+    def __init__(self, path: Path, profiles: list[Profile], options: BuildOptions, log=print):
+        self.path, self.profiles, self.options, self.log = Path(path), profiles, options, log
+
+    def __call__(self):
+        trt = import_tensorrt()
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        strongly_typed = self.options.precision == "graph"
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(self.path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise EdgevlError(f"TensorRT's ONNX parser rejected {self.path.name}: {errors}")
+        config = builder.create_builder_config()
+        if self.options.workspace_bytes:
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.options.workspace_bytes)
+        if self.options.precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        if self.options.precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+        for profile in self.profiles:
+            p = builder.create_optimization_profile()
+            for name, (lo, opt, hi) in profile.shapes.items():
+                p.set_shape(name, lo, opt, hi)
+            config.add_optimization_profile(p)
+        monitor = _progress_monitor(trt, self.log)
+        if monitor is not None:
+            config.progress_monitor = monitor
+        self.log(f"building a TensorRT {trt.__version__} engine for {self.path.name} "
+                 f"({', '.join(p.name for p in self.profiles)} profiles, precision {self.options.precision})")
+        t0 = time.perf_counter()
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise EdgevlError(f"TensorRT could not build an engine for {self.path.name} (its messages are above).")
+        self.log(f"built {self.path.name} in {time.perf_counter() - t0:.0f} s")
+        return serialized                                 # IHostMemory: a buffer, written and read as is
+
+
+class EngineFromCache:
+    """Loader: <cache_dir>/<key>.engine if present (memory-mapped), else build() once, store, return it."""
+
+    def __init__(self, cache_dir: Path, key: str, build: Callable, describe: dict | None = None, log=print):
+        self.path = Path(cache_dir) / f"{key}.engine"
+        self.build, self.describe, self.log = build, describe or {}, log
+
+    def __call__(self):
+        if not self.path.exists():
+            blob = self.build()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.partial-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, self.path)                    # atomic: a reader never sees half an engine
+            self.path.with_suffix(".json").write_text(json.dumps(self.describe, indent=2, default=list) + "\n")
+            self.log(f"cached {self.path}")
+        with open(self.path, "rb") as f:
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+class EngineFromBytes:
+    """Loader: deserialize an engine; keeps the trt.Runtime alive as long as the loader lives."""
+
+    def __init__(self, load: Callable):
+        self.load, self.runtime = load, None
+
+    def __call__(self):
+        trt = import_tensorrt()
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        blob = self.load()
+        engine = self.runtime.deserialize_cuda_engine(blob)
+        if hasattr(blob, "close"):
+            blob.close()                                  # the engine lives in GPU memory now
+        if engine is None:
+            raise EdgevlError("TensorRT could not load the cached engine (another TensorRT version or GPU?); "
+                              "delete it and rebuild with `edgevl build`.")
+        return engine
+
+
+# ----------------------------------------------------------------------------- device memory
+class CudaMemory:
+    """The runner's only CUDA calls, through cuda-python: streams, cudaMalloc, async copies."""
+
+    def __init__(self, device_id: int = 0):
+        from edgevl.runtime.probe import cuda_python_module
+        self.rt = cuda_python_module()
+        if self.rt is None:
+            raise EdgevlError("the trt backend needs cuda-python for device memory: pip install cuda-python.")
+        self._check(self.rt.cudaSetDevice(device_id))
+
+    def _check(self, result):
+        err, *rest = result
+        if int(err) != 0:
+            raise RuntimeError(f"CUDA error {self.rt.cudaGetErrorName(err)[1]!r}")
+        return rest[0] if len(rest) == 1 else None
+
+    def stream(self):
+        return self._check(self.rt.cudaStreamCreate())
+
+    def handle(self, stream) -> int:
+        return int(stream)
+
+    def alloc(self, nbytes: int) -> int:
+        return int(self._check(self.rt.cudaMalloc(max(int(nbytes), 1))))
+
+    def free(self, ptr: int) -> None:
+        self.rt.cudaFree(ptr)
+
+    def h2d(self, ptr: int, array: np.ndarray, stream) -> None:
+        self._check(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
+                                            self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+
+    def d2h(self, array: np.ndarray, ptr: int, stream) -> None:
+        self._check(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes,
+                                            self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+
+    def sync(self, stream) -> None:
+        self._check(self.rt.cudaStreamSynchronize(stream))
+
+    def destroy(self, stream) -> None:
+        self.rt.cudaStreamDestroy(stream)
+
+
+# ----------------------------------------------------------------------------- runner
+def present_name(input_name: str) -> str:
+    return input_name.replace("past_key_values.", "present.", 1)
+
+
+class TrtRunner:
+    """Runs a TensorRT engine: one execution context, one stream, every buffer allocated once.
+
+    Buffers are sized at activate() from the manifest's dims at their largest over all profiles
+    (`max_bytes`: name -> bytes). KV outputs get two buffers each and alternate: a step reads
+    past_key_values.{i}.* where the previous step wrote present.{i}.* (bound by address, no copy)
+    and writes the other buffer. A returned DeviceTensor is therefore valid until the next-but-one
+    call, which is how the generate loop uses it. Host inputs are copied in on the stream, host
+    outputs copied out, then the stream is synchronized once per call.
+    """
+
+    def __init__(self, load_engine: Callable, profiles: list[Profile], max_bytes: dict[str, int],
+                 name: str = "trt", keep_on_device: tuple[str, ...] = ("present.",), memory_factory=CudaMemory):
+        self.load_engine, self.profiles, self.max_bytes = load_engine, profiles, max_bytes
+        self.name, self.keep_on_device, self.memory_factory = name, tuple(keep_on_device), memory_factory
+        self.engine = None
+
+    # -- lifecycle
+    def activate(self) -> None:
+        if self.engine is not None:
+            return
+        self.mem = self.memory_factory()
+        self.engine = self.load_engine()
+        e = self.engine
+        names = [e.get_tensor_name(i) for i in range(e.num_io_tensors)]
+        self.inputs = [n for n in names if e.get_tensor_mode(n).name == "INPUT"]
+        self.outputs = [n for n in names if e.get_tensor_mode(n).name == "OUTPUT"]
+        self.dtypes = {n: trt_dtype_to_numpy(e.get_tensor_dtype(n).name) for n in names}
+        if e.num_optimization_profiles != len(self.profiles):
+            raise EdgevlError(f"the engine has {e.num_optimization_profiles} profiles, edgevl expected "
+                              f"{len(self.profiles)}; rebuild it with `edgevl build`.")
+        self.kv = {i: present_name(i) for i in self.inputs if present_name(i) != i and present_name(i) in self.outputs}
+        self.stream = self.mem.stream()
+        self.context = e.create_execution_context()
+        self.profile = 0
+        self.buffers = {n: self.mem.alloc(self.max_bytes[n]) for n in names if n not in self.kv}
+        for out in self.kv.values():                      # present.* : two alternating buffers
+            self.buffers[out] = (self.buffers[out], self.mem.alloc(self.max_bytes[out]))
+
+    def deactivate(self) -> None:
+        if self.engine is None:
+            return
+        self.mem.sync(self.stream)
+        for b in self.buffers.values():
+            for ptr in (b if isinstance(b, tuple) else (b,)):
+                self.mem.free(ptr)
+        self.mem.destroy(self.stream)
+        self.context = self.engine = self.buffers = None
+
+    def __enter__(self):
+        self.activate()
+        return self
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+    def input_metadata(self) -> dict[str, TensorMeta]:
+        return {n: TensorMeta(self.dtypes[n], tuple(self.engine.get_tensor_shape(n))) for n in self.inputs}
+
+    # -- inference
+    def infer(self, feed: dict) -> dict:
+        if self.engine is None:
+            raise RuntimeError(f"runner {self.name} used before activate()")
+        ctx, handle = self.context, self.mem.handle(self.stream)
+        shapes = {n: tuple(int(d) for d in feed[n].shape) for n in self.inputs}
+        p = select_profile(self.profiles, shapes)
+        if p != self.profile:
+            ctx.set_optimization_profile_async(p, handle)
+            self.profile = p
+        write_slot = {}                                   # present.* -> the buffer this call writes
+        for name in self.inputs:
+            value = feed[name]
+            if not ctx.set_input_shape(name, shapes[name]):
+                raise EdgevlError(f"{self.name}: TensorRT refused {name} with shape {list(shapes[name])}.")
+            if isinstance(value, DeviceTensor) and value.owner is self:
+                ptr, slot = value.handle                  # last call's present.*: bind in place
+            else:
+                array = np.ascontiguousarray(to_host(value), dtype=self.dtypes[name])
+                slot = 1
+                ptr = self.buffers[self.kv[name]][1] if name in self.kv else self.buffers[name]
+                if array.nbytes:
+                    self.mem.h2d(ptr, array, self.stream)
+            if name in self.kv:
+                write_slot[self.kv[name]] = 1 - slot
+            ctx.set_tensor_address(name, ptr)
+        addresses = {}
+        for name in self.outputs:
+            buf = self.buffers[name]
+            addresses[name] = (buf[write_slot.get(name, 0)], write_slot.get(name, 0)) if isinstance(buf, tuple) \
+                else (buf, None)
+            ctx.set_tensor_address(name, addresses[name][0])
+        if not ctx.execute_async_v3(handle):
+            raise RuntimeError(f"{self.name}: TensorRT execution failed (its messages are above).")
+        results = {}
+        for name in self.outputs:
+            shape, dtype = tuple(int(d) for d in ctx.get_tensor_shape(name)), self.dtypes[name]
+            ptr, slot = addresses[name]
+            if name.startswith(self.keep_on_device):
+                results[name] = DeviceTensor((ptr, slot), shape, dtype, self, self._downloader(ptr, shape, dtype))
+            else:
+                results[name] = np.empty(shape, dtype)
+                if results[name].nbytes:
+                    self.mem.d2h(results[name], ptr, self.stream)
+        self.mem.sync(self.stream)
+        return results
+
+    def _downloader(self, ptr: int, shape: tuple, dtype) -> Callable[[], np.ndarray]:
+        def download() -> np.ndarray:
+            out = np.empty(shape, dtype)
+            if out.nbytes:
+                self.mem.d2h(out, ptr, self.stream)
+                self.mem.sync(self.stream)
+            return out
+        return download

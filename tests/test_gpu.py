@@ -1,0 +1,149 @@
+"""GPU backends against transformers and the CPU runtime (`pytest -m gpu`; skipped without a GPU).
+
+Needs an NVIDIA GPU and onnxruntime-gpu (CUDAExecutionProvider). On the test machine
+benchmarks/gpu_check.sh sets that up. With EDGEVL_GPU_TINY=DIR (holding model/, fp32/ and fp16/,
+written by `benchmarks/gpu_prepare.py tiny DIR`) the tiny model and its exports are taken from DIR
+instead of being built here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgevl.runtime import backends, probe
+from tests.test_generation import _strip_after_eos, hf_generate, hf_inputs  # noqa: F401  (hf_inputs: a fixture)
+
+ORT_CUDA_OK, ORT_CUDA_REASON = backends.BACKENDS["ort-cuda"].available()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ORT_CUDA_OK, reason=f"ort-cuda: {ORT_CUDA_REASON}")]
+
+PROMPT = "Describe this image in detail."
+PREBUILT = Path(os.environ["EDGEVL_GPU_TINY"]) if os.environ.get("EDGEVL_GPU_TINY") else None
+
+
+# Session-scoped overrides of conftest's fixtures, so conftest's hf_model / pipeline follow them.
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    if PREBUILT:
+        return PREBUILT / "model"
+    from edgevl.export.tiny_model import write_random_model
+    return write_random_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
+    if PREBUILT:
+        return PREBUILT / "fp32"
+    from edgevl.export.exporter import export_model
+    return export_model(str(tiny_model_dir), tmp_path_factory.mktemp("export") / "fp32", dtype="fp32",
+                        log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact_fp16(tiny_model_dir, tmp_path_factory) -> Path:
+    if PREBUILT:
+        return PREBUILT / "fp16"
+    from edgevl.export.exporter import export_model
+    return export_model(str(tiny_model_dir), tmp_path_factory.mktemp("export16") / "fp16", dtype="fp16",
+                        log=lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def cuda_pipeline(tiny_artifact):
+    from edgevl.runtime.pipeline import Pipeline
+    return Pipeline.load(tiny_artifact, backend="ort-cuda")
+
+
+@pytest.fixture(scope="module")
+def cpu_pipeline(tiny_artifact):
+    from edgevl.runtime.pipeline import Pipeline
+    return Pipeline.load(tiny_artifact, backend="ort-cpu")   # the default would be ort-cuda here
+
+
+def prefill_logits(pipe, image) -> np.ndarray:
+    """Vision + prefill of PROMPT with one image: last-position logits [1, vocab] as float64."""
+    from edgevl.runtime.generate import prefill
+    row = pipe.prepare(PROMPT, [image])
+    ids = row.input_ids[None]
+    mask = np.ones_like(ids)
+    positions, _ = pipe.positions(ids, mask, row.grids)
+    embeds = pipe.embed(row.input_ids, *pipe.encode_vision(row))
+    return np.asarray(prefill(pipe.decoder, embeds[None], positions, mask, pipe.new_cache(1)), np.float64)
+
+
+# ----------------------------------------------------------------------------- fp32: exact
+@pytest.mark.parametrize("names", [["astronaut"], [], ["astronaut", "coffee"]], ids=["image", "text", "two_images"])
+def test_ort_cuda_greedy_tokens_equal_transformers(names, cuda_pipeline, hf_model, hf_inputs, photos):
+    paths = [photos[n] for n in names]
+    ids, extra = hf_inputs(PROMPT, paths)
+    ours = cuda_pipeline.generate(PROMPT, images=paths, max_new_tokens=24, do_sample=False)
+    assert ours.prompt_token_ids == ids[0].tolist()
+    assert ours.token_ids == _strip_after_eos(hf_generate(hf_model, ids, extra)[0].tolist(),
+                                              cuda_pipeline.config["eos_token_id"])
+
+
+def test_kv_cache_stays_on_the_gpu(cuda_pipeline):
+    from edgevl.runtime.generate import decoder_step
+    from edgevl.runtime.runners import DeviceTensor
+    cfg = cuda_pipeline.config
+    cache = cuda_pipeline.new_cache(1)
+    embeds = np.zeros((1, 5, cfg["hidden_size"]), np.float32)
+    logits = decoder_step(cuda_pipeline.decoder, embeds, np.tile(np.arange(5), (3, 1, 1)),
+                          np.ones((1, 5), np.int64), cache)
+    assert isinstance(logits, np.ndarray) and logits.shape == (1, cfg["vocab_size"])
+    for value in cache.arrays.values():
+        assert isinstance(value, DeviceTensor) and value.handle.device_name().lower() == "cuda"
+    step = decoder_step(cuda_pipeline.decoder, embeds[:, :1], np.full((3, 1, 1), 5), np.ones((1, 6), np.int64),
+                        cache)
+    assert cache.length == 6 and np.isfinite(step).all()
+
+
+def test_ort_cuda_graphs_match_ort_cpu(cuda_pipeline, cpu_pipeline, photos):
+    """Both graphs on CUDA vs the CPU runtime (fp32, TF32 off): within 1e-4."""
+    ours, ref = prefill_logits(cuda_pipeline, photos["coffee"]), prefill_logits(cpu_pipeline, photos["coffee"])
+    assert float(np.abs(ours - ref).max()) <= 1e-4
+
+
+# ----------------------------------------------------------------------------- fp16: close
+def test_fp16_export_logits_close_to_fp32(tiny_artifact_fp16, cpu_pipeline, photos):
+    from edgevl.runtime.pipeline import Pipeline
+    pipe16 = Pipeline.load(tiny_artifact_fp16, backend="ort-cuda")
+    assert pipe16.dtype == np.float16
+    ours, ref = prefill_logits(pipe16, photos["astronaut"]), prefill_logits(cpu_pipeline, photos["astronaut"])
+    err = float(np.abs(ours - ref).max())
+    # fp16 vs fp32 on the CPU differs by ~0.008 on logits of magnitude ~6 for this model.
+    assert err <= 0.05 + 0.01 * float(np.abs(ref).max()), err
+    top2 = np.sort(ref[0])[-2:]
+    if top2[1] - top2[0] > 2 * err:
+        assert ours.argmax() == ref.argmax()
+    tokens = pipe16.generate(PROMPT, images=[photos["astronaut"]], max_new_tokens=8, do_sample=False).token_ids
+    assert len(tokens) >= 1
+
+
+# ----------------------------------------------------------------------------- plumbing
+def test_doctor_sees_the_gpu():
+    from edgevl.runtime.doctor import collect, format_report
+    report = collect()
+    assert report["gpus"] and report["backends"]["ort-cuda"]["ok"]
+    assert report["gpus"][0]["name"] in format_report(report)
+
+
+@pytest.mark.skipif(probe.cuda_python_module() is None, reason="cuda-python is not installed")
+def test_cuda_memory_roundtrip():
+    """The TensorRT runner's CUDA layer (cuda-python) without TensorRT: alloc, copies, stream."""
+    from edgevl.runtime.trt import CudaMemory
+    mem = CudaMemory(0)
+    stream = mem.stream()
+    assert isinstance(mem.handle(stream), int)
+    src = np.arange(1000, dtype=np.float16).reshape(10, 100)
+    ptr = mem.alloc(src.nbytes)
+    mem.h2d(ptr, src, stream)
+    out = np.empty_like(src)
+    mem.d2h(out, ptr, stream)
+    mem.sync(stream)
+    assert np.array_equal(out, src)
+    mem.free(ptr)
+    mem.destroy(stream)
