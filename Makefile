@@ -2,13 +2,14 @@
 #   make setup   virtual environment in .venv with the runtime, the export extra and test tools
 #   make demo    build a tiny random Qwen2-VL, export it, run it on a real photograph
 #   make test    the whole test suite (CPU, a few minutes)
+#   make bench   edgevl vs transformers on this CPU -> benchmarks/results/cpu-<machine>.{json,md,png}
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ART    := artifacts
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +37,9 @@ demo: $(ART)/tiny-export/manifest.json $(ART)/astronaut.png
 
 test: setup
 	$(PY) -m pytest -q
+
+bench: setup
+	PY=$(PY) bash benchmarks/run_cpu.sh
 
 clean:
 	rm -rf $(ART) .pytest_cache

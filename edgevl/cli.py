@@ -14,6 +14,7 @@ import sys
 
 from edgevl import __version__
 from edgevl.errors import EdgevlError
+from edgevl.bench.cli import add_bench_parser
 from edgevl.gpu_cli import add_backend_arguments, add_build_parser, add_doctor_parser, backend_options
 from edgevl.serve.cli import add_serve_parser
 
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(sub)
     add_chat_parser(sub)
     add_serve_parser(sub)
+    add_bench_parser(sub)
     add_build_parser(sub)
     add_doctor_parser(sub)
     return parser

@@ -28,7 +28,7 @@ def assert_one_sentence_error(proc, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("command", ["export", "run", "chat", "serve", "build", "doctor"])
+@pytest.mark.parametrize("command", ["export", "run", "chat", "serve", "bench", "build", "doctor"])
 def test_every_option_has_help(command):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]

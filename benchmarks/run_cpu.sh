@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Regenerates benchmarks/results/cpu-<machine>.{json,md,png}: edgevl vs transformers on this CPU.
+#
+#   model     qwen2-vl-2b-l4 (random weights, real Qwen2-VL-2B widths and vocabulary, 4 LLM + 4 ViT layers),
+#             built and exported once under ~/.cache/edgevl/presets/ ($EDGEVL_CACHE)
+#   artifacts fp32, plus int8 and w4a16 from `edgevl quantize` when this edgevl has it (skipped otherwise)
+#   workload  one synthetic 448x448 image, a 289-token prompt, 32 new tokens; decode also on a synthetic
+#             KV cache at 512..4096 tokens
+#   reference transformers, eager PyTorch fp32 with sdpa attention, same process
+#
+# Environment: PY (python with edgevl[export,bench]; default .venv/bin/python), RUNS (5), WARMUP (1),
+# NEW_TOKENS (32), THREADS (0 = each library's default), RECIPES ("int8 w4a16"; empty: fp32 only),
+# INTERLEAVE (1: alternate edgevl and transformers runs, for a shared machine; peak RSS is then both
+# models together). Takes ~5-10 minutes on 2 cores plus the first build/quantization; run it on a quiet
+# machine (the report says how busy the machine was).
+#
+# The prompt is "Describe this image." + chat template + 256 image tokens = 289 tokens with the preset's
+# small stand-in tokenizer (the real Qwen2 tokenizer needs ~278 for the same text).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+PRESET=qwen2-vl-2b-l4
+RUNS=${RUNS:-5}
+WARMUP=${WARMUP:-1}
+NEW_TOKENS=${NEW_TOKENS:-32}
+THREADS=${THREADS:-0}
+RECIPES=${RECIPES-int8 w4a16}
+EXTRA=()
+[ "${INTERLEAVE:-0}" = 1 ] && EXTRA+=(--interleave)
+
+FP32=$("$PY" -c "import sys; from edgevl.bench.presets import ensure_preset
+print(ensure_preset('$PRESET', log=lambda m: print('[bench]', m, file=sys.stderr, flush=True)))")
+
+# `edgevl quantize` once edgevl/cli.py registers it; its stand-alone module before that.
+QUANTIZE=()
+if "$PY" -m edgevl quantize --help >/dev/null 2>&1; then
+    QUANTIZE=("$PY" -m edgevl quantize)
+elif "$PY" -m edgevl.calibrate.cli quantize --help >/dev/null 2>&1; then
+    QUANTIZE=("$PY" -m edgevl.calibrate.cli quantize)
+fi
+QUANTIZED=()
+if [ -z "$RECIPES" ]; then
+    echo "[bench] RECIPES is empty: measuring fp32 only" >&2
+elif [ ${#QUANTIZE[@]} -gt 0 ]; then
+    for recipe in $RECIPES; do
+        out="$(dirname "$FP32")/export-$recipe"
+        # benchmarks/quantize_bench.py's artifacts of the same preset are as good: reuse them.
+        [ -f "$(dirname "$FP32")/quantize-bench-$recipe/manifest.json" ] && out="$(dirname "$FP32")/quantize-bench-$recipe"
+        if [ ! -f "$out/manifest.json" ]; then
+            echo "[bench] edgevl quantize $recipe -> $out" >&2
+            # The quantize CLI is not settled yet: a recipe it rejects is skipped, not fatal.
+            "${QUANTIZE[@]}" "$FP32" -o "$out" --recipe "$recipe" >&2 \
+                || { echo "[bench] edgevl quantize --recipe $recipe failed: skipping $recipe" >&2; continue; }
+        fi
+        QUANTIZED+=("$out")
+    done
+else
+    echo "[bench] this edgevl has no 'quantize' command: measuring fp32 only" >&2
+fi
+
+MACHINE=$("$PY" -c "from edgevl.bench.machine import machine_info, machine_slug; print(machine_slug(machine_info()))")
+OUT=benchmarks/results/cpu-$MACHINE
+mkdir -p benchmarks/results
+"$PY" -m edgevl bench --preset "$PRESET" "${QUANTIZED[@]}" \
+    --image-size 448x448 --prompt "Describe this image." --new-tokens "$NEW_TOKENS" \
+    --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" --reference hf "${EXTRA[@]}" \
+    --decode-contexts 512 1024 2048 4096 \
+    --json "$OUT.json" --markdown "$OUT.md" --plot "$OUT.png"

@@ -1,0 +1,113 @@
+"""`edgevl bench`: stage-by-stage latency, memory and roofline of artifacts, optionally against transformers.
+
+`add_bench_parser(subparsers)` + `cmd_bench(args)` plug into edgevl/cli.py like the other
+subcommands; `python -m edgevl.bench.cli ARGS` runs the same command standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edgevl.errors import EdgevlError
+
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench", help="measure per-stage latency, memory and the decode roofline of export folders",
+        description="Time image preprocessing, the vision encoder, prefill (time to first token), decode per "
+                    "token (and against context length) and end to end, with median / p90 / min over runs after "
+                    "warm-up, peak host RSS (and GPU memory with a GPU), model load time, tokens/s, and the decode "
+                    "floor set by the measured memory bandwidth. Several OUT folders, backends, image sizes, "
+                    "prompt lengths and token counts are swept into one table. --reference hf runs transformers "
+                    "on the source model in the same process and prints each stage's ratio. Decoding is greedy "
+                    "and ignores EOS, so every run generates exactly --new-tokens tokens.")
+    p.add_argument("artifacts", nargs="*", metavar="OUT",
+                   help="export folders to measure (`edgevl export` / `edgevl quantize` output); optional with "
+                        "--preset. Put them first: options that take several values swallow what follows")
+    p.add_argument("--preset", metavar="NAME",
+                   help="also measure a random-weight model of a real architecture (e.g. qwen2-vl-2b, "
+                        "qwen2-vl-2b-l4), built and exported once under ~/.cache/edgevl/presets/NAME "
+                        "($EDGEVL_CACHE); random weights make text meaningless but latency real")
+    p.add_argument("--backend", action="extend", nargs="+", metavar="NAME",
+                   help="execution backend(s) to sweep (default: ort-cpu)")
+    p.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
+                   help="image file(s); each is a separate sweep point with one image in the prompt")
+    p.add_argument("--image-size", action="extend", nargs="+", default=[], metavar="WxH",
+                   help="synthetic photo-like image(s) of these sizes, e.g. 224x224 448x448 1344x756; 'none' "
+                        "for a text-only prompt (default: 448x448 when no --image is given)")
+    p.add_argument("--prompt", help="the user's text before any filler (default: 'Describe this image in detail.')")
+    p.add_argument("--prompt-tokens", action="extend", nargs="+", type=int, metavar="N",
+                   help="total prompt length(s) in tokens, chat template and image tokens included; the text is "
+                        "padded with filler to reach it (default: the prompt as is)")
+    p.add_argument("--new-tokens", action="extend", nargs="+", type=int, metavar="N",
+                   help="tokens to generate per run, EOS ignored (default: 32)")
+    p.add_argument("--runs", type=int, default=5, metavar="N", help="measured runs per sweep point (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N",
+                   help="discarded warm-up runs before them (default: 1)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads for onnxruntime and torch (0 = each library's default)")
+    p.add_argument("--reference", choices=["hf"],
+                   help="'hf': also run transformers (eager PyTorch, same dtype, sdpa attention) on the source "
+                        "model recorded in the manifest and print edgevl/transformers per stage")
+    p.add_argument("--interleave", action="store_true",
+                   help="with --reference hf: keep both models loaded and alternate their runs, so a shared "
+                        "machine whose load drifts treats them alike (peak RSS is then both models together)")
+    p.add_argument("--reference-model", metavar="PATH",
+                   help="model folder for --reference hf when the manifest's source model is not available here")
+    p.add_argument("--decode-contexts", action="extend", nargs="+", type=int, default=[], metavar="N",
+                   help="also time decode steps on a synthetic KV cache at these context lengths "
+                        "(e.g. 512 1024 2048 4096)")
+    p.add_argument("--json", metavar="PATH", help="write the full report (machine, settings, every run) as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
+    p.add_argument("--plot", metavar="PATH",
+                   help="write a PNG: decode latency vs context length and per-stage bars (needs matplotlib)")
+    p.add_argument("--bandwidth-mib", type=int, default=512, metavar="N",
+                   help="buffer size of the memory-bandwidth measurement in MiB (default: 512)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifacts' files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=cmd_bench)
+
+
+def config_from_args(args, log=lambda msg: None):
+    from edgevl.bench.suite import BenchConfig
+
+    artifacts = [Path(a).resolve() for a in args.artifacts]
+    presets, notes = {}, []
+    if args.preset:
+        from edgevl.bench.presets import RANDOM_WEIGHTS_NOTE, ensure_preset
+        path = ensure_preset(args.preset, log=log).resolve()
+        artifacts.insert(0, path)
+        presets[str(path)] = args.preset
+        notes.append(RANDOM_WEIGHTS_NOTE.format(name=args.preset))
+    return BenchConfig(
+        artifacts=artifacts, backends=args.backend or ["ort-cpu"], images=args.image, image_sizes=args.image_size,
+        prompt=args.prompt, prompt_tokens=args.prompt_tokens or [None], new_tokens=args.new_tokens or [32],
+        runs=args.runs, warmup=args.warmup, threads=args.threads, reference=args.reference,
+        reference_model=args.reference_model, interleave=args.interleave, decode_contexts=args.decode_contexts, verify=not args.no_verify,
+        bandwidth_mib=args.bandwidth_mib, notes=notes, presets=presets,
+        progress=False if args.no_progress else None)
+
+
+def cmd_bench(args) -> int:
+    from edgevl.bench import report as rep
+    from edgevl.bench.suite import run_bench
+
+    if not args.artifacts and not args.preset:
+        raise EdgevlError("give at least one export folder OUT or --preset NAME.")
+    if args.bandwidth_mib < 1:
+        raise EdgevlError("--bandwidth-mib must be at least 1.")
+
+    def log(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    result = run_bench(config_from_args(args, log), log=log)
+    sys.stdout.write(rep.render_text(result))
+    for path, write in ((args.json, rep.write_json), (args.plot, rep.write_plot),
+                        (args.markdown, lambda r, p: Path(p).write_text(rep.render_text(r, markdown=True)))):
+        if path:
+            write(result, path)
+            log(f"wrote {path}")
+    return 0

@@ -1,0 +1,257 @@
+"""Rendering a bench report: terminal table, Markdown, JSON and a PNG plot.
+
+The report is the dict `suite.run_bench` returns (schema "edgevl-bench/1"). The
+terminal/Markdown output has a header (machine, measured bandwidth, load average,
+notes), a summary table with one line per engine per sweep row (medians) plus a
+ratio line edgevl / transformers, and a detail table with median / p90 / min of
+every stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from edgevl.bench.stats import median_by_key
+from edgevl.errors import EdgevlError
+
+STAGE_COLUMNS = (("preprocess_ms", "preproc ms"), ("vision_ms", "vision ms"), ("prefill_ms", "prefill ms"),
+                 ("ttft_ms", "TTFT ms"), ("decode_ms_per_token", "decode ms/tok"), ("e2e_ms", "e2e ms"))
+MB = 1 << 20
+
+
+def fmt(value, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if unit == "x":
+        return f"{value:.2f}×"
+    a = abs(value)
+    text = f"{value:.0f}" if a >= 100 else f"{value:.1f}" if a >= 10 else f"{value:.2f}" if a >= 0.01 else f"{value:.2g}"
+    return text + unit
+
+
+def _median(side: dict, stage: str):
+    s = side["stages"].get(stage)
+    return s["median"] if s else None
+
+
+def artifact_label(artifact: dict) -> str:
+    """'folder (precision)', e.g. 'export-fp32 (fp32)' or 'q8 (int8)'; a preset's name replaces 'export-*'."""
+    name = artifact["name"]
+    if artifact.get("preset") and name.startswith("export-"):
+        name = artifact["preset"]
+    return f"{name} ({artifact.get('recipe') or artifact.get('dtype') or '?'})"
+
+
+def _config_cells(row: dict) -> list[str]:
+    w = row["workload"]
+    return [artifact_label(row["artifact"]), row["backend"], w["image"], str(w["prompt_tokens"]), str(w["new_tokens"])]
+
+
+def _sweep_label(row: dict, with_artifact: bool = True) -> str:
+    w = row["workload"]
+    what = f"image {w['image']}, {w['prompt_tokens']}+{w['new_tokens']} tok"
+    return f"{artifact_label(row['artifact'])} {row['backend']}, {what}" if with_artifact else what
+
+
+def _gpu_mb(side: dict):
+    gpu = side.get("gpu_memory") or {}
+    return None if gpu.get("peak_mb") is None else gpu["peak_mb"] - (gpu.get("before_mb") or 0)
+
+
+def summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    gpu = any(_gpu_mb(side) is not None for row in report["rows"] for side in (row["edgevl"], row["reference"])
+              if side)
+    headers = ["artifact", "backend", "image", "prompt", "new", "engine", "load s",
+               *[label for _, label in STAGE_COLUMNS], "tok/s", "peak RSS MB", "floor ms/tok", "×floor", "tokens"]
+    if gpu:
+        headers.insert(-3, "peak GPU MB")
+    lines = []
+    for row in report["rows"]:
+        roof = row["roofline"]
+        for i, key in enumerate(("edgevl", "reference")):
+            side = row[key]
+            if side is None:
+                continue
+            over = roof["decode_over_floor"] if key == "edgevl" else roof.get("reference_decode_over_floor")
+            cells = _config_cells(row) if i == 0 else [""] * 5
+            lines.append(cells + [side["engine"], fmt(side["load_s"]),
+                                  *[fmt(_median(side, s)) for s, _ in STAGE_COLUMNS], fmt(side["tokens_per_s"]),
+                                  fmt(side["peak_rss_delta_bytes"] / MB) + (" (both)" if side["peak_rss_shared"] else ""),
+                                  *([fmt(_gpu_mb(side))] if gpu else []),
+                                  fmt(roof["floor_ms"]) if key == "edgevl" else "", fmt(over, "x"), ""])
+        if row["ratios"]:
+            r, m = row["ratios"], row["tokens_match"]
+            lines.append([""] * 5 + ["edgevl/hf", fmt(r["load_s"], "x"), *[fmt(r[s], "x") for s, _ in STAGE_COLUMNS],
+                                     "", fmt(r["peak_rss_delta"], "x"), *([""] if gpu else []), "", "",
+                                     f"{m['matching_prefix']}/{m['of']} same" +
+                                     ("" if m["same_prompt_ids"] else ", prompts differ")])
+    return headers, lines
+
+
+def detail_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    headers = ["artifact", "backend", "image", "prompt", "new", "engine", *[label for _, label in STAGE_COLUMNS],
+               "threads", "others' cores"]
+    lines = []
+    for row in report["rows"]:
+        for i, key in enumerate(("edgevl", "reference")):
+            side = row[key]
+            if side is None:
+                continue
+            cells = []
+            for stage, _ in STAGE_COLUMNS:
+                s = side["stages"].get(stage)
+                cells.append("—" if not s else f"{fmt(s['median'])} / {fmt(s['p90'])} / {fmt(s['min'])}")
+            lines.append((_config_cells(row) if i == 0 else [""] * 5) + [
+                side["engine"], *cells, str(side["threads"] or "default"), fmt(side["other_processes_cores"])])
+    return headers, lines
+
+
+def render_table(headers: list[str], lines: list[list[str]], markdown: bool = False) -> str:
+    if markdown:
+        out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        return "\n".join(out + ["| " + " | ".join(c.replace("|", "/") for c in line) + " |" for line in lines])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
+    left = {0, 1, 2, 5, len(headers) - 1}
+
+    def fmt_line(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([fmt_line(headers), "  ".join("-" * w for w in widths), *map(fmt_line, lines)]).rstrip()
+
+
+def header_lines(report: dict) -> list[str]:
+    m, bw, s = report["machine"], report["bandwidth"], report["settings"]
+    gpus = ", ".join(g["name"] for g in m["gpus"]) or "no GPU"
+    ram = f"{m['ram_bytes'] / (1 << 30):.1f} GiB RAM" if m.get("ram_bytes") else "RAM unknown"
+    v = m["versions"]
+    versions = ", ".join(f"{k} {v[k]}" for k in ("edgevl", "onnxruntime", "numpy", "torch", "transformers") if k in v)
+    load = report.get("load_average") or {}
+    lines = [f"machine: {m['cpu_model']}, {m['logical_cores']} logical cores, {ram}, {gpus}; {versions}",
+             "memory bandwidth (measured here, start / end of the run): " + " / ".join(
+                 f"read {b['read_1thread_bytes_per_s'] / 1e9:.1f} (1 thread) {b['read_all_threads_bytes_per_s'] / 1e9:.1f}"
+                 f" ({b['threads']} threads), copy {b['copy_bytes_per_s'] / 1e9:.1f}" for b in (bw["start"], bw["end"]))
+             + f" GB/s; the roofline uses the best, {bw['bytes_per_s'] / 1e9:.1f} GB/s — {bw['start']['method']}",
+             f"runs: {s['runs']} measured after {s['warmup']} warm-up"
+             + ("; edgevl and transformers runs interleaved" if s.get("interleave") else "")
+             + f"; decoding: {s['decoding']}"]
+    if load.get("start"):
+        lines.append(f"load average (1 min) at start {load['start'][0]:.2f}, at end {load['end'][0]:.2f} on "
+                     f"{m['logical_cores']} cores" + (" — other processes were running, numbers are noisy"
+                                                       if max(load["start"][0], load["end"][0]) > 0.25 else ""))
+    others = [side["other_processes_cores"] for row in report["rows"] for side in (row["edgevl"], row["reference"])
+              if side and side["other_processes_cores"] is not None]
+    if others and max(others) > 0.2:
+        lines.append(f"warning: other processes kept up to {max(others):.2f} of {m['logical_cores']} cores busy "
+                     f"during the runs (column others' cores); multi-threaded numbers, torch's above all, suffer "
+                     f"most — rerun on a quiet machine or compare with --threads 1")
+    lines += [f"note: {n}" for n in report.get("notes", [])]
+    return lines
+
+
+FOOTNOTES = [
+    "stage times are medians over the measured runs (decode: over every decode step of every run); "
+    "TTFT = preprocess + vision + prefill; e2e = TTFT + all decode steps; tok/s = 1000 / decode ms/tok.",
+    "peak RSS MB: peak resident memory during the runs minus resident memory before that engine's model was loaded "
+    "('(both)': --interleave, both models together); peak GPU MB (with an NVIDIA GPU): peak memory in use on GPU 0 "
+    "during the runs minus before them, all processes, sampled by nvidia-smi every 50 ms.",
+    "floor ms/tok: bytes one decode step must read (decoder weights incl. external data + one embedding row + "
+    "the KV cache at the mean context) / the measured read bandwidth; ×floor = decode ms/tok / floor.",
+    "threads: intra-op threads (default: onnxruntime one per physical core, torch its own default); others' cores: "
+    "cores that other processes kept busy during the runs, on average (/proc/stat).",
+    "edgevl/hf: edgevl time / transformers time (below 1× = edgevl faster); tokens: greedy tokens equal to "
+    "transformers' (a leading run of N of M).",
+]
+
+
+def render_text(report: dict, markdown: bool = False) -> str:
+    parts = []
+    if markdown:
+        parts.append("# edgevl bench\n")
+        parts += [f"- {line}" for line in header_lines(report)]
+    else:
+        parts += header_lines(report)
+    parts += ["", "## summary (medians)" if markdown else "summary (medians)",
+              "", render_table(*summary_table(report), markdown=markdown), "",
+              "## per stage: median / p90 / min (ms)" if markdown else "per stage: median / p90 / min (ms)",
+              "", render_table(*detail_table(report), markdown=markdown), ""]
+    parts += [f"- {n}" if markdown else f"* {n}" for n in FOOTNOTES]
+    probes = report.get("context_probes") or []
+    if probes:
+        parts += ["", "## decode ms/token at context length (synthetic KV cache)" if markdown
+                  else "decode ms/token at context length (synthetic KV cache, median)"]
+        contexts = sorted({p[0] for probe in probes for p in median_by_key(probe["points"])})
+        headers = ["engine", "artifact", "backend", *[str(c) for c in contexts]]
+        lines = []
+        for probe in probes:
+            pts = dict(median_by_key(probe["points"]))
+            lines.append([probe["engine"], probe["artifact"], probe["backend"], *[fmt(pts.get(c)) for c in contexts]])
+        parts += ["", render_table(headers, lines, markdown=markdown)]
+    return "\n".join(parts) + "\n"
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+
+
+def write_plot(report: dict, path: str | Path) -> None:
+    """PNG: decode ms/token vs context length (measured steps, synthetic-cache probes, roofline floor) and
+    per-stage bars (median ms, log scale) for every engine and sweep row."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise EdgevlError("--plot needs matplotlib; install it with `pip install 'edgevl[bench]'`.") from None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    probes = report.get("context_probes") or []
+    xs_all = [p[0] for row in report["rows"] for key in ("edgevl", "reference") if row[key]
+              for p in row[key]["decode_by_context"]] + [c for probe in probes for c, _ in probe["points"]]
+    floors = {}
+    for i, row in enumerate(report["rows"]):
+        c = colors[i % len(colors)]
+        for key, style in (("edgevl", "-"), ("reference", "--")):
+            side = row[key]
+            if side and side["decode_by_context"]:
+                what = _sweep_label(row, with_artifact=key == "edgevl")
+                ax1.plot(*zip(*side["decode_by_context"]), style, color=c, label=f"{side['engine']}: {what}")
+        floors.setdefault(row["artifact"]["path"], (row, c))
+    for row, c in floors.values():
+        roof = row["roofline"]
+        if roof["floor_ms"] and xs_all:
+            xs = [min(xs_all), max(xs_all)]
+            base, bw = roof["weight_bytes"] + roof["embedding_row_bytes"], roof["bandwidth_bytes_per_s"]
+            ax1.plot(xs, [(base + roof["kv_per_token_bytes"] * x) / bw * 1e3 for x in xs], ":", color=c,
+                     label=f"floor (weights + KV at read bandwidth): {artifact_label(row['artifact'])}")
+    for j, probe in enumerate(probes):
+        pts = median_by_key(probe["points"])
+        ax1.plot(*zip(*pts), "o-" if probe["engine"] == "edgevl" else "s--", color=colors[(j + 3) % len(colors)],
+                 label=f"{probe['engine']} synthetic cache: {probe['artifact']} {probe['backend']}", alpha=0.7)
+    ax1.set_xlabel("context length (tokens attended); solid edgevl, dashed transformers, dotted floor")
+    ax1.set_ylabel("decode ms / token")
+    ax1.set_title("decode latency vs context length")
+    ax1.set_ylim(bottom=0)
+    ax1.legend(fontsize=7)
+    bars = [(f"{side['engine']}: " + _sweep_label(row, with_artifact=side is row["edgevl"]), side, i)
+            for i, row in enumerate(report["rows"]) for side in (row["edgevl"], row["reference"]) if side]
+    width = 0.8 / max(len(bars), 1)
+    for k, (label, side, i) in enumerate(bars):
+        vals = [_median(side, s) or 0 for s, _ in STAGE_COLUMNS]
+        ax2.bar([x + k * width for x in range(len(STAGE_COLUMNS))], vals, width, label=label,
+                color=colors[i % len(colors)], edgecolor="black", linewidth=0.4,
+                hatch="//" if side["engine"] != "edgevl" else None, alpha=1.0 if side["engine"] == "edgevl" else 0.6)
+    ax2.set_xticks([x + width * (len(bars) - 1) / 2 for x in range(len(STAGE_COLUMNS))],
+                   [lbl for _, lbl in STAGE_COLUMNS])
+    ax2.set_yscale("log")
+    ax2.set_ylabel("ms (median)")
+    ax2.set_title("per-stage latency")
+    ax2.legend(fontsize=7)
+    fig.suptitle("; ".join(["edgevl bench — " + report["machine"]["cpu_model"], *report.get("notes", [])])[:160],
+                 fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
