@@ -163,7 +163,7 @@ def bench_transformers(model_dir: Path, image: Path, new_tokens: int, runs: int,
               "decode_ms_per_token": median(decode) * 1e3,
               "dtype": "bfloat16", "attention": "sdpa", "device": device,
               "torch": torch.__version__, "transformers": __import__("transformers").__version__}
-    del model
+    model = None  # free it before edgevl's run (the closures above are done with it)
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()

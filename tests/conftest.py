@@ -32,6 +32,12 @@ def hf_model(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def hf_inputs(tiny_model_dir):
+    from tests.hf_reference import make_hf_inputs
+    return make_hf_inputs(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def pipeline(tiny_artifact):
     from edgevl.runtime.pipeline import Pipeline
     return Pipeline.load(tiny_artifact)

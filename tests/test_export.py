@@ -13,8 +13,7 @@ import torch
 from edgevl.errors import EdgevlError
 from edgevl.export.mrope import DOMAIN, OP_NAME, mrope_function_proto, mrope_reference
 from edgevl.runtime.artifact import FORMAT_VERSION, load_artifact
-from edgevl.runtime.image_processing import ImageProcessorSettings, preprocess_image
-from edgevl.runtime.rope_index import vision_rotary_position_ids
+from edgevl.runtime.image_processing import preprocess_image
 
 
 def test_manifest_describes_the_artifact(tiny_artifact, hf_model):

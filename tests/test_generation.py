@@ -1,63 +1,15 @@
 """Greedy generation: the torch-free runtime vs transformers' generate(), token for token.
 
-The transformers side builds its inputs the way Qwen2VLProcessor does (the processor
-itself needs torchvision): tokenizer.apply_chat_template, the PIL image processor,
-image pads expanded to t*h*w/merge^2, and mm_token_type_ids for M-RoPE.
+The transformers side (tests/hf_reference.py and the `hf_inputs` fixture) builds its
+inputs the way Qwen2VLProcessor does.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-NEW_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def hf_inputs(tiny_model_dir):
-    from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    processor = Qwen2VLImageProcessorPil.from_pretrained(tiny_model_dir)
-
-    def build(prompt: str, image_paths=()):
-        from PIL import Image
-        content = [{"type": "image"} for _ in image_paths] + [{"type": "text", "text": prompt}]
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-        extra = {}
-        if image_paths:
-            images = [Image.open(p) for p in image_paths]
-            px = processor(images, return_tensors="pt")
-            for grid in px["image_grid_thw"]:
-                n = int(grid.prod()) // processor.merge_size ** 2
-                text = text.replace("<|image_pad|>", "<|placeholder|>" * n, 1)
-            text = text.replace("<|placeholder|>", "<|image_pad|>")
-            extra = {"pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"]}
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        return ids, extra
-
-    return build
-
-
-def hf_generate(hf_model, ids, extra, attention_mask=None, **kwargs):
-    image_token = hf_model.config.image_token_id
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
-    with torch.no_grad():
-        out = hf_model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == image_token).int(),
-                                max_new_tokens=NEW_TOKENS, do_sample=False, **extra, **kwargs)
-    return out[:, ids.shape[1]:]
-
-
-def _strip_after_eos(tokens, eos_ids):
-    out = []
-    for t in tokens:
-        out.append(int(t))
-        if t in eos_ids:
-            break
-    return out
-
+from tests.hf_reference import NEW_TOKENS, hf_generate, strip_after_eos
 
 CASES = {
     "one_image": ("Describe this image in detail.", ["astronaut"]),
@@ -77,7 +29,7 @@ def test_greedy_tokens_equal_transformers(case, pipeline, hf_model, hf_inputs, p
     ours = pipeline.generate(prompt, images=paths, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert ours.prompt_token_ids == ids[0].tolist()
     ref = hf_generate(hf_model, ids, extra)[0].tolist()
-    assert ours.token_ids == _strip_after_eos(ref, pipeline.config["eos_token_id"])
+    assert ours.token_ids == strip_after_eos(ref, pipeline.config["eos_token_id"])
     assert len(ours.token_ids) >= NEW_TOKENS or ours.finish_reason == "eos"
 
 
@@ -86,7 +38,7 @@ def test_greedy_without_repetition_penalty(pipeline, hf_model, hf_inputs, photos
     ours = pipeline.generate("Tell me about the cup.", images=[photos["coffee"]], max_new_tokens=NEW_TOKENS,
                              do_sample=False, repetition_penalty=1.0)
     ref = hf_generate(hf_model, ids, extra, repetition_penalty=1.0)[0].tolist()
-    assert ours.token_ids == _strip_after_eos(ref, pipeline.config["eos_token_id"])
+    assert ours.token_ids == strip_after_eos(ref, pipeline.config["eos_token_id"])
 
 
 def test_batch_of_two_prompts_of_different_lengths(pipeline, hf_model, hf_inputs, photos):
@@ -106,7 +58,7 @@ def test_batch_of_two_prompts_of_different_lengths(pipeline, hf_model, hf_inputs
              "image_grid_thw": torch.cat([e["image_grid_thw"] for _, e in built])}
     ref = hf_generate(hf_model, ids, extra, attention_mask=mask)
     for b in range(2):
-        assert ours[b].token_ids == _strip_after_eos(ref[b].tolist(), pipeline.config["eos_token_id"])
+        assert ours[b].token_ids == strip_after_eos(ref[b].tolist(), pipeline.config["eos_token_id"])
         single = pipeline.generate(prompts[b], images=images[b], max_new_tokens=NEW_TOKENS, do_sample=False)
         assert single.token_ids == ours[b].token_ids
 

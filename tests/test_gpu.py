@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edgevl.runtime import backends, probe
-from tests.test_generation import _strip_after_eos, hf_generate, hf_inputs  # noqa: F401  (hf_inputs: a fixture)
+from tests.hf_reference import hf_generate, strip_after_eos
 
 ORT_CUDA_OK, ORT_CUDA_REASON = backends.BACKENDS["ort-cuda"].available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ORT_CUDA_OK, reason=f"ort-cuda: {ORT_CUDA_REASON}")]
@@ -81,7 +81,7 @@ def test_ort_cuda_greedy_tokens_equal_transformers(names, cuda_pipeline, hf_mode
     ids, extra = hf_inputs(PROMPT, paths)
     ours = cuda_pipeline.generate(PROMPT, images=paths, max_new_tokens=24, do_sample=False)
     assert ours.prompt_token_ids == ids[0].tolist()
-    assert ours.token_ids == _strip_after_eos(hf_generate(hf_model, ids, extra)[0].tolist(),
+    assert ours.token_ids == strip_after_eos(hf_generate(hf_model, ids, extra)[0].tolist(),
                                               cuda_pipeline.config["eos_token_id"])
 
 

@@ -6,7 +6,6 @@ subcommands; `python -m edgevl.bench.cli ARGS` runs the same command standalone.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
