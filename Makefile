@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch (on disk here); an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[export,serve,video,dev]'
+	$(PY) -m pip install --quiet -e '.[export,quantize,bench,serve,video,dev]'
 	touch $@
 
 $(ART)/tiny-model/config.json: | setup

@@ -85,7 +85,9 @@ def bench_transformers(model_dir: Path, image: Path, new_tokens: int, runs: int,
     import torch
     from PIL import Image
     from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     def sync():
         if device.startswith("cuda"):

@@ -31,31 +31,23 @@ EXTRA=()
 FP32=$("$PY" -c "import sys; from edgevl.bench.presets import ensure_preset
 print(ensure_preset('$PRESET', log=lambda m: print('[bench]', m, file=sys.stderr, flush=True)))")
 
-# `edgevl quantize` once edgevl/cli.py registers it; its stand-alone module before that.
-QUANTIZE=()
-if "$PY" -m edgevl quantize --help >/dev/null 2>&1; then
-    QUANTIZE=("$PY" -m edgevl quantize)
-elif "$PY" -m edgevl.calibrate.cli quantize --help >/dev/null 2>&1; then
-    QUANTIZE=("$PY" -m edgevl.calibrate.cli quantize)
-fi
 QUANTIZED=()
 if [ -z "$RECIPES" ]; then
     echo "[bench] RECIPES is empty: measuring fp32 only" >&2
-elif [ ${#QUANTIZE[@]} -gt 0 ]; then
+else
     for recipe in $RECIPES; do
         out="$(dirname "$FP32")/export-$recipe"
         # benchmarks/quantize_bench.py's artifacts of the same preset are as good: reuse them.
         [ -f "$(dirname "$FP32")/quantize-bench-$recipe/manifest.json" ] && out="$(dirname "$FP32")/quantize-bench-$recipe"
         if [ ! -f "$out/manifest.json" ]; then
             echo "[bench] edgevl quantize $recipe -> $out" >&2
-            # The quantize CLI is not settled yet: a recipe it rejects is skipped, not fatal.
-            "${QUANTIZE[@]}" "$FP32" -o "$out" --recipe "$recipe" >&2 \
+            # --force: random weights have razor-thin logit margins, so the quality gate is not the point
+            # here (latency is); the report inside the artifact still records the measured agreement.
+            "$PY" -m edgevl quantize "$FP32" -o "$out" --recipe "$recipe" --force >&2 \
                 || { echo "[bench] edgevl quantize --recipe $recipe failed: skipping $recipe" >&2; continue; }
         fi
         QUANTIZED+=("$out")
     done
-else
-    echo "[bench] this edgevl has no 'quantize' command: measuring fp32 only" >&2
 fi
 
 MACHINE=$("$PY" -c "from edgevl.bench.machine import machine_info, machine_slug; print(machine_slug(machine_info()))")

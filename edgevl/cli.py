@@ -13,9 +13,15 @@ import json
 import sys
 
 from edgevl import __version__
-from edgevl.errors import EdgevlError
 from edgevl.bench.cli import add_bench_parser
-from edgevl.gpu_cli import add_backend_arguments, add_build_parser, add_doctor_parser, backend_options
+from edgevl.calibrate.cli import add_quantize_parser
+from edgevl.errors import EdgevlError
+from edgevl.gpu_cli import (
+    add_backend_arguments,
+    add_build_parser,
+    add_doctor_parser,
+    backend_options,
+)
 from edgevl.serve.cli import add_serve_parser
 
 EXIT_USER_ERROR = 2
@@ -221,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_export_parser(sub)
     add_run_parser(sub)
+    add_quantize_parser(sub)
     add_chat_parser(sub)
     add_serve_parser(sub)
     add_bench_parser(sub)

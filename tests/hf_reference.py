@@ -14,7 +14,9 @@ NEW_TOKENS = 24
 def make_hf_inputs(tiny_model_dir):
     """A function (prompt, image_paths) -> (input_ids [1, S], extra generate() kwargs)."""
     from transformers import AutoTokenizer
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     processor = Qwen2VLImageProcessorPil.from_pretrained(tiny_model_dir)
 

@@ -16,7 +16,13 @@ import pytest
 from edgevl.errors import EdgevlError
 from edgevl.runtime import backends, probe, sizing, trt
 from edgevl.runtime.artifact import load_artifact
-from edgevl.runtime.runners import DeviceTensor, OnnxrtRunner, OrtIoBindingRunner, SessionFromOnnx, compare_outputs
+from edgevl.runtime.runners import (
+    DeviceTensor,
+    OnnxrtRunner,
+    OrtIoBindingRunner,
+    SessionFromOnnx,
+    compare_outputs,
+)
 from tests.fake_trt import fake_trt_runners
 
 HAS_GPU = bool(probe.gpus())

@@ -119,6 +119,7 @@ def test_vision_graph_runs_video_temporal_patches_separately(hf_model, pipeline)
 def test_decoder_logits_and_cache_match_transformers(pipeline, hf_model):
     """Prefill + two decode steps through the runner vs transformers' forward with a cache."""
     from transformers import DynamicCache
+
     from edgevl.runtime.generate import KVCache, decoder_step
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 2000, (1, 9))

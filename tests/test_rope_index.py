@@ -7,7 +7,11 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.vision_utils import get_vision_position_ids
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.rope_index import decode_position_ids, mrope_position_ids, vision_rotary_position_ids
+from edgevl.runtime.rope_index import (
+    decode_position_ids,
+    mrope_position_ids,
+    vision_rotary_position_ids,
+)
 
 IMG, VID, VS, VE, PAD = 100, 101, 102, 103, 0  # token ids inside the tiny vocab
 MERGE = 2

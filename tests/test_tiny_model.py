@@ -126,7 +126,9 @@ def test_config_ids_equal_the_tokenizer_ids(model_dir, tokenizer):
 
 def test_pil_image_processor_loads_real_values(model_dir):
     from PIL import Image
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
     assert (processor.size.shortest_edge, processor.size.longest_edge) == (3136, 12845056)
@@ -139,7 +141,9 @@ def test_pil_image_processor_loads_real_values(model_dir):
 
 
 def test_image_prompt_runs_through_the_model(model, tokenizer, model_dir):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)

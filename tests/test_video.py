@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from edgevl.runtime.image_processing import ImageProcessorSettings
-from edgevl.runtime.video import VideoClip, load_video, preprocess_video, sample_frame_indices
+from edgevl.runtime.video import (
+    VideoClip,
+    load_video,
+    preprocess_video,
+    sample_frame_indices,
+)
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from video_frames import SAMPLING_CASES, SETTINGS, synthetic_frames  # noqa: E402

@@ -12,7 +12,6 @@ from pathlib import Path
 from edgevl.errors import EdgevlError
 
 
-
 def add_bench_parser(sub) -> None:
     p = sub.add_parser(
         "bench", help="measure per-stage latency, memory and the decode roofline of export folders",

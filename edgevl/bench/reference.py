@@ -59,7 +59,9 @@ class TransformersEngine:
         try:
             import torch
             from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+                Qwen2VLImageProcessorPil,
+            )
         except ImportError as e:
             raise EdgevlError(f"--reference hf needs torch and transformers ({e.name} is missing); install them "
                               f"with `pip install 'edgevl[export]'`.") from None

@@ -23,9 +23,19 @@ from typing import Callable
 
 from edgevl.bench import stats
 from edgevl.bench.machine import PeakRSS, current_rss, machine_info, measure_bandwidth
-from edgevl.bench.measure import (DEFAULT_PROMPT, EdgevlEngine, SideResult, Workload, fit_prompt,
-                                  graph_weight_bytes, measure_interleaved, measure_workload, parse_size,
-                                  probe_contexts, synthetic_image)
+from edgevl.bench.measure import (
+    DEFAULT_PROMPT,
+    EdgevlEngine,
+    SideResult,
+    Workload,
+    fit_prompt,
+    graph_weight_bytes,
+    measure_interleaved,
+    measure_workload,
+    parse_size,
+    probe_contexts,
+    synthetic_image,
+)
 from edgevl.errors import EdgevlError
 
 SCHEMA = "edgevl-bench/1"

@@ -25,8 +25,9 @@ import torch
 
 from edgevl import __version__
 from edgevl.errors import EdgevlError
+from edgevl.export.graph_info import describe_graph
 from edgevl.export.graphs import DecoderGraph, VisionGraph
-from edgevl.export.mrope import attach_mrope_function, count_mrope_nodes, mrope_translation
+from edgevl.export.mrope import attach_mrope_function, mrope_translation
 from edgevl.runtime.artifact import staged_folder, write_manifest
 from edgevl.runtime.image_processing import ImageProcessorSettings
 from edgevl.runtime.video import video_settings
@@ -141,23 +142,6 @@ def _save(model: ir.Model, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=external is None)
 
 
-def graph_io(path: Path) -> dict:
-    """Input/output names, element types and dims (ints or symbolic names) of a saved graph."""
-    model = onnx.load(str(path), load_external_data=False)
-
-    def describe(values):
-        out = []
-        for v in values:
-            t = v.type.tensor_type
-            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-            out.append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                        "shape": dims})
-        return out
-
-    return {"file": path.name, "inputs": describe(model.graph.input), "outputs": describe(model.graph.output),
-            "mrope_nodes": count_mrope_nodes(model)}
-
-
 # ----------------------------------------------------------------------------- side files
 def copy_side_files(model_dir: Path, out: Path) -> None:
     if not (model_dir / "tokenizer.json").exists():
@@ -268,7 +252,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int = 
             "config": model_facts(hf_model.config, generation),
             "image_processor": settings.to_dict(),
             "video_processor": frames.to_dict(),
-            "graphs": {"vision": graph_io(tmp / "vision.onnx"), "decoder": graph_io(tmp / "decoder.onnx")},
+            "graphs": {"vision": describe_graph(tmp / "vision.onnx"), "decoder": describe_graph(tmp / "decoder.onnx")},
             "embeddings": {"file": "embed_tokens.npy", "dtype": str(table.dtype), "shape": list(table.shape)},
             "versions": package_versions(),
         })

@@ -30,9 +30,10 @@ import onnxscript
 import torch
 from onnxscript import opset18 as op
 
-DOMAIN = "edgevl"
+from edgevl.export.graph_info import MROPE_DOMAIN as DOMAIN
+from edgevl.export.graph_info import MROPE_OP as OP_NAME
+
 DOMAIN_VERSION = 1
-OP_NAME = "MRoPE"
 
 _edgevl = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
@@ -126,8 +127,3 @@ def attach_mrope_function(model: ir.Model) -> ir.Model:
     model.functions.setdefault(fn.identifier(), fn)
     model.opset_imports.setdefault(DOMAIN, DOMAIN_VERSION)
     return model
-
-
-def count_mrope_nodes(model: onnx.ModelProto) -> int:
-    """MRoPE nodes in the main graph (a saved model must keep them, not an inlined body)."""
-    return sum(1 for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_NAME)

@@ -75,7 +75,16 @@ def train_tokenizer(corpus_path: Path = CORPUS_PATH, vocab_size: int = BPE_VOCAB
     across processes, whose Rust hash seeds differ): the trainer orders merges
     by count, then by pair id.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from tokenizers.models import BPE
 
     tokenizer = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))

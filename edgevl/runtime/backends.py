@@ -27,8 +27,19 @@ from typing import Callable
 from edgevl.errors import EdgevlError
 from edgevl.runtime import probe
 from edgevl.runtime.artifact import Artifact, load_artifact
-from edgevl.runtime.runners import OnnxrtRunner, OrtIoBindingRunner, Runner, SessionFromOnnx
-from edgevl.runtime.sizing import Limits, build_profiles, max_dims, max_tensor_bytes, ort_trt_profile_options
+from edgevl.runtime.runners import (
+    OnnxrtRunner,
+    OrtIoBindingRunner,
+    Runner,
+    SessionFromOnnx,
+)
+from edgevl.runtime.sizing import (
+    Limits,
+    build_profiles,
+    max_dims,
+    max_tensor_bytes,
+    ort_trt_profile_options,
+)
 
 
 def default_cache_dir() -> Path:
@@ -161,7 +172,11 @@ def ort_trt_provider_options(artifact: Artifact, name: str, opts: BackendOptions
 def make_ort_trt(graph: Path, opts: BackendOptions) -> Runner:
     """ORT's TensorRT EP over the graph with edgevl.MRoPE inlined; ORT caches the engines in a folder keyed
     like trt's engines (GPU, compute capability, TensorRT, graph sha256, options) plus the ORT version."""
-    from edgevl.runtime.trt import engine_cache_key, graph_digest, inline_local_functions
+    from edgevl.runtime.trt import (
+        engine_cache_key,
+        graph_digest,
+        inline_local_functions,
+    )
     artifact, name = _artifact_of(graph)
     digest = graph_digest(artifact.manifest, name)
     source = Path(graph)

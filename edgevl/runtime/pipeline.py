@@ -24,8 +24,18 @@ from edgevl.errors import EdgevlError
 from edgevl.runtime.artifact import Artifact, load_artifact
 from edgevl.runtime.backends import BackendOptions, get_backend
 from edgevl.runtime.generate import KVCache, generate
-from edgevl.runtime.image_processing import ImageProcessorSettings, load_image, preprocess_image
-from edgevl.runtime.prompt import ChatTemplate, StreamDecoder, Tokenizer, expand_vision_pads, user_message
+from edgevl.runtime.image_processing import (
+    ImageProcessorSettings,
+    load_image,
+    preprocess_image,
+)
+from edgevl.runtime.prompt import (
+    ChatTemplate,
+    StreamDecoder,
+    Tokenizer,
+    expand_vision_pads,
+    user_message,
+)
 from edgevl.runtime.rope_index import mrope_position_ids, vision_rotary_position_ids
 from edgevl.runtime.sampling import SamplingOptions
 from edgevl.runtime.video import VideoClip, load_video, preprocess_video, video_settings

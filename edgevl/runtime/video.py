@@ -24,7 +24,11 @@ import numpy as np
 from PIL import Image
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.image_processing import ImageProcessorSettings, _rescale_normalize, smart_resize
+from edgevl.runtime.image_processing import (
+    ImageProcessorSettings,
+    _rescale_normalize,
+    smart_resize,
+)
 
 # Qwen2VLVideoProcessor's class defaults, used when a model ships no video settings.
 VIDEO_MIN_PIXELS = 128 * 28 * 28

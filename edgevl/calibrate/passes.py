@@ -1,0 +1,257 @@
+"""The quantization passes: thin, pure wrappers over onnxruntime's own tools.
+
+  fp16_convert      onnxruntime.transformers.float16.convert_float_to_float16 with op / node block lists
+  tensor_absmax     onnxruntime's MinMax calibrator over every float tensor (fp16 overflow detection)
+  int8_static       onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights
+  int8_dynamic      onnxruntime.quantization.quantize_dynamic, per-channel int8 weights
+  nbits_weights     MatMulNBitsQuantizer: block-wise 4-bit (or 8-bit) MatMul weights (RTN, HQQ, GPTQ)
+
+None of them knows about recipes or reports; each takes a graph (path or ModelProto) and
+returns or writes the transformed graph. The `edgevl::MRoPE` nodes and their model-local
+function pass through untouched: the fp16 converter keeps the nodes fp32 (block list) and
+never edits functions; the int8 / 4-bit quantizers only rewrite MatMul / Gemm nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgevl.calibrate.graphs import (
+    EXTERNAL_DATA_THRESHOLD,
+    drop_cast_round_trips,
+    file_size,
+    initializer_names,
+    topological_sort,
+)
+from edgevl.errors import EdgevlError
+
+FP16_MAX = 65504.0
+# Calibration only sees some inputs: a tensor whose calibrated |max| exceeds fp16's range / 8
+# is kept fp32 (headroom for held-out inputs up to 8x larger than anything calibrated).
+FP16_HEADROOM = 8.0
+# Always fp32 in the fp16 recipe: normalisations (x^2 overflows fp16 once |x| > 256; the mean
+# loses precision), softmax (exp), and the M-RoPE op (angles need fp32 positions).
+FP16_KEEP_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "Softmax", "MRoPE")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@contextlib.contextmanager
+def quiet():
+    """onnxruntime's quantizers log INFO/WARNING chatter (pre-processing hints, per-node notices)."""
+    loggers = [logging.getLogger(n) for n in ("", "onnxruntime", "onnxruntime.quantization")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _ort_method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+    if method not in CALIBRATION_METHODS:
+        raise EdgevlError(f"--method must be one of {', '.join(CALIBRATION_METHODS)}, not {method!r}.")
+    return {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile}[method]
+
+
+def _large(path) -> bool:
+    return file_size(path) > EXTERNAL_DATA_THRESHOLD
+
+
+# ----------------------------------------------------------------------------- fp16
+def norm_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes of every normalisation module, found by the exporter's metadata (the decoder's RMSNorm is
+    decomposed into Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal -> Mul -> Mul)."""
+    names = []
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}.get("namespace", "")
+        classes = [seg.split(":")[-1].strip() for seg in meta.split("/")[1:-1]]
+        if any(c.endswith("Norm") for c in classes):            # LayerNorm, Qwen2VLRMSNorm, ...
+            names.append(node.name)
+    return names
+
+
+def tensor_absmax(model_path: Path, reader, work: Path) -> dict[str, float]:
+    """max |x| of every float tensor of a graph over the calibration feeds (MinMax calibrator, streamed)."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    with quiet():
+        calibrator = create_calibrator(str(model_path), None, augmented_model_path=str(work / "ranges.onnx"),
+                                       calibrate_method=CalibrationMethod.MinMax,
+                                       use_external_data_format=_large(model_path),
+                                       extra_options={})
+        calibrator.collect_data(reader)
+        ranges = calibrator.compute_data()
+    # range_value is (min, max), each a scalar array (or per-channel arrays for some tensors)
+    return {name: float(max(np.abs(np.asarray(r.range_value[0])).max(), np.abs(np.asarray(r.range_value[1])).max()))
+            for name, r in ranges.data.items()}
+
+
+def overflow_nodes(model: onnx.ModelProto, absmax: dict[str, float], limit: float = FP16_MAX / FP16_HEADROOM
+                   ) -> dict[str, str]:
+    """{node: reason} for nodes that produce or consume a tensor whose calibrated |max| exceeds `limit`.
+
+    Both ends stay fp32 so the value never passes through fp16 (the Cast round trip between
+    them is removed after conversion).
+    """
+    hot = {name: v for name, v in absmax.items() if v > limit}
+    reasons = {}
+    for node in model.graph.node:
+        for name in [*node.output, *node.input]:
+            if name in hot:
+                reasons[node.name] = f"{name} reaches |{hot[name]:.3g}| > {limit:.3g}"
+                break
+    return reasons
+
+
+def fp16_convert(model: onnx.ModelProto, keep_fp32: set[str], keep_io: list[str]) -> onnx.ModelProto:
+    """fp16 weights and activations except FP16_KEEP_OPS, norm modules and `keep_fp32` nodes.
+
+    model: a graph with shapes inferred (graphs.with_shapes). keep_io: graph inputs/outputs that
+    stay fp32 (e.g. logits); the rest become fp16, which the runtime follows (it reads the input
+    dtypes, so the KV cache is fp16 too).
+    """
+    from onnxruntime.transformers.float16 import (
+        DEFAULT_OP_BLOCK_LIST,
+        convert_float_to_float16,
+    )
+
+    block_nodes = set(norm_nodes(model)) | set(keep_fp32)
+    with quiet():
+        converted = convert_float_to_float16(model, keep_io_types=list(keep_io), disable_shape_infer=True,
+                                             op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_OPS],
+                                             node_block_list=sorted(block_nodes))
+    drop_cast_round_trips(converted.graph)
+    topological_sort(converted.graph)        # the converter appends its Casts at the end
+    return converted
+
+
+# ----------------------------------------------------------------------------- int8
+def int8_static(src: Path, dst: Path, reader, method: str, nodes: list[str]) -> None:
+    """QDQ int8: per-channel symmetric weights, activations calibrated by `method`, only `nodes` quantized."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    with quiet():
+        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["MatMul", "Gemm"],
+                        per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=_ort_method(method),
+                        use_external_data_format=_large(src),
+                        extra_options={"WeightSymmetric": True,
+                                       "ActivationSymmetric": False, "MatMulConstBOnly": True})
+
+
+def int8_dynamic(src: Path, dst: Path, nodes: list[str]) -> None:
+    """Dynamic int8: per-channel int8 weights; activations quantized per tensor at run time.
+
+    reduce_range (7-bit weights) avoids the int16 saturation of x86 AVX2 u8s8 kernels
+    (VPMADDUBSW) that per-channel weights otherwise hit on CPUs without VNNI.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with quiet():
+        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
+                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=_large(src),
+                         extra_options={"MatMulConstBOnly": True})
+
+
+# ----------------------------------------------------------------------------- n-bit weights
+W4_ALGORITHMS = ("rtn", "hqq", "gptq")
+
+
+def nbits_weights(model: onnx.ModelProto | None, nodes: list[str], bits: int, block_size: int, algorithm: str = "rtn",
+                  reader=None, check_only: bool = False) -> onnx.ModelProto | None:
+    """Block-wise `bits`-bit weights (MatMulNBits, asymmetric, `block_size` rows per scale) for MatMul `nodes`.
+
+    rtn   round-to-nearest (onnxruntime's C++ kernel, fast)
+    hqq   half-quadratic optimisation of scales / zero points (needs torch; no calibration data)
+    gptq  Hessian-aware rounding from calibration activations (`reader`); quantizes every
+          constant-weight MatMul of the graph, so callers pass graphs whose other weights are Gemm.
+          Refused where onnxruntime's port reduces to RTN (1.32: gptq_differs_from_rtn() is False)
+    check_only: validate `algorithm` (torch present, GPTQ effective) and return None
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    if not nodes and not check_only:
+        return model
+    inits = initializer_names(model) if model is not None else set()
+    others = [n.name for n in model.graph.node
+              if n.op_type == "MatMul" and n.input[1] in inits and n.name not in set(nodes)] if model else []
+    if algorithm == "rtn":
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
+    elif algorithm == "hqq":
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise EdgevlError("--w4-algorithm hqq needs torch (pip install 'edgevl[export]').") from None
+        config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
+    elif algorithm == "gptq":
+        if not gptq_differs_from_rtn():
+            import onnxruntime
+            raise EdgevlError(f"--w4-algorithm gptq: onnxruntime {onnxruntime.__version__}'s GPTQ returns exactly the "
+                              f"round-to-nearest weights (its error feedback reads the zero triangle of the inverse-"
+                              f"Hessian factor), so use rtn (same result, faster) or hqq.")
+        if others:
+            raise ValueError("gptq quantizes every MatMul weight; convert the others to Gemm or quantize them first")
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader)
+    else:
+        raise EdgevlError(f"--w4-algorithm must be one of {', '.join(W4_ALGORITHMS)}, not {algorithm!r}.")
+    if check_only:        # the algorithm is usable here; nothing to quantize
+        return None
+    with quiet(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # GPTQ prints progress
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=False,
+                                         nodes_to_exclude=others, algo_config=config)
+        quantizer.process()
+    out = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
+    if not any(imp.domain == "com.microsoft" for imp in out.opset_import):   # the GPTQ path forgets it
+        out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    topological_sort(out.graph)
+    return out
+
+
+def gptq_differs_from_rtn() -> bool:
+    """Self-check of onnxruntime's bundled GPTQ on a small correlated problem: does error feedback change anything?"""
+    import numpy as np
+    from onnxruntime.quantization.neural_compressor.weight_only import gptq
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 64)) @ rng.normal(size=(64, 64))          # correlated input features
+    w = rng.normal(size=(64, 16)).astype(np.float32)                     # [K, N]
+    q = gptq(w.copy(), 2 * x.T @ x / len(x), group_size=32, blocksize=64)
+    rtn = np.zeros_like(w)
+    for i in range(0, 64, 32):                                           # asymmetric 4-bit RTN, blocks of 32 rows
+        blk = w[i:i + 32]
+        lo, hi = np.minimum(blk.min(0), 0), np.maximum(blk.max(0), 0)
+        scale = (hi - lo) / 15
+        zero = np.round(-lo / scale)
+        rtn[i:i + 32] = scale * (np.clip(np.round(blk / scale) + zero, 0, 15) - zero)
+    return not np.allclose(q, rtn)
+
+
+def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
+    """Set MatMulNBits' accuracy_level on every such node (0 = float compute, 4 = int8 compute); returns the count.
+
+    The packed weights do not depend on it: the kernel choice happens when a session is made.
+    """
+    count = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in [a for a in node.attribute if a.name == "accuracy_level"]:
+                node.attribute.remove(attr)
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
+            count += 1
+    return count

@@ -1,0 +1,332 @@
+"""Recipes: what happens to each graph, as small handlers with two verbs.
+
+    recipe.make(ctx)          -> {"vision": GraphResult, "decoder": GraphResult}   (quantized graphs in ctx.work)
+    recipe.load(folder, ...)  -> Pipeline                                           (the normal runtime loads it)
+
+  fp16    both graphs fp16; fp32 stays for norms, softmax, edgevl::MRoPE and every node whose
+          calibrated activation range exceeds fp16's range (with 8x headroom)
+  int8    vision: static QDQ int8 (per-channel weights, calibrated activations)
+          decoder: int8 per-channel weights, dynamic *and* static activations both built and
+          measured on calibration samples; the lower-KL one is kept (both in the report)
+  w4a16   decoder: 4-bit block-wise MatMulNBits weights (RTN / HQQ / GPTQ); activations float, or
+          int8-computed per block (accuracy_level 4) when measured to cost < 10% more KL;
+          vision: int8 if its measured error is within half the gate's budget, else fp16
+
+Sensitive groups (node_groups: patch_embed, merger, lm_head) start at the recipe's precision.
+When a graph drops more than half of --max-drop on calibration samples, they are raised one
+step at a time (int4 -> int8 -> fp32), each raise kept only if it removes at least MIN_GAIN of
+the graph's measured loss (1 - cosine for vision, KL for the decoder).
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+from edgevl.calibrate import passes
+from edgevl.calibrate.data import FeedStore, feed_reader
+from edgevl.calibrate.graphs import (
+    gemm_to_matmul,
+    load_graph,
+    node_groups,
+    save_graph,
+    weight_nodes,
+    with_shapes,
+)
+from edgevl.calibrate.report import score_graph
+from edgevl.runtime.artifact import Artifact
+from edgevl.runtime.backends import get_backend
+
+MIN_GAIN = 0.2     # a raised group must remove >= 20% of the graph's measured loss
+COMPUTE_SLACK = 0.1  # int8 compute of 4-bit matmuls is kept if it adds < 10% to the decoder's calibration KL
+
+
+@dataclass
+class Context:
+    """Everything a recipe needs: the FP32 artifact, recorded calibration feeds and the user's options."""
+
+    src: Artifact
+    work: Path
+    store: FeedStore                 # calibration feeds (never the held-out ones)
+    method: str = "minmax"
+    block_size: int = 128
+    w4_algorithm: str = "rtn"
+    max_drop: float = 0.05
+    decision_samples: int = 8        # calibration samples that score trials
+    backend: str | None = None
+    threads: int = 0
+    log: Callable[[str], None] = lambda msg: None
+    progress: bool = False           # tqdm bars over calibration passes
+    _names: itertools.count = field(default_factory=itertools.count)
+
+    def reader(self, graph: str, what: str):
+        """A fresh CalibrationDataReader over this graph's calibration feeds."""
+        return feed_reader(self.store, graph, desc=f"{graph} {what}" if self.progress else None)
+
+    def tmp(self, stem: str) -> Path:
+        folder = self.work / f"{stem}-{next(self._names)}"   # own folder: a graph may bring a .data file
+        folder.mkdir(parents=True)
+        return folder / f"{stem}.onnx"
+
+    def score(self, graph: str, path: Path) -> dict:
+        runner = get_backend(self.backend).make_runner(path, self.threads)
+        runner.activate()
+        try:
+            return score_graph(graph, runner, self.store, self.decision_samples)
+        finally:
+            runner.deactivate()
+
+
+@dataclass
+class GraphResult:
+    path: Path                        # the quantized graph (in ctx.work)
+    precision: str                    # short: fp16 | int8 | int4
+    description: str                  # what was done, one line
+    kept: list[dict] = field(default_factory=list)     # groups kept at higher precision, and why
+    trials: list[dict] = field(default_factory=list)   # every measured alternative
+    details: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- sensitive groups
+def search_levels(ctx: Context, graph: str, groups: dict[str, list[str]], ladders: dict[str, tuple[str, ...]],
+                  build: Callable[[dict], Path]) -> tuple[Path, dict, list[dict], list[dict]]:
+    """Raise sensitive groups one precision step at a time while the graph loses too much.
+
+    "Too much": the graph's calibration drop (1 - cosine, or 1 - top-1) exceeds half of
+    --max-drop. A raise is kept only if it removes >= MIN_GAIN of the measured loss (1 - cosine,
+    or KL): precision is spent where it buys accuracy, not where the graph is already fine.
+    Returns (graph path, its calibration score, kept groups with reasons, all trials).
+    """
+    groups = {g: nodes for g, nodes in groups.items() if nodes and g in ladders}
+    levels = {g: ladders[g][0] for g in groups}
+    path = build(levels)
+    score = ctx.score(graph, path)
+    trials = [{"levels": dict(levels), **_brief(score)}]
+    chosen, base = trials[0], score
+    for g in groups:
+        for level in ladders[g][1:]:
+            if score["drop"] <= ctx.max_drop / 2 or score["loss"] <= 1e-9:
+                break
+            ctx.log(f"{graph}: measuring {g} at {level}")
+            candidate = {**levels, g: level}
+            cand_path = build(candidate)
+            cand = ctx.score(graph, cand_path)
+            trials.append({"levels": dict(candidate), **_brief(cand)})
+            if cand["loss"] <= score["loss"] * (1 - MIN_GAIN):
+                _discard(path)
+                levels, path, score, chosen = candidate, cand_path, cand, trials[-1]
+            else:
+                _discard(cand_path)
+    kept = [{"group": g, "nodes": groups[g], "precision": levels[g],
+             "why": f"all at {ladders[g][0]} the graph dropped {base['drop']:.4g} on calibration samples (more than "
+                    f"half of --max-drop); {g} at {levels[g]} cuts the loss {base['loss']:.4g} -> "
+                    f"{score['loss']:.4g} ({_pct(base['loss'], score['loss'])} less)"}
+            for g in groups if levels[g] != ladders[g][0]]
+    chosen["chosen"] = True
+    return path, score, kept, trials
+
+
+def _discard(path: Path) -> None:
+    """Drop a graph that lost a comparison (its folder, .data included): 7B-sized trials add up."""
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def _brief(score: dict) -> dict:
+    return {k: v for k, v in score.items() if isinstance(v, (int, float))}
+
+
+def _pct(before: float, after: float) -> str:
+    return f"{100 * (before - after) / before:.0f}%" if before > 0 else "0%"
+
+
+# ----------------------------------------------------------------------------- per-graph builders
+def fp16_graph(ctx: Context, graph: str) -> GraphResult:
+    src = ctx.src.graph_path(graph)
+    absmax = passes.tensor_absmax(src, ctx.reader(graph, "ranges"), ctx.tmp(f"{graph}-ranges").parent)
+    model = with_shapes(src, ctx.tmp(f"{graph}-shapes").parent)
+    hot = passes.overflow_nodes(model, absmax)
+    converted = passes.fp16_convert(model, set(hot), keep_io=["logits"] if graph == "decoder" else [])
+    path = ctx.tmp(f"{graph}-fp16")
+    save_graph(converted, path)
+    kept = [{"group": "calibrated range", "nodes": sorted(hot), "precision": "fp32",
+             "why": "; ".join(sorted(set(hot.values())))}] if hot else []
+    top, limit = max(absmax.values(), default=0.0), passes.FP16_MAX / passes.FP16_HEADROOM
+    return GraphResult(path, "fp16", "fp16; fp32 norms, softmax, MRoPE" + (f", {len(hot)} range nodes" if hot else ""),
+                       kept=kept, details={"max_abs_activation": top, "fp16_limit": limit,
+                                           "calibration": ctx.score(graph, path),
+                                           "notes": {"ranges": f"largest calibrated |activation| {top:.4g}; "
+                                                               f"{len(hot)} nodes kept fp32 past {limit:.4g}"}})
+
+
+def int8_vision(ctx: Context) -> GraphResult:
+    src = ctx.src.graph_path("vision")
+    model = onnx.load(str(src), load_external_data=False)
+    weights = [n.name for n in weight_nodes(model)]
+    groups = node_groups(model)
+
+    def build(levels):
+        skip = {n for g, level in levels.items() if level == "fp32" for n in groups[g]}
+        dst = ctx.tmp("vision-int8")
+        nodes = [n for n in weights if n not in skip]
+        passes.int8_static(src, dst, ctx.reader("vision", "int8 calibration"), ctx.method, nodes)
+        return dst
+
+    path, score, kept, trials = search_levels(ctx, "vision", groups, {"patch_embed": ("int8", "fp32"),
+                                                                      "merger": ("int8", "fp32")}, build)
+    return GraphResult(path, "int8", f"int8 QDQ static ({ctx.method}), per-channel weights", kept, trials,
+                       {"calibration": score})
+
+
+def int8_decoder(ctx: Context) -> GraphResult:
+    """Dynamic and static activations both built and measured; the lower calibration KL wins."""
+    src = ctx.tmp("decoder-matmul")
+    model = gemm_to_matmul(load_graph(ctx.src.graph_path("decoder")))   # lm_head Gemm -> MatMul
+    save_graph(model, src, check=False)
+    weights = [n.name for n in weight_nodes(model)]
+    groups = {"lm_head": node_groups(model).get("lm_head", [])}
+    del model
+
+    def builder(mode):
+        def build(levels):
+            skip = set(groups["lm_head"]) if levels.get("lm_head") == "fp32" else set()
+            nodes = [n for n in weights if n not in skip]
+            dst = ctx.tmp(f"decoder-int8-{mode}")
+            if mode == "dynamic":
+                passes.int8_dynamic(src, dst, nodes)
+            else:
+                passes.int8_static(src, dst, ctx.reader("decoder", "int8 calibration"), ctx.method, nodes)
+            return dst
+        return build
+
+    variants = {}
+    for mode in ("dynamic", "static"):
+        ctx.log(f"decoder: int8 with {mode} activations")
+        variants[mode] = search_levels(ctx, "decoder", groups, {"lm_head": ("int8", "fp32")}, builder(mode))
+    mode = min(variants, key=lambda m: variants[m][1]["loss"])
+    path, score, kept, trials = variants[mode]
+    for other in variants.values():
+        if other[0] != path:
+            _discard(other[0])
+    measured = ", ".join(f"{m} KL {v[1]['kl_mean']:.4g} top-1 {v[1]['top1_agreement']:.3f} "
+                         f"{v[1]['decode_ms']:.2f} ms/step" for m, v in variants.items())
+    return GraphResult(path, "int8", f"int8 per-channel weights, {mode} activations", kept, trials,
+                       {"activations": mode, "calibration": score,
+                        "variants": {m: _brief(v[1]) for m, v in variants.items()},
+                        "notes": {"activations": f"{mode} kept (lower KL on calibration samples: {measured})"}})
+
+
+def int4_decoder(ctx: Context) -> GraphResult:
+    """Every constant-weight MatMul to 4-bit blocks; lm_head (exported as Gemm) decided by measurement."""
+    model = load_graph(ctx.src.graph_path("decoder"))
+    groups = {"lm_head": node_groups(model).get("lm_head", [])}
+    body = [n.name for n in weight_nodes(model) if n.op_type == "MatMul" and n.name not in groups["lm_head"]]
+    reader = ctx.reader("decoder", "gptq") if ctx.w4_algorithm == "gptq" else None
+    ctx.log(f"decoder: 4-bit {ctx.w4_algorithm} weights, block {ctx.block_size}")
+    base = gemm_to_matmul(passes.nbits_weights(model, body, 4, ctx.block_size, ctx.w4_algorithm, reader))
+    del model
+
+    def build(levels):
+        graph = onnx.ModelProto()
+        graph.CopyFrom(base)
+        level = levels.get("lm_head", "fp32")
+        if level != "fp32":
+            graph = passes.nbits_weights(graph, groups["lm_head"], int(level[3:]), ctx.block_size, "rtn")
+        dst = ctx.tmp("decoder-int4")
+        save_graph(graph, dst)
+        return dst
+
+    path, score, kept, trials = search_levels(ctx, "decoder", groups, {"lm_head": ("int4", "int8", "fp32")}, build)
+    path, score, compute, note = _choose_compute(ctx, path, score, trials)
+    return GraphResult(path, "int4", f"int4 MatMulNBits ({ctx.w4_algorithm}, block {ctx.block_size}), "
+                                     f"{compute} activations", kept, trials,
+                       {"block_size": ctx.block_size, "algorithm": ctx.w4_algorithm, "calibration": score,
+                        "compute": compute, "notes": {"compute": note}})
+
+
+def _choose_compute(ctx: Context, path: Path, score: dict, trials: list) -> tuple[Path, dict, str, str]:
+    """MatMulNBits' accuracy_level, measured: 0 computes with float activations (w4a16 proper); 4 quantizes
+    each K-block of the activations to int8 and uses int8 dot products, several times faster on CPUs
+    without fast float int4 kernels (AVX2). int8 compute is kept when it adds < COMPUTE_SLACK to the KL.
+    GPU providers ignore the attribute, so the choice costs them nothing."""
+    ctx.log("decoder: measuring int8 compute of the 4-bit matmuls (accuracy_level 4)")
+    graph = load_graph(path)
+    passes.set_accuracy_level(graph, 4)
+    alt = ctx.tmp("decoder-int4-acc4")
+    save_graph(graph, alt)
+    del graph
+    alt_score = ctx.score("decoder", alt)
+    chosen = next(t for t in trials if t.get("chosen"))
+    trials.append({"levels": {**chosen["levels"], "accuracy_level": 4}, **_brief(alt_score)})
+    note = (f"calibration KL {score['kl_mean']:.4g} / {score['decode_ms']:.2f} ms per step with float activations, "
+            f"{alt_score['kl_mean']:.4g} / {alt_score['decode_ms']:.2f} ms with int8 compute")
+    if alt_score["loss"] <= score["loss"] * (1 + COMPUTE_SLACK) + 1e-9:
+        chosen.pop("chosen")
+        trials[-1]["chosen"] = True
+        _discard(path)
+        return alt, alt_score, "int8-compute", "int8 compute (accuracy_level 4) kept: " + note
+    _discard(alt)
+    return path, score, "float", "float activations kept: " + note
+
+
+# ----------------------------------------------------------------------------- recipes
+class Recipe:
+    name = ""
+    help = ""
+    default_max_drop = 0.05
+
+    def make(self, ctx: Context) -> dict[str, GraphResult]:
+        raise NotImplementedError
+
+    def load(self, folder: Path, backend: str | None = None, threads: int = 0):
+        """The normal runtime, hashes verified: a quantized artifact needs nothing special to run."""
+        from edgevl.runtime.pipeline import Pipeline
+        return Pipeline.load(folder, backend=backend, threads=threads)
+
+
+class Fp16(Recipe):
+    name = "fp16"
+    help = ("both graphs fp16 (half the size; fast where fp16 math is, e.g. GPUs); fp32 stays for norms, "
+            "softmax, the edgevl::MRoPE nodes and any node whose calibrated activations exceed the fp16 range")
+    default_max_drop = 0.01
+
+    def make(self, ctx):
+        return {"vision": fp16_graph(ctx, "vision"), "decoder": fp16_graph(ctx, "decoder")}
+
+
+class Int8(Recipe):
+    name = "int8"
+    help = ("vision: static int8 QDQ (per-channel weights, activations calibrated by --method); decoder: int8 "
+            "per-channel weights with dynamic or static activations, whichever measures better")
+    default_max_drop = 0.05
+
+    def make(self, ctx):
+        return {"vision": int8_vision(ctx), "decoder": int8_decoder(ctx)}
+
+
+class W4A16(Recipe):
+    name = "w4a16"
+    help = ("decoder MatMul weights 4-bit in blocks of --block-size (MatMulNBits; --w4-algorithm rtn, hqq or "
+            "gptq), activations stay float; vision int8, or fp16 when int8 measures too lossy")
+    default_max_drop = 0.10
+
+    def make(self, ctx):
+        decoder = int4_decoder(ctx)
+        int8, fp16 = int8_vision(ctx), fp16_graph(ctx, "vision")
+        int8_drop = int8.details["calibration"]["drop"]
+        vision = int8 if int8_drop <= ctx.max_drop / 2 else fp16
+        fp16_drop = fp16.details["calibration"]["drop"]
+        vision.details["choice"] = {
+            "int8_drop": int8_drop, "fp16_drop": fp16_drop, "chosen": vision.precision,
+            "rule": f"int8 when its calibration drop is <= half of --max-drop ({ctx.max_drop / 2:g}), else fp16"}
+        vision.details.setdefault("notes", {})["int8 or fp16"] = (
+            f"{vision.precision} chosen: calibration cosine drop int8 {int8_drop:.4g}, fp16 {fp16_drop:.4g} "
+            f"(int8 when <= {ctx.max_drop / 2:g})")
+        return {"vision": vision, "decoder": decoder}
+
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (Fp16(), Int8(), W4A16())}

@@ -1,0 +1,218 @@
+"""`edgevl quantize`: every recipe makes an artifact the normal runtime runs, measured and gated.
+
+The tiny random model is a harsh quantization target (random weights, logit margins of a few
+tenths), so the w4a16 artifact here fails the default gate and is written with force=True; the
+gate itself is tested with a deliberately broken quantization.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from edgevl.calibrate import data, graphs, passes, report
+from edgevl.calibrate.cli import add_quantize_parser
+from edgevl.calibrate.quantize import REPORT, quantize
+from edgevl.cli import main
+from edgevl.errors import EdgevlError
+
+SMALL = {"samples": 4, "eval_samples": 2, "new_tokens": 4, "calib_steps": 3, "progress": False,
+         "log": lambda msg: None, "table": lambda text: None}
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_artifact, tmp_path_factory):
+    """recipe -> (artifact folder, report) for the three recipes, built once."""
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for recipe, extra in (("fp16", {}), ("int8", {"max_drop": 0.15}), ("w4a16", {"block_size": 32, "force": True})):
+        folder = root / recipe
+        out[recipe] = (folder, quantize(tiny_artifact, folder, recipe, **SMALL, **extra))
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["fp16", "int8", "w4a16"])
+def test_recipe_makes_an_artifact_the_runtime_runs(quantized, tiny_artifact, photos, recipe):
+    from edgevl.runtime.artifact import load_artifact
+    from edgevl.runtime.pipeline import Pipeline
+
+    folder, rep = quantized[recipe]
+    result = Pipeline.load(folder).generate("What is this?", images=[photos["coffee"]], max_new_tokens=5,
+                                            do_sample=False)
+    assert 1 <= len(result.token_ids) <= 5
+    art, src = load_artifact(folder), load_artifact(tiny_artifact)
+    q = art.manifest["quantization"]
+    assert q["recipe"] == recipe and q["calibration"]["samples"] == 4 and len(q["calibration"]["digest"]) == 64
+    assert set(q["precision"]) == {"vision", "decoder"} and q["report"] == REPORT
+    assert set(src.manifest["files"]) | {REPORT} == set(art.manifest["files"])     # side files copied
+    for graph in ("vision", "decoder"):
+        onnx.checker.check_model(str(art.graph_path(graph)), full_check=True)
+    decoder = onnx.load(str(art.graph_path("decoder")))
+    assert art.manifest["graphs"]["decoder"]["mrope_nodes"] == src.manifest["graphs"]["decoder"]["mrope_nodes"] == \
+        sum(n.op_type == "MRoPE" and n.domain == "edgevl" for n in decoder.graph.node)
+    assert [f.name for f in decoder.functions] == ["MRoPE"]                        # the function body is intact
+    saved = json.loads((folder / REPORT).read_text())
+    assert saved["recipe"] == recipe and saved["failed"] == rep["failed"]
+
+
+def test_report_numbers_come_from_real_runs(quantized):
+    for _, rep in quantized.values():
+        vision, decoder = rep["graphs"]["vision"], rep["graphs"]["decoder"]
+        assert vision["metrics"]["images"] >= 1 and 0 < vision["metrics"]["cosine_mean"] <= 1 + 1e-9
+        assert decoder["metrics"]["positions"] >= rep["pipeline"]["greedy"]["samples"]   # >= 1 per sample
+        assert 0 <= decoder["metrics"]["top1_agreement"] <= 1 and decoder["metrics"]["kl_mean"] >= 0
+        assert 0 <= rep["pipeline"]["greedy"]["prefix_agreement"] <= 1
+        for side in ("fp32", "quantized"):
+            assert rep["pipeline"]["latency"][side]["decode_ms_per_token"] > 0
+        assert vision["size_bytes"]["quantized"] < vision["size_bytes"]["fp32"]
+        assert decoder["size_bytes"]["quantized"] < decoder["size_bytes"]["fp32"]
+    fp16 = quantized["fp16"][1]["graphs"]
+    assert fp16["vision"]["metrics"]["cosine_mean"] > 0.9999 and fp16["decoder"]["metrics"]["top1_agreement"] == 1
+    assert fp16["decoder"]["ops"]["MRoPE"] == {"fp32": 4} and set(fp16["decoder"]["ops"]["Softmax"]) == {"fp32"}
+    assert quantized["fp16"][1]["failed"] == [] and quantized["int8"][1]["failed"] == []
+    assert quantized["int8"][1]["graphs"]["decoder"]["details"]["activations"] in ("dynamic", "static")
+
+
+def test_int4_decoder_weights_are_at_most_35_percent(quantized, tiny_artifact):
+    """MatMul weights stored as 4-bit blocks (block 32: packed nibbles + fp32 scale + zero point per block)
+    take <= 35% of the same matrices in fp32; the fp32 side is counted from the source graph."""
+    folder, rep = quantized["w4a16"]
+    rows = graphs.weight_table(onnx.load(str(folder / "decoder.onnx")))
+    int4 = [r for r in rows if r["precision"] == "int4"]
+    assert len(int4) >= 14                                                          # 7 projections x 2 layers
+    source = Counter(r["fp32_bytes"] for r in graphs.weight_table(onnx.load(str(tiny_artifact / "decoder.onnx"))))
+    assert not Counter(r["fp32_bytes"] for r in int4) - source                      # the same matrices, 4 B/element
+    ratio = sum(r["bytes"] for r in int4) / sum(r["fp32_bytes"] for r in int4)
+    assert ratio <= 0.35, ratio
+    assert rep["graphs"]["decoder"]["matmul_weights"]["int4"]["ratio"] == pytest.approx(ratio)
+    assert rep["graphs"]["decoder"]["ops"]["MatMulNBits"]
+
+
+def test_int8_vision_passes_checker_and_runs(quantized, tiny_artifact, photos):
+    import onnxruntime as ort
+
+    from edgevl.runtime.image_processing import (
+        ImageProcessorSettings,
+        load_image,
+        preprocess_image,
+    )
+    from edgevl.runtime.rope_index import vision_rotary_position_ids
+
+    path = quantized["int8"][0] / "vision.onnx"
+    onnx.checker.check_model(str(path), full_check=True)
+    gemm = graphs.precision_by_op(path)["Gemm"]          # 8 ViT linears always int8; the merger's 2 if measured so
+    assert gemm["int8"] >= 8 and sum(gemm.values()) == 10
+    settings = ImageProcessorSettings.from_dict(json.loads((tiny_artifact / "manifest.json").read_text())
+                                                ["image_processor"])
+    pixels, (_, h, w) = preprocess_image(load_image(photos["chelsea_odd"]), settings)
+    feed = {"pixel_values": pixels.astype(np.float32), "rotary_pos_ids": vision_rotary_position_ids((1, h, w), 2)}
+    ref = ort.InferenceSession(str(tiny_artifact / "vision.onnx")).run(None, feed)[0]
+    out = ort.InferenceSession(str(path)).run(None, feed)[0]
+    assert out.shape == ref.shape and report.cosine_rows(out, ref).mean() > 0.99
+
+
+def test_broken_quantization_fails_the_gate(tiny_artifact, tmp_path, monkeypatch, capsys):
+    """Static int8 with every scale x100: the vision graph collapses; exit 2 names it, nothing is written."""
+    real = passes.int8_static
+
+    def broken(src, dst, *args, **kwargs):
+        real(src, dst, *args, **kwargs)
+        model = onnx.load(str(dst))
+        for init in model.graph.initializer:
+            if init.name.endswith("_scale"):
+                init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init) * 100, init.name))
+        onnx.save(model, str(dst))
+
+    monkeypatch.setattr(passes, "int8_static", broken)
+    out = tmp_path / "broken"
+    code = main(["quantize", str(tiny_artifact), "-o", str(out), "--recipe", "int8", "--samples", "3",
+                 "--eval-samples", "1", "--new-tokens", "3", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 2 and not out.exists()
+    errors = [line for line in captured.err.splitlines() if line.startswith("edgevl quantize: error:")]
+    assert len(errors) == 1 and "vision graph" in errors[0] and "--force" in errors[0], captured.err
+    assert "FAIL" in captured.out                                                   # the table is still printed
+
+
+def test_gate_pure():
+    ok = {"vision": {"metrics": {"cosine_mean": 0.99, "drop": 0.01}},
+          "decoder": {"metrics": {"top1_agreement": 0.8, "drop": 0.2}}}
+    failures = report.gate(ok, 0.05)
+    assert len(failures) == 1 and "decoder" in failures[0]
+    assert report.gate(ok, 0.25) == []
+
+
+def test_metrics_pure():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 16))
+    assert np.allclose(report.cosine_rows(a, a), 1) and report.relative_error(a, a) == 0
+    assert np.allclose(report.kl_rows(a, a), 0) and (report.kl_rows(a, a + rng.normal(size=a.shape)) > 0).all()
+    assert report.prefix_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5 and report.prefix_agreement([1], [1]) == 1
+
+
+def test_calibration_is_deterministic(tiny_artifact, tmp_path):
+    from edgevl.runtime.pipeline import Pipeline
+
+    def split(seed):
+        pool, _ = data.load_samples(None, 5, seed)
+        return data.split_samples(pool, 3, 2, seed)
+
+    (c0, e0), (c1, e1), (c2, _) = split(0), split(0), split(1)
+    assert data.samples_digest(c0) == data.samples_digest(c1) and data.samples_digest(e0) == data.samples_digest(e1)
+    assert data.samples_digest(c0) != data.samples_digest(c2)
+    pipe = Pipeline.load(tiny_artifact)
+    stores = [data.FeedStore(tmp_path / f"run{i}") for i in range(2)]
+    tokens = [data.capture(pipe, c, store, 2) for c, store in zip((c0[:2], c1[:2]), stores)]
+    assert tokens[0] == tokens[1]
+    for graph in ("vision", "decoder"):
+        files = [store.files(graph) for store in stores]
+        assert len(files[0]) == len(files[1]) > 0
+        for f0, f1 in zip(*files):
+            (a, _), (b, _) = data.FeedStore.load(f0), data.FeedStore.load(f1)
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_fp16_keeps_range_overflow_nodes_fp32(tiny_artifact, tmp_path):
+    """A node whose calibrated range exceeds the limit stays fp32 and its value never round-trips via fp16."""
+    model = graphs.load_graph(tiny_artifact / "vision.onnx")
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    hot = passes.overflow_nodes(model, {gemm.output[0]: 1e6, "other": 1.0})
+    assert gemm.name in hot and "1e+06" in hot[gemm.name]
+    converted = passes.fp16_convert(model, set(hot), keep_io=[])
+    graphs.save_graph(converted, tmp_path / "v16.onnx")                         # runs onnx.checker
+    out = next(n for n in converted.graph.node if n.name == gemm.name).output[0]
+    readers = [n for n in converted.graph.node if out in n.input]
+    assert readers and not any(n.op_type == "Cast" for n in readers)                # fp32 consumers read it directly
+    ops = graphs.precision_by_op(tmp_path / "v16.onnx")
+    assert ops["LayerNormalization"] == {"fp32": 5} and ops["Gemm"].get("fp32", 0) >= 1
+
+
+def test_user_errors(tiny_artifact, quantized, tmp_path):
+    with pytest.raises(EdgevlError, match="does not exist"):
+        quantize(tiny_artifact, tmp_path / "a", "int8", calib=str(tmp_path / "nope"), **SMALL)
+    with pytest.raises(EdgevlError, match="already quantized"):
+        quantize(quantized["int8"][0], tmp_path / "b", "int8", **SMALL)
+    with pytest.raises(EdgevlError, match="already exists"):
+        quantize(tiny_artifact, quantized["fp16"][0], "fp16", **SMALL)
+    with pytest.raises(EdgevlError, match="--block-size"):
+        quantize(tiny_artifact, tmp_path / "c", "w4a16", block_size=24, **SMALL)
+    if not passes.gptq_differs_from_rtn():                   # onnxruntime 1.32: its GPTQ equals RTN; refused early
+        with pytest.raises(EdgevlError, match="gptq"):
+            quantize(tiny_artifact, tmp_path / "e", "w4a16", w4_algorithm="gptq", **SMALL)
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"prompt": "hi", "image": "missing.png"}\n')
+    with pytest.raises(EdgevlError, match="line 1"):
+        quantize(tiny_artifact, tmp_path / "d", "int8", calib=str(bad), **SMALL)
+
+
+def test_every_option_has_help():
+    import argparse
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_quantize_parser(sub)
+    parser = sub.choices["quantize"]
+    assert all(action.help for action in parser._actions)
+    assert all(name in parser.epilog for name in ("fp16", "int8", "w4a16"))
