@@ -55,12 +55,13 @@ def prefill(decoder, embeds, position_ids, attention_mask, cache) -> np.ndarray:
 
 
 def decode_one_token(decoder, embed_table: np.ndarray, tokens: np.ndarray, rope_deltas: np.ndarray,
-                     attention_mask: np.ndarray, cache: KVCache) -> np.ndarray:
+                     attention_mask: np.ndarray, cache: KVCache, embed_dtype=None) -> np.ndarray:
     """tokens [B] just chosen; attention_mask [B, cache+1] -> next logits [B, vocab].
 
     New tokens are text: all three M-RoPE rows equal the 1-D position + rope_deltas.
+    embed_dtype: the decoder's input dtype (the table may be stored in another precision).
     """
-    embeds = np.asarray(embed_table[tokens])[:, None, :]                          # [B, 1, H]
+    embeds = np.asarray(embed_table[tokens], dtype=embed_dtype)[:, None, :]       # [B, 1, H]
     position_ids = decode_position_ids(rope_deltas, cache.length, 1, attention_mask)   # [3, B, 1]
     return decoder_step(decoder, embeds, position_ids, attention_mask, cache)
 
@@ -105,6 +106,7 @@ def generate(decoder: Runner, embed_table: np.ndarray, prompt_embeds: np.ndarray
         context = np.concatenate([context, tokens[:, None]], axis=1)
         attention_mask = np.concatenate([attention_mask, np.ones((bsz, 1), attention_mask.dtype)], axis=1)
         t0 = time.perf_counter()
-        logits = decode_one_token(decoder, embed_table, tokens, rope_deltas, attention_mask, cache)
+        logits = decode_one_token(decoder, embed_table, tokens, rope_deltas, attention_mask, cache,
+                                  prompt_embeds.dtype)
         result.decode_s.append(time.perf_counter() - t0)
     return result
