@@ -215,4 +215,34 @@ def test_every_option_has_help():
     add_quantize_parser(sub)
     parser = sub.choices["quantize"]
     assert all(action.help for action in parser._actions)
-    assert all(name in parser.epilog for name in ("fp16", "int8", "w4a16"))
+    assert all(name in parser.epilog for name in ("fp16", "int8", "w4a16", "awq"))
+    assert "activation-aware" in parser.format_help()
+
+
+def test_w4a16_awq_makes_an_artifact_no_worse_than_rtn_on_calibration(tiny_artifact, quantized, photos, tmp_path):
+    """AWQ scales from the recorded calibration feeds; the decoder is measured against plain RTN on calibration
+    samples and AWQ is kept only when its KL is not higher (the report holds both numbers)."""
+    from edgevl.runtime.artifact import load_artifact
+    from edgevl.runtime.pipeline import Pipeline
+
+    folder = tmp_path / "awq"
+    rep = quantize(tiny_artifact, folder, "w4a16", block_size=32, force=True, w4_algorithm="awq", **SMALL)
+    result = Pipeline.load(folder).generate("What is this?", images=[photos["coffee"]], max_new_tokens=3,
+                                            do_sample=False)
+    assert 1 <= len(result.token_ids) <= 3
+    q = load_artifact(folder).manifest["quantization"]
+    assert q["w4_algorithm"] == "awq" and q["block_size"] == 32
+    details = rep["graphs"]["decoder"]["details"]
+    summary = details["awq"]
+    assert summary["groups"] == 8                                      # q/k/v, o, gate/up, down x 2 layers
+    assert all(g["awq_loss"] <= g["rtn_loss"] for g in summary["per_group"])
+    assert summary["scaled_groups"] >= 1 and 0 <= summary["alpha"]["min"] <= summary["alpha"]["max"] <= 1
+    vs = summary["vs_rtn"]
+    assert vs["kept"] == details["algorithm"] and vs[vs["kept"]]["kl_mean"] <= min(vs["awq"]["kl_mean"],
+                                                                                  vs["rtn"]["kl_mean"])
+    assert f"({vs['kept']}, block 32)" in rep["graphs"]["decoder"]["precision"]
+    assert "awq" in rep["graphs"]["decoder"]["details"]["notes"]
+    # the RTN reference is the same graph the rtn recipe builds: same calibration KL at lm_head int4
+    rtn_first = quantized["w4a16"][1]["graphs"]["decoder"]["trials"][0]
+    assert rtn_first["levels"] == {"lm_head": "int4"}
+    assert vs["rtn"]["kl_mean"] == pytest.approx(rtn_first["kl_mean"], rel=1e-4)

@@ -15,7 +15,7 @@ RECIPE_HELP = """recipes:
           Decoder: int8 per-channel weights with dynamic (per-call) and static (calibrated)
           activations; both are measured and the lower-KL one is kept. Default --max-drop 0.05.
   w4a16   Decoder MatMul weights in 4 bits, blocks of --block-size rows (onnxruntime MatMulNBits,
-          --w4-algorithm rtn|hqq|gptq). Activations stay float, or are quantized to int8 per block
+          --w4-algorithm rtn|hqq|gptq|awq). Activations stay float, or are quantized to int8 per block
           inside the matmul (accuracy_level 4, several times faster on AVX2 CPUs) when that is
           measured to add less than 10% to the decoder's KL. Vision: int8 when its measured error
           is within half of --max-drop, otherwise fp16. Default --max-drop 0.10.
@@ -64,9 +64,10 @@ def add_quantize_parser(sub) -> None:
                    help="greedy tokens generated per held-out sample for agreement and latency (default: 8)")
     p.add_argument("--block-size", type=int, default=128, metavar="B",
                    help="w4a16: weight rows per 4-bit scale, a power of two >= 16 (default: 128)")
-    p.add_argument("--w4-algorithm", choices=["rtn", "hqq", "gptq"], default="rtn",
-                   help="w4a16: round-to-nearest (default), HQQ (needs torch) or GPTQ (uses the calibration data; "
-                        "refused where onnxruntime's GPTQ gives the same weights as rtn, as in 1.32)")
+    p.add_argument("--w4-algorithm", choices=["rtn", "hqq", "gptq", "awq"], default="rtn",
+                   help="w4a16: round-to-nearest (default), HQQ (needs torch), GPTQ (uses the calibration data; "
+                        "refused where onnxruntime's GPTQ gives the same weights as rtn, as in 1.32) or AWQ "
+                        "(activation-aware scaling from the calibration data, searched per layer against RTN)")
     p.add_argument("--backend", default=None, help="execution backend for calibration and measurement "
                                                    "(default: ort-cpu)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads per graph (0 = onnxruntime's default)")

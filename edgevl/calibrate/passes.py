@@ -5,6 +5,8 @@
   int8_static       onnxruntime.quantization.quantize_static, QDQ, per-channel int8 weights
   int8_dynamic      onnxruntime.quantization.quantize_dynamic, per-channel int8 weights
   nbits_weights     MatMulNBitsQuantizer: block-wise 4-bit (or 8-bit) MatMul weights (RTN, HQQ, GPTQ)
+  awq_prescale      AWQ: per-input-channel scales searched on calibration activations (awq.py), folded
+                    into the fp32 weights with a Mul(x, 1/s) in front; nbits_weights' RTN then quantizes
 
 None of them knows about recipes or reports; each takes a graph (path or ModelProto) and
 returns or writes the transformed graph. The `edgevl::MRoPE` nodes and their model-local
@@ -165,7 +167,7 @@ def int8_dynamic(src: Path, dst: Path, nodes: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- n-bit weights
-W4_ALGORITHMS = ("rtn", "hqq", "gptq")
+W4_ALGORITHMS = ("rtn", "hqq", "gptq", "awq")
 
 
 def nbits_weights(model: onnx.ModelProto | None, nodes: list[str], bits: int, block_size: int, algorithm: str = "rtn",
@@ -173,6 +175,7 @@ def nbits_weights(model: onnx.ModelProto | None, nodes: list[str], bits: int, bl
     """Block-wise `bits`-bit weights (MatMulNBits, asymmetric, `block_size` rows per scale) for MatMul `nodes`.
 
     rtn   round-to-nearest (onnxruntime's C++ kernel, fast)
+    awq   RTN of weights the caller has already rescaled with awq_prescale (the activation-aware part)
     hqq   half-quadratic optimisation of scales / zero points (needs torch; no calibration data)
     gptq  Hessian-aware rounding from calibration activations (`reader`); quantizes every
           constant-weight MatMul of the graph, so callers pass graphs whose other weights are Gemm.
@@ -191,7 +194,7 @@ def nbits_weights(model: onnx.ModelProto | None, nodes: list[str], bits: int, bl
     inits = initializer_names(model) if model is not None else set()
     others = [n.name for n in model.graph.node
               if n.op_type == "MatMul" and n.input[1] in inits and n.name not in set(nodes)] if model else []
-    if algorithm == "rtn":
+    if algorithm in ("rtn", "awq"):
         config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
     elif algorithm == "hqq":
         try:
@@ -255,3 +258,107 @@ def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))
             count += 1
     return count
+
+
+# ----------------------------------------------------------------------------- AWQ
+AWQ_MAX_ROWS = 512      # sampled activation rows per MatMul input for the alpha search
+AWQ_GRID = 20           # alpha in {0, 0.05, ..., 1}
+
+
+def matmul_input_stats(model_path: Path, inputs: list[str], reader, work: Path, max_rows: int = AWQ_MAX_ROWS,
+                       seed: int = 0, threads: int = 0) -> dict:
+    """{tensor: awq.RowStats} for the named fp32 activation tensors over every calibration feed of `reader`.
+
+    The fp32 graph runs with those tensors added as graph outputs (a copy in `work`: the graph proto
+    only, its weights file linked), one feed at a time; only the requested outputs are computed, and
+    each feed's activations are folded into the running statistics before the next feed is read.
+    """
+    import onnxruntime as ort
+
+    from edgevl.calibrate.awq import RowStats
+    from edgevl.calibrate.graphs import graph_files
+
+    model_path, work = Path(model_path), Path(work)
+    model = onnx.load(str(model_path), load_external_data=False)
+    present = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                              for name in inputs if name not in present)
+    for src in graph_files(model_path)[1:]:
+        (work / src.name).symlink_to(src.resolve())
+    copy = work / model_path.name
+    onnx.save(model, str(copy))
+    del model
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(copy), options, providers=["CPUExecutionProvider"])
+    stats = {name: RowStats(max_rows, seed + i) for i, name in enumerate(inputs)}
+    while (feed := reader.get_next()) is not None:
+        for name, value in zip(inputs, session.run(inputs, feed)):
+            stats[name].add(value)
+    return stats
+
+
+def awq_prescale(model: onnx.ModelProto, nodes: list[str], stats: dict, block_size: int, bits: int = 4,
+                 grid: int = AWQ_GRID) -> tuple[onnx.ModelProto, list[dict]]:
+    """Rescale the fp32 weights of MatMul `nodes` by AWQ scales and put Mul(x, 1/s) before them, in place.
+
+    MatMuls reading the same activation (q/k/v, gate/up) share one s, searched on their weights
+    concatenated along N. Where the search keeps alpha = 0 (RTN is best) the group is left untouched.
+    The graph computes the same function in fp32 (up to rounding); RTN of the rescaled weights
+    (nbits_weights) is then AWQ. Returns the model and one record per group.
+    """
+    from onnx import numpy_helper
+
+    from edgevl.calibrate.awq import awq_search
+
+    inits = {t.name: t for t in model.graph.initializer}
+    wanted = set(nodes)
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and node.name in wanted and node.input[1] in inits:
+            groups.setdefault(node.input[0], []).append(node)
+    uses: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    records = []
+    for x_name, members in groups.items():
+        st = stats.get(x_name)
+        if st is None or st.rows is None:
+            continue
+        weights = [numpy_helper.to_array(inits[n.input[1]]).astype(np.float32) for n in members]
+        res = awq_search(np.concatenate(weights, 1), st.rows, st.mean_abs, block_size, grid, bits)
+        records.append({"input": x_name, "nodes": [n.name for n in members], "alpha": res.alpha,
+                        "rtn_loss": res.rtn_loss, "awq_loss": res.loss, "rows": len(st.rows)})
+        if res.alpha == 0:
+            continue
+        inv = f"{x_name}_awq_inv_scale"
+        scaled_x = f"{x_name}_awq"
+        model.graph.initializer.append(numpy_helper.from_array((1.0 / res.scales).astype(np.float32), inv))
+        model.graph.node.append(onnx.helper.make_node("Mul", [x_name, inv], [scaled_x], name=f"{x_name}_awq_mul"))
+        for node, w in zip(members, weights):
+            name = node.input[1]
+            scaled = numpy_helper.from_array(w * res.scales[:, None], name if uses[name] == 1 else f"{name}_awq")
+            if uses[name] == 1:                      # only this MatMul reads it: replace in place
+                inits[name].CopyFrom(scaled)
+            else:
+                model.graph.initializer.append(scaled)
+                node.input[1] = scaled.name
+            node.input[0] = scaled_x
+    topological_sort(model.graph)
+    return model, records
+
+
+def awq_summary(records: list[dict]) -> dict:
+    """Report-sized view of awq_prescale's records: alphas, how many groups were rescaled, error vs RTN."""
+    if not records:
+        return {"groups": 0}
+    alphas = [r["alpha"] for r in records]
+    gain = [1 - r["awq_loss"] / r["rtn_loss"] for r in records if r["rtn_loss"] > 0]
+    return {"groups": len(records), "scaled_groups": sum(a > 0 for a in alphas),
+            "alpha": {"min": min(alphas), "median": float(np.median(alphas)), "max": max(alphas)},
+            "calib_error_reduction_vs_rtn": {"mean": float(np.mean(gain)) if gain else 0.0,
+                                             "min": float(np.min(gain)) if gain else 0.0,
+                                             "max": float(np.max(gain)) if gain else 0.0},
+            "per_group": [{"nodes": r["nodes"], "alpha": r["alpha"], "rtn_loss": r["rtn_loss"],
+                           "awq_loss": r["awq_loss"]} for r in records]}

@@ -121,6 +121,7 @@ def quantize(artifact, output, recipe: str, calib: str | None = None, samples: i
         results = handler.make(ctx)
 
         quantization = {"recipe": recipe, "method": method, "max_drop": max_drop, "seed": seed,
+                        **({"w4_algorithm": w4_algorithm, "block_size": block_size} if recipe == "w4a16" else {}),
                         "calibration": {"source": source, "digest": data.samples_digest(calib_set),
                                         "samples": len(calib_set), "decode_steps": calib_steps,
                                         "eval_digest": data.samples_digest(eval_set), "eval_samples": len(eval_set)},

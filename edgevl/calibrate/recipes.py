@@ -8,7 +8,7 @@
   int8    vision: static QDQ int8 (per-channel weights, calibrated activations)
           decoder: int8 per-channel weights, dynamic *and* static activations both built and
           measured on calibration samples; the lower-KL one is kept (both in the report)
-  w4a16   decoder: 4-bit block-wise MatMulNBits weights (RTN / HQQ / GPTQ); activations float, or
+  w4a16   decoder: 4-bit block-wise MatMulNBits weights (RTN / HQQ / GPTQ / AWQ); activations float, or
           int8-computed per block (accuracy_level 4) when measured to cost < 10% more KL;
           vision: int8 if its measured error is within half the gate's budget, else fp16
 
@@ -226,9 +226,14 @@ def int4_decoder(ctx: Context) -> GraphResult:
     groups = {"lm_head": node_groups(model).get("lm_head", [])}
     body = [n.name for n in weight_nodes(model) if n.op_type == "MatMul" and n.name not in groups["lm_head"]]
     reader = ctx.reader("decoder", "gptq") if ctx.w4_algorithm == "gptq" else None
-    ctx.log(f"decoder: 4-bit {ctx.w4_algorithm} weights, block {ctx.block_size}")
-    base = gemm_to_matmul(passes.nbits_weights(model, body, 4, ctx.block_size, ctx.w4_algorithm, reader))
+    details, algorithm = {}, ctx.w4_algorithm
+    if algorithm == "awq":
+        details["awq"] = _awq_prescale(ctx, model, body)
+    ctx.log(f"decoder: 4-bit {algorithm} weights, block {ctx.block_size}")
+    base = gemm_to_matmul(passes.nbits_weights(model, body, 4, ctx.block_size, algorithm, reader))
     del model
+    if algorithm == "awq":
+        base, algorithm = _awq_or_rtn(ctx, base, body, groups["lm_head"], details["awq"])
 
     def build(levels):
         graph = onnx.ModelProto()
@@ -242,10 +247,63 @@ def int4_decoder(ctx: Context) -> GraphResult:
 
     path, score, kept, trials = search_levels(ctx, "decoder", groups, {"lm_head": ("int4", "int8", "fp32")}, build)
     path, score, compute, note = _choose_compute(ctx, path, score, trials)
-    return GraphResult(path, "int4", f"int4 MatMulNBits ({ctx.w4_algorithm}, block {ctx.block_size}), "
+    return GraphResult(path, "int4", f"int4 MatMulNBits ({algorithm}, block {ctx.block_size}), "
                                      f"{compute} activations", kept, trials,
-                       {"block_size": ctx.block_size, "algorithm": ctx.w4_algorithm, "calibration": score,
-                        "compute": compute, "notes": {"compute": note}})
+                       {"block_size": ctx.block_size, "algorithm": algorithm, "calibration": score,
+                        "compute": compute, **details, "notes": {"compute": note, **_awq_note(details)}})
+
+
+def _awq_prescale(ctx: Context, model: onnx.ModelProto, body: list[str]) -> dict:
+    """AWQ scales for the decoder's `body` MatMuls, from the calibration feeds, applied to `model` in place."""
+    inputs = sorted({n.input[0] for n in model.graph.node if n.name in set(body)})
+    ctx.log(f"decoder: AWQ statistics of {len(inputs)} MatMul inputs over the calibration feeds")
+    stats = passes.matmul_input_stats(ctx.src.graph_path("decoder"), inputs, ctx.reader("decoder", "awq"),
+                                      ctx.tmp("decoder-awq").parent, threads=ctx.threads)
+    ctx.log("decoder: AWQ scale search per MatMul group")
+    _, records = passes.awq_prescale(model, body, stats, ctx.block_size)
+    return passes.awq_summary(records)
+
+
+def _awq_or_rtn(ctx: Context, awq_base: onnx.ModelProto, body: list[str], lm_head: list[str],
+                summary: dict) -> tuple[onnx.ModelProto, str]:
+    """The AWQ decoder against plain RTN, whole graphs measured on calibration samples (lm_head at int4, float
+    compute both): AWQ's search minimises each MatMul's output error, not the model's KL, so it is kept only
+    when the decoder's KL is not higher. Both numbers go to the report."""
+    ctx.log("decoder: measuring AWQ against plain RTN on calibration samples")
+    rtn_base = gemm_to_matmul(passes.nbits_weights(load_graph(ctx.src.graph_path("decoder")), body, 4,
+                                                   ctx.block_size, "rtn"))
+    scores = {}
+    for name, base in (("awq", awq_base), ("rtn", rtn_base)):
+        graph = passes.nbits_weights(_copy(base), lm_head, 4, ctx.block_size, "rtn")
+        path = ctx.tmp(f"decoder-{name}")
+        save_graph(graph, path)
+        del graph
+        scores[name] = _brief(ctx.score("decoder", path))
+        _discard(path)
+    kept = "awq" if scores["awq"]["loss"] <= scores["rtn"]["loss"] else "rtn"
+    summary["vs_rtn"] = {"awq": scores["awq"], "rtn": scores["rtn"], "kept": kept}
+    return (awq_base if kept == "awq" else rtn_base), kept
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _awq_note(details: dict) -> dict:
+    awq = details.get("awq")
+    if not awq or not awq.get("groups"):
+        return {}
+    a, g = awq["alpha"], awq["calib_error_reduction_vs_rtn"]
+    note = (f"{awq['scaled_groups']}/{awq['groups']} MatMul input groups rescaled (alpha median {a['median']:.2f}, "
+            f"range {a['min']:.2f}-{a['max']:.2f}); per-MatMul calibration output error {100 * g['mean']:.0f}% "
+            f"below RTN on average")
+    vs = awq.get("vs_rtn")
+    if vs:
+        note += (f"; decoder calibration KL awq {vs['awq']['kl_mean']:.4g} vs rtn {vs['rtn']['kl_mean']:.4g}: "
+                 f"{vs['kept']} kept")
+    return {"awq": note}
 
 
 def _choose_compute(ctx: Context, path: Path, score: dict, trials: list) -> tuple[Path, dict, str, str]:
@@ -310,8 +368,8 @@ class Int8(Recipe):
 
 class W4A16(Recipe):
     name = "w4a16"
-    help = ("decoder MatMul weights 4-bit in blocks of --block-size (MatMulNBits; --w4-algorithm rtn, hqq or "
-            "gptq), activations stay float; vision int8, or fp16 when int8 measures too lossy")
+    help = ("decoder MatMul weights 4-bit in blocks of --block-size (MatMulNBits; --w4-algorithm rtn, hqq, "
+            "gptq or awq), activations stay float; vision int8, or fp16 when int8 measures too lossy")
     default_max_drop = 0.10
 
     def make(self, ctx):
