@@ -246,3 +246,25 @@ def test_w4a16_awq_makes_an_artifact_no_worse_than_rtn_on_calibration(tiny_artif
     rtn_first = quantized["w4a16"][1]["graphs"]["decoder"]["trials"][0]
     assert rtn_first["levels"] == {"lm_head": "int4"}
     assert vs["rtn"]["kl_mean"] == pytest.approx(rtn_first["kl_mean"], rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_methods_calibrate_in_strides(tiny_artifact, tmp_path, monkeypatch, method):
+    """entropy / percentile (and minmax) collect one feed at a time: bounded memory, and feeds of different
+    image sizes (which onnxruntime's histogram collector cannot stack) work."""
+    from edgevl.calibrate import recipes
+    ranges = []
+    original = recipes.feed_reader
+
+    def spying_reader(*args, **kwargs):
+        reader = original(*args, **kwargs)
+        cls = type(reader)                    # patched on the class: onnxruntime may deep-copy the reader
+        set_range = cls.set_range
+        cls.set_range = lambda self, start_index, end_index: (ranges.append((start_index, end_index)),
+                                                              set_range(self, start_index, end_index))[1]
+        return reader
+
+    monkeypatch.setattr(recipes, "feed_reader", spying_reader)
+    rep = quantize(tiny_artifact, tmp_path / method, "int8", **{**SMALL, "method": method}, force=True)
+    assert rep["method"] == method
+    assert ranges and all(end - start == 1 for start, end in ranges)

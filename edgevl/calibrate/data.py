@@ -231,19 +231,22 @@ def feed_reader(store: FeedStore, graph: str, samples: int | None = None, desc: 
     """An onnxruntime CalibrationDataReader over recorded feeds (lazy, rewindable, deep-copyable).
 
     With `desc`, a tqdm bar (made on the first read, so copies stay plain) counts the feeds.
+    `set_range` lets onnxruntime calibrate in strides (CalibStridedMinMax), so a histogram
+    calibrator holds one stride of activations at a time instead of all of them.
     """
     from onnxruntime.quantization import CalibrationDataReader
 
     class FeedReader(CalibrationDataReader):
         def __init__(self, files):
             self.files, self.pos, self.bar = list(files), 0, None
+            self.end = len(self.files)
 
         def get_next(self):
             if self.pos == 0 and desc and self.bar is None:
                 from tqdm import tqdm
                 self.bar = tqdm(total=len(self.files), desc=desc, unit="feed", leave=False)
-            if self.pos >= len(self.files):
-                if self.bar is not None:
+            if self.pos >= self.end:
+                if self.bar is not None and self.end >= len(self.files):
                     self.bar.close()
                     self.bar = None
                 return None
@@ -254,7 +257,10 @@ def feed_reader(store: FeedStore, graph: str, samples: int | None = None, desc: 
             return feed
 
         def rewind(self):
-            self.pos = 0
+            self.pos, self.end = 0, len(self.files)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.pos, self.end = start_index, min(end_index, len(self.files))
 
         def __len__(self):
             return len(self.files)

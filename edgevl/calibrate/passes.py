@@ -149,7 +149,11 @@ def int8_static(src: Path, dst: Path, reader, method: str, nodes: list[str]) -> 
                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=_ort_method(method),
                         use_external_data_format=_large(src),
                         extra_options={"WeightSymmetric": True,
-                                       "ActivationSymmetric": False, "MatMulConstBOnly": True})
+                                       "ActivationSymmetric": False, "MatMulConstBOnly": True,
+                                       # One feed per collection pass: onnxruntime holds a pass's activations
+                                       # before folding them into ranges / histograms, and its histogram
+                                       # collector cannot stack feeds of different shapes (image sizes).
+                                       "CalibStridedMinMax": 1})
 
 
 def int8_dynamic(src: Path, dst: Path, nodes: list[str]) -> None:
