@@ -372,3 +372,13 @@ def test_backend_modules_import_without_heavy_packages():
         "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_fast_load_skips_prepacking_with_the_same_tokens(tiny_artifact, pipeline, photos):
+    from edgevl.runtime.backends import BackendOptions
+    from edgevl.runtime.pipeline import Pipeline
+    fast = Pipeline.load(tiny_artifact, backend="ort-cpu", options=BackendOptions(prepack=False))
+    entries = fast.decoder.session.get_session_options().get_session_config_entry("session.disable_prepacking")
+    assert entries == "1"
+    kwargs = dict(images=[photos["coffee"]], max_new_tokens=8, do_sample=False)
+    assert fast.generate("Describe.", **kwargs).token_ids == pipeline.generate("Describe.", **kwargs).token_ids

@@ -51,6 +51,7 @@ class BackendOptions:
     """User settings shared by every backend (each uses the ones it needs)."""
 
     threads: int = 0                       # CPU threads per graph (ort-cpu)
+    prepack: bool = True                   # ort-cpu: re-pack weights at load (slower load, faster decode)
     device_id: int = 0                     # which GPU
     max_batch: int | None = None           # engines: largest batch (default 1)
     max_context: int | None = None         # KV-cache positions = prompt + new tokens (engines default 4096)
@@ -143,8 +144,8 @@ def _cuda_options(opts: BackendOptions) -> dict:
 
 
 def make_ort_cpu(graph: Path, opts: BackendOptions) -> Runner:
-    return OnnxrtRunner(SessionFromOnnx(graph, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads),
-                        name=f"ort-cpu:{Path(graph).stem}")
+    return OnnxrtRunner(SessionFromOnnx(graph, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads,
+                                        prepack=opts.prepack), name=f"ort-cpu:{Path(graph).stem}")
 
 
 def make_ort_cuda(graph: Path, opts: BackendOptions) -> Runner:

@@ -97,11 +97,12 @@ class SessionFromOnnx:
     """
 
     def __init__(self, path: str | os.PathLike, providers=("CPUExecutionProvider",), intra_op_threads: int = 0,
-                 optimization_level: str = "all"):
+                 optimization_level: str = "all", prepack: bool = True):
         self.path = Path(path)
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
         self.optimization_level = optimization_level
+        self.prepack = prepack
 
     def __call__(self):
         import onnxruntime as ort
@@ -109,6 +110,10 @@ class SessionFromOnnx:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.log_severity_level = 3  # errors only: the function-inlining notices are noise to users
+        if not self.prepack:
+            # CPU kernels re-pack weights when a session is created (2b-l4 decoder: ~2 s); skipping it
+            # loads in ~0.1 s and costs ~7 % decode speed (measured on a 2-core EPYC).
+            options.add_session_config_entry("session.disable_prepacking", "1")
         options.graph_optimization_level = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
