@@ -11,9 +11,9 @@ RECIPE_HELP = """recipes:
   fp16    Both graphs in fp16: half the size, fast where fp16 math is (GPUs). Layer norms, softmax,
           the edgevl::MRoPE nodes and every node whose calibrated activations come within 8x of the
           fp16 range stay fp32. Default --max-drop 0.01.
-  int8    Vision: static int8 QDQ, per-channel weights, activations calibrated with --method.
-          Decoder: int8 per-channel weights with dynamic (per-call) and static (calibrated)
-          activations; both are measured and the lower-KL one is kept. Default --max-drop 0.05.
+  int8    Both graphs: int8 per-channel weights; activations static (QDQ, ranges calibrated with
+          --method: what TensorRT needs) and/or dynamic (per call: onnxruntime's fast CPU path), per
+          --activations; with auto both are measured and the lower loss is kept. Default --max-drop 0.05.
   w4a16   Decoder MatMul weights in 4 bits, blocks of --block-size rows (onnxruntime MatMulNBits,
           --w4-algorithm rtn|hqq|gptq|awq). Activations stay float, or are quantized to int8 per block
           inside the matmul (accuracy_level 4, several times faster on AVX2 CPUs) when that is
@@ -54,6 +54,11 @@ def add_quantize_parser(sub) -> None:
                    help="held-out samples for the report and the gate (default: 4)")
     p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
                    help="how static int8 activation ranges are calibrated (default: minmax)")
+    p.add_argument("--activations", choices=["auto", "static", "dynamic"], default="auto",
+                   help="int8 activations of both graphs: static = QDQ with calibrated ranges (the explicit "
+                        "quantization TensorRT builds from; pick it for trt/ort-trt), dynamic = ranges computed per "
+                        "call (onnxruntime's fast int8 path on CPUs), auto = build both, keep the lower calibration "
+                        "loss (default)")
     p.add_argument("--max-drop", type=float, metavar="X",
                    help="largest allowed drop of a graph's score below fp32's 1.0 (vision: cosine similarity, "
                         "decoder: top-1 agreement); default per recipe: fp16 0.01, int8 0.05, w4a16 0.10")
@@ -83,6 +88,7 @@ def cmd_quantize(args) -> int:
                           f"install it with `pip install 'edgevl[quantize]'`.") from None
     quantize(args.artifact, args.output, args.recipe, calib=args.calib, samples=args.samples,
              eval_samples=args.eval_samples, method=args.method, max_drop=args.max_drop, force=args.force,
+             activations=args.activations,
              seed=args.seed, new_tokens=args.new_tokens, block_size=args.block_size, w4_algorithm=args.w4_algorithm,
              backend=args.backend, threads=args.threads, progress=not args.no_progress,
              log=lambda msg: print(f"[quantize] {msg}", file=sys.stderr), table=print)

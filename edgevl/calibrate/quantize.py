@@ -28,7 +28,7 @@ from edgevl.calibrate.graphs import (
     weight_summary,
 )
 from edgevl.calibrate.passes import CALIBRATION_METHODS, W4_ALGORITHMS
-from edgevl.calibrate.recipes import RECIPES, Context
+from edgevl.calibrate.recipes import INT8_ACTIVATIONS, RECIPES, Context
 from edgevl.errors import EdgevlError
 from edgevl.export.graph_info import describe_graph
 from edgevl.runtime.artifact import (
@@ -78,7 +78,8 @@ def _progress(enabled: bool, desc: str):
 def quantize(artifact, output, recipe: str, calib: str | None = None, samples: int = 16, eval_samples: int = 4,
              method: str = "minmax", max_drop: float | None = None, force: bool = False, seed: int = 0,
              new_tokens: int = 8, calib_steps: int = 4, block_size: int = 128, w4_algorithm: str = "rtn",
-             backend: str | None = None, threads: int = 0, progress: bool = True, log=print, table=print) -> dict:
+             backend: str | None = None, threads: int = 0, progress: bool = True, log=print, table=print,
+             activations: str = "auto") -> dict:
     """Quantize the artifact folder `artifact` into `output`; returns the report (also in output/quant_report.json).
 
     Raises GateFailed (nothing written) when a graph drops more than `max_drop` and not `force`.
@@ -86,6 +87,8 @@ def quantize(artifact, output, recipe: str, calib: str | None = None, samples: i
     """
     t_start = time.perf_counter()
     _check_options(recipe, samples, eval_samples, method, max_drop, block_size, w4_algorithm, new_tokens, calib_steps)
+    if activations not in INT8_ACTIVATIONS:
+        raise EdgevlError(f"--activations must be one of {', '.join(INT8_ACTIVATIONS)}, not {activations!r}.")
     handler = RECIPES[recipe]
     max_drop = handler.default_max_drop if max_drop is None else max_drop
     get_backend(backend)
@@ -114,13 +117,14 @@ def quantize(artifact, output, recipe: str, calib: str | None = None, samples: i
         data.capture(fp32, calib_set, calib_store, calib_steps, _progress(progress, "calibration"))
         data.capture(fp32, eval_set, eval_store, new_tokens, _progress(progress, "held-out"))
         ctx = Context(src, work / "graphs", calib_store, method, block_size, w4_algorithm, max_drop,
-                      decision_samples=min(8, len(calib_set)), backend=backend, threads=threads, log=log,
-                      progress=progress)
+                      activations=activations, decision_samples=min(8, len(calib_set)), backend=backend,
+                      threads=threads, log=log, progress=progress)
         ctx.work.mkdir()
         log(f"quantizing with recipe {recipe}")
         results = handler.make(ctx)
 
         quantization = {"recipe": recipe, "method": method, "max_drop": max_drop, "seed": seed,
+                        **({"activations": activations} if recipe in ("int8", "w4a16") else {}),
                         **({"w4_algorithm": w4_algorithm, "block_size": block_size} if recipe == "w4a16" else {}),
                         "calibration": {"source": source, "digest": data.samples_digest(calib_set),
                                         "samples": len(calib_set), "decode_steps": calib_steps,

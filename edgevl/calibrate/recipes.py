@@ -57,6 +57,7 @@ class Context:
     block_size: int = 128
     w4_algorithm: str = "rtn"
     max_drop: float = 0.05
+    activations: str = "auto"        # int8 activations: static (QDQ, TensorRT) | dynamic | auto (measure both)
     decision_samples: int = 8        # calibration samples that score trials
     backend: str | None = None
     threads: int = 0
@@ -163,61 +164,65 @@ def fp16_graph(ctx: Context, graph: str) -> GraphResult:
                                                                f"{len(hot)} nodes kept fp32 past {limit:.4g}"}})
 
 
+INT8_ACTIVATIONS = ("auto", "static", "dynamic")
+
+
 def int8_vision(ctx: Context) -> GraphResult:
-    src = ctx.src.graph_path("vision")
-    model = onnx.load(str(src), load_external_data=False)
+    """Static QDQ (what TensorRT takes) and/or dynamic activations, per --activations; the lower loss wins."""
+    src = ctx.tmp("vision-matmul")
+    model = gemm_to_matmul(load_graph(ctx.src.graph_path("vision")))    # dynamic int8 quantizes MatMul only
+    save_graph(model, src, check=False)
     weights = [n.name for n in weight_nodes(model)]
     groups = node_groups(model)
-
-    def build(levels):
-        skip = {n for g, level in levels.items() if level == "fp32" for n in groups[g]}
-        dst = ctx.tmp("vision-int8")
-        nodes = [n for n in weights if n not in skip]
-        passes.int8_static(src, dst, ctx.reader("vision", "int8 calibration"), ctx.method, nodes)
-        return dst
-
-    path, score, kept, trials = search_levels(ctx, "vision", groups, {"patch_embed": ("int8", "fp32"),
-                                                                      "merger": ("int8", "fp32")}, build)
-    return GraphResult(path, "int8", f"int8 QDQ static ({ctx.method}), per-channel weights", kept, trials,
-                       {"calibration": score})
+    del model
+    return best_int8_variant(ctx, "vision", src, weights, groups, {"patch_embed": ("int8", "fp32"),
+                                                                   "merger": ("int8", "fp32")})
 
 
 def int8_decoder(ctx: Context) -> GraphResult:
-    """Dynamic and static activations both built and measured; the lower calibration KL wins."""
+    """Static and/or dynamic activations, per --activations; the lower calibration KL wins."""
     src = ctx.tmp("decoder-matmul")
     model = gemm_to_matmul(load_graph(ctx.src.graph_path("decoder")))   # lm_head Gemm -> MatMul
     save_graph(model, src, check=False)
     weights = [n.name for n in weight_nodes(model)]
     groups = {"lm_head": node_groups(model).get("lm_head", [])}
     del model
+    return best_int8_variant(ctx, "decoder", src, weights, groups, {"lm_head": ("int8", "fp32")})
 
+
+def best_int8_variant(ctx: Context, graph: str, src: Path, weights: list[str], groups: dict,
+                      ladders: dict) -> GraphResult:
+    """Build the int8 graph with each activation mode --activations allows; keep the lowest calibration loss."""
     def builder(mode):
         def build(levels):
-            skip = set(groups["lm_head"]) if levels.get("lm_head") == "fp32" else set()
+            skip = {n for g, level in levels.items() if level == "fp32" for n in groups.get(g, [])}
             nodes = [n for n in weights if n not in skip]
-            dst = ctx.tmp(f"decoder-int8-{mode}")
+            dst = ctx.tmp(f"{graph}-int8-{mode}")
             if mode == "dynamic":
                 passes.int8_dynamic(src, dst, nodes)
             else:
-                passes.int8_static(src, dst, ctx.reader("decoder", "int8 calibration"), ctx.method, nodes)
+                passes.int8_static(src, dst, ctx.reader(graph, "int8 calibration"), ctx.method, nodes)
             return dst
         return build
 
+    modes = ("dynamic", "static") if ctx.activations == "auto" else (ctx.activations,)
     variants = {}
-    for mode in ("dynamic", "static"):
-        ctx.log(f"decoder: int8 with {mode} activations")
-        variants[mode] = search_levels(ctx, "decoder", groups, {"lm_head": ("int8", "fp32")}, builder(mode))
+    for mode in modes:
+        ctx.log(f"{graph}: int8 with {mode} activations")
+        variants[mode] = search_levels(ctx, graph, groups, ladders, builder(mode))
     mode = min(variants, key=lambda m: variants[m][1]["loss"])
     path, score, kept, trials = variants[mode]
     for other in variants.values():
         if other[0] != path:
             _discard(other[0])
-    measured = ", ".join(f"{m} KL {v[1]['kl_mean']:.4g} top-1 {v[1]['top1_agreement']:.3f} "
-                         f"{v[1]['decode_ms']:.2f} ms/step" for m, v in variants.items())
-    return GraphResult(path, "int8", f"int8 per-channel weights, {mode} activations", kept, trials,
+    measured = ", ".join(f"{m} loss {v[1]['loss']:.4g}" for m, v in variants.items())
+    how = f"int8 QDQ static ({ctx.method})" if mode == "static" else "int8 dynamic activations"
+    reason = f"{mode} kept ({measured} on calibration samples)" if len(variants) > 1 else \
+        f"{mode} (--activations {ctx.activations})"
+    return GraphResult(path, "int8", f"{how}, per-channel weights", kept, trials,
                        {"activations": mode, "calibration": score,
                         "variants": {m: _brief(v[1]) for m, v in variants.items()},
-                        "notes": {"activations": f"{mode} kept (lower KL on calibration samples: {measured})"}})
+                        "notes": {"activations": reason}})
 
 
 def int4_decoder(ctx: Context) -> GraphResult:
@@ -358,8 +363,8 @@ class Fp16(Recipe):
 
 class Int8(Recipe):
     name = "int8"
-    help = ("vision: static int8 QDQ (per-channel weights, activations calibrated by --method); decoder: int8 "
-            "per-channel weights with dynamic or static activations, whichever measures better")
+    help = ("both graphs: int8 per-channel weights with static (QDQ, calibrated by --method) or dynamic "
+            "activations, per --activations (auto: whichever measures better)")
     default_max_drop = 0.05
 
     def make(self, ctx):
