@@ -83,8 +83,17 @@ def test_int8_auto_measures_static_and_dynamic_activations(tiny_artifact, tmp_pa
     for graph in ("vision", "decoder"):
         details = rep["graphs"][graph]["details"]
         assert set(details["variants"]) == {"static", "dynamic"}
-        losses = {m: v["loss"] for m, v in details["variants"].items()}
-        assert details["activations"] == min(losses, key=losses.get)
+        from edgevl.calibrate.recipes import RECIPES, SPEED_KEY, pick_variant
+        budget = RECIPES["int8"].default_max_drop
+        assert details["activations"] == pick_variant(details["variants"], budget, SPEED_KEY[graph])
+
+
+def test_pick_variant_prefers_the_faster_one_with_accuracy_to_spare():
+    from edgevl.calibrate.recipes import pick_variant
+    scores = {"static": {"loss": 0.0011, "drop": 0.0011, "ms": 1081.0},
+              "dynamic": {"loss": 0.0012, "drop": 0.0012, "ms": 707.0}}
+    assert pick_variant(scores, 0.05, "ms") == "dynamic"           # both well inside the budget: speed decides
+    assert pick_variant(scores, 0.002, "ms") == "static"           # neither within half the budget: accuracy
 
 
 def test_int4_decoder_weights_are_at_most_35_percent(quantized, tiny_artifact):

@@ -13,7 +13,8 @@ RECIPE_HELP = """recipes:
           fp16 range stay fp32. Default --max-drop 0.01.
   int8    Both graphs: int8 per-channel weights; activations static (QDQ, ranges calibrated with
           --method: what TensorRT needs) and/or dynamic (per call: onnxruntime's fast CPU path), per
-          --activations; with auto both are measured and the lower loss is kept. Default --max-drop 0.05.
+          --activations; with auto both are measured and the fastest one within half of --max-drop is
+          kept (else the more accurate). Default --max-drop 0.05.
   w4a16   Decoder MatMul weights in 4 bits, blocks of --block-size rows (onnxruntime MatMulNBits,
           --w4-algorithm rtn|hqq|gptq|awq). Activations stay float, or are quantized to int8 per block
           inside the matmul (accuracy_level 4, several times faster on AVX2 CPUs) when that is
@@ -57,8 +58,8 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("--activations", choices=["auto", "static", "dynamic"], default="auto",
                    help="int8 activations of both graphs: static = QDQ with calibrated ranges (the explicit "
                         "quantization TensorRT builds from; pick it for trt/ort-trt), dynamic = ranges computed per "
-                        "call (onnxruntime's fast int8 path on CPUs), auto = build both, keep the lower calibration "
-                        "loss (default)")
+                        "call (onnxruntime's fast int8 path on CPUs), auto = build both, keep the faster one whose "
+                        "calibration drop is within half of --max-drop, else the more accurate (default)")
     p.add_argument("--max-drop", type=float, metavar="X",
                    help="largest allowed drop of a graph's score below fp32's 1.0 (vision: cosine similarity, "
                         "decoder: top-1 agreement); default per recipe: fp16 0.01, int8 0.05, w4a16 0.10")

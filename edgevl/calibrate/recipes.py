@@ -190,9 +190,21 @@ def int8_decoder(ctx: Context) -> GraphResult:
     return best_int8_variant(ctx, "decoder", src, weights, groups, {"lm_head": ("int8", "fp32")})
 
 
+SPEED_KEY = {"vision": "ms_per_image", "decoder": "decode_ms"}
+
+
+def pick_variant(scores: dict[str, dict], max_drop: float, speed_key: str) -> str:
+    """The fastest variant whose calibration drop is within half of --max-drop (accuracy to spare
+    buys nothing); when none is, the one with the lowest loss."""
+    good = [m for m, s in scores.items() if s["drop"] <= max_drop / 2]
+    if good:
+        return min(good, key=lambda m: scores[m].get(speed_key, 0.0))
+    return min(scores, key=lambda m: scores[m]["loss"])
+
+
 def best_int8_variant(ctx: Context, graph: str, src: Path, weights: list[str], groups: dict,
                       ladders: dict) -> GraphResult:
-    """Build the int8 graph with each activation mode --activations allows; keep the lowest calibration loss."""
+    """Build the int8 graph with each activation mode --activations allows; keep per `pick_variant`."""
     def builder(mode):
         def build(levels):
             skip = {n for g, level in levels.items() if level == "fp32" for n in groups.get(g, [])}
@@ -210,14 +222,16 @@ def best_int8_variant(ctx: Context, graph: str, src: Path, weights: list[str], g
     for mode in modes:
         ctx.log(f"{graph}: int8 with {mode} activations")
         variants[mode] = search_levels(ctx, graph, groups, ladders, builder(mode))
-    mode = min(variants, key=lambda m: variants[m][1]["loss"])
+    mode = pick_variant({m: v[1] for m, v in variants.items()}, ctx.max_drop, SPEED_KEY[graph])
     path, score, kept, trials = variants[mode]
     for other in variants.values():
         if other[0] != path:
             _discard(other[0])
-    measured = ", ".join(f"{m} loss {v[1]['loss']:.4g}" for m, v in variants.items())
+    measured = ", ".join(f"{m} loss {v[1]['loss']:.4g} {v[1].get(SPEED_KEY[graph], 0):.4g} ms"
+                         for m, v in variants.items())
     how = f"int8 QDQ static ({ctx.method})" if mode == "static" else "int8 dynamic activations"
-    reason = f"{mode} kept ({measured} on calibration samples)" if len(variants) > 1 else \
+    reason = f"{mode} kept (the fastest within half of --max-drop, else the most accurate: {measured} " \
+             f"on calibration samples)" if len(variants) > 1 else \
         f"{mode} (--activations {ctx.activations})"
     return GraphResult(path, "int8", f"{how}, per-channel weights", kept, trials,
                        {"activations": mode, "calibration": score,
