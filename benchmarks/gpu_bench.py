@@ -89,6 +89,8 @@ def bench_transformers(model_dir: Path, image: Path, new_tokens: int, runs: int,
         Qwen2VLImageProcessorPil,
     )
 
+    from edgevl.bench.reference import processor_inputs
+
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -102,14 +104,8 @@ def bench_transformers(model_dir: Path, image: Path, new_tokens: int, runs: int,
     processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
 
     def preprocess():
-        content = [{"type": "image"}, {"type": "text", "text": PROMPT}]
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-        px = processor([Image.open(image)], return_tensors="pt")
-        n = int(px["image_grid_thw"][0].prod()) // processor.merge_size ** 2
-        text = text.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        return ids, px
+        inputs = processor_inputs(tokenizer, processor, PROMPT, [Image.open(image)])
+        return inputs["input_ids"], inputs
 
     from transformers.generation.streamers import BaseStreamer
 

@@ -1,7 +1,7 @@
 """transformers as the reference: inputs built the way Qwen2VLProcessor builds them, and generate().
 
-The processor itself needs torchvision, so its steps are spelled out: tokenizer.apply_chat_template,
-the PIL image processor, image pads expanded to t*h*w/merge^2, and mm_token_type_ids for M-RoPE.
+The processor itself needs torchvision; edgevl.bench.reference.processor_inputs spells out its steps.
+generate() also needs mm_token_type_ids for M-RoPE.
 """
 
 from __future__ import annotations
@@ -17,25 +17,15 @@ def make_hf_inputs(tiny_model_dir):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
+
+    from edgevl.bench.reference import processor_inputs
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     processor = Qwen2VLImageProcessorPil.from_pretrained(tiny_model_dir)
 
     def build(prompt: str, image_paths=()):
-        from PIL import Image
-        content = [{"type": "image"} for _ in image_paths] + [{"type": "text", "text": prompt}]
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-        extra = {}
-        if image_paths:
-            images = [Image.open(p) for p in image_paths]
-            px = processor(images, return_tensors="pt")
-            for grid in px["image_grid_thw"]:
-                n = int(grid.prod()) // processor.merge_size ** 2
-                text = text.replace("<|image_pad|>", "<|placeholder|>" * n, 1)
-            text = text.replace("<|placeholder|>", "<|image_pad|>")
-            extra = {"pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"]}
-        ids = tokenizer(text, return_tensors="pt")["input_ids"]
-        return ids, extra
+        inputs = processor_inputs(tokenizer, processor, prompt, list(image_paths))
+        extra = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")} if image_paths else {}
+        return inputs["input_ids"], extra
 
     return build
 

@@ -52,6 +52,27 @@ def resolve_source(manifest: dict, override: str | None = None) -> Path:
                           f"or a cached hub model; pass --reference-model PATH.") from None
 
 
+def processor_inputs(tokenizer, image_processor, text: str, images=()) -> dict:
+    """What Qwen2VLProcessor returns for one user message (images first, then text), done by hand
+    because the processor class needs torchvision: chat template, PIL image processor, and each
+    image's pad expanded to t*h*w / merge^2 pads. -> {"input_ids" [1, S], "pixel_values", "image_grid_thw"}
+    (the last two None without images)."""
+    from PIL import Image
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    out = {"pixel_values": None, "image_grid_thw": None}
+    if images:
+        opened = [Image.open(img) if isinstance(img, (str, Path)) else img for img in images]
+        px = image_processor(opened, return_tensors="pt")
+        for grid in px["image_grid_thw"]:          # a placeholder so the next replace finds the next image
+            pads = int(grid.prod()) // image_processor.merge_size ** 2
+            chat = chat.replace("<|image_pad|>", "<|placeholder|>" * pads, 1)
+        chat = chat.replace("<|placeholder|>", "<|image_pad|>")
+        out = {"pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"]}
+    return {"input_ids": tokenizer(chat, return_tensors="pt")["input_ids"], **out}
+
+
 class TransformersEngine:
     name = "transformers"
 
@@ -84,19 +105,8 @@ class TransformersEngine:
         self.num_layers = text.num_hidden_layers
 
     def prepare(self, text: str, image: Path | None):
-        from PIL import Image
-        content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
-        chat = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)
-        pixels = grid = None
-        if image is not None:
-            with Image.open(image) as img:
-                px = self.processor([img], return_tensors="pt")
-            pixels, grid = px["pixel_values"], px["image_grid_thw"]
-            n = int(grid[0].prod()) // self.processor.merge_size ** 2
-            chat = chat.replace("<|image_pad|>", "<|image_pad|>" * n, 1)
-        ids = self.tokenizer(chat, return_tensors="pt")["input_ids"]
-        return {"ids": ids, "pixel_values": pixels, "grid": grid}
+        inputs = processor_inputs(self.tokenizer, self.processor, text, [image] if image is not None else [])
+        return {"ids": inputs["input_ids"], "pixel_values": inputs["pixel_values"], "grid": inputs["image_grid_thw"]}
 
     def prompt_ids(self, prepared) -> list[int]:
         return prepared["ids"][0].tolist()
