@@ -239,28 +239,17 @@ class EdgevlEngine:
         return len(self.prepare(text, image).input_ids)
 
     def encode(self, prepared):
-        return [self.pipe.encode_image(pv, g) for pv, g in zip(prepared.pixel_values, prepared.grids)]
+        return self.pipe.encode_vision(prepared)[0]                      # per image (no videos here)
 
     def prefill(self, prepared, vision):
         from edgevl.runtime.generate import prefill
-        from edgevl.runtime.rope_index import mrope_position_ids
-        cfg = self.config
         ids = prepared.input_ids[None, :]
         mask = np.ones_like(ids)
         embeds = self.pipe.embed(prepared.input_ids, vision or [])[None]
-        grids = np.array(prepared.grids, np.int64).reshape(-1, 3) if prepared.grids else None
-        positions, deltas = mrope_position_ids(ids, mask, cfg["image_token_id"], cfg["video_token_id"], grids,
-                                               None, cfg["spatial_merge_size"])
-        cache = self._empty_cache()
+        positions, deltas = self.pipe.positions(ids, mask, prepared.grids)
+        cache = self.pipe.new_cache(1)
         logits = prefill(self.pipe.decoder, embeds, positions, mask, cache)
         return {"cache": cache, "mask": mask, "deltas": deltas}, int(np.argmax(logits[0]))
-
-    def _empty_cache(self):
-        from edgevl.runtime.generate import KVCache
-        if hasattr(self.pipe, "new_cache"):          # the pipeline's own, when it has one (backend-aware)
-            return self.pipe.new_cache(1)
-        cfg = self.config
-        return KVCache.empty(cfg["num_hidden_layers"], 1, cfg["num_key_value_heads"], cfg["head_dim"], self.pipe.dtype)
 
     def decode(self, state, token):
         from edgevl.runtime.generate import decode_one_token
@@ -273,7 +262,7 @@ class EdgevlEngine:
         cfg = self.config
         rng = np.random.default_rng(context)
         shape = (1, cfg["num_key_value_heads"], context - 1, cfg["head_dim"])
-        cache = self._empty_cache()
+        cache = self.pipe.new_cache(1)
         for name in cache.arrays:
             cache.arrays[name] = rng.standard_normal(shape, np.float32).astype(self.pipe.dtype)
         return {"cache": cache, "mask": np.ones((1, context - 1), np.int64), "deltas": np.zeros((1, 1), np.int64)}
