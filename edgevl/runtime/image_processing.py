@@ -225,7 +225,7 @@ def _pixels_hwc(source, settings: ImageProcessorSettings) -> np.ndarray:
     return np.asarray(image)
 
 
-def _rescale_normalize(pixels: np.ndarray, settings: ImageProcessorSettings) -> np.ndarray:
+def rescale_normalize(pixels: np.ndarray, settings: ImageProcessorSettings) -> np.ndarray:
     """uint8 [H, W, 3] -> float32 [H, W, 3] with transformers' exact dtype steps."""
     x = pixels
     if settings.do_rescale:
@@ -241,27 +241,27 @@ def _rescale_normalize(pixels: np.ndarray, settings: ImageProcessorSettings) -> 
     return x.astype(np.float32)
 
 
-def _patchify(x: np.ndarray, settings: ImageProcessorSettings) -> tuple[np.ndarray, int, int]:
-    """float32 [H, W, C] -> ([gh*gw, C*T*P*P], gh, gw), patches in merge-block order."""
-    p, m, t = settings.patch_size, settings.merge_size, settings.temporal_patch_size
-    height, width, channels = x.shape
+def patchify(x: np.ndarray, settings: ImageProcessorSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """float32 frames [T, H, W, C] (T a multiple of temporal_patch_size) -> ([t*gh*gw, C*tp*P*P], (t, gh, gw)),
+    patches in transformers' merge-block order. A still image is T = tp identical frames."""
+    p, m, tp = settings.patch_size, settings.merge_size, settings.temporal_patch_size
+    frames, height, width, channels = x.shape
     if height % (p * m) or width % (p * m):
         raise EdgevlError(
             f"Image size {width}x{height} is not a multiple of {p * m}; enable do_resize or resize it first."
         )
-    gh, gw = height // p, width // p
-    # [bh, mh, ph, bw, mw, pw, C] -> [bh, bw, mh, mw, C, ph, pw]
-    blocks = x.reshape(gh // m, m, p, gw // m, m, p, channels).transpose(0, 3, 1, 4, 6, 2, 5)
-    # A still image fills every temporal slot: [bh, bw, mh, mw, C, T, ph, pw]
-    blocks = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], t, p, p))
-    return np.ascontiguousarray(blocks.reshape(gh * gw, channels * t * p * p)), gh, gw
+    gt, gh, gw = frames // tp, height // p, width // p
+    blocks = x.reshape(gt, tp, gh // m, m, p, gw // m, m, p, channels)
+    # -> [gt, bh, bw, mh, mw, C, tp, ph, pw]
+    blocks = blocks.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    return np.ascontiguousarray(blocks.reshape(gt * gh * gw, channels * tp * p * p)), (gt, gh, gw)
 
 
 def preprocess_image(image, settings: ImageProcessorSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
     """One image (path or PIL) -> (pixel_values float32 [1*gh*gw, C*T*P*P], grid_thw (1, gh, gw))."""
     pixels = _pixels_hwc(image, settings)
-    patches, gh, gw = _patchify(_rescale_normalize(pixels, settings), settings)
-    return patches, (1, gh, gw)
+    x = rescale_normalize(pixels, settings)                                    # [H, W, C]
+    return patchify(np.broadcast_to(x, (settings.temporal_patch_size, *x.shape)), settings)
 
 
 def preprocess_images(images, settings: ImageProcessorSettings) -> tuple[np.ndarray, np.ndarray]:

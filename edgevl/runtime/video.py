@@ -26,7 +26,8 @@ from PIL import Image
 from edgevl.errors import EdgevlError
 from edgevl.runtime.image_processing import (
     ImageProcessorSettings,
-    _rescale_normalize,
+    patchify,
+    rescale_normalize,
     smart_resize,
 )
 
@@ -113,19 +114,8 @@ def preprocess_video(frames: np.ndarray, settings: ImageProcessorSettings) -> tu
         if (h, w) != (height, width):
             frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC))
                                for f in frames])
-    x = _rescale_normalize(frames, settings)                                   # [N, H, W, C] float32
+    x = rescale_normalize(frames, settings)                                   # [N, H, W, C] float32
     tp = settings.temporal_patch_size
     if pad := -n % tp:                                                          # repeat the last frame
         x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    return patchify_frames(x, settings)
-
-
-def patchify_frames(x: np.ndarray, settings: ImageProcessorSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """float32 [T, H, W, C] (T a multiple of temporal_patch_size) -> ([t*gh*gw, C*tp*P*P], (t, gh, gw))."""
-    p, m, tp = settings.patch_size, settings.merge_size, settings.temporal_patch_size
-    frames, height, width, channels = x.shape
-    gt, gh, gw = frames // tp, height // p, width // p
-    blocks = x.reshape(gt, tp, gh // m, m, p, gw // m, m, p, channels)
-    # -> [gt, bh, bw, mh, mw, C, tp, ph, pw], transformers' patch order
-    blocks = blocks.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
-    return np.ascontiguousarray(blocks.reshape(gt * gh * gw, channels * tp * p * p)), (gt, gh, gw)
+    return patchify(x, settings)
