@@ -32,6 +32,7 @@ from edgevl.runtime.runners import (
     OrtIoBindingRunner,
     Runner,
     SessionFromOnnx,
+    activate_all,
 )
 from edgevl.runtime.sizing import (
     Limits,
@@ -245,14 +246,17 @@ class BackendSpec:
     factory: Callable[[Path, BackendOptions], Runner]
     build: Callable[[Path, BackendOptions], None] | None = None   # None: nothing to build ahead of time
     engine_limits: bool = False                                    # bounded by --max-context etc.
+    # Load the graphs of an artifact at the same time. Not where loading may build engines: two
+    # TensorRT builders at once double the builder's GPU workspace (too much on a Jetson).
+    concurrent_load: bool = True
 
 
 # In preference order: the default is the first available one.
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec("trt", "TensorRT 10 engines (edgevl build), KV cache on the GPU", available_trt, make_trt, build_trt,
-                engine_limits=True),
+                engine_limits=True, concurrent_load=False),
     BackendSpec("ort-trt", "ONNX Runtime TensorRT EP, KV cache on the GPU", available_ort_trt, make_ort_trt,
-                build_ort_trt, engine_limits=True),
+                build_ort_trt, engine_limits=True, concurrent_load=False),
     BackendSpec("ort-cuda", "ONNX Runtime CUDA EP with IO binding, KV cache on the GPU", available_ort_cuda,
                 make_ort_cuda),
     BackendSpec("ort-cpu", "ONNX Runtime on the CPU", available_ort_cpu, make_ort_cpu),
@@ -277,6 +281,12 @@ class Backend:
     def make_runner(self, graph: Path, threads: int | None = None) -> Runner:
         opts = self.options if threads is None else replace(self.options, threads=threads)
         return self.spec.factory(Path(graph), opts)
+
+    def load(self, graphs: list[Path]) -> list[Runner]:
+        """Runners for `graphs`, activated (at the same time where the backend allows)."""
+        runners = [self.make_runner(graph) for graph in graphs]
+        activate_all(runners, concurrently=self.spec.concurrent_load)
+        return runners
 
     def build(self, graph: Path) -> bool:
         """Build what can be built ahead of time; False when this backend has nothing to build."""

@@ -83,10 +83,7 @@ class Pipeline:
         self.generation_config = artifact.read_json("generation_config.json")
         # Memory-mapped: only the rows of tokens actually used are read from disk.
         self.embed_table = np.load(artifact.file(artifact.manifest["embeddings"]["file"]), mmap_mode="r")
-        self.vision = self.backend.make_runner(artifact.graph_path("vision"))
-        self.decoder = self.backend.make_runner(artifact.graph_path("decoder"))
-        self.vision.activate()
-        self.decoder.activate()
+        self.vision, self.decoder = self.backend.load([artifact.graph_path("vision"), artifact.graph_path("decoder")])
         self.dtype = self.decoder.input_metadata()["inputs_embeds"].dtype
         self.load_s = time.perf_counter() - t0
 

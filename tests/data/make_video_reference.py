@@ -24,7 +24,9 @@ from video_frames import SAMPLING_CASES, SETTINGS, synthetic_frames  # noqa: E40
 def main() -> None:
     import torch
     import transformers
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
+        Qwen2VLVideoProcessor,
+    )
     from transformers.video_utils import VideoMetadata
 
     out = {"transformers_version": np.array(transformers.__version__)}
