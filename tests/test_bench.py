@@ -15,6 +15,7 @@ import pytest
 
 from edgevl.bench import stats
 from edgevl.bench.cli import add_bench_parser, cmd_bench
+from edgevl.bench.compute import decoder_flops, measure_gemm, vision_flops
 from edgevl.errors import EdgevlError
 
 STAGES = ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms")
@@ -68,6 +69,35 @@ def test_roofline_arithmetic():
 
 
 # ----------------------------------------------------------------------------- pieces
+@pytest.mark.parametrize("grid", [(1, 8, 12), (2, 4, 6)])
+def test_flop_counts_equal_torch_flop_counter_on_the_transformers_model(tiny_model_dir, grid):
+    # eager attention: torch's counter sees every matrix product as mm/bmm (its sdpa rule counts differently)
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import Qwen2VLForConditionalGeneration
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    v = config["vision_config"]
+    pixels = torch.randn(int(np.prod(grid)), 3 * v["temporal_patch_size"] * v["patch_size"] ** 2)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.model.get_image_features(pixels, torch.tensor([grid]))
+    assert counter.get_total_flops() == vision_flops(config, grid)
+    ids = torch.randint(0, 100, (1, 37))
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    assert counter.get_total_flops() == decoder_flops(config, 37)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids[:, :1], cache=out.cache, use_cache=True, logits_to_keep=1)
+    assert counter.get_total_flops() == decoder_flops(config, 1, past=37)
+
+
+def test_gemm_rate_is_measured_for_fp32_and_int8():
+    gemm = measure_gemm(threads=1, shape=(64, 128, 256), repeats=2)
+    assert gemm["fp32_flops_per_s"] > 1e6 and gemm["int8_flops_per_s"] > 1e6
+    assert gemm["shape"] == [64, 128, 256] and "not the hardware peak" in gemm["method"]
+
+
 def test_fit_prompt_reaches_the_target_length():
     from edgevl.bench.measure import fit_prompt
     overhead = 20                                               # template + image tokens of the fake model
@@ -182,6 +212,7 @@ def test_bench_with_reference_on_the_tiny_model(tiny_artifact, tmp_path, capsys)
 
     report = json.loads(out_json.read_text())
     assert report["schema"] == "edgevl-bench/1"
+    config = json.loads((tiny_artifact / "config.json").read_text())
     m = report["machine"]
     assert m["cpu_model"] and m["logical_cores"] >= 1 and m["ram_bytes"] > 0 and isinstance(m["gpus"], list)
     assert {"edgevl", "numpy", "onnxruntime", "torch", "transformers"} <= set(m["versions"])
@@ -208,6 +239,16 @@ def test_bench_with_reference_on_the_tiny_model(tiny_artifact, tmp_path, capsys)
         roof = row["roofline"]
         assert roof["weight_bytes"] > 0 and roof["embedding_row_bytes"] == 64 * 4
         assert roof["floor_ms"] > 0 and roof["decode_over_floor"] > 0
+        c = row["compute"]
+        assert c["prefill_flops"] == decoder_flops(config, row["workload"]["prompt_tokens"])
+        assert c["grid"] == ([1, 4, 4] if has_image else None)
+        assert (c["vision_flops"] == vision_flops(config, (1, 4, 4))) if has_image else c["vision_flops"] is None
+        for key in ("edgevl", "reference"):
+            assert c[f"{key}_prefill_flops_per_s"] > 0 and c[f"{key}_prefill_of_gemm_rate"] > 0
+            assert c[f"{key}_prefill_gemm_rate"] == "fp32"
+            assert (c[f"{key}_vision_of_gemm_rate"] > 0) if has_image else c[f"{key}_vision_flops_per_s"] is None
+    assert report["gemm"]["fp32_flops_per_s"] > 1e8 and report["gemm"]["int8_flops_per_s"] > 1e8
+    assert "compute-bound stages against the measured GEMM rate" in out_md.read_text()
     assert {p["engine"] for p in report["context_probes"]} == {"edgevl", "transformers"}
     assert {c for p in report["context_probes"] for c, _ in p["points"]} == {16, 40}
 

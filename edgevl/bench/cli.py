@@ -14,11 +14,12 @@ from edgevl.errors import EdgevlError
 
 def add_bench_parser(sub) -> None:
     p = sub.add_parser(
-        "bench", help="measure per-stage latency, memory and the decode roofline of export folders",
+        "bench", help="measure per-stage latency, memory and rooflines of export folders",
         description="Time image preprocessing, the vision encoder, prefill (time to first token), decode per "
                     "token (and against context length) and end to end, with median / p90 / min over runs after "
-                    "warm-up, peak host RSS (and GPU memory with a GPU), model load time, tokens/s, and the decode "
-                    "floor set by the measured memory bandwidth. Several OUT folders, backends, image sizes, "
+                    "warm-up, peak host RSS (and GPU memory with a GPU), model load time, tokens/s, the decode "
+                    "floor set by the measured memory bandwidth, and the vision and prefill FLOP rates against "
+                    "the matrix-multiply rate measured in the same run. Several OUT folders, backends, image sizes, "
                     "prompt lengths and token counts are swept into one table. --reference hf runs transformers "
                     "on the source model in the same process and prints each stage's ratio. Decoding is greedy "
                     "and ignores EOS, so every run generates exactly --new-tokens tokens.")

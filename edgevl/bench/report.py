@@ -108,6 +108,29 @@ def detail_table(report: dict) -> tuple[list[str], list[list[str]]]:
     return headers, lines
 
 
+def compute_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Vision and prefill against the matrix-multiply rate measured in the same run: how close each
+    compute-bound stage is to what this machine's GEMM kernels can do."""
+    headers = ["artifact", "backend", "image", "prompt", "new", "engine", "vision GFLOP", "vision GFLOP/s",
+               "of GEMM rate", "prefill GFLOP", "prefill GFLOP/s", "of GEMM rate"]
+    lines = []
+    for row in report["rows"]:
+        c = row.get("compute")
+        if not c:
+            continue
+        for i, key in enumerate(("edgevl", "reference")):
+            if row[key] is None:
+                continue
+            cells = []
+            for stage in ("vision", "prefill"):
+                rate, of = c.get(f"{key}_{stage}_flops_per_s"), c.get(f"{key}_{stage}_of_gemm_rate")
+                cells += [fmt(c[f"{stage}_flops"] / 1e9) if c.get(f"{stage}_flops") and i == 0 else "",
+                          fmt(rate / 1e9) if rate else "—",
+                          f"{of * 100:.0f} % {c[f'{key}_{stage}_gemm_rate']}" if of else "—"]
+            lines.append((_config_cells(row) if i == 0 else [""] * 5) + [row[key]["engine"], *cells])
+    return headers, lines
+
+
 def render_table(headers: list[str], lines: list[list[str]], markdown: bool = False) -> str:
     if markdown:
         out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -146,6 +169,10 @@ def header_lines(report: dict) -> list[str]:
         lines.append(f"warning: other processes kept up to {max(others):.2f} of {m['logical_cores']} cores busy "
                      f"during the runs (column others' cores); multi-threaded numbers, torch's above all, suffer "
                      f"most — rerun on a quiet machine or compare with --threads 1")
+    gemm = report.get("gemm") or {}
+    if gemm.get("fp32_flops_per_s"):
+        lines.append(f"matrix-multiply rate (measured here): fp32 {gemm['fp32_flops_per_s'] / 1e9:.0f}, int8 "
+                     f"{gemm['int8_flops_per_s'] / 1e9:.0f} GFLOP/s — {gemm['method']}")
     lines += [f"note: {n}" for n in report.get("notes", [])]
     return lines
 
@@ -158,6 +185,9 @@ FOOTNOTES = [
     "during the runs minus before them, all processes, sampled by nvidia-smi every 50 ms.",
     "floor ms/tok: bytes one decode step must read (decoder weights incl. external data + one embedding row + "
     "the KV cache at the mean context) / the measured read bandwidth; ×floor = decode ms/tok / floor.",
+    "vision / prefill GFLOP: multiply-adds x 2 of every matrix product (edgevl.bench.compute); GFLOP/s = that / "
+    "the stage's median; of GEMM rate = GFLOP/s / the matrix-multiply rate measured here for the graph's compute "
+    "type (int8 or fp32): near 100 % the stage is compute-bound on these kernels.",
     "threads: intra-op threads (default: onnxruntime one per physical core, torch its own default); others' cores: "
     "cores that other processes kept busy during the runs, on average (/proc/stat).",
     "edgevl/hf: edgevl time / transformers time (below 1× = edgevl faster); tokens: greedy tokens equal to "
@@ -176,6 +206,11 @@ def render_text(report: dict, markdown: bool = False) -> str:
               "", render_table(*summary_table(report), markdown=markdown), "",
               "## per stage: median / p90 / min (ms)" if markdown else "per stage: median / p90 / min (ms)",
               "", render_table(*detail_table(report), markdown=markdown), ""]
+    compute = compute_table(report)
+    if compute[1]:
+        parts += ["## compute-bound stages against the measured GEMM rate" if markdown
+                  else "compute-bound stages against the measured GEMM rate", "",
+                  render_table(*compute, markdown=markdown), ""]
     parts += [f"- {n}" if markdown else f"* {n}" for n in FOOTNOTES]
     probes = report.get("context_probes") or []
     if probes:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from edgevl.bench import stats
+from edgevl.bench import compute, stats
 from edgevl.bench.machine import PeakRSS, current_rss, machine_info, measure_bandwidth
 from edgevl.bench.measure import (
     DEFAULT_PROMPT,
@@ -216,6 +216,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
     machine = machine_info()
     log("measuring memory bandwidth")
     bw_start = measure_bandwidth(cfg.bandwidth_mib << 20)
+    log("measuring the matrix-multiply rate")
+    gemm = compute.measure_gemm(cfg.threads)
     with tempfile.TemporaryDirectory(prefix="edgevl-bench-") as tmp:
         workloads = [Workload(label, path, pt, nt) for (label, path), pt, nt in
                      itertools.product(_images(cfg, Path(tmp)), cfg.prompt_tokens, cfg.new_tokens)]
@@ -223,6 +225,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
             + (0 if cfg.interleave else len(set(sources.values())))
         progress = _Progress((cfg.warmup + cfg.runs) * len(workloads) * sides, cfg.progress)
         texts: dict = {}   # (source, workload key) -> the prompt text edgevl ran, reused by the reference
+        grids = {(str(a.path), w.key): compute.image_grid(w.image_path, a.manifest["image_processor"])
+                 for a in artifacts for w in workloads if w.image_path is not None}
         probes: list[dict] = []
         try:
             if cfg.interleave:
@@ -241,12 +245,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
 
     weights = {str(a.path): graph_weight_bytes(a.graph_path("decoder")) for a in artifacts}
     rows = [_row(artifact, backend, w, results, references, sources, weights[str(artifact.path)],
-                 bandwidth["bytes_per_s"], cfg)
+                 bandwidth["bytes_per_s"], gemm, grids.get((str(artifact.path), w.key)), cfg)
             for artifact, backend in itertools.product(artifacts, cfg.backends) for w in workloads]
     load = machine.pop("load_average_at_start")
     return {"schema": SCHEMA, "created_unix": started, "duration_s": time.time() - started, "machine": machine,
             "load_average": {"start": load, "end": list(os.getloadavg()) if load else None},
-            "bandwidth": bandwidth,
+            "bandwidth": bandwidth, "gemm": gemm,
             "settings": {"runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads,
                          "reference": cfg.reference, "decoding": "greedy argmax, EOS ignored",
                          "backends": cfg.backends, "decode_contexts": cfg.decode_contexts,
@@ -334,7 +338,7 @@ def _run_interleaved(cfg, artifacts, workloads, sources, texts, probes, progress
 
 
 def _row(artifact, backend, w: Workload, results, references, sources, weights: dict, bandwidth: float,
-         cfg) -> dict:
+         gemm: dict, grid: tuple | None, cfg) -> dict:
     ours = results[(str(artifact.path), backend, w.key)]
     ref = references.get((str(artifact.path), backend, w.key)) or \
         (references.get((*sources[str(artifact.path)], w.key)) if sources else None)
@@ -349,5 +353,34 @@ def _row(artifact, backend, w: Workload, results, references, sources, weights: 
                          "prompt_tokens_target": w.prompt_tokens, "new_tokens": w.new_tokens},
             "edgevl": ours_j, "reference": ref_j, "ratios": _ratios(ours_j, ref_j),
             "tokens_match": _match(ours, ref, ref is not None and ref.prompt_len == ours.prompt_len),
-            "roofline": roof}
+            "roofline": roof, "compute": _compute(artifact, grid, ours, ours_j, ref_j, gemm)}
+
+
+def _rate_key(manifest: dict, graph: str) -> str:
+    """Which measured GEMM rate bounds a graph: int8 for int8 (and int8-compute int4) graphs, else fp32."""
+    described = ((manifest.get("quantization") or {}).get("precision") or {}).get(graph) \
+        or (manifest.get("precision") or {}).get(graph) or ""
+    return "int8" if "int8" in described else "fp32"
+
+
+def _compute(artifact, grid: tuple | None, ours: SideResult, ours_j: dict, ref_j: dict | None, gemm: dict) -> dict:
+    """FLOPs of the vision and prefill stages, the rate each engine reached, and that rate over the
+    GEMM rate measured here (for transformers: the fp32 rate; it runs fp32 / the export's dtype)."""
+    config = artifact.read_json("config.json")
+    flops = {"vision_ms": compute.vision_flops(config, grid) if grid else None,
+             "prefill_ms": compute.decoder_flops(config, ours.prompt_len)}
+    out = {"grid": list(grid) if grid else None, "vision_flops": flops["vision_ms"],
+           "prefill_flops": flops["prefill_ms"]}
+    for side, data, keys in (("edgevl", ours_j, {"vision_ms": _rate_key(artifact.manifest, "vision"),
+                                                  "prefill_ms": _rate_key(artifact.manifest, "decoder")}),
+                             ("reference", ref_j, {"vision_ms": "fp32", "prefill_ms": "fp32"})):
+        if data is None:
+            continue
+        for stage, key in keys.items():
+            rate = compute.throughput(flops[stage], (data["stages"][stage] or {}).get("median"))
+            name = stage.removesuffix("_ms")
+            out[f"{side}_{name}_flops_per_s"] = rate
+            out[f"{side}_{name}_gemm_rate"] = key
+            out[f"{side}_{name}_of_gemm_rate"] = stats.ratio(rate, gemm.get(f"{key}_flops_per_s"))
+    return out
 

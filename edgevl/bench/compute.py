@@ -1,0 +1,136 @@
+"""The compute side of the roofline: arithmetic per stage, and the GEMM rate measured here.
+
+Decode reads every weight once per token, so its floor is bytes / memory bandwidth
+(stats.floor_ms). The vision encoder and prefill instead multiply hundreds of rows by each
+weight: they are bound by arithmetic, and their floor is FLOPs / the rate this machine's
+matrix multiply reaches. This module gives both halves:
+
+* `vision_flops(config, grid)`, `decoder_flops(config, tokens, past)`: multiply-adds x 2
+  of every matrix product Qwen2-VL runs (patch embedding, QKV/out projections, MLPs,
+  attention scores and values over the full rows the graphs compute, merger, lm_head on
+  the last position only). Element-wise work (norms, activations, rotary) is left out:
+  well under 1 % here. Checked against torch.utils.flop_counter on the transformers model.
+* `measure_gemm(threads)`: GFLOP/s of onnxruntime's own fp32 MatMul and int8
+  DynamicQuantizeMatMul (per-channel int8 weights, what `edgevl quantize --recipe int8`
+  emits) on a ViT-MLP-sized product, best of a few runs. A measured rate, not the
+  hardware peak: the same kernels the graphs use, on the same threads.
+
+`config` is the model's config.json (transformers' layout: `text_config` and
+`vision_config`, or the text fields at the top level as older files have them).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+GEMM_SHAPE = (1024, 1280, 5120)    # M, K, N: a 448x448 image's patches through a 2B ViT's MLP
+
+
+def _text(config: dict) -> dict:
+    return config.get("text_config") or config
+
+
+def vision_flops(config: dict, grid: tuple[int, int, int]) -> int:
+    """FLOPs of the vision encoder + merger for one image or video of grid (t, h, w) patches.
+
+    Attention runs within each temporal patch (h*w rows), as the exported graph and
+    transformers' per-frame cu_seqlens do.
+    """
+    v = config["vision_config"]
+    t, h, w = grid
+    n, d = t * h * w, v["embed_dim"]
+    mlp = int(d * v["mlp_ratio"])
+    patch = v.get("in_channels", 3) * v["temporal_patch_size"] * v["patch_size"] ** 2
+    per_block = 2 * n * d * (3 * d + d + 2 * mlp) + t * 4 * (h * w) ** 2 * d   # qkv, proj, fc1+fc2; QK^T, AV
+    merged, wide = n // v["spatial_merge_size"] ** 2, d * v["spatial_merge_size"] ** 2
+    merger = 2 * merged * wide * (wide + _text(config)["hidden_size"])
+    return 2 * n * patch * d + v["depth"] * per_block + merger
+
+
+def decoder_flops(config: dict, tokens: int, past: int = 0) -> int:
+    """FLOPs of the decoder for `tokens` new positions after `past` cached ones (prefill: past=0;
+    one decode step: tokens=1), logits for the last position only. Attention counts every
+    (query, key) pair the graph computes: tokens x (past + tokens), masked or not."""
+    c = _text(config)
+    hidden, layers = c["hidden_size"], c["num_hidden_layers"]
+    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = c.get("head_dim") or hidden // heads
+    projections = hidden * head_dim * (2 * heads + 2 * kv_heads)         # q, o; k, v
+    mlp = 3 * hidden * c["intermediate_size"]                               # gate, up, down
+    attention = 4 * tokens * (past + tokens) * heads * head_dim             # QK^T and AV
+    lm_head = 2 * hidden * c["vocab_size"]
+    return layers * (2 * tokens * (projections + mlp) + attention) + lm_head
+
+
+def image_grid(image, processor_settings: dict) -> tuple[int, int, int]:
+    """The (1, h, w) patch grid edgevl's preprocessing gives an image file, without decoding its pixels."""
+    from PIL import Image
+
+    from edgevl.runtime.image_processing import ImageProcessorSettings, smart_resize
+    s = ImageProcessorSettings.from_dict(processor_settings)
+    with Image.open(image) as im:
+        width, height = im.size
+    if s.do_resize:
+        height, width = smart_resize(height, width, s.factor, s.min_pixels, s.max_pixels)
+    return 1, height // s.patch_size, width // s.patch_size
+
+
+def throughput(flops: float | None, ms: float | None) -> float | None:
+    """FLOP/s from a FLOP count and milliseconds; None when either is missing."""
+    if not flops or not ms or ms <= 0:
+        return None
+    return flops / (ms / 1e3)
+
+
+# ----------------------------------------------------------------------------- GEMM rate here
+def _gemm_models(m: int, k: int, n: int, rng):
+    from onnx import TensorProto, helper, numpy_helper
+    weight = rng.standard_normal((k, n), dtype=np.float32)
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])
+    fp32 = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["y"])], "gemm_fp32", [a], [y],
+                             [numpy_helper.from_array(weight, "w")])
+    scale = np.abs(weight).max(axis=0) / 63                                 # per-column, 7-bit like reduce_range
+    quantized = np.clip(np.round(weight / scale), -63, 63).astype(np.int8)
+    int8 = helper.make_graph(
+        [helper.make_node("DynamicQuantizeMatMul", ["a", "w", "s"], ["y"], domain="com.microsoft")],
+        "gemm_int8", [a], [y],
+        [numpy_helper.from_array(quantized, "w"), numpy_helper.from_array(scale.astype(np.float32), "s")])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return {name: helper.make_model(graph, opset_imports=opsets, ir_version=8).SerializeToString()
+            for name, graph in (("fp32", fp32), ("int8", int8))}
+
+
+def measure_gemm(threads: int = 0, shape: tuple[int, int, int] = GEMM_SHAPE, repeats: int = 5) -> dict:
+    """Best-of-`repeats` GFLOP/s of onnxruntime's fp32 and int8 matrix multiply on the CPU.
+
+    Returns {"fp32_flops_per_s", "int8_flops_per_s", "shape", "threads", "method"}; the rates are
+    None (with "skipped") when onnx or onnxruntime is missing.
+    """
+    try:
+        import onnxruntime as ort
+        models = _gemm_models(*shape, np.random.default_rng(0))
+    except ImportError as e:
+        return {"fp32_flops_per_s": None, "int8_flops_per_s": None, "shape": list(shape),
+                "skipped": f"{e.name} is not installed"}
+    m, k, n = shape
+    a = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
+    out = {"shape": list(shape), "threads": threads or None, "repeats": repeats}
+    for name, model in models.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        session.run(None, {"a": a})
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            session.run(None, {"a": a})
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_flops_per_s"] = 2 * m * k * n / min(times)
+    out["method"] = (f"onnxruntime CPU MatMul (fp32) and DynamicQuantizeMatMul (int8, per-channel weights) of "
+                     f"[{m}x{k}] x [{k}x{n}], weights prepacked, best of {repeats}. A measured rate, not the "
+                     f"hardware peak.")
+    return out
