@@ -143,8 +143,8 @@ def activate_all(runners: list["Runner"], concurrently: bool = True) -> None:
 
     Session creation is native code that releases the GIL (onnxruntime parses the graph
     and pre-packs its weights on one thread per session), so the vision encoder and the
-    decoder load in about the time of the slower one: 2b-l4 fp32 on 2 cores, ~2.5 s
-    instead of ~3.3 s one after the other. The first error is raised after all finish;
+    decoder load in about the time of the slower one (2b-l4 fp32 on 2 cores: median 4.1 s
+    instead of 4.6 s one after the other). The first error is raised after all finish;
     runners that did activate are deactivated again, so nothing is left half-loaded.
     """
     if not concurrently or len(runners) < 2:
