@@ -93,6 +93,8 @@ class StreamDecoder:
     Holds back an incomplete UTF-8 character, and any tail that could be the start
     of a stop string, so a stop string is never printed even in part. `text` is the
     final output (cut before the first stop string); `finish()` releases what is held.
+    Each token costs time for a few recent ids only (the way text-generation-inference
+    streams), not for the whole text so far.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
@@ -102,19 +104,34 @@ class StreamDecoder:
         self.text = ""
         self.printed = 0
         self.stopped = False
+        self._read = 0          # ids[:_read] are in `text` (the text ended on a whole character there)
+        self._prefix = 0        # the read point before that: each push decodes ids[_prefix:]
+        self._prefix_text = ""  # decode(ids[_prefix:_read])
 
     def push(self, token_id: int) -> str:
         """Add a token; returns the text that is now safe to print."""
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        if self.stopped:  # generation ends at the stop string
             return ""
-        hits = [text.find(s) for s in self.stop if s in text]
+        # Decode only ids[_prefix:], not all ids (which made streaming N tokens cost O(N^2)). _prefix is
+        # the read point before the last one: the text ended on a whole character there, so the window
+        # cuts no UTF-8 character, and ids[_prefix:_read] give context to decoders that change a first
+        # token (SentencePiece drops its leading space). The new text is what the window adds to them.
+        window = self.tokenizer.decode(self.ids[self._prefix:])
+        if window.endswith("\ufffd"):  # a multi-byte character is not complete yet
+            return ""
+        new = window[len(self._prefix_text):]
+        if not new:  # e.g. a special token: nothing changes
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        self._prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        old, self.text = len(self.text), self.text + new
+        # A stop string must end in the new text: one that ends earlier was found by an earlier push.
+        hits = [i for s in self.stop if (i := self.text.find(s, max(0, old - len(s) + 1))) >= 0]
         if hits:
-            self.text, self.stopped = text[:min(hits)], True
+            self.text, self.stopped = self.text[:min(hits)], True
             return self.flush()
-        self.text = text
-        return self._release(len(text) - self._held_tail(text))
+        return self._release(len(self.text) - self._held_tail(self.text))
 
     def flush(self) -> str:
         return self._release(len(self.text))
