@@ -273,6 +273,19 @@ def test_interleaved_runs_measure_both_engines(tiny_artifact, tmp_path, capsys):
     assert row["tokens_match"]["matching_prefix"] == 3
 
 
+def test_fast_load_is_measured_without_weight_prepacking(tiny_artifact, tmp_path, capsys, monkeypatch):
+    from edgevl.runtime import runners
+    made = []
+    real = runners.SessionFromOnnx.__call__
+    monkeypatch.setattr(runners.SessionFromOnnx, "__call__", lambda self: made.append(self.prepack) or real(self))
+    args = bench_args(tiny_artifact, "--image-size", "none", "--new-tokens", "2", "--runs", "1", "--warmup", "0",
+                      "--fast-load", "--bandwidth-mib", "8", "--json", tmp_path / "r.json", "--no-progress")
+    assert cmd_bench(args) == 0
+    assert "--fast-load (no weight pre-packing)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["fast_load"] is True
+    assert made == [False, False]           # vision and decoder sessions
+
+
 def test_bench_runs_standalone_and_from_a_preset(tiny_artifact, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(tiny_artifact, cache / "presets" / "tiny" / "export-fp32")   # a cached preset export

@@ -48,6 +48,9 @@ def add_bench_parser(sub) -> None:
                    help="discarded warm-up runs before them (default: 1)")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="CPU threads for onnxruntime and torch (0 = each library's default)")
+    p.add_argument("--fast-load", action="store_true",
+                   help="ort-cpu: skip onnxruntime's weight pre-packing, as `edgevl run --fast-load` does (faster "
+                        "load, slower vision and prefill): measure the trade-off")
     p.add_argument("--reference", choices=["hf"],
                    help="'hf': also run transformers (eager PyTorch, same dtype, sdpa attention) on the source "
                         "model recorded in the manifest and print edgevl/transformers per stage")
@@ -84,7 +87,7 @@ def config_from_args(args, log=lambda msg: None):
     return BenchConfig(
         artifacts=artifacts, backends=args.backend or ["ort-cpu"], images=args.image, image_sizes=args.image_size,
         prompt=args.prompt, prompt_tokens=args.prompt_tokens or [None], new_tokens=args.new_tokens or [32],
-        runs=args.runs, warmup=args.warmup, threads=args.threads, reference=args.reference,
+        runs=args.runs, warmup=args.warmup, threads=args.threads, prepack=not args.fast_load, reference=args.reference,
         reference_model=args.reference_model, interleave=args.interleave, decode_contexts=args.decode_contexts, verify=not args.no_verify,
         bandwidth_mib=args.bandwidth_mib, notes=notes, presets=presets,
         progress=False if args.no_progress else None)

@@ -221,10 +221,11 @@ class EdgevlEngine:
 
     name = "edgevl"
 
-    def __init__(self, artifact, backend: str | None = None, threads: int = 0):
+    def __init__(self, artifact, backend: str | None = None, threads: int = 0, prepack: bool = True):
+        from edgevl.runtime.backends import BackendOptions
         from edgevl.runtime.pipeline import Pipeline
         t0 = time.perf_counter()
-        self.pipe = Pipeline(artifact, backend=backend, threads=threads)
+        self.pipe = Pipeline(artifact, backend=backend, options=BackendOptions(threads=threads, prepack=prepack))
         self.load_s = time.perf_counter() - t0
         self.config = self.pipe.config
         self.threads = threads or None   # 0: onnxruntime's default, one thread per physical core

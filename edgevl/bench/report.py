@@ -158,6 +158,7 @@ def header_lines(report: dict) -> list[str]:
              + f" GB/s; the roofline uses the best, {bw['bytes_per_s'] / 1e9:.1f} GB/s — {bw['start']['method']}",
              f"runs: {s['runs']} measured after {s['warmup']} warm-up"
              + ("; edgevl and transformers runs interleaved" if s.get("interleave") else "")
+             + ("; edgevl with --fast-load (no weight pre-packing)" if s.get("fast_load") else "")
              + f"; decoding: {s['decoding']}"]
     if load.get("start"):
         lines.append(f"load average (1 min) at start {load['start'][0]:.2f}, at end {load['end'][0]:.2f} on "

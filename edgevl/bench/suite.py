@@ -53,6 +53,7 @@ class BenchConfig:
     runs: int = 5
     warmup: int = 1
     threads: int = 0
+    prepack: bool = True                                     # False: --fast-load (ort-cpu skips weight pre-packing)
     reference: str | None = None
     reference_model: str | None = None
     decode_contexts: list[int] = field(default_factory=list)
@@ -251,7 +252,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
     return {"schema": SCHEMA, "created_unix": started, "duration_s": time.time() - started, "machine": machine,
             "load_average": {"start": load, "end": list(os.getloadavg()) if load else None},
             "bandwidth": bandwidth, "gemm": gemm,
-            "settings": {"runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads,
+            "settings": {"runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads, "fast_load": not cfg.prepack,
                          "reference": cfg.reference, "decoding": "greedy argmax, EOS ignored",
                          "backends": cfg.backends, "decode_contexts": cfg.decode_contexts,
                          "interleave": cfg.interleave},
@@ -273,7 +274,7 @@ def _run_edgevl(cfg, artifacts, workloads, sources, texts, probes, progress) -> 
         progress.prefix = f"{artifact.path.name}/{backend}"
         gc.collect()
         with PeakRSS() as load_rss:
-            engine = EdgevlEngine(artifact, backend=backend, threads=cfg.threads)
+            engine = EdgevlEngine(artifact, backend=backend, threads=cfg.threads, prepack=cfg.prepack)
         source = sources.get(str(artifact.path), (str(artifact.path),))[0]
         for w in workloads:
             r = measure_workload(engine, _prompt_text(cfg, engine, source, w, texts), w, cfg.runs, cfg.warmup,
@@ -319,7 +320,7 @@ def _run_interleaved(cfg, artifacts, workloads, sources, texts, probes, progress
             if sources[str(artifact.path)] != (source, dtype):
                 continue
             progress.prefix = f"{artifact.path.name}/{backend} + transformers"
-            engine = EdgevlEngine(artifact, backend=backend, threads=cfg.threads)
+            engine = EdgevlEngine(artifact, backend=backend, threads=cfg.threads, prepack=cfg.prepack)
             for w in workloads:
                 pair = measure_interleaved([engine, reference], _prompt_text(cfg, engine, source, w, texts), w,
                                            cfg.runs, cfg.warmup, progress.tick)
