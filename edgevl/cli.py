@@ -150,6 +150,7 @@ def cmd_run(args) -> int:
 
 # ----------------------------------------------------------------------------- chat
 CHAT_HELP = """commands: /image PATH  attach an image to your next message (repeatable)
+          /video PATH  attach a video, sampled at 2 fps (repeatable; needs the video extra, PyAV)
           /reset       forget the conversation (and its KV cache)
           /exit        quit (or Ctrl-D)"""
 
@@ -174,7 +175,7 @@ def cmd_chat(args) -> int:
 
     session = ChatSession(load_pipeline(args), system=args.system)
     sampling = sampling_from_args(args)
-    pending_images: list[str] = []
+    pending: dict[str, list[str]] = {"image": [], "video": []}   # attachments for the next message
     interactive = sys.stdin.isatty()
     print(CHAT_HELP, file=sys.stderr)
     while True:
@@ -184,23 +185,9 @@ def cmd_chat(args) -> int:
             return 0
         if not line:
             continue
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            session.reset()
-            pending_images.clear()
-            print("[conversation reset]", file=sys.stderr)
-            continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            if not path:
-                print("usage: /image PATH", file=sys.stderr)
-                continue
-            pending_images.append(path)
-            print(f"[image attached: {path}]", file=sys.stderr)
-            continue
         if line.startswith("/"):
-            print(f"unknown command {line.split()[0]}\n{CHAT_HELP}", file=sys.stderr)
+            if not _chat_command(line, session, pending):
+                return 0
             continue
         started = []
 
@@ -211,11 +198,37 @@ def cmd_chat(args) -> int:
             sys.stdout.flush()
 
         try:
-            session.send(line, images=pending_images, max_new_tokens=args.max_new_tokens, on_text=show, **sampling)
+            session.send(line, images=pending["image"], videos=pending["video"], max_new_tokens=args.max_new_tokens,
+                         on_text=show, **sampling)
             print()
-        except EdgevlError as e:  # a bad image or a full context: say so and keep chatting
+        except EdgevlError as e:  # a bad image or video, no PyAV, a full context: say so and keep chatting
             print(f"error: {e}", file=sys.stderr)
-        pending_images.clear()
+        for attached in pending.values():
+            attached.clear()
+
+
+def _chat_command(line: str, session, pending: dict[str, list[str]]) -> bool:
+    """One /command of `edgevl chat`; returns False to quit."""
+    command, *rest = line.split(maxsplit=1)
+    arg = rest[0] if rest else ""    # the rest of the line: a path may contain spaces
+    if command in ("/exit", "/quit"):
+        return False
+    if command == "/reset":
+        session.reset()
+        for attached in pending.values():
+            attached.clear()
+        print("[conversation reset]", file=sys.stderr)
+    elif command in ("/image", "/video"):
+        kind = command[1:]
+        if not arg:
+            print(f"usage: {command} PATH", file=sys.stderr)
+        else:
+            # Loaded when the message is sent, like images: a bad file fails that turn, not the chat.
+            pending[kind].append(arg)
+            print(f"[{kind} attached: {arg}]", file=sys.stderr)
+    else:
+        print(f"unknown command {command}\n{CHAT_HELP}", file=sys.stderr)
+    return True
 
 
 # ----------------------------------------------------------------------------- main

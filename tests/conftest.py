@@ -67,3 +67,13 @@ def photos(tmp_path_factory) -> dict[str, Path]:
         paths[name] = folder / f"{name}.png"
         img.save(paths[name])
     return paths
+
+
+@pytest.fixture(scope="session")
+def video_file(tmp_path_factory) -> Path:
+    """A 2-second lossless video file, 16 frames of 84x112 at 8 fps (sampled at 2 fps: 4 frames, t=2)."""
+    pytest.importorskip("av")
+    from tests.data.video_frames import synthetic_frames, write_video
+    path = tmp_path_factory.mktemp("video") / "clip.mov"
+    write_video(path, synthetic_frames(16, 84, 112), fps=8)
+    return path

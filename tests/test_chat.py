@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.chat import ChatSession
 from edgevl.runtime.prompt import user_message
+from edgevl.runtime.video import VideoClip
+from tests.data.video_frames import synthetic_frames
 
 
-def _fresh_run(pipeline, messages, images, **kwargs):
-    row = pipeline.prepare_messages(messages, images)
+def _fresh_run(pipeline, messages, images, videos=(), **kwargs):
+    row = pipeline.prepare_messages(messages, images, videos)
     return pipeline.generate_prepared([row], **kwargs)[0]
 
 
@@ -50,3 +53,48 @@ def test_context_overflow_is_a_clear_error(pipeline, monkeypatch):
     monkeypatch.setattr(type(pipeline), "max_context", property(lambda self: 40))
     with pytest.raises(EdgevlError, match="/reset"):
         chat.send("word " * 60, max_new_tokens=4, do_sample=False)
+
+
+def test_video_turn_equals_generate_and_the_next_turn_reuses_its_cache(pipeline):
+    clip = VideoClip(synthetic_frames(8, 84, 112), 2.0, 8, np.arange(8))     # t=4 temporal patches
+    chat = ChatSession(pipeline)
+    first = chat.send("What happens in the video?", videos=[clip], max_new_tokens=10, do_sample=False)
+    alone = pipeline.generate("What happens in the video?", videos=[clip], max_new_tokens=10, do_sample=False)
+    assert (first.prompt_token_ids, first.token_ids) == (alone.prompt_token_ids, alone.token_ids)
+
+    second = chat.send("And then?", max_new_tokens=10, do_sample=False)
+    video_token = pipeline.config["video_token_id"]
+    assert chat.last_prefill_tokens < len(second.prompt_token_ids)
+    assert video_token not in second.prompt_token_ids[-chat.last_prefill_tokens:]   # the video stayed cached
+    messages = [user_message("What happens in the video?", num_videos=1),
+                {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+                user_message("And then?")]
+    fresh = _fresh_run(pipeline, messages, [], [clip], max_new_tokens=10, do_sample=False)
+    assert second.prompt_token_ids == fresh.prompt_token_ids
+    assert second.token_ids == fresh.token_ids
+
+
+def test_images_and_a_video_file_across_turns_and_reset(pipeline, photos, video_file):
+    chat = ChatSession(pipeline, system="You are terse.")
+    chat.send("Look at this.", images=[photos["coffee"]], max_new_tokens=6, do_sample=False)
+    r = chat.send("Now these.", images=[photos["astronaut"]], videos=[video_file], max_new_tokens=6,
+                  do_sample=False)
+    assert [p["type"] for p in chat.messages[-2]["content"]] == ["image", "video", "text"]   # images first
+    assert len(chat.grids) == 2 and len(chat.video_grids) == 1
+    messages = [{"role": "system", "content": [{"type": "text", "text": "You are terse."}]},
+                *chat.messages[:-1]]
+    fresh = _fresh_run(pipeline, messages, [photos["coffee"], photos["astronaut"]], [video_file],
+                       max_new_tokens=6, do_sample=False)
+    assert (r.prompt_token_ids, r.token_ids) == (fresh.prompt_token_ids, fresh.token_ids)
+    chat.reset()
+    assert chat.video_embeds == [] and chat.video_grids == [] and chat.cache is None
+
+
+def test_a_failed_video_turn_leaves_the_conversation_as_it_was(pipeline, tmp_path):
+    chat = ChatSession(pipeline)
+    chat.send("Hello!", max_new_tokens=4, do_sample=False)
+    before = (list(chat.messages), chat.cached_ids.copy())
+    with pytest.raises(EdgevlError, match="missing.mp4"):
+        chat.send("What happens?", videos=[tmp_path / "missing.mp4"], max_new_tokens=4, do_sample=False)
+    assert chat.messages == before[0] and np.array_equal(chat.cached_ids, before[1])
+    assert chat.video_grids == [] and chat.video_embeds == []

@@ -65,6 +65,18 @@ def test_chat_reads_turns_from_stdin(tiny_artifact, photos, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_chat_video_command(tiny_artifact, video_file, tmp_path):
+    assert "/video PATH" in edgevl("chat", "--help").stdout
+    turns = f"/video {tmp_path / 'missing.mp4'}\nWhat happens?\n/video {video_file}\nWhat happens now?\nAnd then?\n"
+    proc = subprocess.run([sys.executable, "-m", "edgevl", "chat", str(tiny_artifact), "--max-new-tokens", "5",
+                           "--greedy"], input=turns, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("assistant> ") == 2          # the missing video fails its turn, not the chat
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "missing.mp4" in errors[0] and errors[0].endswith(".")
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.fixture
 def corrupt_image(tmp_path):
     path = tmp_path / "broken.jpg"

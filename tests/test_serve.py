@@ -28,7 +28,8 @@ def _free_port() -> int:
 def server(tiny_artifact):
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "edgevl", "serve", str(tiny_artifact), "--port", str(port),
-                             "--model-name", "tiny", "--max-request-mb", "1", "--max-image-pixels", "1000000"],
+                             "--model-name", "tiny", "--max-request-mb", "1", "--max-image-pixels", "1000000",
+                             "--max-video-mb", "0.5"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -58,6 +59,15 @@ def data_url(path, size=None) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def video_data_url(path) -> str:
+    return "data:video/quicktime;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def video_message(text, url):
+    return [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
 
 
 def image_message(text, url):
@@ -179,3 +189,61 @@ def test_server_survives_bad_requests(server, client):
     r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "still there?"}],
                                        max_tokens=3, temperature=0)
     assert r.choices[0].message.content is not None
+
+
+def test_completion_with_video_equals_the_runtime(client, pipeline, video_file):
+    r = client.chat.completions.create(model="tiny", messages=video_message("What happens?",
+                                                                            video_data_url(video_file)),
+                                       max_tokens=8, temperature=0)
+    expected = pipeline.generate("What happens?", videos=[video_file], max_new_tokens=8, do_sample=False)
+    assert r.choices[0].message.content == expected.text
+    assert r.usage.completion_tokens == len(expected.token_ids)
+    assert r.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+def _one_sentence(message: str) -> bool:
+    return "\n" not in message and message.endswith(".") and ". " not in message[:-1]
+
+
+def test_remote_and_local_video_urls_are_refused(server, video_file):
+    r = _post(server, json.dumps({"model": "tiny", "messages": video_message("x", "https://example.com/a.mp4")}))
+    assert r.status_code == 400
+    message = r.json()["error"]["message"]
+    assert "remote video URLs" in message and _one_sentence(message)
+    r = _post(server, json.dumps({"model": "tiny", "messages": video_message("x", str(video_file))}))
+    assert r.status_code == 400 and "--allow-local-files" in r.json()["error"]["message"]
+
+
+def test_oversized_video_is_a_413(server):
+    url = "data:video/mp4;base64," + base64.b64encode(bytes(600 * 1024)).decode()   # over 0.5 MiB, under 1 MiB
+    r = _post(server, json.dumps({"model": "tiny", "messages": video_message("x", url)}))
+    assert r.status_code == 413 and "bytes per video" in r.json()["error"]["message"]
+
+
+def test_video_frames_over_the_pixel_limit_are_a_413(server, tmp_path):
+    import numpy as np
+
+    from tests.data.video_frames import write_video
+    write_video(tmp_path / "big.mov", np.zeros((4, 1008, 1008, 3), np.uint8), fps=2)   # 1.02 MP per frame
+    body = {"model": "tiny", "messages": video_message("x", video_data_url(tmp_path / "big.mov"))}
+    r = _post(server, json.dumps(body))
+    assert r.status_code == 413 and "1008x1008" in r.json()["error"]["message"]
+
+
+def test_undecodable_video_is_a_400(server):
+    url = "data:video/mp4;base64," + base64.b64encode(b"not a video" * 50).decode()
+    for stream in (False, True):    # decoded before a streamed reply starts: a real 4xx either way
+        r = _post(server, json.dumps({"model": "tiny", "messages": video_message("x", url), "stream": stream}))
+        assert r.status_code == 400
+        message = r.json()["error"]["message"]
+        assert message.startswith("the video could not be decoded") and "edgevl-video" not in message
+
+
+def test_video_without_pyav_names_the_extra(monkeypatch):
+    from edgevl.serve import app
+    from edgevl.serve.schemas import ChatCompletionRequest
+    monkeypatch.setattr(app, "_have_pyav", lambda: False)
+    request = ChatCompletionRequest(model="tiny", messages=video_message("x", "data:video/mp4;base64,AAAA"))
+    with pytest.raises(app.ApiError) as e:
+        app.to_hf_messages(request, app.ServerLimits())
+    assert e.value.status == 400 and "pip install 'edgevl[video]'" in e.value.message

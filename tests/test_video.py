@@ -12,13 +12,14 @@ import torch
 from edgevl.runtime.image_processing import ImageProcessorSettings
 from edgevl.runtime.video import (
     VideoClip,
+    VideoTooLarge,
     load_video,
     preprocess_video,
     sample_frame_indices,
 )
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
-from video_frames import SAMPLING_CASES, SETTINGS, synthetic_frames  # noqa: E402
+from video_frames import SAMPLING_CASES, SETTINGS, synthetic_frames, write_video  # noqa: E402
 
 REFERENCE = np.load(Path(__file__).parent / "data" / "video_reference.npz")
 
@@ -52,16 +53,8 @@ def test_preprocessing_close_to_transformers_when_resized():
 
 
 def _write_video(path: Path, frames: np.ndarray, fps: int) -> None:
-    """Lossless (PNG-coded) video, so decoded frames equal the ones written."""
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("png", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    pytest.importorskip("av")
+    write_video(path, frames, fps)
 
 
 def test_load_video_decodes_and_samples_at_2_fps(tmp_path):
@@ -80,6 +73,15 @@ def test_bad_video_files(tmp_path):
     (tmp_path / "junk.mp4").write_bytes(b"\x00" * 1000)
     with pytest.raises(EdgevlError, match="junk.mp4"):
         load_video(tmp_path / "junk.mp4")
+    with pytest.raises(EdgevlError, match="^the upload could not be decoded") as e:   # a caller's name for it
+        load_video(tmp_path / "junk.mp4", label="the upload")
+    assert "junk.mp4" not in str(e.value)
+
+
+def test_frames_over_max_pixels_are_refused(video_file):
+    with pytest.raises(VideoTooLarge, match="112x84 frames"):
+        load_video(video_file, max_pixels=112 * 84 - 1)
+    assert len(load_video(video_file, max_pixels=112 * 84).frames) == 4
 
 
 def _hf_ids(tiny_model_dir, content, image_grids=(), video_grids=()):

@@ -6,9 +6,13 @@ already in the cache: only the tokens after the common prefix are prefilled. If
 the template re-tokenizes an earlier part differently, the cache is cut back to
 the common prefix (KV rows are per position, so a prefix of the cache is valid).
 
-M-RoPE positions of the new tokens come from the whole sequence (earlier images
-shift them), sliced to the new part; images already in the cache are not
-re-encoded.
+Images (paths or PIL images) and videos (paths or `VideoClip`s from `load_video`)
+attach to a user turn, images before videos as `Pipeline.prepare` puts them.
+Their embeddings and grids are kept for the whole conversation: every turn
+re-tokenizes it all (the pad counts come from the grids), and M-RoPE positions of
+the new tokens come from the whole sequence (earlier images and videos shift
+them), sliced to the new part. No image or video goes through the vision encoder
+twice.
 
 Context policy: when a turn would not fit in the model's context (prompt plus at
 least one new token), `send` raises EdgevlError asking for /reset; nothing is
@@ -24,7 +28,6 @@ import numpy as np
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.generate import KVCache
-from edgevl.runtime.image_processing import load_image, preprocess_image
 from edgevl.runtime.pipeline import Pipeline, Result
 from edgevl.runtime.prompt import user_message
 
@@ -36,35 +39,43 @@ class ChatSession:
     messages: list[dict] = field(default_factory=list)
     image_embeds: list[np.ndarray] = field(default_factory=list)   # per image, in conversation order
     grids: list[tuple[int, int, int]] = field(default_factory=list)
+    video_embeds: list[np.ndarray] = field(default_factory=list)   # per video, in conversation order
+    video_grids: list[tuple[int, int, int]] = field(default_factory=list)
     cached_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # tokens whose KV is cached
     cache: KVCache | None = None
     last_prefill_tokens: int = 0
 
     def reset(self) -> None:
-        self.messages, self.image_embeds, self.grids = [], [], []
+        self.messages, self.image_embeds, self.grids, self.video_embeds, self.video_grids = [], [], [], [], []
         self.cached_ids, self.cache = np.zeros(0, np.int64), None
 
-    def send(self, text: str, images=(), max_new_tokens: int = 256, stop=(), on_text=None, **sampling) -> Result:
-        """Add a user turn (with optional images), generate the reply, and keep both in the history."""
+    def send(self, text: str, images=(), videos=(), max_new_tokens: int = 256, stop=(), on_text=None,
+             **sampling) -> Result:
+        """Add a user turn (images, then videos, then text), generate the reply, keep both in the history.
+
+        images: paths or PIL images; videos: paths (sampled at 2 fps) or `VideoClip`s.
+        """
         if not text.strip():
             raise EdgevlError("the message is empty.")
         t0 = time.perf_counter()
-        new_images = [preprocess_image(load_image(img), self.pipe.image_settings) for img in images]
-        messages = self._with_system([*self.messages, user_message(text, num_images=len(new_images))])
+        new_images, new_videos = self.pipe.image_patches(images), self.pipe.video_patches(videos)
+        messages = self._with_system([*self.messages, user_message(text, len(new_images), len(new_videos))])
         grids = self.grids + [g for _, g in new_images]
-        ids = self.pipe.tokenize_messages(messages, grids)
-        if len(ids) + 1 > self.pipe.max_context:
+        video_grids = self.video_grids + [g for _, g in new_videos]
+        ids = self.pipe.tokenize_messages(messages, grids, video_grids)
+        if len(ids) + 1 > self.pipe.max_context:   # checked before the (costly) vision encoder
             raise EdgevlError(f"the conversation is {len(ids)} tokens and the model's context is "
                               f"{self.pipe.max_context}; type /reset to start a new conversation.")
         preprocess_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        embeds_new_images = [self.pipe.encode_image(pv, g) for pv, g in new_images]
+        image_embeds = self.image_embeds + [self.pipe.encode_image(pv, g) for pv, g in new_images]
+        video_embeds = self.video_embeds + [self.pipe.encode_image(pv, g) for pv, g in new_videos]
         vision_s = time.perf_counter() - t0
         keep = self._reuse_prefix(ids)
-        embeds = self.pipe.embed(ids, self.image_embeds + embeds_new_images)[keep:]    # [S_new, H]
+        embeds = self.pipe.embed(ids, image_embeds, video_embeds)[keep:]    # [S_new, H]
         mask = np.ones((1, len(ids)), np.int64)
-        position_ids, rope_deltas = self.pipe.positions(ids[None], mask, grids)
+        position_ids, rope_deltas = self.pipe.positions(ids[None], mask, grids, video_grids)
         self.last_prefill_tokens = len(ids) - keep
         result = self.pipe.decode(ids[None], mask, embeds[None], position_ids[:, :, keep:], rope_deltas,
                                   self.cache, max_new_tokens, stop, (lambda _, d: on_text(d)) if on_text else None,
@@ -73,8 +84,9 @@ class ChatSession:
         self.cached_ids = np.concatenate([ids, np.asarray(result.token_ids[:-1], np.int64)])
         self.messages = messages[1:] if self.system is not None else messages
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
-        self.image_embeds += embeds_new_images
-        self.grids = grids
+        # Only now, after a successful turn: a failed turn (a bad video, a full context) changes no history.
+        self.image_embeds, self.grids = image_embeds, grids
+        self.video_embeds, self.video_grids = video_embeds, video_grids
         return result
 
     def _with_system(self, messages: list[dict]) -> list[dict]:

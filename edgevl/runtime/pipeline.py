@@ -110,14 +110,21 @@ class Pipeline:
 
     def prepare_messages(self, messages: list[dict], images=(), videos=()) -> PreparedPrompt:
         """A whole conversation in Hugging Face content format -> ids; images/videos fill its slots in order."""
-        processed = [preprocess_image(load_image(img), self.image_settings) for img in images]
-        clips = [v if isinstance(v, VideoClip) else load_video(v, temporal_patch_size=self.video_temporal)
-                 for v in videos]
-        processed_videos = [preprocess_video(c.frames, self.video_settings) for c in clips]
+        processed, processed_videos = self.image_patches(images), self.video_patches(videos)
         grids = [grid for _, grid in processed]
         video_grids = [grid for _, grid in processed_videos]
         return PreparedPrompt(self.tokenize_messages(messages, grids, video_grids), [pv for pv, _ in processed],
                               grids, [pv for pv, _ in processed_videos], video_grids)
+
+    def image_patches(self, images) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+        """Paths or PIL images -> (pixel_values, grid) per image."""
+        return [preprocess_image(load_image(img), self.image_settings) for img in images]
+
+    def video_patches(self, videos) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
+        """Paths (sampled at 2 fps) or `VideoClip`s -> (pixel_values, grid) per video."""
+        clips = [v if isinstance(v, VideoClip) else load_video(v, temporal_patch_size=self.video_temporal)
+                 for v in videos]
+        return [preprocess_video(c.frames, self.video_settings) for c in clips]
 
     @property
     def video_temporal(self) -> int:
@@ -176,11 +183,11 @@ class Pipeline:
     def generate_prepared(self, rows: list[PreparedPrompt], max_new_tokens: int = 128, stop=(), on_text=None,
                           preprocess_s: float = 0.0, **sampling) -> list[Result]:
         """Vision, embeddings, M-RoPE positions and decoding for already tokenized rows (fresh cache)."""
+        longest = max(len(r.input_ids) for r in rows)
+        self.check_context(longest)       # before the vision encoder: a long video is refused cheaply
         t0 = time.perf_counter()
         row_embeds = [self.embed(r.input_ids, *self.encode_vision(r)) for r in rows]
         vision_s = time.perf_counter() - t0
-        longest = max(len(r.input_ids) for r in rows)
-        self.check_context(longest)
         ids, mask, embeds = self._left_pad(rows, row_embeds, longest)
         position_ids, rope_deltas = self.positions(ids, mask, [g for r in rows for g in r.grids],
                                                    [g for r in rows for g in r.video_grids])
@@ -196,7 +203,7 @@ class Pipeline:
     def check_context(self, length: int) -> None:
         if length >= self.max_context:
             raise EdgevlError(f"the prompt is {length} tokens long but the model's context is "
-                              f"{self.max_context} tokens; shorten it or use smaller images.")
+                              f"{self.max_context} tokens; shorten it or use smaller images or shorter videos.")
 
     def positions(self, ids: np.ndarray, mask: np.ndarray, grids: list,
                   video_grids: list = ()) -> tuple[np.ndarray, np.ndarray]:

@@ -71,39 +71,58 @@ def sample_frame_indices(total: int, source_fps: float, fps: float, temporal_pat
     return np.arange(0, total, np.float32(total / n), dtype=np.float32).astype(np.int64)[:n]
 
 
+class VideoTooLarge(EdgevlError):
+    """The video's frames have more pixels than the caller allows (`load_video(max_pixels=...)`)."""
+
+
 def load_video(path, fps: float = DEFAULT_FPS, max_frames: int = MAX_FRAMES, temporal_patch_size: int = 2,
-               min_frames: int = MIN_FRAMES) -> VideoClip:
-    """Decode a video file and keep the frames sampled at `fps` (PyAV, the `video` extra)."""
+               min_frames: int = MIN_FRAMES, max_pixels: int | None = None, label: str | None = None) -> VideoClip:
+    """Decode a video file and keep the frames sampled at `fps` (PyAV, the `video` extra).
+
+    max_pixels: refuse frames larger than this (VideoTooLarge) before keeping any: sampled frames are
+    held at full size until preprocessing, so a small file of huge frames could exhaust memory.
+    label: how error messages name the video (default "Video file 'PATH'"; a server's temporary file
+    name means nothing to its client).
+    """
     try:
         import av
     except ImportError:
         raise EdgevlError("video input needs PyAV; install it with `pip install 'edgevl[video]'`.") from None
     path = os.fspath(path)
+    name = label or f"Video file {path!r}"
     if not os.path.isfile(path):
-        raise EdgevlError(f"Video file {path!r} does not exist or is not a file.")
+        raise EdgevlError(f"{name} does not exist or is not a file.")
     if fps <= 0:
         raise EdgevlError(f"--fps must be positive, not {fps}.")
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
+            _check_frame_size(stream.codec_context.width, stream.codec_context.height, max_pixels, name)
             source_fps = float(stream.average_rate or 0)
             # The container's frame count, as transformers reads it; count by decoding if it has none.
             total = stream.frames or sum(1 for _ in container.decode(video=0))
             if not total or not source_fps:
-                raise EdgevlError(f"Video file {path!r} has no decodable frames or no frame rate.")
+                raise EdgevlError(f"{name} has no decodable frames or no frame rate.")
             indices = sample_frame_indices(total, source_fps, fps, temporal_patch_size, min_frames, max_frames)
             container.seek(0)
             wanted, kept = set(indices.tolist()), {}
             for i, frame in enumerate(container.decode(video=0)):   # keep only sampled frames in memory
                 if i in wanted:
+                    _check_frame_size(frame.width, frame.height, max_pixels, name)  # the size may change
                     kept[i] = frame.to_ndarray(format="rgb24")
                 if i >= indices[-1]:
                     break
     except (av.error.FFmpegError, IndexError, ValueError) as e:
-        raise EdgevlError(f"Video file {path!r} could not be decoded ({type(e).__name__}).") from None
+        raise EdgevlError(f"{name} could not be decoded ({type(e).__name__}).") from None
     if len(kept) != len(wanted):
-        raise EdgevlError(f"Video file {path!r} has fewer decodable frames than its header says.")
+        raise EdgevlError(f"{name} has fewer decodable frames than its header says.")
     return VideoClip(np.stack([kept[i] for i in indices.tolist()]), source_fps, total, indices)
+
+
+def _check_frame_size(width: int, height: int, max_pixels: int | None, name: str) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise VideoTooLarge(f"{name} has {width}x{height} frames; at most {max_pixels} pixels per frame "
+                            f"are accepted.")
 
 
 def preprocess_video(frames: np.ndarray, settings: ImageProcessorSettings) -> tuple[np.ndarray, tuple[int, int, int]]:

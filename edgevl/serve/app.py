@@ -2,8 +2,9 @@
 
 One worker thread runs generations in arrival order (a FIFO queue: fair, and the
 Pipeline is never used by two threads at once); the event loop only parses,
-validates and streams. Every error is an OpenAI-style JSON body with a 4xx code;
-nothing a client sends can take the server down.
+validates and streams. Videos are decoded on the worker too, before a reply starts.
+Every error is an OpenAI-style JSON body with a 4xx code; nothing a client sends
+can take the server down.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import importlib.util
 import io
 import json
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.video import MAX_FRAMES, VideoClip, VideoTooLarge, load_video
 from edgevl.serve.schemas import ChatCompletionRequest
 
 DEFAULT_MAX_TOKENS = 256
@@ -33,8 +37,11 @@ DEFAULT_MAX_TOKENS = 256
 @dataclass(frozen=True)
 class ServerLimits:
     max_request_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = 4096 * 4096            # per image, and per video frame
     allow_local_files: bool = False
+    # Decoded bytes of one video data URL: 24 MiB is the most a default 32 MiB request holds in base64.
+    max_video_bytes: int = 24 * 1024 * 1024
+    max_video_frames: int = MAX_FRAMES             # frames sampled per video (at 2 fps), as `--max-frames`
 
 
 class ApiError(Exception):
@@ -52,27 +59,32 @@ def error_body(message: str, kind: str = "invalid_request_error", code: str | No
 
 
 # ----------------------------------------------------------------------------- messages
-def decode_image(url: str, limits: ServerLimits) -> Image.Image:
-    """A data URL (base64) or, when allowed, a local path / file:// URL -> a decoded PIL image."""
+def read_url(url: str, kind: str, limits: ServerLimits) -> bytes | Path:
+    """An image/video URL -> the bytes of a base64 data URL or, when allowed, a local path / file:// URL."""
     if url.startswith("data:"):
         header, _, payload = url.partition(",")
         if ";base64" not in header:
-            raise ApiError(400, "image data URLs must be base64-encoded (data:image/...;base64,...).")
+            raise ApiError(400, f"{kind} data URLs must be base64-encoded (data:{kind}/...;base64,...).")
         try:
-            source = io.BytesIO(base64.b64decode(payload, validate=True))
+            return base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
-            raise ApiError(400, "the image data URL is not valid base64.") from None
-    elif url.startswith(("http://", "https://")):
-        raise ApiError(400, "remote image URLs are not fetched; send the image as a base64 data URL.")
-    else:
-        if not limits.allow_local_files:
-            raise ApiError(400, "local image paths are disabled; start the server with --allow-local-files "
-                                "or send a base64 data URL.")
-        source = Path(url.removeprefix("file://"))
-        if not source.is_file():
-            raise ApiError(400, f"image file {source} does not exist.")
+            raise ApiError(400, f"the {kind} data URL is not valid base64.") from None
+    if url.startswith(("http://", "https://")):
+        raise ApiError(400, f"remote {kind} URLs are not fetched; send the {kind} as a base64 data URL.")
+    if not limits.allow_local_files:
+        raise ApiError(400, f"local {kind} paths are disabled; start the server with --allow-local-files "
+                            f"or send a base64 data URL.")
+    path = Path(url.removeprefix("file://"))
+    if not path.is_file():
+        raise ApiError(400, f"{kind} file {path} does not exist.")
+    return path
+
+
+def decode_image(url: str, limits: ServerLimits) -> Image.Image:
+    """A data URL (base64) or, when allowed, a local path / file:// URL -> a decoded PIL image."""
+    source = read_url(url, "image", limits)
     try:
-        image = Image.open(source)
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         if image.width * image.height > limits.max_image_pixels:
             raise ApiError(413, f"the image is {image.width}x{image.height} pixels; this server accepts at most "
                                 f"{limits.max_image_pixels} pixels per image.", code="image_too_large")
@@ -84,9 +96,43 @@ def decode_image(url: str, limits: ServerLimits) -> Image.Image:
     return image
 
 
-def to_hf_messages(request: ChatCompletionRequest, limits: ServerLimits) -> tuple[list[dict], list[Image.Image]]:
-    """OpenAI messages -> the chat template's content-list format, plus the images in order."""
-    messages, images = [], []
+def _have_pyav() -> bool:
+    return importlib.util.find_spec("av") is not None
+
+
+def video_source(url: str, limits: ServerLimits) -> bytes | Path:
+    """Check a video URL (cheap, on the event loop); `decode_video` decodes it later in the worker."""
+    if not _have_pyav():   # 400, not 501: OpenAI clients retry 5xx, and a retry cannot help
+        raise ApiError(400, "this server cannot decode video because PyAV is not installed; install it with "
+                            "`pip install 'edgevl[video]'`.", code="video_unsupported")
+    source = read_url(url, "video", limits)
+    if isinstance(source, bytes) and len(source) > limits.max_video_bytes:
+        raise ApiError(413, f"the video is {len(source)} bytes; this server accepts at most "
+                            f"{limits.max_video_bytes} bytes per video.", code="video_too_large")
+    return source
+
+
+def decode_video(source: bytes | Path, limits: ServerLimits, temporal_patch_size: int) -> VideoClip:
+    """Video bytes or a local path -> sampled frames. PyAV decodes from a file, so bytes go to a temp one."""
+    with tempfile.TemporaryDirectory(prefix="edgevl-video-") as tmp:
+        path, label = source, None
+        if isinstance(source, bytes):
+            # The temp file's name means nothing to the client: errors say "the video".
+            path, label = Path(tmp) / "video", "the video"
+            path.write_bytes(source)
+        try:
+            return load_video(path, max_frames=limits.max_video_frames, temporal_patch_size=temporal_patch_size,
+                              max_pixels=limits.max_image_pixels, label=label)
+        except VideoTooLarge as e:
+            raise ApiError(413, str(e), code="video_too_large") from None
+        except EdgevlError as e:  # undecodable, too few frames, ...
+            raise ApiError(400, str(e)) from None
+
+
+def to_hf_messages(request: ChatCompletionRequest,
+                   limits: ServerLimits) -> tuple[list[dict], list[Image.Image], list[bytes | Path]]:
+    """OpenAI messages -> the chat template's content-list format, the images and the (undecoded) videos."""
+    messages, images, videos = [], [], []
     for m in request.messages:
         if isinstance(m.content, str):
             messages.append({"role": m.role, "content": m.content})
@@ -95,13 +141,18 @@ def to_hf_messages(request: ChatCompletionRequest, limits: ServerLimits) -> tupl
         for part in m.content:
             if part.type == "text":
                 content.append({"type": "text", "text": part.text or ""})
-            else:
+            elif part.type == "image_url":
                 if part.image_url is None:
                     raise ApiError(400, "an image_url content part has no image_url.")
                 images.append(decode_image(part.image_url.url, limits))
                 content.append({"type": "image"})
+            else:
+                if part.video_url is None:
+                    raise ApiError(400, "a video_url content part has no video_url.")
+                videos.append(video_source(part.video_url.url, limits))
+                content.append({"type": "video"})
         messages.append({"role": m.role, "content": content})
-    return messages, images
+    return messages, images, videos
 
 
 # ----------------------------------------------------------------------------- app
@@ -152,16 +203,19 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
         if request.model != model_name:
             raise ApiError(404, f"the model '{request.model}' does not exist; this server serves "
                                 f"'{model_name}'.", code="model_not_found")
-        messages, images = to_hf_messages(request, limits)
+        messages, images, videos = to_hf_messages(request, limits)
         max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        loop = asyncio.get_running_loop()
+        # Videos are decoded in the worker (slow: the event loop keeps streaming other replies), but
+        # before the response starts, so a bad video is a 4xx even with stream: true.
+        clips = [await loop.run_in_executor(worker, decode_video, v, limits, pipe.video_temporal) for v in videos]
 
         def run(on_text=None):
-            row = pipe.prepare_messages(messages, images)
+            row = pipe.prepare_messages(messages, images, clips)
             return pipe.generate_prepared([row], max_tokens, request.stop_strings(), on_text,
                                           **request.sampling())[0]
 
-        loop = asyncio.get_running_loop()
         if not request.stream:
             result = await loop.run_in_executor(worker, run)
             return completion_body(completion_id, model_name, result)

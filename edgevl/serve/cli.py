@@ -21,11 +21,17 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--model-name", default=None,
                    help="model id clients must send (default: the artifact folder's name)")
     p.add_argument("--allow-local-files", action="store_true",
-                   help="accept image_url values that are paths on this machine (off by default: clients "
-                        "could read any image file the server can)")
+                   help="accept image_url and video_url values that are paths on this machine (off by default: "
+                        "clients could read any image or video file the server can)")
     p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
     p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
-                   help="largest image accepted, in pixels (default: 16777216 = 4096x4096)")
+                   help="largest image or video frame accepted, in pixels (default: 16777216 = 4096x4096)")
+    p.add_argument("--max-video-mb", type=float, default=24.0,
+                   help="largest video in a data URL, in MiB after base64 decoding (default: 24, what a "
+                        "32 MiB request can carry; video needs the video extra, PyAV)")
+    p.add_argument("--max-video-frames", type=int, default=768, metavar="N",
+                   help="at most N frames sampled (at 2 fps) per video (default: 768); sampled frames are held "
+                        "at their full size until resized, so this bounds memory")
     from edgevl.cli import add_runtime_args
     add_runtime_args(p)
     p.set_defaults(func=cmd_serve)
@@ -43,9 +49,14 @@ def cmd_serve(args) -> int:
 
     from edgevl.cli import load_pipeline
 
+    if args.max_video_frames < 2:   # Qwen2-VL sees a video as pairs of frames
+        raise EdgevlError("--max-video-frames must be at least 2.")
     pipe = load_pipeline(args)
     name = args.model_name or Path(args.artifact).resolve().name
-    limits = ServerLimits(int(args.max_request_mb * 1024 * 1024), args.max_image_pixels, args.allow_local_files)
+    mib = 1024 * 1024
+    limits = ServerLimits(max_request_bytes=int(args.max_request_mb * mib), max_image_pixels=args.max_image_pixels,
+                          allow_local_files=args.allow_local_files, max_video_bytes=int(args.max_video_mb * mib),
+                          max_video_frames=args.max_video_frames)
     if not _is_loopback(args.host):
         print(f"warning: binding to {args.host} exposes the server beyond this machine; it has no "
               f"authentication.", file=sys.stderr)

@@ -12,10 +12,16 @@ class ImageURL(BaseModel):
     detail: str | None = None
 
 
+class VideoURL(BaseModel):
+    url: str
+
+
 class ContentPart(BaseModel):
-    type: Literal["text", "image_url"]
+    # video_url is not OpenAI's; it is the part vLLM accepts for Qwen2-VL video.
+    type: Literal["text", "image_url", "video_url"]
     text: str | None = None
     image_url: ImageURL | None = None
+    video_url: VideoURL | None = None
 
 
 class Message(BaseModel):

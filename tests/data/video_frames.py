@@ -1,4 +1,7 @@
-"""Deterministic synthetic video frames (numpy only), shared by the tests and the reference script."""
+"""Deterministic synthetic video frames (numpy only), shared by the tests and the reference script.
+
+`write_video` (the tests only) also needs PyAV.
+"""
 
 from __future__ import annotations
 
@@ -27,3 +30,16 @@ def synthetic_frames(n: int, height: int, width: int) -> np.ndarray:
         frame[top:top + 24, left:left + 24] = (250, 240, 10)
         frames.append(frame)
     return np.stack(frames)
+
+
+def write_video(path, frames: np.ndarray, fps: int) -> None:
+    """Lossless (PNG-coded) video, so decoded frames equal the ones written."""
+    import av
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
