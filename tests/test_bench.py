@@ -140,6 +140,11 @@ def test_graph_weight_bytes_counts_every_initializer(tiny_artifact):
     assert counted["bytes"] == expected and counted["bytes"] > 64 * 2014 * 4   # at least lm_head
 
 
+def test_page_cache_warming_reads_every_file(tiny_artifact):
+    from edgevl.bench.machine import warm_page_cache
+    assert warm_page_cache(tiny_artifact) == sum(p.stat().st_size for p in tiny_artifact.rglob("*") if p.is_file())
+
+
 def test_peak_rss_sees_an_allocation():
     from edgevl.bench.machine import PeakRSS
     with PeakRSS() as m:

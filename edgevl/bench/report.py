@@ -179,6 +179,8 @@ def header_lines(report: dict) -> list[str]:
 
 
 FOOTNOTES = [
+    "load s: creating the engine (sessions or model, tokenizer, processor) with its files already in the page "
+    "cache (each engine's folder is read once just before; a cold first load from disk is slower for both).",
     "stage times are medians over the measured runs (decode: over every decode step of every run); "
     "TTFT = preprocess + vision + prefill; e2e = TTFT + all decode steps; tok/s = 1000 / decode ms/tok.",
     "peak RSS MB: peak resident memory during the runs minus resident memory before that engine's model was loaded "

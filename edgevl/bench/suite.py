@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Callable
 
 from edgevl.bench import compute, stats
-from edgevl.bench.machine import PeakRSS, current_rss, machine_info, measure_bandwidth
+from edgevl.bench.machine import (
+    PeakRSS,
+    current_rss,
+    machine_info,
+    measure_bandwidth,
+    warm_page_cache,
+)
 from edgevl.bench.measure import (
     DEFAULT_PROMPT,
     EdgevlEngine,
@@ -273,6 +279,7 @@ def _run_edgevl(cfg, artifacts, workloads, sources, texts, probes, progress) -> 
     for artifact, backend in itertools.product(artifacts, cfg.backends):
         progress.prefix = f"{artifact.path.name}/{backend}"
         gc.collect()
+        warm_page_cache(artifact.path)
         with PeakRSS() as load_rss:
             engine = EdgevlEngine(artifact, backend=backend, threads=cfg.threads, prepack=cfg.prepack)
         source = sources.get(str(artifact.path), (str(artifact.path),))[0]
@@ -295,6 +302,7 @@ def _run_reference(cfg, workloads, sources, texts, probes, progress) -> dict:
         from edgevl.bench.reference import TransformersEngine
         progress.prefix = f"transformers {dtype}"
         gc.collect()
+        warm_page_cache(source)
         before = current_rss()
         engine = TransformersEngine(Path(source), dtype=dtype, threads=cfg.threads)
         for w in workloads:
@@ -314,12 +322,14 @@ def _run_interleaved(cfg, artifacts, workloads, sources, texts, probes, progress
     results, references = {}, {}
     for source, dtype in dict.fromkeys(sources.values()):
         gc.collect()
+        warm_page_cache(source)
         before = current_rss()
         reference = TransformersEngine(Path(source), dtype=dtype, threads=cfg.threads)
         for artifact, backend in itertools.product(artifacts, cfg.backends):
             if sources[str(artifact.path)] != (source, dtype):
                 continue
             progress.prefix = f"{artifact.path.name}/{backend} + transformers"
+            warm_page_cache(artifact.path)
             engine = EdgevlEngine(artifact, backend=backend, threads=cfg.threads, prepack=cfg.prepack)
             for w in workloads:
                 pair = measure_interleaved([engine, reference], _prompt_text(cfg, engine, source, w, texts), w,
