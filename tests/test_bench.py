@@ -145,6 +145,23 @@ def test_page_cache_warming_reads_every_file(tiny_artifact):
     assert warm_page_cache(tiny_artifact) == sum(p.stat().st_size for p in tiny_artifact.rglob("*") if p.is_file())
 
 
+def test_loads_after_warm_up_are_measured_and_the_last_engine_kept(tmp_path):
+    from edgevl.bench.measure import load_engine
+    made, closed = [], []
+
+    class Fake:
+        def __init__(self):
+            self.load_s = 0.1 * (len(made) + 1)
+            made.append(self)
+
+        def close(self):
+            closed.append(self)
+
+    engine = load_engine(Fake, tmp_path, warmup=1, runs=3)
+    assert len(made) == 4 and engine is made[-1] and closed == made[:-1]
+    assert engine.load_times == pytest.approx([0.2, 0.3, 0.4])
+
+
 def test_peak_rss_sees_an_allocation():
     from edgevl.bench.machine import PeakRSS
     with PeakRSS() as m:
@@ -273,6 +290,7 @@ def test_interleaved_runs_measure_both_engines(tiny_artifact, tmp_path, capsys):
     row, = json.loads((tmp_path / "r.json").read_text())["rows"]
     for side in (row["edgevl"], row["reference"]):
         assert len(side["runs"]) == 2 and side["peak_rss_shared"] and side["threads"] == 1
+        assert side["load"]["n"] == 2 and side["load_s"] == side["load"]["median"]   # one load per run
         assert side["stages"]["ttft_ms"]["median"] > 0
     assert row["ratios"]["peak_rss_delta"] is None and row["ratios"]["ttft_ms"] > 0
     assert row["tokens_match"]["matching_prefix"] == 3

@@ -135,6 +135,7 @@ class SideResult:
     threads: int | None = None                                # None: the library's default
     other_cores: float | None = None                          # cores other processes kept busy meanwhile
     rss_shared: bool = False                                  # peak_rss covers every interleaved engine
+    load_times: list[float] = field(default_factory=list)     # seconds, each measured load (after warm-up)
 
     def decode_pairs(self) -> list[tuple[int, float]]:
         return [(self.prompt_len + i + 1, ms) for run in self.runs for i, ms in enumerate(run["decode_ms"])]
@@ -171,6 +172,31 @@ def run_once(engine: Engine, text: str, image: Path | None, new_tokens: int) -> 
     return timings, tokens, len(engine.prompt_ids(prepared))
 
 
+def load_engine(make: Callable[[], Engine], folder, warmup: int, runs: int) -> Engine:
+    """Create an engine `warmup` + `runs` times and keep the last; its `load_times` are the measured loads.
+
+    Each load starts with the engine's files in the page cache (machine.warm_page_cache). The
+    warm-up loads are discarded like warm-up runs: the first allocation of memory in a process
+    (and, on VMs that back guest memory lazily, in the machine) costs seconds that say nothing
+    about the engine, and would land on whichever engine is loaded first.
+    """
+    import gc
+
+    from edgevl.bench.machine import warm_page_cache
+    times = []
+    for i in range(warmup + runs):
+        warm_page_cache(folder)
+        engine = make()
+        if i >= warmup:
+            times.append(engine.load_s)
+        if i < warmup + runs - 1:
+            engine.close()
+            del engine
+            gc.collect()
+    engine.load_times = times
+    return engine
+
+
 def measure_workload(engine: Engine, text: str, workload: Workload, runs: int, warmup: int,
                      tick: Callable[[str], None] = lambda label: None) -> SideResult:
     """`warmup` discarded runs, then `runs` measured ones; peak RSS and GPU memory over all of them."""
@@ -184,7 +210,9 @@ def measure_interleaved(engines: list[Engine], text: str, workload: Workload, ru
     engines together (each result gets the same value)."""
     from edgevl.bench.machine import CpuContention, GpuMemory, PeakRSS
 
-    results = [SideResult(e.name, e.load_s, threads=getattr(e, "threads", None)) for e in engines]
+    loads = [list(getattr(e, "load_times", [e.load_s])) for e in engines]
+    results = [SideResult(e.name, summarize(times)["median"], threads=getattr(e, "threads", None), load_times=times)
+               for e, times in zip(engines, loads)]
     with PeakRSS() as rss, GpuMemory() as gpu, CpuContention() as cpu:
         for i in range(warmup + runs):
             label = f"warm-up {i + 1}" if i < warmup else f"run {i + 1 - warmup}"

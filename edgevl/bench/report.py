@@ -91,8 +91,8 @@ def summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def detail_table(report: dict) -> tuple[list[str], list[list[str]]]:
-    headers = ["artifact", "backend", "image", "prompt", "new", "engine", *[label for _, label in STAGE_COLUMNS],
-               "threads", "others' cores"]
+    headers = ["artifact", "backend", "image", "prompt", "new", "engine", "load s",
+               *[label for _, label in STAGE_COLUMNS], "threads", "others' cores"]
     lines = []
     for row in report["rows"]:
         for i, key in enumerate(("edgevl", "reference")):
@@ -103,8 +103,11 @@ def detail_table(report: dict) -> tuple[list[str], list[list[str]]]:
             for stage, _ in STAGE_COLUMNS:
                 s = side["stages"].get(stage)
                 cells.append("—" if not s else f"{fmt(s['median'])} / {fmt(s['p90'])} / {fmt(s['min'])}")
+            load = side.get("load")
+            load_cell = f"{fmt(load['median'])} / {fmt(load['p90'])} / {fmt(load['min'])}" if load else "—"
             lines.append((_config_cells(row) if i == 0 else [""] * 5) + [
-                side["engine"], *cells, str(side["threads"] or "default"), fmt(side["other_processes_cores"])])
+                side["engine"], load_cell, *cells, str(side["threads"] or "default"),
+                fmt(side["other_processes_cores"])])
     return headers, lines
 
 
@@ -179,8 +182,9 @@ def header_lines(report: dict) -> list[str]:
 
 
 FOOTNOTES = [
-    "load s: creating the engine (sessions or model, tokenizer, processor) with its files already in the page "
-    "cache (each engine's folder is read once just before; a cold first load from disk is slower for both).",
+    "load s: creating the engine (sessions or model, tokenizer, processor), median of as many loads as runs after "
+    "as many discarded warm-up loads as warm-up runs, each with the engine's files read into the page cache just "
+    "before: a cold first load (disk, a process's first memory) is slower for both engines.",
     "stage times are medians over the measured runs (decode: over every decode step of every run); "
     "TTFT = preprocess + vision + prefill; e2e = TTFT + all decode steps; tok/s = 1000 / decode ms/tok.",
     "peak RSS MB: peak resident memory during the runs minus resident memory before that engine's model was loaded "
@@ -207,7 +211,7 @@ def render_text(report: dict, markdown: bool = False) -> str:
         parts += header_lines(report)
     parts += ["", "## summary (medians)" if markdown else "summary (medians)",
               "", render_table(*summary_table(report), markdown=markdown), "",
-              "## per stage: median / p90 / min (ms)" if markdown else "per stage: median / p90 / min (ms)",
+              "## per stage: median / p90 / min (ms; load s)" if markdown else "per stage: median / p90 / min (ms; load s)",
               "", render_table(*detail_table(report), markdown=markdown), ""]
     compute = compute_table(report)
     if compute[1]:

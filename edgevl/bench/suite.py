@@ -23,11 +23,9 @@ from typing import Callable
 
 from edgevl.bench import compute, stats
 from edgevl.bench.machine import (
-    PeakRSS,
     current_rss,
     machine_info,
     measure_bandwidth,
-    warm_page_cache,
 )
 from edgevl.bench.measure import (
     DEFAULT_PROMPT,
@@ -36,6 +34,7 @@ from edgevl.bench.measure import (
     Workload,
     fit_prompt,
     graph_weight_bytes,
+    load_engine,
     measure_interleaved,
     measure_workload,
     parse_size,
@@ -147,7 +146,8 @@ def side_json(side: SideResult | None, new_tokens: int) -> dict | None:
     stages = side.stages()
     decode = (stages["decode_ms_per_token"] or {}).get("median")
     e2e = (stages["e2e_ms"] or {}).get("median")
-    return {"engine": side.engine, "load_s": side.load_s, "prompt_tokens": side.prompt_len, "stages": stages,
+    return {"engine": side.engine, "load_s": side.load_s, "load": stats.summarize(side.load_times),
+            "prompt_tokens": side.prompt_len, "stages": stages,
             "tokens_per_s": stats.tokens_per_second(decode),
             "e2e_tokens_per_s": new_tokens / (e2e / 1e3) if e2e else None,
             "decode_by_context": [list(p) for p in side.decode_by_context()],
@@ -279,14 +279,14 @@ def _run_edgevl(cfg, artifacts, workloads, sources, texts, probes, progress) -> 
     for artifact, backend in itertools.product(artifacts, cfg.backends):
         progress.prefix = f"{artifact.path.name}/{backend}"
         gc.collect()
-        warm_page_cache(artifact.path)
-        with PeakRSS() as load_rss:
-            engine = EdgevlEngine(artifact, backend=backend, threads=cfg.threads, prepack=cfg.prepack)
+        before = current_rss()
+        engine = load_engine(lambda: EdgevlEngine(artifact, backend=backend, threads=cfg.threads, prepack=cfg.prepack),
+                             artifact.path, cfg.warmup, cfg.runs)
         source = sources.get(str(artifact.path), (str(artifact.path),))[0]
         for w in workloads:
             r = measure_workload(engine, _prompt_text(cfg, engine, source, w, texts), w, cfg.runs, cfg.warmup,
                                  progress.tick)
-            r.rss_before = load_rss.before
+            r.rss_before = before
             results[(str(artifact.path), backend, w.key)] = r
         if cfg.decode_contexts:
             probes.append({"artifact": artifact.path.name, "backend": backend, "engine": "edgevl",
@@ -302,9 +302,9 @@ def _run_reference(cfg, workloads, sources, texts, probes, progress) -> dict:
         from edgevl.bench.reference import TransformersEngine
         progress.prefix = f"transformers {dtype}"
         gc.collect()
-        warm_page_cache(source)
         before = current_rss()
-        engine = TransformersEngine(Path(source), dtype=dtype, threads=cfg.threads)
+        engine = load_engine(lambda: TransformersEngine(Path(source), dtype=dtype, threads=cfg.threads), source,
+                             cfg.warmup, cfg.runs)
         for w in workloads:
             r = measure_workload(engine, texts[(source, w.key)], w, cfg.runs, cfg.warmup, progress.tick)
             r.rss_before = before
@@ -322,15 +322,15 @@ def _run_interleaved(cfg, artifacts, workloads, sources, texts, probes, progress
     results, references = {}, {}
     for source, dtype in dict.fromkeys(sources.values()):
         gc.collect()
-        warm_page_cache(source)
         before = current_rss()
-        reference = TransformersEngine(Path(source), dtype=dtype, threads=cfg.threads)
+        reference = load_engine(lambda: TransformersEngine(Path(source), dtype=dtype, threads=cfg.threads), source,
+                                cfg.warmup, cfg.runs)
         for artifact, backend in itertools.product(artifacts, cfg.backends):
             if sources[str(artifact.path)] != (source, dtype):
                 continue
             progress.prefix = f"{artifact.path.name}/{backend} + transformers"
-            warm_page_cache(artifact.path)
-            engine = EdgevlEngine(artifact, backend=backend, threads=cfg.threads, prepack=cfg.prepack)
+            engine = load_engine(lambda: EdgevlEngine(artifact, backend=backend, threads=cfg.threads,
+                                                      prepack=cfg.prepack), artifact.path, cfg.warmup, cfg.runs)
             for w in workloads:
                 pair = measure_interleaved([engine, reference], _prompt_text(cfg, engine, source, w, texts), w,
                                            cfg.runs, cfg.warmup, progress.tick)
