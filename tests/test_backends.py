@@ -384,6 +384,24 @@ def test_fast_load_skips_prepacking_with_the_same_tokens(tiny_artifact, pipeline
     assert fast.generate("Describe.", **kwargs).token_ids == pipeline.generate("Describe.", **kwargs).token_ids
 
 
+def test_fast_load_still_prepacks_quantized_graphs(tiny_artifact, tmp_path):
+    # quantized kernels are many times slower on unpacked weights: --fast-load leaves them packed
+    import shutil
+
+    from edgevl.runtime.backends import BackendOptions
+    art = tmp_path / "q"
+    shutil.copytree(tiny_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["precision"] = {**manifest["precision"], "decoder": "int4"}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    backend = backends.get_backend("ort-cpu", BackendOptions(prepack=False))
+    quantized, float_vision = (backend.make_runner(art / manifest["graphs"][g]["file"]) for g in ("decoder", "vision"))
+    assert quantized.build_session.prepack and not float_vision.build_session.prepack
+    outside = tmp_path / "loose.onnx"                   # a graph outside an artifact: unknown, so packed
+    shutil.copy(art / manifest["graphs"]["vision"]["file"], outside)
+    assert backend.make_runner(outside).build_session.prepack
+
+
 class _Gate:
     """A stand-in runner whose activate() waits at a barrier: it only gets through when the other
     runner is activating at the same moment (no timing assumptions: a sequential load breaks the barrier)."""
