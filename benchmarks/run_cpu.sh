@@ -7,6 +7,8 @@
 #   workload  one synthetic 448x448 image, a 289-token prompt, 32 new tokens; decode also on a synthetic
 #             KV cache at 512..4096 tokens
 #   reference transformers, eager PyTorch fp32 with sdpa attention, same process
+#   fast load fp32 again with --fast-load (no pre-packing of float weights) into cpu-<machine>-fast-load.*:
+#             the load-time / run-time trade-off (FAST_LOAD=0 skips it)
 #
 # Environment: PY (python with edgevl[export,bench]; default .venv/bin/python), RUNS (5), WARMUP (1),
 # NEW_TOKENS (32), THREADS (0 = each library's default), RECIPES ("int8 w4a16"; empty: fp32 only),
@@ -58,3 +60,10 @@ mkdir -p benchmarks/results
     --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" --reference hf "${EXTRA[@]}" \
     --decode-contexts 512 1024 2048 4096 \
     --json "$OUT.json" --markdown "$OUT.md" --plot "$OUT.png"
+
+if [ "${FAST_LOAD:-1}" = 1 ]; then
+    "$PY" -m edgevl bench --preset "$PRESET" --fast-load \
+        --image-size 448x448 --prompt "Describe this image." --new-tokens "$NEW_TOKENS" \
+        --runs "$RUNS" --warmup "$WARMUP" --threads "$THREADS" --reference hf "${EXTRA[@]}" \
+        --json "$OUT-fast-load.json" --markdown "$OUT-fast-load.md"
+fi
