@@ -225,3 +225,20 @@ def test_runtime_modules_do_not_import_torch():
         "import edgevl.runtime.image_processing, edgevl.runtime.rope_index\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("rescale, normalize", [(True, True), (True, False), (False, True), (False, False)])
+def test_lookup_table_normalization_is_bit_identical_to_per_pixel(rescale, normalize):
+    from dataclasses import replace
+
+    from edgevl.runtime.image_processing import (
+        _rescale_normalize_each,
+        rescale_normalize,
+    )
+    settings = replace(ImageProcessorSettings(), do_rescale=rescale, do_normalize=normalize)
+    rng = np.random.default_rng(0)
+    for shape in [(17, 23, 3), (4, 28, 56, 3)]:          # an image, and video frames
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        fast, each = rescale_normalize(pixels, settings), _rescale_normalize_each(pixels, settings)
+        assert fast.dtype == each.dtype == np.float32 and fast.shape == each.shape
+        assert np.array_equal(fast.view(np.uint32), each.view(np.uint32))
