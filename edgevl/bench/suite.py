@@ -22,11 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgevl.bench import compute, stats
-from edgevl.bench.machine import (
-    current_rss,
-    machine_info,
-    measure_bandwidth,
-)
+from edgevl.bench.machine import current_rss, machine_info, measure_bandwidth
 from edgevl.bench.measure import (
     DEFAULT_PROMPT,
     EdgevlEngine,
