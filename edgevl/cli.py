@@ -126,7 +126,8 @@ def cmd_run(args) -> int:
     pipe = load_pipeline(args)
     sampling = sampling_from_args(args)
     from edgevl.runtime.video import load_video
-    videos = [load_video(v, fps=args.fps, max_frames=args.max_frames, temporal_patch_size=pipe.video_temporal)
+    videos = [load_video(v, fps=args.fps, max_frames=args.max_frames, temporal_patch_size=pipe.video_temporal,
+                         settings=pipe.video_settings)
               for v in args.video]
 
     def stream(delta: str) -> None:

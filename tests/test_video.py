@@ -135,3 +135,17 @@ def test_video_positions_match_get_rope_index(pipeline, hf_model):
     np.testing.assert_array_equal(ours, ref.numpy())
     np.testing.assert_array_equal(deltas, ref_deltas.numpy())
     assert len(np.unique(ours[0, 0][ids[0] == hf_model.config.video_token_id])) == 3   # temporal ids advance
+
+
+def test_frames_resized_while_decoding_give_the_same_pixel_values(tmp_path):
+    pytest.importorskip("av")
+    from edgevl.runtime.video import load_video, preprocess_video, video_settings
+    settings = video_settings(ImageProcessorSettings(), None)
+    path = tmp_path / "odd.mov"
+    write_video(path, synthetic_frames(12, 100, 150), fps=6)          # 100x150: not a multiple of 28
+    full = load_video(path, temporal_patch_size=settings.temporal_patch_size)
+    small = load_video(path, temporal_patch_size=settings.temporal_patch_size, settings=settings)
+    assert full.frames.shape[1:3] == (100, 150) and small.frames.shape[1:3] != (100, 150)
+    assert small.frames.shape[1] % settings.factor == 0 and small.frames.shape[2] % settings.factor == 0
+    (a, grid_a), (b, grid_b) = preprocess_video(full.frames, settings), preprocess_video(small.frames, settings)
+    assert grid_a == grid_b and np.array_equal(a, b)

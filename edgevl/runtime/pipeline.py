@@ -122,7 +122,8 @@ class Pipeline:
 
     def video_patches(self, videos) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
         """Paths (sampled at 2 fps) or `VideoClip`s -> (pixel_values, grid) per video."""
-        clips = [v if isinstance(v, VideoClip) else load_video(v, temporal_patch_size=self.video_temporal)
+        clips = [v if isinstance(v, VideoClip) else load_video(v, temporal_patch_size=self.video_temporal,
+                                                              settings=self.video_settings)
                  for v in videos]
         return [preprocess_video(c.frames, self.video_settings) for c in clips]
 

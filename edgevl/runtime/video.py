@@ -76,13 +76,17 @@ class VideoTooLarge(EdgevlError):
 
 
 def load_video(path, fps: float = DEFAULT_FPS, max_frames: int = MAX_FRAMES, temporal_patch_size: int = 2,
-               min_frames: int = MIN_FRAMES, max_pixels: int | None = None, label: str | None = None) -> VideoClip:
+               min_frames: int = MIN_FRAMES, max_pixels: int | None = None, label: str | None = None,
+               settings: ImageProcessorSettings | None = None) -> VideoClip:
     """Decode a video file and keep the frames sampled at `fps` (PyAV, the `video` extra).
 
     max_pixels: refuse frames larger than this (VideoTooLarge) before keeping any: sampled frames are
     held at full size until preprocessing, so a small file of huge frames could exhaust memory.
     label: how error messages name the video (default "Video file 'PATH'"; a server's temporary file
     name means nothing to its client).
+    settings: resize each kept frame as it is decoded, exactly as `preprocess_video` would later
+    (the same smart_resize and PIL bicubic per frame), so memory holds frames at model size, not
+    at source size (768 sampled 4K frames are ~19 GB; resized, a few hundred MB).
     """
     try:
         import av
@@ -109,7 +113,8 @@ def load_video(path, fps: float = DEFAULT_FPS, max_frames: int = MAX_FRAMES, tem
             for i, frame in enumerate(container.decode(video=0)):   # keep only sampled frames in memory
                 if i in wanted:
                     _check_frame_size(frame.width, frame.height, max_pixels, name)  # the size may change
-                    kept[i] = frame.to_ndarray(format="rgb24")
+                    rgb = frame.to_ndarray(format="rgb24")
+                    kept[i] = resize_frame(rgb, settings) if settings is not None else rgb
                 if i >= indices[-1]:
                     break
     except (av.error.FFmpegError, IndexError, ValueError) as e:
@@ -125,14 +130,22 @@ def _check_frame_size(width: int, height: int, max_pixels: int | None, name: str
                             f"are accepted.")
 
 
+def resize_frame(frame: np.ndarray, settings: ImageProcessorSettings) -> np.ndarray:
+    """One uint8 frame [H, W, 3] at the model's size (smart_resize, PIL bicubic); unchanged when already
+    there, so resizing twice (while decoding, then in preprocess_video) is the same as once."""
+    height, width = frame.shape[:2]
+    if not settings.do_resize:
+        return frame
+    h, w = smart_resize(height, width, settings.factor, settings.min_pixels, settings.max_pixels)
+    if (h, w) == (height, width):
+        return frame
+    return np.asarray(Image.fromarray(frame).resize((w, h), Image.Resampling.BICUBIC))
+
+
 def preprocess_video(frames: np.ndarray, settings: ImageProcessorSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
     """uint8 frames [N, H, W, 3] -> (pixel_values float32 [t*h*w, C*T*P*P], grid (t, h, w))."""
-    n, height, width, _ = frames.shape
-    if settings.do_resize:
-        h, w = smart_resize(height, width, settings.factor, settings.min_pixels, settings.max_pixels)
-        if (h, w) != (height, width):
-            frames = np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BICUBIC))
-                               for f in frames])
+    n = len(frames)
+    frames = np.stack([resize_frame(f, settings) for f in frames])
     x = rescale_normalize(frames, settings)                                   # [N, H, W, C] float32
     tp = settings.temporal_patch_size
     if pad := -n % tp:                                                          # repeat the last frame

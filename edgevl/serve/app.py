@@ -112,8 +112,9 @@ def video_source(url: str, limits: ServerLimits) -> bytes | Path:
     return source
 
 
-def decode_video(source: bytes | Path, limits: ServerLimits, temporal_patch_size: int) -> VideoClip:
-    """Video bytes or a local path -> sampled frames. PyAV decodes from a file, so bytes go to a temp one."""
+def decode_video(source: bytes | Path, limits: ServerLimits, settings) -> VideoClip:
+    """Video bytes or a local path -> sampled frames at the model's size (`settings`: the pipeline's video
+    processor settings). PyAV decodes from a file, so bytes go to a temp one."""
     with tempfile.TemporaryDirectory(prefix="edgevl-video-") as tmp:
         path, label = source, None
         if isinstance(source, bytes):
@@ -121,8 +122,8 @@ def decode_video(source: bytes | Path, limits: ServerLimits, temporal_patch_size
             path, label = Path(tmp) / "video", "the video"
             path.write_bytes(source)
         try:
-            return load_video(path, max_frames=limits.max_video_frames, temporal_patch_size=temporal_patch_size,
-                              max_pixels=limits.max_image_pixels, label=label)
+            return load_video(path, max_frames=limits.max_video_frames, temporal_patch_size=settings.temporal_patch_size,
+                              max_pixels=limits.max_image_pixels, label=label, settings=settings)
         except VideoTooLarge as e:
             raise ApiError(413, str(e), code="video_too_large") from None
         except EdgevlError as e:  # undecodable, too few frames, ...
@@ -209,7 +210,7 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
         loop = asyncio.get_running_loop()
         # Videos are decoded in the worker (slow: the event loop keeps streaming other replies), but
         # before the response starts, so a bad video is a 4xx even with stream: true.
-        clips = [await loop.run_in_executor(worker, decode_video, v, limits, pipe.video_temporal) for v in videos]
+        clips = [await loop.run_in_executor(worker, decode_video, v, limits, pipe.video_settings) for v in videos]
 
         def run(on_text=None):
             row = pipe.prepare_messages(messages, images, clips)
