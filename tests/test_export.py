@@ -186,3 +186,20 @@ def test_fp16_export_runs_close_to_fp32(tiny_model_dir, tmp_path, pipeline, phot
     r32 = pipeline.generate("Describe.", images=[photos["coffee"]], max_new_tokens=4, do_sample=False)
     assert r16.prompt_token_ids == r32.prompt_token_ids
     assert r16.token_ids[0] == r32.token_ids[0]
+
+
+def test_weights_past_the_threshold_go_to_external_data_with_the_same_outputs(tiny_model_dir, tmp_path, pipeline,
+                                                                              photos, monkeypatch):
+    # Real exports put every graph past 64 MiB of weights in <graph>.data (memory-mapped by onnxruntime);
+    # a zero threshold takes that path on the tiny model.
+    from edgevl.export import exporter
+    from edgevl.runtime.pipeline import Pipeline
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_MIN_BYTES", 0)
+    out = exporter.export_model(str(tiny_model_dir), tmp_path / "external", dtype="fp32", log=lambda msg: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for graph in ("vision", "decoder"):
+        data = manifest["graphs"][graph]["file"] + ".data"
+        assert (out / data).stat().st_size > 0 and data in manifest["files"]
+    external = Pipeline.load(out, backend="ort-cpu")          # verify=True: the .data files are hashed
+    kwargs = dict(images=[photos["coffee"]], max_new_tokens=8, do_sample=False)
+    assert external.generate("Describe.", **kwargs).token_ids == pipeline.generate("Describe.", **kwargs).token_ids

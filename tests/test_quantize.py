@@ -287,3 +287,19 @@ def test_histogram_methods_calibrate_in_strides(tiny_artifact, tmp_path, monkeyp
     rep = quantize(tiny_artifact, tmp_path / method, "int8", **{**SMALL, "method": method}, force=True)
     assert rep["method"] == method
     assert ranges and all(end - start == 1 for start, end in ranges)
+
+
+def test_saved_graphs_past_the_threshold_keep_weights_in_a_data_file(tiny_artifact, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from edgevl.runtime.artifact import load_artifact
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_MIN_BYTES", 0)
+    src = load_artifact(tiny_artifact).graph_path("vision")
+    dst = tmp_path / "vision.onnx"
+    graphs.save_graph(graphs.load_graph(src), dst)                 # checker included
+    assert [p.name for p in graphs.graph_files(dst)] == ["vision.onnx", "vision.onnx.data"]
+    rng = np.random.default_rng(0)
+    feed = {"pixel_values": rng.standard_normal((16, 1176), dtype=np.float32),
+            "rotary_pos_ids": np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1).reshape(16, 2)}
+    a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0] for p in (src, dst))
+    assert np.array_equal(a, b)

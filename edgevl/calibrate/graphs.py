@@ -23,7 +23,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-EXTERNAL_DATA_THRESHOLD = 1 << 30   # as the exporter: over 1 GiB of weights go to a .data file
+from edgevl.runtime.artifact import EXTERNAL_DATA_MIN_BYTES
+
+EXTERNAL_DATA_THRESHOLD = 1 << 30   # intermediate graphs past 1 GiB need a .data file (protobuf caps at 2 GB)
 WEIGHT_OPS = ("MatMul", "Gemm")
 
 
@@ -34,14 +36,15 @@ def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def save_graph(model: onnx.ModelProto, path: str | os.PathLike, check: bool = True) -> None:
-    """Save next to nothing else; weights go to `<name>.data` past 1 GiB (protobuf caps at 2 GB)."""
+    """Save next to nothing else; weights go to `<name>.data` past EXTERNAL_DATA_MIN_BYTES (as the exporter:
+    onnxruntime then memory-maps them instead of parsing protobuf)."""
     path = Path(path)
     size = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = size > EXTERNAL_DATA_THRESHOLD
+    external = size > EXTERNAL_DATA_MIN_BYTES
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=f"{path.name}.data" if external else None, size_threshold=1024)
     if check:
-        onnx.checker.check_model(str(path), full_check=not external)
+        onnx.checker.check_model(str(path), full_check=size <= EXTERNAL_DATA_THRESHOLD)
 
 
 def with_shapes(path: str | os.PathLike, work: Path) -> onnx.ModelProto:

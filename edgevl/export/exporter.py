@@ -28,13 +28,17 @@ from edgevl.errors import EdgevlError
 from edgevl.export.graph_info import describe_graph
 from edgevl.export.graphs import DecoderGraph, VisionGraph
 from edgevl.export.mrope import attach_mrope_function, mrope_translation
-from edgevl.runtime.artifact import staged_folder, write_manifest
+from edgevl.runtime.artifact import (
+    EXTERNAL_DATA_MIN_BYTES,
+    staged_folder,
+    write_manifest,
+)
 from edgevl.runtime.image_processing import ImageProcessorSettings
 from edgevl.runtime.video import video_settings
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
-EXTERNAL_DATA_THRESHOLD = 1 << 30  # graphs over 1 GiB keep weights in a .data file (protobuf caps at 2 GB)
+FULL_CHECK_MAX_BYTES = 1 << 30  # onnx.checker's full check re-serializes the model: protobuf caps at 2 GB
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                 "preprocessor_config.json", "video_preprocessor_config.json", "config.json")
 
@@ -137,9 +141,9 @@ def export_decoder(model, path: Path, dtype: torch.dtype, opset: int) -> None:
 
 def _save(model: ir.Model, path: Path) -> None:
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    external = f"{path.name}.data" if size > EXTERNAL_DATA_THRESHOLD else None
+    external = f"{path.name}.data" if size > EXTERNAL_DATA_MIN_BYTES else None
     ir.save(model, path, external_data=external)
-    onnx.checker.check_model(str(path), full_check=external is None)
+    onnx.checker.check_model(str(path), full_check=size <= FULL_CHECK_MAX_BYTES)
 
 
 # ----------------------------------------------------------------------------- side files
