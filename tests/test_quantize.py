@@ -298,6 +298,9 @@ def test_saved_graphs_past_the_threshold_keep_weights_in_a_data_file(tiny_artifa
     dst = tmp_path / "vision.onnx"
     graphs.save_graph(graphs.load_graph(src), dst)                 # checker included
     assert [p.name for p in graphs.graph_files(dst)] == ["vision.onnx", "vision.onnx.data"]
+    shaped = graphs.with_shapes(dst)                               # shapes inferred, weights read back
+    assert shaped.graph.value_info and all(t.data_location != onnx.TensorProto.EXTERNAL
+                                           for t in shaped.graph.initializer)
     rng = np.random.default_rng(0)
     feed = {"pixel_values": rng.standard_normal((16, 1176), dtype=np.float32),
             "rotary_pos_ids": np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1).reshape(16, 2)}

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 from edgevl.runtime.artifact import EXTERNAL_DATA_MIN_BYTES
 
@@ -47,17 +48,16 @@ def save_graph(model: onnx.ModelProto, path: str | os.PathLike, check: bool = Tr
         onnx.checker.check_model(str(path), full_check=size <= EXTERNAL_DATA_THRESHOLD)
 
 
-def with_shapes(path: str | os.PathLike, work: Path) -> onnx.ModelProto:
+def with_shapes(path: str | os.PathLike) -> onnx.ModelProto:
     """The graph with inferred shapes/types (value_info), weights loaded.
 
-    Inference runs file to file in `work` (protobuf cannot serialize a graph over 2 GB in one
-    piece); the weights file is linked there so the graph's relative reference still resolves.
+    Inference runs on the graph without its external weights (shapes need only the initializers'
+    dims, and protobuf cannot serialize 2 GB), then the weights are read from beside the file.
     """
-    path, work = Path(path), Path(work)
-    for src in graph_files(path)[1:]:
-        (work / src.name).symlink_to(src.resolve())
-    onnx.shape_inference.infer_shapes_path(str(path), str(work / path.name))
-    return load_graph(work / path.name)
+    path = Path(path)
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    load_external_data_for_model(model, str(path.parent))
+    return model
 
 
 def graph_files(path: str | os.PathLike) -> list[Path]:

@@ -149,7 +149,7 @@ def _pct(before: float, after: float) -> str:
 def fp16_graph(ctx: Context, graph: str) -> GraphResult:
     src = ctx.src.graph_path(graph)
     absmax = passes.tensor_absmax(src, ctx.reader(graph, "ranges"), ctx.tmp(f"{graph}-ranges").parent)
-    model = with_shapes(src, ctx.tmp(f"{graph}-shapes").parent)
+    model = with_shapes(src)
     hot = passes.overflow_nodes(model, absmax)
     converted = passes.fp16_convert(model, set(hot), keep_io=["logits"] if graph == "decoder" else [])
     path = ctx.tmp(f"{graph}-fp16")
