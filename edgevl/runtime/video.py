@@ -145,7 +145,9 @@ def resize_frame(frame: np.ndarray, settings: ImageProcessorSettings) -> np.ndar
 def preprocess_video(frames: np.ndarray, settings: ImageProcessorSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
     """uint8 frames [N, H, W, 3] -> (pixel_values float32 [t*h*w, C*T*P*P], grid (t, h, w))."""
     n = len(frames)
-    frames = np.stack([resize_frame(f, settings) for f in frames])
+    first = frames[0]
+    if resize_frame(first, settings) is not first:   # frames share one size; decoded ones are already at
+        frames = np.stack([resize_frame(f, settings) for f in frames])   # model size: no copy for them
     x = rescale_normalize(frames, settings)                                   # [N, H, W, C] float32
     tp = settings.temporal_patch_size
     if pad := -n % tp:                                                          # repeat the last frame
