@@ -3,8 +3,10 @@
 One worker thread runs generations in arrival order (a FIFO queue: fair, and the
 Pipeline is never used by two threads at once); the event loop only parses,
 validates and streams. Videos are decoded on the worker too, before a reply starts.
-Every error is an OpenAI-style JSON body with a 4xx code; nothing a client sends
-can take the server down.
+Every error is an OpenAI-style JSON body (`{"error": {"message", "type", "param", "code"}}`)
+with a 4xx code, unknown routes and wrong methods included; nothing a client sends can take the
+server down, and a streamed reply starts (200) only once the model has produced its first text,
+so every problem with a request is a real 4xx, never an error inside a 200.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import asyncio
 import base64
 import binascii
 import importlib.util
-import io
 import json
+import re
 import tempfile
 import time
 import uuid
@@ -26,12 +28,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.image_processing import ImageTooLarge, load_image
+from edgevl.runtime.sampling import SamplingOptions
 from edgevl.runtime.video import MAX_FRAMES, VideoClip, VideoTooLarge, load_video
-from edgevl.serve.schemas import ChatCompletionRequest
+from edgevl.serve.schemas import ChatCompletionRequest, FieldProblem
 
 DEFAULT_MAX_TOKENS = 256
+ROUTES = "POST /v1/chat/completions, GET /v1/models and GET /health"
 
 
 @dataclass(frozen=True)
@@ -45,17 +52,86 @@ class ServerLimits:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error",
+                 param: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.code, self.kind = status, message, code, kind
+        self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
 
 
 class Cancelled(Exception):
     """Raised inside a generation callback when the streaming client went away."""
 
 
-def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
+               param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------- request body limit
+class RequestBodyLimit:
+    """Pure ASGI middleware: at most `max_bytes` of request body, whatever the framing.
+
+    A Content-Length over the limit is answered at once; otherwise the bytes of `http.request`
+    messages are counted as the app reads them, so a chunked body (no Content-Length) is cut off as
+    soon as it passes the limit: the 413 goes out, the app is told the client went away, and the
+    connection closes instead of reading the rest. Nothing is buffered here.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _reject(self, send, size: str) -> None:
+        body = json.dumps(error_body(f"the request body is {size} bytes; this server accepts at most "
+                                     f"{self.max_bytes} bytes.", code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                return await self._reject(send, value.decode())
+        received, rejected, started = 0, False, False
+
+        async def limited_receive():
+            nonlocal received, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    rejected = True
+                    if not started:
+                        await self._reject(send, f"more than {self.max_bytes}")
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if rejected:
+                return          # the 413 is the reply; whatever the app says after it is dropped
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not rejected:    # after a 413 the app's ClientDisconnect (or what it made of it) is expected
+                raise
 
 
 # ----------------------------------------------------------------------------- messages
@@ -81,19 +157,18 @@ def read_url(url: str, kind: str, limits: ServerLimits) -> bytes | Path:
 
 
 def decode_image(url: str, limits: ServerLimits) -> Image.Image:
-    """A data URL (base64) or, when allowed, a local path / file:// URL -> a decoded PIL image."""
+    """A data URL (base64) or, when allowed, a local path / file:// URL -> an RGB PIL image, decoded by
+    the runtime's `load_image` (EXIF orientation applied, as `edgevl run` and the Python API do), the
+    pixel count checked before any pixel is decoded."""
     source = read_url(url, "image", limits)
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        if image.width * image.height > limits.max_image_pixels:
-            raise ApiError(413, f"the image is {image.width}x{image.height} pixels; this server accepts at most "
-                                f"{limits.max_image_pixels} pixels per image.", code="image_too_large")
-        image.load()
-    except ApiError:
-        raise
-    except Exception as e:  # PIL raises many types for bad data
-        raise ApiError(400, f"an image could not be decoded ({type(e).__name__}).") from None
-    return image
+        return load_image(source, max_pixels=limits.max_image_pixels, label="the image data")
+    except ImageTooLarge as e:
+        size = f"{e.width}x{e.height} pixels" if e.width else "too many pixels"
+        raise ApiError(413, f"the image is {size}; this server accepts at most {limits.max_image_pixels} "
+                            f"pixels per image.", code="image_too_large") from None
+    except EdgevlError as e:  # not an image, truncated, an unsupported pixel mode, ...
+        raise ApiError(400, str(e)) from None
 
 
 def _have_pyav() -> bool:
@@ -156,38 +231,122 @@ def to_hf_messages(request: ChatCompletionRequest,
     return messages, images, videos
 
 
+# ----------------------------------------------------------------------------- errors
+_ALLOC_SIZE = re.compile(r"buffer of size (\d+)")
+_UNION_TAG = re.compile(r"[\[\]()]|^[A-Z]")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """True for a failed allocation: Python's MemoryError, or onnxruntime's Fail / RuntimeException
+    ("Failed to allocate memory", std::bad_alloc), which is how a too-large image or prompt fails in
+    today's vision and decoder graphs (their attention scores are [heads, N, N])."""
+    if isinstance(exc, MemoryError):
+        return True
+    if type(exc).__module__.startswith("onnxruntime"):
+        text = str(exc)
+        return "Failed to allocate memory" in text or "bad_alloc" in text
+    return False
+
+
+def as_api_error(exc: BaseException) -> ApiError | None:
+    """The 4xx a failure of the pipeline stands for, or None for a bug (a 500 without details)."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ImageTooLarge):
+        return ApiError(413, str(exc), code="image_too_large")
+    if isinstance(exc, EdgevlError):
+        return ApiError(400, str(exc))
+    if out_of_memory(exc):
+        size = _ALLOC_SIZE.search(str(exc))
+        need = f" (it needed {int(size.group(1)) / 1e9:.1f} GB at once)" if size else ""
+        return ApiError(413, f"the image is too large for this server's memory{need}; send a smaller image, "
+                             f"fewer video frames or a shorter prompt.", code="request_too_large")
+    return None
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """The raw request body -> a validated request; every problem is an ApiError(400) with one sentence."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"the request body is not valid UTF-8 (byte {e.start}); JSON must be UTF-8.") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ApiError(400, "the request body is JSON nested too deeply.") from None
+    except ValueError as e:   # JSONDecodeError, and int() refusing numbers of thousands of digits
+        where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
+        raise ApiError(400, f"the request body is not valid JSON{where}.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got a JSON {_json_kind(data)}.")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as e:
+        raise validation_api_error(e.errors()) from None
+    except RecursionError:
+        raise ApiError(400, "the request body is JSON nested too deeply.") from None
+
+
+def _json_kind(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def validation_api_error(errors: list) -> ApiError:
+    """pydantic's first error -> one sentence naming the field (`messages.0.content`, `temperature`).
+
+    For a union (`content`: a string or a list of parts) pydantic reports every member; the deepest
+    error under the first error's field is the member the value was meant for."""
+    def path(error) -> list[str]:
+        loc = [str(p) for p in error.get("loc", ())]
+        return loc[1:] if loc[:1] == ["body"] else loc          # FastAPI's prefix
+    field = path(errors[0])[:1]
+    first = max((e for e in errors if path(e)[:1] == field), key=lambda e: len(path(e)))
+    # Union members appear in the path as type names ("str", "list[ContentPart]", "function-after[...]").
+    loc = [p for p in path(first) if not (_UNION_TAG.search(p) or p in ("str", "int", "float", "bool"))]
+    where = ".".join(loc) or "the request body"
+    error = (first.get("ctx") or {}).get("error")
+    if isinstance(error, FieldProblem):   # the shared validation's own words (sampling values, text)
+        return ApiError(400, _sentence(f"{where} {error}"), param=where)
+    return ApiError(400, _sentence(f"{_clip(where)}: {first.get('msg', 'invalid value')}"), param=where)
+
+
 # ----------------------------------------------------------------------------- app
 def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> FastAPI:
     app = FastAPI(title="edgevl", version="1", docs_url=None, redoc_url=None)
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgevl-generate")  # FIFO: fair order
     created = int(time.time())
+    app.add_middleware(RequestBodyLimit, max_bytes=limits.max_request_bytes)
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
-            return JSONResponse(error_body(f"the request is {length} bytes; the limit is "
-                                           f"{limits.max_request_bytes} bytes.", code="request_too_large"), 413)
-        return await call_next(request)
+    def reply(exc: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(exc.message, exc.kind, exc.code, exc.param), exc.status)
 
     @app.exception_handler(ApiError)
     async def api_error(_, exc: ApiError):
-        return JSONResponse(error_body(exc.message, exc.kind, exc.code), exc.status)
+        return reply(exc)
 
     @app.exception_handler(EdgevlError)
     async def edgevl_error(_, exc: EdgevlError):
-        return JSONResponse(error_body(str(exc)), 400)
+        return reply(as_api_error(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_, exc: RequestValidationError):
-        first = exc.errors()[0]
-        if first.get("type") == "json_invalid":
-            return JSONResponse(error_body("the request body is not valid JSON."), 400)
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
-        return JSONResponse(error_body(f"{where}: {first.get('msg')}"), 400)
+        return reply(validation_api_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)   # routing: 404, 405 (Starlette's {"detail": ...} otherwise)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        where = f"{request.method} {_clip(request.url.path)}"
+        if exc.status_code == 404:
+            message = f"there is no route {where}; this server has {ROUTES}."
+        elif exc.status_code == 405:
+            message = f"{where} is not allowed; this server has {ROUTES}."
+        else:
+            message = _sentence(str(exc.detail)) if exc.detail else f"{where} failed with HTTP {exc.status_code}."
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(error_body(message, kind), exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(_, exc: Exception):
+        # A bug: the type only, never the text or a traceback (they can hold paths and data).
         return JSONResponse(error_body(f"internal error ({type(exc).__name__}).", "server_error"), 500)
 
     @app.get("/health")
@@ -200,28 +359,38 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
                                             "owned_by": "edgevl"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest):
+    async def chat_completions(raw: Request):
+        request = parse_request(await raw.body())
         if request.model != model_name:
-            raise ApiError(404, f"the model '{request.model}' does not exist; this server serves "
-                                f"'{model_name}'.", code="model_not_found")
+            raise ApiError(404, f"the model '{_clip(request.model, 200)}' does not exist; this server serves "
+                                f"'{model_name}'.", code="model_not_found", param="model")
+        sampling = request.sampling()
+        # The values the pipeline will use (the request's over the model's generation_config.json), checked
+        # by the same validation as the CLI and the Python API, before any work starts.
+        SamplingOptions.from_generation_config(pipe.generation_config, **sampling)
         messages, images, videos = to_hf_messages(request, limits)
         max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
+        stop = request.stop_strings()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
-        # Videos are decoded in the worker (slow: the event loop keeps streaming other replies), but
-        # before the response starts, so a bad video is a 4xx even with stream: true.
-        clips = [await loop.run_in_executor(worker, decode_video, v, limits, pipe.video_settings) for v in videos]
 
         def run(on_text=None):
+            # Videos are decoded in the worker (slow: the event loop keeps streaming other replies).
+            clips = [decode_video(v, limits, pipe.video_settings) for v in videos]
             row = pipe.prepare_messages(messages, images, clips)
-            return pipe.generate_prepared([row], max_tokens, request.stop_strings(), on_text,
-                                          **request.sampling())[0]
+            return pipe.generate_prepared([row], max_tokens, stop, on_text, **sampling)[0]
 
         if not request.stream:
-            result = await loop.run_in_executor(worker, run)
+            try:
+                result = await loop.run_in_executor(worker, run)
+            except Exception as e:
+                raise (as_api_error(e) or e) from None
             return completion_body(completion_id, model_name, result)
-        return StreamingResponse(stream_events(loop, worker, run, completion_id, model_name),
-                                 media_type="text/event-stream")
+        stream = Stream(loop, worker, run)
+        first = await stream.first()   # video, preprocessing, vision and prefill are done: a 4xx still can be
+        if first[0] == "error":
+            raise (as_api_error(first[1]) or first[1]) from None
+        return StreamingResponse(stream.events(first, completion_id, model_name), media_type="text/event-stream")
 
     app.state.worker = worker
     return app
@@ -243,41 +412,58 @@ def _chunk(completion_id: str, model: str, delta: dict, finish_reason: str | Non
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def stream_events(loop, worker, run, completion_id: str, model: str):
-    """Server-sent events: a role chunk, content chunks as text arrives, a finish chunk, [DONE]."""
-    queue: asyncio.Queue = asyncio.Queue()
-    cancelled = False
+class Stream:
+    """One streamed generation on the worker: ("text", delta) events, then ("done", result) or ("error", e).
 
-    def on_text(_row, delta: str) -> None:
-        if cancelled:
-            raise Cancelled
-        loop.call_soon_threadsafe(queue.put_nowait, ("text", delta))
+    `first()` waits for the first event before the HTTP status is chosen: everything that can fail
+    because of the request (decoding, preprocessing, the prompt's length, vision and prefill memory)
+    has run by then, so it is a 4xx; only a failure while decoding later tokens is reported in-band.
+    """
 
-    def job():
+    def __init__(self, loop, worker, run):
+        self.loop, self.queue, self.cancelled = loop, asyncio.Queue(), False
+        self.future = loop.run_in_executor(worker, self._job, run)
+
+    def _put(self, kind: str, value) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+
+    def _job(self, run) -> None:
+        def on_text(_row, delta: str) -> None:
+            if self.cancelled:
+                raise Cancelled
+            self._put("text", delta)
         try:
-            result = run(on_text)
-            loop.call_soon_threadsafe(queue.put_nowait, ("done", result))
+            self._put("done", run(on_text))
         except Cancelled:
             pass
-        except Exception as e:  # report in-band: the HTTP status is already sent
-            loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+        except Exception as e:  # reported by first() as a 4xx, or in-band once the reply has started
+            self._put("error", e)
 
-    future = loop.run_in_executor(worker, job)
-    try:
-        yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
-        while True:
-            kind, value = await queue.get()
-            if kind == "text":
-                yield _chunk(completion_id, model, {"content": value})
-            elif kind == "done":
-                reason = "length" if value.finish_reason == "length" else "stop"
-                yield _chunk(completion_id, model, {}, reason)
-                yield "data: [DONE]\n\n"
-                break
-            else:
-                message = str(value) if isinstance(value, EdgevlError) else f"internal error ({type(value).__name__})"
-                yield f"data: {json.dumps(error_body(message))}\n\n"
-                break
-    finally:
-        cancelled = True  # a client that hung up stops the generation at its next token
-        await future
+    async def first(self) -> tuple[str, object]:
+        event = await self.queue.get()
+        if event[0] == "error":
+            await self.future
+        return event
+
+    async def events(self, first, completion_id: str, model: str):
+        """Server-sent events: a role chunk, content chunks as text arrives, a finish chunk, [DONE]."""
+        try:
+            yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
+            kind, value = first
+            while True:
+                if kind == "text":
+                    yield _chunk(completion_id, model, {"content": value})
+                elif kind == "done":
+                    reason = "length" if value.finish_reason == "length" else "stop"
+                    yield _chunk(completion_id, model, {}, reason)
+                    yield "data: [DONE]\n\n"
+                    break
+                else:   # the 200 is already sent: an error can only be told in-band, as the server's fault
+                    known = as_api_error(value)
+                    message = known.message if known else f"internal error ({type(value).__name__})."
+                    yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"
+                    break
+                kind, value = await self.queue.get()
+        finally:
+            self.cancelled = True  # a client that hung up stops the generation at its next token
+            await self.future
