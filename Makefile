@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(ART)/tiny-model/config.json: | setup
-	$(PY) -m edgevl.export.tiny_model $(ART)/tiny-model --preset tiny --seed 0
+	$(PY) -m edgevl.synthetic.random_model $(ART)/tiny-model --preset tiny --seed 0
 
 $(ART)/tiny-export/manifest.json: $(ART)/tiny-model/config.json
 	$(VENV)/bin/edgevl export $(ART)/tiny-model -o $(ART)/tiny-export --force

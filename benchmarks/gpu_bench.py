@@ -13,6 +13,7 @@ A failing side is recorded in the JSON (with its error) and the other side still
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import gc
 import json
@@ -53,7 +54,7 @@ def bench_edgevl(artifact: Path, backend: str, image: Path, new_tokens: int, run
     pipe = Pipeline.load(artifact, backend=backend, verify=False)
     load_s = time.perf_counter() - t0
     log(f"edgevl loaded on {pipe.backend.name} in {load_s:.1f} s; warming up")
-    pipe.config["eos_token_id"] = []                 # random weights: decode exactly new_tokens
+    pipe.config = dataclasses.replace(pipe.config, eos_token_id=())   # random weights: decode exactly new_tokens
     pipe.generate(PROMPT, images=[image], max_new_tokens=4, do_sample=False)
     row = pipe.prepare(PROMPT, [image])
     vision = []

@@ -5,7 +5,7 @@
                                                            DIR/model (random weights, real shapes), DIR/fp16
 
 `tiny` output is what tests/test_gpu.py reads from EDGEVL_GPU_TINY=DIR (a few MB: small enough to
-carry to the GPU machine). `bench` runs `python -m edgevl.export.tiny_model` and `edgevl export --dtype fp16`
+carry to the GPU machine). `bench` runs `python -m edgevl.synthetic.random_model` and `edgevl export --dtype fp16`
 as separate processes (each frees its memory) and writes DIR/prepare.done, or DIR/prepare.failed.
 """
 
@@ -27,7 +27,7 @@ def log(msg: str) -> None:
 
 def tiny(out: Path) -> None:
     from edgevl.export.exporter import export_model
-    from edgevl.export.tiny_model import write_random_model
+    from edgevl.synthetic.random_model import write_random_model
     model = write_random_model(out / "model", preset="tiny", seed=0)      # the same bytes as tests/conftest.py
     for dtype in ("fp32", "fp16"):
         export_model(str(model), out / dtype, dtype=dtype, force=True, log=log)
@@ -38,7 +38,7 @@ def bench(out: Path, preset: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for marker in ("prepare.done", "prepare.failed"):
         (out / marker).unlink(missing_ok=True)
-    steps = [[sys.executable, "-m", "edgevl.export.tiny_model", str(out / "model"), "--preset", preset],
+    steps = [[sys.executable, "-m", "edgevl.synthetic.random_model", str(out / "model"), "--preset", preset],
              [sys.executable, "-m", "edgevl", "export", str(out / "model"), "-o", str(out / "fp16"), "--dtype", "fp16",
               "--force"]]
     t0 = time.perf_counter()

@@ -46,9 +46,9 @@ def vision_feed(pipe, size: str) -> dict:
 
 def decoder_feed(pipe, prompt_tokens: int | None, decode_context: int | None) -> dict:
     cfg, rng = pipe.config, np.random.default_rng(0)
-    layers, heads, dim = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]
+    layers, heads, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     seq, past = (1, decode_context - 1) if decode_context else (prompt_tokens, 0)
-    feed = {"inputs_embeds": rng.standard_normal((1, seq, cfg["hidden_size"]), np.float32).astype(pipe.dtype) * 0.02,
+    feed = {"inputs_embeds": rng.standard_normal((1, seq, cfg.hidden_size), np.float32).astype(pipe.dtype) * 0.02,
             "position_ids": np.broadcast_to(np.arange(past, past + seq), (3, 1, seq)).astype(np.int64).copy(),
             "attention_mask": np.ones((1, past + seq), np.int64)}
     for i in range(layers):

@@ -4,7 +4,7 @@
     python benchmarks/quantize_bench.py --preset tiny --out /tmp/qbench   # smoke run in seconds
 
 Steps, each skipped when its output already exists under --cache:
-  model     python -m edgevl.export.tiny_model DIR --preset P   (random weights, the preset's real widths)
+  model     python -m edgevl.synthetic.random_model DIR --preset P   (random weights, the preset's real widths)
   export    python -m edgevl export DIR -o export-fp32          (the same layout benchmarks/run_cpu.sh uses)
   quantize  edgevl.calibrate.quantize for int8 and w4a16 (force=True: a gate failure is reported, not fatal)
   timing    every artifact through the normal runtime on one 448x448 photograph and one prompt: --runs
@@ -48,7 +48,7 @@ def ensure_fp32(preset: str, cache: Path) -> tuple[Path, dict]:
     model, export = folder / "model", folder / "export-fp32"
     took = {}
     if not (model / "config.json").exists():
-        took["build_model_s"] = step([sys.executable, "-m", "edgevl.export.tiny_model", str(model), "--preset", preset])
+        took["build_model_s"] = step([sys.executable, "-m", "edgevl.synthetic.random_model", str(model), "--preset", preset])
     if not (export / "manifest.json").exists():
         took["export_s"] = step([sys.executable, "-m", "edgevl", "export", str(model), "-o", str(export), "--force"])
     return export, took

@@ -30,7 +30,7 @@ RECIPES=${RECIPES-int8 w4a16}
 EXTRA=()
 [ "${INTERLEAVE:-0}" = 1 ] && EXTRA+=(--interleave)
 
-FP32=$("$PY" -c "import sys; from edgevl.bench.presets import ensure_preset
+FP32=$("$PY" -c "import sys; from edgevl.bench.preset_cache import ensure_preset
 print(ensure_preset('$PRESET', log=lambda m: print('[bench]', m, file=sys.stderr, flush=True)))")
 
 QUANTIZED=()

@@ -14,7 +14,7 @@ from PIL import Image
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from edgevl.export.tiny_model import write_random_model
+    from edgevl.synthetic.random_model import write_random_model
     return write_random_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
 
 

@@ -114,10 +114,10 @@ def fake_trt_runners(art, limits):
     """Activated TrtRunners for both graphs of an artifact over FakeEngines, and their HostMemory."""
     runners, memories = {}, {}
     for graph in ("vision", "decoder"):
-        entry = art.manifest["graphs"][graph]
-        profiles = sizing.build_profiles(graph, entry["inputs"], limits, art.config)
+        spec = art.manifest.graph(graph)
+        profiles = sizing.build_profiles(graph, spec.inputs, limits, art.config)
         env = sizing.max_dims(graph, limits, art.config)
-        max_bytes = {v["name"]: sizing.max_tensor_bytes(v, env) for v in entry["inputs"] + entry["outputs"]}
+        max_bytes = {v.name: sizing.max_tensor_bytes(v, env) for v in (*spec.inputs, *spec.outputs)}
         memories[graph] = mem = HostMemory()
         runners[graph] = trt.TrtRunner(lambda g=graph, m=mem, p=profiles: FakeEngine(art.graph_path(g), m, p),
                                        profiles, max_bytes, name=f"fake-trt:{graph}", memory_factory=lambda m=mem: m)

@@ -7,15 +7,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from edgevl.artifact.folder import Artifact, GraphFile, load_artifact
 from edgevl.errors import EdgevlError
 from edgevl.runtime import backends, probe, sizing, trt
-from edgevl.runtime.artifact import load_artifact
 from edgevl.runtime.runners import (
     DeviceTensor,
     OnnxrtRunner,
@@ -85,16 +86,16 @@ def test_run_with_an_unavailable_backend_exits_with_one_sentence(tiny_artifact):
     assert "backend ort-cuda is not available here" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_backend_options_are_validated():
+def test_backend_options_are_validated(art):
     with pytest.raises(EdgevlError, match="--max-context must be at least 1"):
         backends.BackendOptions(max_context=0)
     with pytest.raises(EdgevlError, match="above the model's context"):
-        sizing.Limits.resolve({"max_position_embeddings": 100}, max_context=200)
+        sizing.Limits.resolve(dataclasses.replace(art.config, max_position_embeddings=100), max_context=200)
 
 
 def test_context_limit(only, art):
     only("ort-cpu", "trt")
-    assert backends.get_backend("ort-cpu").context_limit(art.config) == art.config["max_position_embeddings"]
+    assert backends.get_backend("ort-cpu").context_limit(art.config) == art.config.max_position_embeddings
     opts = backends.BackendOptions(max_context=300)
     assert backends.get_backend("ort-cpu", opts).context_limit(art.config) == 300
     assert backends.get_backend("trt").context_limit(art.config) == sizing.DEFAULT_ENGINE_CONTEXT
@@ -112,13 +113,18 @@ def test_engine_cache_key_is_stable_and_changes_with_every_input():
     assert len({trt.engine_cache_key(**{**base, **c}) for c in changes} | {key}) == len(changes) + 1
 
 
-def test_graph_digest_and_build_options_key(art):
-    digest = trt.graph_digest(art.manifest, "decoder")
-    assert digest == trt.graph_digest(art.manifest, "decoder") != trt.graph_digest(art.manifest, "vision")
-    changed = {**art.manifest, "files": {**art.manifest["files"], "decoder.onnx": "0" * 64}}
-    assert trt.graph_digest(changed, "decoder") != digest
-    assert trt.graph_digest(changed, "vision") == trt.graph_digest(art.manifest, "vision")
-    profiles = sizing.build_profiles("decoder", art.manifest["graphs"]["decoder"]["inputs"],
+def test_graph_digest_and_build_options_key(art, tmp_path):
+    digest = art.graph("decoder").digest
+    assert digest == art.graph("decoder").digest != art.graph("vision").digest
+    changed = Artifact(art.path, dataclasses.replace(art.manifest, files={**art.manifest.files,
+                                                                          "decoder.onnx": "0" * 64}))
+    assert changed.graph("decoder").digest != digest
+    assert changed.graph("vision").digest == art.graph("vision").digest
+    # a graph outside any artifact hashes its own files: the same digest as inside the artifact
+    shutil.copy(art.graph_path("vision"), tmp_path / "vision.onnx")
+    outside = GraphFile.standalone(tmp_path / "vision.onnx", art.manifest.graph("vision"), art.config)
+    assert outside.digest == art.graph("vision").digest
+    profiles = sizing.build_profiles("decoder", art.manifest.graph("decoder").inputs,
                                      sizing.Limits(max_context=64), art.config)
     assert trt.BuildOptions().key(profiles) != trt.BuildOptions("fp16").key(profiles)
     with pytest.raises(EdgevlError):
@@ -129,15 +135,15 @@ def test_graph_digest_and_build_options_key(art):
 # ----------------------------------------------------------------------------- profiles and sizes
 def test_decoder_profiles_from_the_manifest(art):
     limits = sizing.Limits(max_batch=2, max_context=256)
-    decode, prefill = sizing.build_profiles("decoder", art.manifest["graphs"]["decoder"]["inputs"], limits, art.config)
-    hidden, kv, hd = art.config["hidden_size"], art.config["num_key_value_heads"], art.config["head_dim"]
+    decode, prefill = sizing.build_profiles("decoder", art.manifest.graph("decoder").inputs, limits, art.config)
+    hidden, kv, hd = art.config.hidden_size, art.config.num_key_value_heads, art.config.head_dim
     assert (decode.name, prefill.name) == ("decode", "prefill")
     assert decode.shapes["inputs_embeds"] == ((1, 1, hidden), (1, 1, hidden), (2, 1, hidden))
     assert decode.shapes["past_key_values.1.value"] == ((1, kv, 1, hd), (1, kv, 128, hd), (2, kv, 255, hd))
     assert decode.shapes["attention_mask"] == ((1, 2), (1, 129), (2, 256))
     assert prefill.shapes["position_ids"] == ((3, 1, 1), (3, 1, 256), (3, 2, 256))
     assert prefill.shapes["past_key_values.0.key"][0] == (1, kv, 0, hd)       # prefill starts from an empty cache
-    assert len(decode.shapes) == 3 + 4 * art.config["num_hidden_layers"] // 2
+    assert len(decode.shapes) == 3 + 4 * art.config.num_hidden_layers // 2
     # a decode step, a prompt, and a prompt too long for the engines
     step = {"inputs_embeds": (1, 1, hidden), "attention_mask": (1, 41), "past_key_values.0.key": (1, kv, 40, hd)}
     prompt = {"inputs_embeds": (1, 40, hidden), "attention_mask": (1, 40), "past_key_values.0.key": (1, kv, 0, hd)}
@@ -148,7 +154,7 @@ def test_decoder_profiles_from_the_manifest(art):
 
 
 def test_vision_profile_and_ort_trt_strings(art):
-    (image,) = sizing.build_profiles("vision", art.manifest["graphs"]["vision"]["inputs"],
+    (image,) = sizing.build_profiles("vision", art.manifest.graph("vision").inputs,
                                      sizing.Limits(max_image_patches=2048), art.config)
     assert image.shapes == {"pixel_values": ((4, 1176), (1024, 1176), (2048, 1176)),
                             "rotary_pos_ids": ((4, 2), (1024, 2), (2048, 2))}
@@ -156,7 +162,7 @@ def test_vision_profile_and_ort_trt_strings(art):
     assert opts == {"trt_profile_min_shapes": "pixel_values:4x1176,rotary_pos_ids:4x2",
                     "trt_profile_opt_shapes": "pixel_values:1024x1176,rotary_pos_ids:1024x2",
                     "trt_profile_max_shapes": "pixel_values:2048x1176,rotary_pos_ids:2048x2"}
-    provider = backends.ort_trt_provider_options(art, "decoder", backends.BackendOptions(max_context=64))
+    provider = backends.ort_trt_provider_options(art.graph("decoder"), backends.BackendOptions(max_context=64))
     assert provider["trt_fp16_enable"] is False and provider["trt_int8_enable"] is False
     assert provider["trt_profile_max_shapes"].count("inputs_embeds:") == 2              # decode + prefill
     assert "past_key_values.0.key:1x2x0x16" in provider["trt_profile_min_shapes"]
@@ -166,25 +172,26 @@ def test_buffer_sizes_cover_the_largest_shapes(art):
     limits = sizing.Limits(max_batch=2, max_context=256, max_image_patches=400)
     env = sizing.max_dims("decoder", limits, art.config)
     assert env == {"batch": 2, "sequence": 256, "past_sequence": 255, "total_sequence": 256}
-    out = {v["name"]: v for v in art.manifest["graphs"]["decoder"]["outputs"]}
-    kv, hd = art.config["num_key_value_heads"], art.config["head_dim"]
+    out = {v.name: v for v in art.manifest.graph("decoder").outputs}
+    kv, hd = art.config.num_key_value_heads, art.config.head_dim
     assert sizing.max_tensor_bytes(out["present.0.key"], env) == 2 * kv * 256 * hd * 4
-    assert sizing.max_tensor_bytes(out["logits"], env) == 2 * art.config["vocab_size"] * 4
-    (embeds,) = art.manifest["graphs"]["vision"]["outputs"]
-    assert sizing.eval_dim(embeds["shape"][0], {"num_patches": 400}) == 100          # "(num_patches//4)"
+    assert sizing.max_tensor_bytes(out["logits"], env) == 2 * art.config.vocab_size * 4
+    (embeds,) = art.manifest.graph("vision").outputs
+    assert sizing.eval_dim(embeds.shape[0], {"num_patches": 400}) == 100             # "(num_patches//4)"
     with pytest.raises(EdgevlError):
         sizing.eval_dim("__import__('os')", {})
 
 
 def test_kv_cache_and_weight_memory(art):
-    assert sizing.kv_cache_bytes(QWEN2_VL_2B, 1, 32768, "float16") == 2 * 28 * 2 * 32768 * 128 * 2 == 939_524_096
-    assert sizing.kv_cache_bytes(QWEN2_VL_2B, 4, 4096, np.float32) == 2 * 28 * 4 * 2 * 4096 * 128 * 4
-    weights = sizing.weights_bytes(art.manifest, art.path)
+    qwen2_vl_2b = dataclasses.replace(art.config, **QWEN2_VL_2B)
+    assert qwen2_vl_2b.kv_cache_bytes(1, 32768, 2) == 2 * 28 * 2 * 32768 * 128 * 2 == 939_524_096
+    assert qwen2_vl_2b.kv_cache_bytes(4, 4096, 4) == 2 * 28 * 4 * 2 * 4096 * 128 * 4
+    weights = sizing.weights_bytes(art)
     assert weights["decoder"] == (art.path / "decoder.onnx").stat().st_size
-    vocab, hidden = art.manifest["embeddings"]["shape"]
+    vocab, hidden = art.manifest.embeddings.shape
     assert weights["embeddings"] == vocab * hidden * 4
-    plan = sizing.memory_plan(art.manifest, art.path, 1, 1024)
-    assert plan["kv_cache"] == sizing.kv_cache_bytes(art.config, 1, 1024, "float32")
+    plan = sizing.memory_plan(art, 1, 1024)
+    assert plan["kv_cache"] == art.config.kv_cache_bytes(1, 1024, 4)
     assert plan["device_total"] == weights["vision"] + weights["decoder"] + 2 * plan["kv_cache"]
 
 
@@ -194,21 +201,21 @@ def test_engine_backends_wiring_without_tensorrt(monkeypatch, art, tmp_path):
     monkeypatch.setattr(probe, "gpus", lambda: [gpu])
     monkeypatch.setattr(probe, "tensorrt_version", lambda: "10.3.0")
     opts = backends.BackendOptions(max_context=128, cache_dir=tmp_path)
-    runner = backends.make_ort_trt(art.graph_path("decoder"), opts)                 # session built lazily
+    runner = backends.make_ort_trt(art.graph("decoder"), opts)                 # session built lazily
     trt_opts = dict(runner.build_session.providers[0][1])
     assert runner.build_session.path.parent.parent == tmp_path / "inlined"         # the MRoPE-free copy
     assert trt_opts["trt_engine_cache_path"].startswith(str(tmp_path / "ort-trt" / "decoder-"))
     assert "attention_mask:1x128" in trt_opts["trt_profile_max_shapes"]
-    assert backends.make_ort_trt(art.graph_path("vision"), opts).build_session.path == art.graph_path("vision")
-    cache, profiles, max_bytes = backends.trt_engine_loader(art.graph_path("decoder"), opts)
+    assert backends.make_ort_trt(art.graph("vision"), opts).build_session.path == art.graph_path("vision")
+    cache, profiles, max_bytes = backends.trt_engine_loader(art.graph("decoder"), opts)
     assert cache.path.parent == tmp_path / "trt" and [p.name for p in profiles] == ["decode", "prefill"]
-    assert max_bytes["logits"] == art.config["vocab_size"] * 4
-    other, _, _ = backends.trt_engine_loader(art.graph_path("decoder"), dataclasses.replace(opts, max_context=256))
+    assert max_bytes["logits"] == art.config.vocab_size * 4
+    other, _, _ = backends.trt_engine_loader(art.graph("decoder"), dataclasses.replace(opts, max_context=256))
     assert other.path != cache.path
     monkeypatch.setattr(probe, "tensorrt_version", lambda: "10.4.0")
-    assert backends.trt_engine_loader(art.graph_path("decoder"), opts)[0].path != cache.path
+    assert backends.trt_engine_loader(art.graph("decoder"), opts)[0].path != cache.path
     with pytest.raises(EdgevlError, match="--device 3: this machine has 1 GPU"):
-        backends.trt_engine_loader(art.graph_path("decoder"), dataclasses.replace(opts, device_id=3))
+        backends.trt_engine_loader(art.graph("decoder"), dataclasses.replace(opts, device_id=3))
 
 
 # ----------------------------------------------------------------------------- doctor and CLI
@@ -220,7 +227,7 @@ def _parse(add_parser, argv):
 
 @pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU")
 def test_doctor_reports_no_gpu_here(capsys, tiny_artifact):
-    from edgevl.gpu_cli import add_doctor_parser
+    from edgevl.cli.doctor import add_parser as add_doctor_parser
     args = _parse(add_doctor_parser, ["doctor", str(tiny_artifact), "--max-context", "512"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
@@ -235,7 +242,8 @@ def test_doctor_reports_no_gpu_here(capsys, tiny_artifact):
 
 
 def test_gpu_cli_options_have_help():
-    from edgevl.gpu_cli import add_build_parser, add_doctor_parser
+    from edgevl.cli.build import add_parser as add_build_parser
+    from edgevl.cli.doctor import add_parser as add_doctor_parser
     for add in (add_build_parser, add_doctor_parser):
         parser = argparse.ArgumentParser()
         add(parser.add_subparsers())
@@ -245,7 +253,7 @@ def test_gpu_cli_options_have_help():
 
 
 def test_build_for_ort_cpu_has_nothing_to_build(tiny_artifact, capsys):
-    from edgevl.gpu_cli import add_build_parser
+    from edgevl.cli.build import add_parser as add_build_parser
     args = _parse(add_build_parser, ["build", str(tiny_artifact), "--backend", "ort-cpu", "--no-verify"])
     assert args.func(args) == 0
     assert "nothing to build" in capsys.readouterr().err
@@ -254,12 +262,12 @@ def test_build_for_ort_cpu_has_nothing_to_build(tiny_artifact, capsys):
 # ----------------------------------------------------------------------------- runners on the CPU
 def test_ort_cpu_backend_is_the_plain_session(art):
     import onnxruntime as ort
-    runner = backends.get_backend("ort-cpu").make_runner(art.graph_path("decoder"), 1)
+    runner = backends.get_backend("ort-cpu", backends.BackendOptions(threads=1)).make_runner(art.graph("decoder"))
     assert type(runner) is OnnxrtRunner
     runner.activate()
     rng = np.random.default_rng(0)
-    kv, hd = art.config["num_key_value_heads"], art.config["head_dim"]
-    feed = {"inputs_embeds": rng.standard_normal((1, 3, art.config["hidden_size"]), np.float32),
+    kv, hd = art.config.num_key_value_heads, art.config.head_dim
+    feed = {"inputs_embeds": rng.standard_normal((1, 3, art.config.hidden_size), np.float32),
             "position_ids": np.tile(np.arange(2, 5), (3, 1, 1)), "attention_mask": np.ones((1, 5), np.int64),
             **{n: rng.standard_normal((1, kv, 2, hd), np.float32) for n in runner.input_metadata()
                if n.startswith("past_key_values.")}}
@@ -281,7 +289,7 @@ def test_io_binding_runner_keeps_the_cache_as_device_values(pipeline, photos):
     with _Swapped(pipeline, pipeline.vision, io):
         assert _tokens(pipeline, photos["coffee"]) == expected
     cache = pipeline.new_cache(1)
-    embeds = np.zeros((1, 4, pipeline.config["hidden_size"]), np.float32)
+    embeds = np.zeros((1, 4, pipeline.config.hidden_size), np.float32)
     logits = decoder_step(io, embeds, np.tile(np.arange(4), (3, 1, 1)), np.ones((1, 4), np.int64), cache)
     assert isinstance(logits, np.ndarray) and cache.length == 4
     assert all(isinstance(v, DeviceTensor) and v.owner is io for v in cache.arrays.values())
@@ -350,8 +358,8 @@ def test_inlined_decoder_has_no_functions_and_same_outputs(art, tmp_path):
     b = OnnxrtRunner(SessionFromOnnx(path))
     a.activate(), b.activate()
     rng = np.random.default_rng(1)
-    kv, hd = art.config["num_key_value_heads"], art.config["head_dim"]
-    feed = {"inputs_embeds": rng.standard_normal((2, 3, art.config["hidden_size"]), np.float32),
+    kv, hd = art.config.num_key_value_heads, art.config.head_dim
+    feed = {"inputs_embeds": rng.standard_normal((2, 3, art.config.hidden_size), np.float32),
             "position_ids": rng.integers(0, 50, (3, 2, 3)), "attention_mask": np.ones((2, 7), np.int64),
             **{n: rng.standard_normal((2, kv, 4, hd), np.float32) for n in a.input_metadata()
                if n.startswith("past_key_values.")}}
@@ -365,7 +373,7 @@ def test_backend_modules_import_without_heavy_packages():
         "for m in ('torch', 'transformers', 'onnx', 'tensorrt', 'cuda', 'cuda.bindings'):\n"
         "    sys.modules[m] = None\n"
         "from edgevl.runtime import backends, doctor, trt, sizing, probe\n"
-        "import edgevl.gpu_cli\n"
+        "import edgevl.cli\n"
         "report = doctor.collect()\n"
         "assert report['backends']['ort-cpu']['ok'], report\n"
         "assert not report['backends']['trt']['ok'] and not report['backends']['ort-trt']['ok']\n"
@@ -389,17 +397,17 @@ def test_fast_load_still_prepacks_quantized_graphs(tiny_artifact, tmp_path):
     import shutil
 
     from edgevl.runtime.backends import BackendOptions
-    art = tmp_path / "q"
-    shutil.copytree(tiny_artifact, art)
-    manifest = json.loads((art / "manifest.json").read_text())
-    manifest["precision"] = {**manifest["precision"], "decoder": "int4"}
-    (art / "manifest.json").write_text(json.dumps(manifest))
+    art = load_artifact(tiny_artifact, verify=False)
+    decoder = art.graph("decoder")
+    quantized = dataclasses.replace(decoder, spec=dataclasses.replace(decoder.spec, precision="int4"))
     backend = backends.get_backend("ort-cpu", BackendOptions(prepack=False))
-    quantized, float_vision = (backend.make_runner(art / manifest["graphs"][g]["file"]) for g in ("decoder", "vision"))
-    assert quantized.build_session.prepack and not float_vision.build_session.prepack
-    outside = tmp_path / "loose.onnx"                   # a graph outside an artifact: unknown, so packed
-    shutil.copy(art / manifest["graphs"]["vision"]["file"], outside)
-    assert backend.make_runner(outside).build_session.prepack
+    assert backend.make_runner(quantized).build_session.prepack
+    assert not backend.make_runner(art.graph("vision")).build_session.prepack
+    outside = tmp_path / "vision.onnx"                  # a graph outside an artifact: its GraphSpec decides
+    shutil.copy(art.graph_path("vision"), outside)
+    loose = GraphFile.standalone(outside, dataclasses.replace(art.manifest.graph("vision"), precision="int8"),
+                                 art.config)
+    assert backend.make_runner(loose).build_session.prepack
 
 
 class _Gate:

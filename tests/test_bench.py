@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from edgevl.bench import stats
-from edgevl.bench.cli import add_bench_parser, cmd_bench
 from edgevl.bench.compute import decoder_flops, measure_gemm, vision_flops
+from edgevl.cli.bench import add_parser as add_bench_parser
+from edgevl.cli.bench import run as cmd_bench
 from edgevl.errors import EdgevlError
 
 STAGES = ("preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "e2e_ms")
@@ -51,6 +52,17 @@ def test_summary_edge_cases():
     assert stats.median_by_key([(5, 1.0), (3, 2.0), (5, 3.0), (5, 10.0)]) == [(3, 2.0), (5, 3.0)]
 
 
+def test_kv_cache_bytes(tiny_artifact):
+    import dataclasses
+
+    from edgevl.artifact import load_artifact
+    # Qwen2-VL-2B at 1000 tokens of context, fp32: 28 layers x K and V x 2 heads x 128 dims x 4 bytes per token.
+    config = dataclasses.replace(load_artifact(tiny_artifact).config, num_hidden_layers=28, num_key_value_heads=2,
+                                 head_dim=128)
+    assert config.kv_cache_bytes(1, 1000, 4) == 2 * 28 * 2 * 128 * 1000 * 4
+    assert config.kv_cache_bytes(3, 1000, 4) == 3 * config.kv_cache_bytes(1, 1000, 4)
+
+
 def test_roofline_arithmetic():
     assert stats.tensor_bytes([1536, 8960], "float32") == 1536 * 8960 * 4
     assert stats.tensor_bytes([1536, 8960], "float16") == 1536 * 8960 * 2
@@ -58,9 +70,6 @@ def test_roofline_arithmetic():
     assert stats.tensor_bytes([], "float32") == 4                       # a scalar
     with pytest.raises(ValueError):
         stats.tensor_bytes([2], "complex64")
-    # Qwen2-VL-2B at 1000 tokens of context, fp32: 28 layers x K and V x 2 heads x 128 dims x 4 bytes per token.
-    assert stats.kv_cache_bytes(28, 2, 128, 1000, 4) == 2 * 28 * 2 * 128 * 1000 * 4
-    assert stats.kv_cache_bytes(28, 2, 128, 1000, 4, batch=3) == 3 * stats.kv_cache_bytes(28, 2, 128, 1000, 4)
     total = stats.decode_bytes_per_token(1_000_000_000, 6144, 57_344_000)
     assert total == 1_057_350_144
     assert stats.floor_ms(total, 20e9) == pytest.approx(total / 20e9 * 1e3)   # ~52.9 ms at 20 GB/s
@@ -130,13 +139,14 @@ def test_graph_weight_bytes_counts_every_initializer(tiny_artifact):
     import onnx
     from onnx import numpy_helper
 
+    from edgevl.artifact import load_artifact
     from edgevl.bench.measure import graph_weight_bytes
-    path = tiny_artifact / "decoder.onnx"
-    model = onnx.load(str(path))
+    graph = load_artifact(tiny_artifact).graph("decoder")
+    model = onnx.load(str(graph.path))
     expected = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
     expected += sum(numpy_helper.to_array(a.t).nbytes for n in model.graph.node if n.op_type == "Constant"
                     for a in n.attribute if a.name == "value")
-    counted = graph_weight_bytes(path)
+    counted = graph_weight_bytes(graph)
     assert counted["bytes"] == expected and counted["bytes"] > 64 * 2014 * 4   # at least lm_head
 
 
@@ -172,7 +182,7 @@ def test_peak_rss_sees_an_allocation():
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
 case "$*" in
-  *name,memory.total*) echo "NVIDIA H100 80GB HBM3, 81559, 550.54.15" ;;
+  *name,driver_version,memory.total*) echo "NVIDIA H100 80GB HBM3, 550.54.15, 81559" ;;
   *) echo 1000; echo 1500; echo 1200; exec sleep 30 ;;
 esac
 """
@@ -197,8 +207,8 @@ def test_gpu_memory_is_sampled_with_nvidia_smi_and_skipped_without(tmp_path, mon
 
 def test_preset_is_built_once_and_reused(tiny_artifact, tmp_path, monkeypatch):
     import edgevl.export.exporter as exporter
-    import edgevl.export.tiny_model as tiny_model
-    from edgevl.bench.presets import ensure_preset
+    import edgevl.synthetic.random_model as tiny_model
+    from edgevl.bench.preset_cache import ensure_preset
     calls = []
 
     def fake_model(out, preset, seed):

@@ -63,7 +63,7 @@ def test_video_turn_equals_generate_and_the_next_turn_reuses_its_cache(pipeline)
     assert (first.prompt_token_ids, first.token_ids) == (alone.prompt_token_ids, alone.token_ids)
 
     second = chat.send("And then?", max_new_tokens=10, do_sample=False)
-    video_token = pipeline.config["video_token_id"]
+    video_token = pipeline.config.video_token_id
     assert chat.last_prefill_tokens < len(second.prompt_token_ids)
     assert video_token not in second.prompt_token_ids[-chat.last_prefill_tokens:]   # the video stayed cached
     messages = [user_message("What happens in the video?", num_videos=1),

@@ -10,20 +10,20 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from edgevl.artifact import FORMAT_VERSION, load_artifact
 from edgevl.errors import EdgevlError
 from edgevl.export.mrope import DOMAIN, OP_NAME, mrope_function_proto, mrope_reference
-from edgevl.runtime.artifact import FORMAT_VERSION, load_artifact
 from edgevl.runtime.image_processing import preprocess_image
 
 
 def test_manifest_describes_the_artifact(tiny_artifact, hf_model):
     m = json.loads((tiny_artifact / "manifest.json").read_text())
     assert m["format_version"] == FORMAT_VERSION
-    cfg = m["config"]
+    cfg = load_artifact(tiny_artifact).config
     text = hf_model.config.text_config
-    assert cfg["mrope_section"] == list(text.rope_parameters["mrope_section"])
-    assert cfg["image_token_id"] == hf_model.config.image_token_id
-    assert cfg["num_hidden_layers"] == text.num_hidden_layers
+    assert cfg.mrope_section == tuple(text.rope_parameters["mrope_section"])
+    assert cfg.image_token_id == hf_model.config.image_token_id
+    assert cfg.num_hidden_layers == text.num_hidden_layers
     assert m["image_processor"]["min_pixels"] == 3136 and len(m["image_processor"]["image_mean"]) == 3
     for name in ("vision.onnx", "decoder.onnx", "embed_tokens.npy", "tokenizer.json", "chat_template.jinja",
                  "preprocessor_config.json", "generation_config.json"):
@@ -34,6 +34,8 @@ def test_manifest_describes_the_artifact(tiny_artifact, hf_model):
     assert dec["inputs"][3]["shape"] == ["batch", text.num_key_value_heads, "past_sequence", 16]
     assert dec["outputs"][1]["shape"][2] == "total_sequence"
     assert m["graphs"]["vision"]["inputs"][0]["shape"] == ["num_patches", 3 * 2 * 14 * 14]
+    assert dec["kind"] == "decoder" and dec["precision"] == "fp32" and dec["custom_ops"] == ["edgevl.MRoPE"]
+    assert m["graphs"]["vision"]["custom_ops"] == [] and dec["data_files"] == []
     assert {"torch", "transformers", "onnx", "edgevl"} <= set(m["versions"])
     load_artifact(tiny_artifact)  # verifies every hash
 
@@ -125,7 +127,7 @@ def test_decoder_logits_and_cache_match_transformers(pipeline, hf_model):
     ids = rng.integers(0, 2000, (1, 9))
     embeds = pipeline.embed_table[ids].astype(np.float32)
     cfg = pipeline.config
-    cache = KVCache.empty(cfg["num_hidden_layers"], 1, cfg["num_key_value_heads"], cfg["head_dim"], np.float32)
+    cache = KVCache.empty(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, np.float32)
     hf_cache = DynamicCache(config=hf_model.config.text_config)
     for step, chunk in enumerate([ids[:, :7], ids[:, 7:8], ids[:, 8:9]]):
         start = cache.length
@@ -174,7 +176,7 @@ def test_fp16_export_runs_close_to_fp32(tiny_model_dir, tmp_path, pipeline, phot
     out = export_model(str(tiny_model_dir), tmp_path / "fp16", dtype="fp16", log=lambda m: None)
     m = json.loads((out / "manifest.json").read_text())
     assert m["graphs"]["decoder"]["inputs"][0]["dtype"] == "float16"
-    assert m["graphs"]["decoder"]["mrope_nodes"] == 4
+    assert m["graphs"]["decoder"]["custom_ops"] == ["edgevl.MRoPE"] and m["graphs"]["decoder"]["precision"] == "fp16"
     half = Pipeline.load(out)
     row = half.prepare("Describe.", images=[photos["coffee"]])
     (pv,), (grid,) = row.pixel_values, row.grids
@@ -192,14 +194,16 @@ def test_weights_past_the_threshold_go_to_external_data_with_the_same_outputs(ti
                                                                               photos, monkeypatch):
     # Real exports put every graph past 64 MiB of weights in <graph>.data (memory-mapped by onnxruntime);
     # a zero threshold takes that path on the tiny model.
+    from edgevl.artifact import onnx_files
     from edgevl.export import exporter
     from edgevl.runtime.pipeline import Pipeline
-    monkeypatch.setattr(exporter, "EXTERNAL_DATA_MIN_BYTES", 0)
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_MIN_BYTES", 0)
     out = exporter.export_model(str(tiny_model_dir), tmp_path / "external", dtype="fp32", log=lambda msg: None)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = load_artifact(out).manifest
     for graph in ("vision", "decoder"):
-        data = manifest["graphs"][graph]["file"] + ".data"
-        assert (out / data).stat().st_size > 0 and data in manifest["files"]
+        (data,) = manifest.graph(graph).data_files                     # read from the graph, not guessed
+        assert data == manifest.graph(graph).file + ".data"
+        assert (out / data).stat().st_size > 0 and data in manifest.files
     external = Pipeline.load(out, backend="ort-cpu")          # verify=True: the .data files are hashed
     kwargs = dict(images=[photos["coffee"]], max_new_tokens=8, do_sample=False)
     assert external.generate("Describe.", **kwargs).token_ids == pipeline.generate("Describe.", **kwargs).token_ids

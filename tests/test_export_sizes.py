@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgevl.export.presets import PRESETS, TINY_VOCAB_SIZE
+from edgevl.synthetic.architectures import PRESETS, TINY_VOCAB_SIZE
 
 GEOMETRIES = {
     "qwen2-vl-2b": {},
@@ -28,9 +28,9 @@ def test_export_and_parity_for_each_architecture(name, tmp_path, photos):
     from transformers import Qwen2VLForConditionalGeneration
 
     from edgevl.export.exporter import export_model
-    from edgevl.export.tiny_model import write_random_model
     from edgevl.runtime.generate import decoder_step
     from edgevl.runtime.pipeline import Pipeline
+    from edgevl.synthetic.random_model import write_random_model
 
     preset = replace(PRESETS[name], num_hidden_layers=1, vision_depth=1, vocab_size=TINY_VOCAB_SIZE,
                      intermediate_size=256, dtype="float32", **GEOMETRIES[name])
@@ -38,8 +38,8 @@ def test_export_and_parity_for_each_architecture(name, tmp_path, photos):
     model_dir = write_random_model(tmp_path / "model", preset)
     pipe = Pipeline.load(export_model(str(model_dir), tmp_path / "out", log=lambda m: None))
     hf = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    assert pipe.config["num_attention_heads"] == preset.num_attention_heads
-    assert pipe.config["mrope_section"] == [16, 24, 24]
+    assert pipe.config.num_attention_heads == preset.num_attention_heads
+    assert pipe.config.mrope_section == (16, 24, 24)
 
     row = pipe.prepare("Describe.", images=[photos["chelsea_odd"]])
     (pv,), (grid,) = row.pixel_values, row.grids

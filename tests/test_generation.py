@@ -31,7 +31,7 @@ def test_greedy_tokens_equal_transformers(case, pipeline, hf_model, hf_inputs, p
     ours = pipeline.generate(prompt, images=paths, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert ours.prompt_token_ids == ids[0].tolist()
     ref = hf_generate(hf_model, ids, extra)[0].tolist()
-    assert ours.token_ids == strip_after_eos(ref, pipeline.config["eos_token_id"])
+    assert ours.token_ids == strip_after_eos(ref, pipeline.config.eos_token_id)
     assert len(ours.token_ids) >= NEW_TOKENS or ours.finish_reason == "eos"
 
 
@@ -40,7 +40,7 @@ def test_greedy_without_repetition_penalty(pipeline, hf_model, hf_inputs, photos
     ours = pipeline.generate("Tell me about the cup.", images=[photos["coffee"]], max_new_tokens=NEW_TOKENS,
                              do_sample=False, repetition_penalty=1.0)
     ref = hf_generate(hf_model, ids, extra, repetition_penalty=1.0)[0].tolist()
-    assert ours.token_ids == strip_after_eos(ref, pipeline.config["eos_token_id"])
+    assert ours.token_ids == strip_after_eos(ref, pipeline.config.eos_token_id)
 
 
 def test_batch_of_two_prompts_of_different_lengths(pipeline, hf_model, hf_inputs, photos):
@@ -50,7 +50,7 @@ def test_batch_of_two_prompts_of_different_lengths(pipeline, hf_model, hf_inputs
     ours = pipeline.generate_batch(prompts, images, max_new_tokens=NEW_TOKENS, do_sample=False)
     built = [hf_inputs(p, imgs) for p, imgs in zip(prompts, images)]
     width = max(ids.shape[1] for ids, _ in built)
-    pad = pipeline.config["pad_token_id"]
+    pad = pipeline.config.pad_token_id
     ids = torch.full((2, width), pad, dtype=torch.long)
     mask = torch.zeros((2, width), dtype=torch.long)
     for b, (row, _) in enumerate(built):
@@ -60,7 +60,7 @@ def test_batch_of_two_prompts_of_different_lengths(pipeline, hf_model, hf_inputs
              "image_grid_thw": torch.cat([e["image_grid_thw"] for _, e in built])}
     ref = hf_generate(hf_model, ids, extra, attention_mask=mask)
     for b in range(2):
-        assert ours[b].token_ids == strip_after_eos(ref[b].tolist(), pipeline.config["eos_token_id"])
+        assert ours[b].token_ids == strip_after_eos(ref[b].tolist(), pipeline.config.eos_token_id)
         single = pipeline.generate(prompts[b], images=images[b], max_new_tokens=NEW_TOKENS, do_sample=False)
         assert single.token_ids == ours[b].token_ids
 

@@ -29,7 +29,7 @@ PREBUILT = Path(os.environ["EDGEVL_GPU_TINY"]) if os.environ.get("EDGEVL_GPU_TIN
 def tiny_model_dir(tmp_path_factory) -> Path:
     if PREBUILT:
         return PREBUILT / "model"
-    from edgevl.export.tiny_model import write_random_model
+    from edgevl.synthetic.random_model import write_random_model
     return write_random_model(tmp_path_factory.mktemp("tiny") / "model", preset="tiny", seed=0)
 
 
@@ -82,7 +82,7 @@ def test_ort_cuda_greedy_tokens_equal_transformers(names, cuda_pipeline, hf_mode
     ours = cuda_pipeline.generate(PROMPT, images=paths, max_new_tokens=24, do_sample=False)
     assert ours.prompt_token_ids == ids[0].tolist()
     assert ours.token_ids == strip_after_eos(hf_generate(hf_model, ids, extra)[0].tolist(),
-                                              cuda_pipeline.config["eos_token_id"])
+                                              cuda_pipeline.config.eos_token_id)
 
 
 def test_kv_cache_stays_on_the_gpu(cuda_pipeline):
@@ -90,10 +90,10 @@ def test_kv_cache_stays_on_the_gpu(cuda_pipeline):
     from edgevl.runtime.runners import DeviceTensor
     cfg = cuda_pipeline.config
     cache = cuda_pipeline.new_cache(1)
-    embeds = np.zeros((1, 5, cfg["hidden_size"]), np.float32)
+    embeds = np.zeros((1, 5, cfg.hidden_size), np.float32)
     logits = decoder_step(cuda_pipeline.decoder, embeds, np.tile(np.arange(5), (3, 1, 1)),
                           np.ones((1, 5), np.int64), cache)
-    assert isinstance(logits, np.ndarray) and logits.shape == (1, cfg["vocab_size"])
+    assert isinstance(logits, np.ndarray) and logits.shape == (1, cfg.vocab_size)
     for value in cache.arrays.values():
         assert isinstance(value, DeviceTensor) and value.handle.device_name().lower() == "cuda"
     step = decoder_step(cuda_pipeline.decoder, embeds[:, :1], np.full((3, 1, 1), 5), np.ones((1, 6), np.int64),

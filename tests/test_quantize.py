@@ -14,14 +14,22 @@ import numpy as np
 import onnx
 import pytest
 
-from edgevl.calibrate import data, graphs, passes, report
-from edgevl.calibrate.cli import add_quantize_parser
-from edgevl.calibrate.quantize import REPORT, quantize
+from edgevl.calibrate import data, passes, report
+from edgevl.calibrate import graph_edit as graphs
+from edgevl.calibrate.options import QuantizeOptions
+from edgevl.calibrate.quantize import REPORT
+from edgevl.calibrate.quantize import quantize as run_quantize
 from edgevl.cli import main
+from edgevl.cli.quantize import add_parser as add_quantize_parser
 from edgevl.errors import EdgevlError
 
-SMALL = {"samples": 4, "eval_samples": 2, "new_tokens": 4, "calib_steps": 3, "progress": False,
-         "log": lambda msg: None, "table": lambda text: None}
+SMALL = {"samples": 4, "eval_samples": 2, "new_tokens": 4, "calib_steps": 3, "progress": False}
+
+
+def quantize(src, out, recipe, backend=None, **options):
+    """The library entry point with the small test sizes, quiet."""
+    return run_quantize(src, out, QuantizeOptions(recipe, **{**SMALL, **options}), backend,
+                        log=lambda msg: None, table=lambda text: None)
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +40,13 @@ def quantized(tiny_artifact, tmp_path_factory):
     for recipe, extra in (("fp16", {}), ("int8", {"max_drop": 0.15, "activations": "static"}),
                           ("w4a16", {"block_size": 32, "force": True})):
         folder = root / recipe
-        out[recipe] = (folder, quantize(tiny_artifact, folder, recipe, **SMALL, **extra))
+        out[recipe] = (folder, quantize(tiny_artifact, folder, recipe, **extra))
     return out
 
 
 @pytest.mark.parametrize("recipe", ["fp16", "int8", "w4a16"])
 def test_recipe_makes_an_artifact_the_runtime_runs(quantized, tiny_artifact, photos, recipe):
-    from edgevl.runtime.artifact import load_artifact
+    from edgevl.artifact import load_artifact
     from edgevl.runtime.pipeline import Pipeline
 
     folder, rep = quantized[recipe]
@@ -46,15 +54,15 @@ def test_recipe_makes_an_artifact_the_runtime_runs(quantized, tiny_artifact, pho
                                             do_sample=False)
     assert 1 <= len(result.token_ids) <= 5
     art, src = load_artifact(folder), load_artifact(tiny_artifact)
-    q = art.manifest["quantization"]
-    assert q["recipe"] == recipe and q["calibration"]["samples"] == 4 and len(q["calibration"]["digest"]) == 64
-    assert set(q["precision"]) == {"vision", "decoder"} and q["report"] == REPORT
-    assert set(src.manifest["files"]) | {REPORT} == set(art.manifest["files"])     # side files copied
+    q = art.manifest.quantization
+    assert q.recipe == recipe and q.calibration["samples"] == 4 and len(q.calibration["digest"]) == 64
+    assert set(q.graphs) == {"vision", "decoder"} and q.report == REPORT and q.passed is not None
+    assert set(src.manifest.files) | {REPORT} == set(art.manifest.files)           # side files copied
     for graph in ("vision", "decoder"):
         onnx.checker.check_model(str(art.graph_path(graph)), full_check=True)
     decoder = onnx.load(str(art.graph_path("decoder")))
-    assert art.manifest["graphs"]["decoder"]["mrope_nodes"] == src.manifest["graphs"]["decoder"]["mrope_nodes"] == \
-        sum(n.op_type == "MRoPE" and n.domain == "edgevl" for n in decoder.graph.node)
+    assert art.manifest.graph("decoder").custom_ops == src.manifest.graph("decoder").custom_ops == ("edgevl.MRoPE",)
+    assert sum(n.op_type == "MRoPE" and n.domain == "edgevl" for n in decoder.graph.node) == 4
     assert [f.name for f in decoder.functions] == ["MRoPE"]                        # the function body is intact
     saved = json.loads((folder / REPORT).read_text())
     assert saved["recipe"] == recipe and saved["failed"] == rep["failed"]
@@ -79,7 +87,7 @@ def test_report_numbers_come_from_real_runs(quantized):
 
 
 def test_int8_auto_measures_static_and_dynamic_activations(tiny_artifact, tmp_path):
-    rep = quantize(tiny_artifact, tmp_path / "auto", "int8", **SMALL, force=True)
+    rep = quantize(tiny_artifact, tmp_path / "auto", "int8", force=True)
     for graph in ("vision", "decoder"):
         details = rep["graphs"][graph]["details"]
         assert set(details["variants"]) == {"static", "dynamic"}
@@ -114,19 +122,15 @@ def test_int4_decoder_weights_are_at_most_35_percent(quantized, tiny_artifact):
 def test_int8_vision_passes_checker_and_runs(quantized, tiny_artifact, photos):
     import onnxruntime as ort
 
-    from edgevl.runtime.image_processing import (
-        ImageProcessorSettings,
-        load_image,
-        preprocess_image,
-    )
+    from edgevl.runtime.image_processing import load_image, preprocess_image
     from edgevl.runtime.rope_index import vision_rotary_position_ids
 
     path = quantized["int8"][0] / "vision.onnx"
     onnx.checker.check_model(str(path), full_check=True)
     matmul = graphs.precision_by_op(path)["MatMul"]      # 8 ViT linears always int8 (QDQ); the merger's 2 if measured
     assert matmul["int8"] >= 8                            # so; attention's q@k and p@v stay fp32
-    settings = ImageProcessorSettings.from_dict(json.loads((tiny_artifact / "manifest.json").read_text())
-                                                ["image_processor"])
+    from edgevl.artifact import load_artifact
+    settings = load_artifact(tiny_artifact).manifest.image_processor
     pixels, (_, h, w) = preprocess_image(load_image(photos["chelsea_odd"]), settings)
     feed = {"pixel_values": pixels.astype(np.float32), "rotary_pos_ids": vision_rotary_position_ids((1, h, w), 2)}
     ref = ort.InferenceSession(str(tiny_artifact / "vision.onnx")).run(None, feed)[0]
@@ -212,20 +216,20 @@ def test_fp16_keeps_range_overflow_nodes_fp32(tiny_artifact, tmp_path):
 
 def test_user_errors(tiny_artifact, quantized, tmp_path):
     with pytest.raises(EdgevlError, match="does not exist"):
-        quantize(tiny_artifact, tmp_path / "a", "int8", calib=str(tmp_path / "nope"), **SMALL)
+        quantize(tiny_artifact, tmp_path / "a", "int8", calib=str(tmp_path / "nope"))
     with pytest.raises(EdgevlError, match="already quantized"):
-        quantize(quantized["int8"][0], tmp_path / "b", "int8", **SMALL)
+        quantize(quantized["int8"][0], tmp_path / "b", "int8")
     with pytest.raises(EdgevlError, match="already exists"):
-        quantize(tiny_artifact, quantized["fp16"][0], "fp16", **SMALL)
+        quantize(tiny_artifact, quantized["fp16"][0], "fp16")
     with pytest.raises(EdgevlError, match="--block-size"):
-        quantize(tiny_artifact, tmp_path / "c", "w4a16", block_size=24, **SMALL)
+        quantize(tiny_artifact, tmp_path / "c", "w4a16", block_size=24)
     if not passes.gptq_differs_from_rtn():                   # onnxruntime 1.32: its GPTQ equals RTN; refused early
         with pytest.raises(EdgevlError, match="gptq"):
-            quantize(tiny_artifact, tmp_path / "e", "w4a16", w4_algorithm="gptq", **SMALL)
+            quantize(tiny_artifact, tmp_path / "e", "w4a16", w4_algorithm="gptq")
     bad = tmp_path / "calib.jsonl"
     bad.write_text('{"prompt": "hi", "image": "missing.png"}\n')
     with pytest.raises(EdgevlError, match="line 1"):
-        quantize(tiny_artifact, tmp_path / "d", "int8", calib=str(bad), **SMALL)
+        quantize(tiny_artifact, tmp_path / "d", "int8", calib=str(bad))
 
 
 def test_every_option_has_help():
@@ -241,16 +245,16 @@ def test_every_option_has_help():
 def test_w4a16_awq_makes_an_artifact_no_worse_than_rtn_on_calibration(tiny_artifact, quantized, photos, tmp_path):
     """AWQ scales from the recorded calibration feeds; the decoder is measured against plain RTN on calibration
     samples and AWQ is kept only when its KL is not higher (the report holds both numbers)."""
-    from edgevl.runtime.artifact import load_artifact
+    from edgevl.artifact import load_artifact
     from edgevl.runtime.pipeline import Pipeline
 
     folder = tmp_path / "awq"
-    rep = quantize(tiny_artifact, folder, "w4a16", block_size=32, force=True, w4_algorithm="awq", **SMALL)
+    rep = quantize(tiny_artifact, folder, "w4a16", block_size=32, force=True, w4_algorithm="awq")
     result = Pipeline.load(folder).generate("What is this?", images=[photos["coffee"]], max_new_tokens=3,
                                             do_sample=False)
     assert 1 <= len(result.token_ids) <= 3
-    q = load_artifact(folder).manifest["quantization"]
-    assert q["w4_algorithm"] == "awq" and q["block_size"] == 32
+    q = load_artifact(folder).manifest.quantization
+    assert q.options["w4_algorithm"] == "awq" and q.options["block_size"] == 32
     details = rep["graphs"]["decoder"]["details"]
     summary = details["awq"]
     assert summary["groups"] == 8                                      # q/k/v, o, gate/up, down x 2 layers
@@ -284,7 +288,7 @@ def test_histogram_methods_calibrate_in_strides(tiny_artifact, tmp_path, monkeyp
         return reader
 
     monkeypatch.setattr(recipes, "feed_reader", spying_reader)
-    rep = quantize(tiny_artifact, tmp_path / method, "int8", **{**SMALL, "method": method}, force=True)
+    rep = quantize(tiny_artifact, tmp_path / method, "int8", method=method, force=True)
     assert rep["method"] == method
     assert ranges and all(end - start == 1 for start, end in ranges)
 
@@ -292,8 +296,8 @@ def test_histogram_methods_calibrate_in_strides(tiny_artifact, tmp_path, monkeyp
 def test_saved_graphs_past_the_threshold_keep_weights_in_a_data_file(tiny_artifact, tmp_path, monkeypatch):
     import onnxruntime as ort
 
-    from edgevl.runtime.artifact import load_artifact
-    monkeypatch.setattr(graphs, "EXTERNAL_DATA_MIN_BYTES", 0)
+    from edgevl.artifact import load_artifact, onnx_files
+    monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_MIN_BYTES", 0)
     src = load_artifact(tiny_artifact).graph_path("vision")
     dst = tmp_path / "vision.onnx"
     graphs.save_graph(graphs.load_graph(src), dst)                 # checker included
@@ -306,3 +310,40 @@ def test_saved_graphs_past_the_threshold_keep_weights_in_a_data_file(tiny_artifa
             "rotary_pos_ids": np.stack(np.meshgrid(np.arange(4), np.arange(4), indexing="ij"), -1).reshape(16, 2)}
     a, b = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0] for p in (src, dst))
     assert np.array_equal(a, b)
+
+
+def test_quantize_on_an_engine_backend_builds_runners_for_work_folder_graphs(tiny_artifact, tmp_path, monkeypatch):
+    """`edgevl quantize --backend trt`: candidate graphs live in a work folder without a manifest; the real trt
+    factory builds their runners from a GraphSpec (TensorRT and CUDA replaced by the CPU stand-ins)."""
+    import dataclasses
+
+    from edgevl.runtime import backends, probe, trt
+    from tests.fake_trt import FakeEngine, HostMemory
+
+    memory = HostMemory()
+    built = []
+
+    class FakeFromBytes:
+        def __init__(self, load):
+            self.build = load.build                      # EngineFromCache -> its EngineFromOnnx
+
+        def __call__(self):
+            built.append(self.build.path)
+            return FakeEngine(self.build.path, memory, self.build.profiles)
+
+    monkeypatch.setattr(probe, "gpus", lambda: [probe.GpuInfo(0, "NVIDIA Jetson Orin", (8, 7), 8 << 30)])
+    monkeypatch.setattr(probe, "tensorrt_version", lambda: "10.3.0")
+    monkeypatch.setattr(trt, "CudaMemory", lambda device_id=0: memory)
+    monkeypatch.setattr(trt, "EngineFromBytes", FakeFromBytes)
+    monkeypatch.setitem(backends.BACKENDS, "trt", dataclasses.replace(backends.BACKENDS["trt"],
+                                                                     available=lambda: (True, "")))
+    out = tmp_path / "int8-trt"
+    code = main(["quantize", str(tiny_artifact), "-o", str(out), "--recipe", "int8", "--activations", "static",
+                 "--samples", "4", "--eval-samples", "2", "--new-tokens", "4", "--max-drop", "0.5", "--no-progress",
+                 "--backend", "trt", "--max-context", "512", "--engine-cache", str(tmp_path / "engines")])
+    assert code == 0
+    work = [p for p in built if "edgevl-quantize-" in str(p)]
+    assert work and all(not (p.parent / "manifest.json").exists() for p in work)   # candidates: no manifest
+    assert any(p.parent.name.startswith(".int8-trt.partial-") for p in built)       # and the staged artifact
+    rep = json.loads((out / REPORT).read_text())
+    assert rep["backend"] == "trt" and not rep["failed"]

@@ -10,7 +10,12 @@ import pytest
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.limits import max_threads, validate_threads
-from edgevl.runtime.sampling import SamplingOptions, next_tokens, sampling_problem, validate_sampling
+from edgevl.runtime.sampling import (
+    SamplingOptions,
+    next_tokens,
+    sampling_problem,
+    validate_sampling,
+)
 
 NOT_A_NUMBER = object()
 BAD = {

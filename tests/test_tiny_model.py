@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 
 from edgevl.errors import EdgevlError
-from edgevl.export import tiny_model
-from edgevl.export.presets import PRESETS, TINY_VOCAB_SIZE, build_config, get_preset
+from edgevl.synthetic import random_model as tiny_model
+from edgevl.synthetic.architectures import (
+    PRESETS,
+    TINY_VOCAB_SIZE,
+    build_config,
+    get_preset,
+)
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")

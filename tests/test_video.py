@@ -118,7 +118,7 @@ def test_video_generation_equals_transformers(with_image, pipeline, hf_model, ti
     with torch.no_grad():
         ref = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=token_types,
                                 max_new_tokens=16, do_sample=False, **extra)[0, ids.shape[1]:].tolist()
-    eos = pipeline.config["eos_token_id"]
+    eos = pipeline.config.eos_token_id
     expected = ref[:next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))]
     assert ours.token_ids == expected
 

@@ -64,12 +64,12 @@ def decoder_flops(config: dict, tokens: int, past: int = 0) -> int:
     return layers * (2 * tokens * (projections + mlp) + attention) + lm_head
 
 
-def image_grid(image, processor_settings: dict) -> tuple[int, int, int]:
-    """The (1, h, w) patch grid edgevl's preprocessing gives an image file, without decoding its pixels."""
+def image_grid(image, s) -> tuple[int, int, int]:
+    """The (1, h, w) patch grid edgevl's preprocessing (ImageProcessorSettings `s`) gives an image file,
+    without decoding its pixels."""
     from PIL import Image
 
-    from edgevl.runtime.image_processing import ImageProcessorSettings, smart_resize
-    s = ImageProcessorSettings.from_dict(processor_settings)
+    from edgevl.runtime.image_processing import smart_resize
     with Image.open(image) as im:
         width, height = im.size
     if s.do_resize:
@@ -111,6 +111,8 @@ def measure_gemm(threads: int = 0, shape: tuple[int, int, int] = GEMM_SHAPE, rep
     """
     try:
         import onnxruntime as ort
+
+        from edgevl.runtime.runners import session_options
         models = _gemm_models(*shape, np.random.default_rng(0))
     except ImportError as e:
         return {"fp32_flops_per_s": None, "int8_flops_per_s": None, "shape": list(shape),
@@ -119,10 +121,7 @@ def measure_gemm(threads: int = 0, shape: tuple[int, int, int] = GEMM_SHAPE, rep
     a = np.random.default_rng(1).standard_normal((m, k), dtype=np.float32)
     out = {"shape": list(shape), "threads": threads or None, "repeats": repeats}
     for name, model in models.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
         session.run(None, {"a": a})
         times = []
         for _ in range(repeats):

@@ -27,13 +27,13 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib import metadata
 
 import numpy as np
 
 from edgevl.bench.stats import bandwidth
+from edgevl.runtime.probe import nvidia_smi, package_versions
 
-PACKAGES = ("edgevl", "numpy", "onnxruntime", "onnx", "tokenizers", "pillow", "torch", "transformers",
+PACKAGES = ("numpy", "onnxruntime", "onnx", "tokenizers", "pillow", "torch", "transformers",
             "matplotlib", "psutil", "tqdm")
 
 
@@ -75,29 +75,10 @@ def _physical_cores() -> int | None:
 
 def gpu_info() -> list[dict]:
     """[{name, memory_total_mb, driver}] for each NVIDIA GPU nvidia-smi reports; [] without one."""
-    if shutil.which("nvidia-smi") is None:
+    smi = nvidia_smi()
+    if not smi or "error" in smi:
         return []
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    gpus = []
-    for line in out.stdout.strip().splitlines() if out.returncode == 0 else []:
-        name, total, driver = (p.strip() for p in line.split(","))
-        gpus.append({"name": name, "memory_total_mb": float(total), "driver": driver})
-    return gpus
-
-
-def package_versions() -> dict:
-    from edgevl import __version__
-    versions = {"edgevl": __version__}
-    for name in PACKAGES[1:]:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+    return [{**gpu, "driver": smi["driver_version"]} for gpu in smi["gpus"]]
 
 
 def machine_info() -> dict:
@@ -118,7 +99,7 @@ def machine_info() -> dict:
         "gpus": gpu_info(),
         "onnxruntime_providers": providers,
         "load_average_at_start": list(load) if load else None,
-        "versions": package_versions(),
+        "versions": package_versions(PACKAGES),
     }
 
 

@@ -249,14 +249,14 @@ class EdgevlEngine:
 
     name = "edgevl"
 
-    def __init__(self, artifact, backend: str | None = None, threads: int = 0, prepack: bool = True):
-        from edgevl.runtime.backends import BackendOptions
+    def __init__(self, artifact, backend: str | None = None, options=None):
+        """options: runtime.backends.BackendOptions (threads, --fast-load, --max-context, ...)."""
         from edgevl.runtime.pipeline import Pipeline
         t0 = time.perf_counter()
-        self.pipe = Pipeline(artifact, backend=backend, options=BackendOptions(threads=threads, prepack=prepack))
+        self.pipe = Pipeline(artifact, backend=backend, options=options)
         self.load_s = time.perf_counter() - t0
         self.config = self.pipe.config
-        self.threads = threads or None   # 0: onnxruntime's default, one thread per physical core
+        self.threads = self.pipe.backend.options.threads or None   # 0: onnxruntime's default, one per core
 
     def prepare(self, text, image):
         return self.pipe.prepare(text, [image] if image is not None else [])
@@ -290,7 +290,7 @@ class EdgevlEngine:
     def synthetic_state(self, context: int):
         cfg = self.config
         rng = np.random.default_rng(context)
-        shape = (1, cfg["num_key_value_heads"], context - 1, cfg["head_dim"])
+        shape = (1, cfg.num_key_value_heads, context - 1, cfg.head_dim)
         cache = self.pipe.new_cache(1)
         for name in cache.arrays:
             cache.arrays[name] = rng.standard_normal(shape, np.float32).astype(self.pipe.dtype)
@@ -306,20 +306,18 @@ class EdgevlEngine:
 _ONNX_DTYPE_NAMES = {"float": "float32", "double": "float64"}
 
 
-def graph_weight_bytes(path: Path) -> dict:
-    """Bytes of the graph's initializers (and constant tensors), external data included.
+def graph_weight_bytes(graph) -> dict:
+    """Bytes of a GraphFile's initializers (and constant tensors), external data included.
 
     Uses the onnx package when installed (exact, per-initializer); otherwise the size of
-    the .onnx file plus its external-data files, which over-counts the graph structure
-    (negligible next to the weights of a real model)."""
-    path = Path(path)
+    the graph's files (GraphSpec.files), which over-counts the graph structure (negligible
+    next to the weights of a real model)."""
     try:
         import onnx
     except ImportError:
-        extra = [p for p in path.parent.iterdir() if p.name.startswith(path.name + ".") and p.is_file()]
-        return {"bytes": path.stat().st_size + sum(p.stat().st_size for p in extra), "tensors": None,
+        return {"bytes": sum((graph.path.parent / f).stat().st_size for f in graph.spec.files), "tensors": None,
                 "method": "file sizes (onnx not installed)"}
-    model = onnx.load(str(path), load_external_data=False)
+    model = onnx.load(str(graph.path), load_external_data=False)
     tensors = list(model.graph.initializer)
     tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     total = 0

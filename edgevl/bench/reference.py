@@ -26,21 +26,19 @@ import time
 from pathlib import Path
 
 from edgevl.errors import EdgevlError
+from edgevl.extras import requires
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def reference_dtype(manifest: dict) -> str:
+def reference_dtype(manifest) -> str:
     """The dtype to run transformers in: the artifact's export dtype (fp32 for quantized artifacts)."""
-    dtype = manifest.get("dtype", "fp32")
-    return dtype if dtype in TORCH_DTYPES else "fp32"
+    return manifest.dtype if manifest.dtype in TORCH_DTYPES else "fp32"
 
 
-def resolve_source(manifest: dict, override: str | None = None) -> Path:
-    """The local folder of the source model recorded in the manifest (or `override`)."""
-    name = override or (manifest.get("source_model") or {}).get("name_or_path")
-    if not name:
-        raise EdgevlError("the artifact's manifest records no source model; pass --reference-model PATH.")
+def resolve_source(manifest, override: str | None = None) -> Path:
+    """The local folder of the source model recorded in the Manifest (or `override`)."""
+    name = override or manifest.source.name_or_path
     path = Path(name)
     if path.is_dir() and (path / "config.json").exists():
         return path
@@ -77,15 +75,12 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", threads: int = 0):
-        try:
+        with requires("export", "--reference hf"):
             import torch
             from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
             from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
                 Qwen2VLImageProcessorPil,
             )
-        except ImportError as e:
-            raise EdgevlError(f"--reference hf needs torch and transformers ({e.name} is missing); install them "
-                              f"with `pip install 'edgevl[export]'`.") from None
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()   # "Loading weights" bars would tear through the benchmark's own bar
         self.torch = torch

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from edgevl.bench.stats import median_by_key
-from edgevl.errors import EdgevlError
+from edgevl.extras import requires
 
 STAGE_COLUMNS = (("preprocess_ms", "preproc ms"), ("vision_ms", "vision ms"), ("prefill_ms", "prefill ms"),
                  ("ttft_ms", "TTFT ms"), ("decode_ms_per_token", "decode ms/tok"), ("e2e_ms", "e2e ms"))
@@ -241,12 +241,10 @@ def write_json(report: dict, path: str | Path) -> None:
 def write_plot(report: dict, path: str | Path) -> None:
     """PNG: decode ms/token vs context length (measured steps, synthetic-cache probes, roofline floor) and
     per-stage bars (median ms, log scale) for every engine and sweep row."""
-    try:
+    with requires("bench", "--plot"):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        raise EdgevlError("--plot needs matplotlib; install it with `pip install 'edgevl[bench]'`.") from None
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     probes = report.get("context_probes") or []

@@ -74,12 +74,6 @@ def tensor_bytes(shape: Sequence[int], dtype: str) -> int:
     return math.ceil(math.prod(int(d) for d in shape) * DTYPE_BITS[dtype] / 8)
 
 
-def kv_cache_bytes(num_layers: int, kv_heads: int, head_dim: int, context: int, itemsize: int,
-                   batch: int = 1) -> int:
-    """Bytes of keys and values a decode step attends over at `context` tokens."""
-    return 2 * num_layers * batch * kv_heads * context * head_dim * itemsize
-
-
 def decode_bytes_per_token(weight_bytes: int, embedding_row_bytes: int, kv_bytes: int = 0) -> int:
     """Bytes one batch-1 decode step must read: all decoder weights, one embedding row, the KV cache."""
     return int(weight_bytes) + int(embedding_row_bytes) + int(kv_bytes)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edgevl.artifact import names
+from edgevl.artifact.folder import MANIFEST
 from edgevl.bench import compute, stats
 from edgevl.bench.machine import current_rss, machine_info, measure_bandwidth
 from edgevl.bench.measure import (
@@ -38,6 +40,7 @@ from edgevl.bench.measure import (
     synthetic_image,
 )
 from edgevl.errors import EdgevlError
+from edgevl.runtime.backends import BackendOptions
 
 SCHEMA = "edgevl-bench/1"
 
@@ -46,6 +49,7 @@ SCHEMA = "edgevl-bench/1"
 class BenchConfig:
     artifacts: list[Path]
     backends: list[str] = field(default_factory=lambda: ["ort-cpu"])
+    options: BackendOptions = field(default_factory=BackendOptions)   # threads, --fast-load, engine limits
     images: list[str] = field(default_factory=list)          # file paths
     image_sizes: list[str] = field(default_factory=list)     # "WxH" or "none"
     prompt: str | None = None
@@ -53,8 +57,6 @@ class BenchConfig:
     new_tokens: list[int] = field(default_factory=lambda: [32])
     runs: int = 5
     warmup: int = 1
-    threads: int = 0
-    prepack: bool = True                                     # False: --fast-load (ort-cpu skips weight pre-packing)
     reference: str | None = None
     reference_model: str | None = None
     decode_contexts: list[int] = field(default_factory=list)
@@ -99,41 +101,30 @@ def _images(cfg: BenchConfig, folder: Path) -> list[tuple[str | None, Path | Non
 
 def _artifact_info(artifact, cfg: BenchConfig) -> dict:
     m = artifact.manifest
-    manifest_bytes = artifact.file("manifest.json").read_bytes()
+    manifest_bytes = (artifact.path / MANIFEST).read_bytes()
     return {"path": str(artifact.path), "name": artifact.path.name, "preset": cfg.presets.get(str(artifact.path)),
-            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "source_model": m.get("source_model"),
-            "dtype": m.get("dtype"), "precision": m.get("precision"), "quantization": m.get("quantization"),
-            "recipe": _recipe(m.get("quantization"))}
-
-
-def _recipe(quantization) -> str | None:
-    """The quantization recipe's name from the manifest (a string, or a dict with recipe/name/scheme)."""
-    if isinstance(quantization, str):
-        return quantization
-    if isinstance(quantization, dict):
-        value = next((quantization[k] for k in ("recipe", "name", "scheme") if quantization.get(k)), None)
-        return str(value) if value is not None else None
-    return None
+            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "source_model": m.source.to_json(),
+            "dtype": m.dtype, "precision": {**{n: g.precision for n, g in m.graphs.items()},
+                                            "embeddings": m.embeddings.precision},
+            "quantization": m.quantization.to_json() if m.quantization else None,
+            "recipe": m.quantization.recipe if m.quantization else None}
 
 
 def _roofline(artifact, weights: dict, side: SideResult, new_tokens: int, bandwidth: float) -> dict:
     cfg = artifact.config
-    emb = artifact.manifest["embeddings"]
-    emb_row = stats.tensor_bytes([emb["shape"][1]], emb["dtype"]) if emb["dtype"] in stats.DTYPE_BITS else 0
-    kv_dtype = next((i["dtype"] for i in artifact.manifest["graphs"]["decoder"]["inputs"]
-                     if i["name"].startswith("past_key_values")), "float32")
-    itemsize = stats.DTYPE_BITS.get(kv_dtype, 32) // 8
+    emb = artifact.manifest.embeddings
+    emb_row = stats.tensor_bytes([emb.shape[1]], emb.dtype)
+    kv_dtype = next(t.dtype for t in artifact.manifest.graph(names.DECODER).inputs if names.is_past(t.name))
+    itemsize = stats.DTYPE_BITS[kv_dtype] // 8
     context = side.prompt_len + new_tokens / 2   # mean context over the decode steps
-    kv = stats.kv_cache_bytes(cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"],
-                              round(context), itemsize)
+    kv = cfg.kv_cache_bytes(1, round(context), itemsize)
     total = stats.decode_bytes_per_token(weights["bytes"], emb_row, kv)
     floor = stats.floor_ms(total, bandwidth)
     return {"weight_bytes": weights["bytes"], "weight_count_method": weights["method"],
             "embedding_row_bytes": emb_row, "kv_bytes_at_mean_context": kv, "mean_context": context,
             "bytes_per_token": total, "bandwidth_bytes_per_s": bandwidth, "floor_ms": floor,
             "weights_only_floor_ms": stats.floor_ms(weights["bytes"] + emb_row, bandwidth),
-            "kv_per_token_bytes": stats.kv_cache_bytes(cfg["num_hidden_layers"], cfg["num_key_value_heads"],
-                                                       cfg["head_dim"], 1, itemsize)}
+            "kv_per_token_bytes": cfg.kv_cache_bytes(1, 1, itemsize)}
 
 
 def side_json(side: SideResult | None, new_tokens: int) -> dict | None:
@@ -199,7 +190,7 @@ class _Progress:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -> dict:
     """Run the whole sweep; returns the report (see report.py for its rendering)."""
-    from edgevl.runtime.artifact import load_artifact
+    from edgevl.artifact import load_artifact
     from edgevl.runtime.backends import get_backend
 
     check_config(cfg)      # every user error before anything slow
@@ -220,7 +211,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
     log("measuring memory bandwidth")
     bw_start = measure_bandwidth(cfg.bandwidth_mib << 20)
     log("measuring the matrix-multiply rate")
-    gemm = compute.measure_gemm(cfg.threads)
+    gemm = compute.measure_gemm(cfg.options.threads)
     with tempfile.TemporaryDirectory(prefix="edgevl-bench-") as tmp:
         workloads = [Workload(label, path, pt, nt) for (label, path), pt, nt in
                      itertools.product(_images(cfg, Path(tmp)), cfg.prompt_tokens, cfg.new_tokens)]
@@ -228,7 +219,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
             + (0 if cfg.interleave else len(set(sources.values())))
         progress = _Progress((cfg.warmup + cfg.runs) * len(workloads) * sides, cfg.progress)
         texts: dict = {}   # (source, workload key) -> the prompt text edgevl ran, reused by the reference
-        grids = {(str(a.path), w.key): compute.image_grid(w.image_path, a.manifest["image_processor"])
+        grids = {(str(a.path), w.key): compute.image_grid(w.image_path, a.manifest.image_processor)
                  for a in artifacts for w in workloads if w.image_path is not None}
         probes: list[dict] = []
         try:
@@ -246,7 +237,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
                  "start": bw_start, "end": bw_end,
                  "method": "the best of the start and end measurements (" + bw_start["method"] + ")"}
 
-    weights = {str(a.path): graph_weight_bytes(a.graph_path("decoder")) for a in artifacts}
+    weights = {str(a.path): graph_weight_bytes(a.graph(names.DECODER)) for a in artifacts}
     rows = [_row(artifact, backend, w, results, references, sources, weights[str(artifact.path)],
                  bandwidth["bytes_per_s"], gemm, grids.get((str(artifact.path), w.key)), cfg)
             for artifact, backend in itertools.product(artifacts, cfg.backends) for w in workloads]
@@ -254,7 +245,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
     return {"schema": SCHEMA, "created_unix": started, "duration_s": time.time() - started, "machine": machine,
             "load_average": {"start": load, "end": list(os.getloadavg()) if load else None},
             "bandwidth": bandwidth, "gemm": gemm,
-            "settings": {"runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.threads, "fast_load": not cfg.prepack,
+            "settings": {"runs": cfg.runs, "warmup": cfg.warmup, "threads": cfg.options.threads,
+                         "fast_load": not cfg.options.prepack, "max_context": cfg.options.max_context,
                          "reference": cfg.reference, "decoding": "greedy argmax, EOS ignored",
                          "backends": cfg.backends, "decode_contexts": cfg.decode_contexts,
                          "interleave": cfg.interleave},
@@ -276,7 +268,7 @@ def _run_edgevl(cfg, artifacts, workloads, sources, texts, probes, progress) -> 
         progress.prefix = f"{artifact.path.name}/{backend}"
         gc.collect()
         before = current_rss()
-        engine = load_engine(lambda: EdgevlEngine(artifact, backend=backend, threads=cfg.threads, prepack=cfg.prepack),
+        engine = load_engine(lambda: EdgevlEngine(artifact, backend=backend, options=cfg.options),
                              artifact.path, cfg.warmup, cfg.runs)
         source = sources.get(str(artifact.path), (str(artifact.path),))[0]
         for w in workloads:
@@ -299,7 +291,7 @@ def _run_reference(cfg, workloads, sources, texts, probes, progress) -> dict:
         progress.prefix = f"transformers {dtype}"
         gc.collect()
         before = current_rss()
-        engine = load_engine(lambda: TransformersEngine(Path(source), dtype=dtype, threads=cfg.threads), source,
+        engine = load_engine(lambda: TransformersEngine(Path(source), dtype=dtype, threads=cfg.options.threads), source,
                              cfg.warmup, cfg.runs)
         for w in workloads:
             r = measure_workload(engine, texts[(source, w.key)], w, cfg.runs, cfg.warmup, progress.tick)
@@ -319,14 +311,14 @@ def _run_interleaved(cfg, artifacts, workloads, sources, texts, probes, progress
     for source, dtype in dict.fromkeys(sources.values()):
         gc.collect()
         before = current_rss()
-        reference = load_engine(lambda: TransformersEngine(Path(source), dtype=dtype, threads=cfg.threads), source,
+        reference = load_engine(lambda: TransformersEngine(Path(source), dtype=dtype, threads=cfg.options.threads), source,
                                 cfg.warmup, cfg.runs)
         for artifact, backend in itertools.product(artifacts, cfg.backends):
             if sources[str(artifact.path)] != (source, dtype):
                 continue
             progress.prefix = f"{artifact.path.name}/{backend} + transformers"
-            engine = load_engine(lambda: EdgevlEngine(artifact, backend=backend, threads=cfg.threads,
-                                                      prepack=cfg.prepack), artifact.path, cfg.warmup, cfg.runs)
+            engine = load_engine(lambda: EdgevlEngine(artifact, backend=backend, options=cfg.options),
+                                 artifact.path, cfg.warmup, cfg.runs)
             for w in workloads:
                 pair = measure_interleaved([engine, reference], _prompt_text(cfg, engine, source, w, texts), w,
                                            cfg.runs, cfg.warmup, progress.tick)
@@ -363,11 +355,11 @@ def _row(artifact, backend, w: Workload, results, references, sources, weights: 
             "roofline": roof, "compute": _compute(artifact, grid, ours, ours_j, ref_j, gemm)}
 
 
-def _rate_key(manifest: dict, graph: str) -> str:
+def _rate_key(manifest, kind: str) -> str:
     """Which measured GEMM rate bounds a graph: int8 for int8 (and int8-compute int4) graphs, else fp32."""
-    described = ((manifest.get("quantization") or {}).get("precision") or {}).get(graph) \
-        or (manifest.get("precision") or {}).get(graph) or ""
-    return "int8" if "int8" in described else "fp32"
+    spec = manifest.graph(kind)
+    described = manifest.quantization.graphs.get(manifest.graph_name(spec), "") if manifest.quantization else ""
+    return "int8" if spec.precision == "int8" or "int8" in described else "fp32"
 
 
 def _compute(artifact, grid: tuple | None, ours: SideResult, ours_j: dict, ref_j: dict | None, gemm: dict) -> dict:
@@ -378,8 +370,8 @@ def _compute(artifact, grid: tuple | None, ours: SideResult, ours_j: dict, ref_j
              "prefill_ms": compute.decoder_flops(config, ours.prompt_len)}
     out = {"grid": list(grid) if grid else None, "vision_flops": flops["vision_ms"],
            "prefill_flops": flops["prefill_ms"]}
-    for side, data, keys in (("edgevl", ours_j, {"vision_ms": _rate_key(artifact.manifest, "vision"),
-                                                  "prefill_ms": _rate_key(artifact.manifest, "decoder")}),
+    for side, data, keys in (("edgevl", ours_j, {"vision_ms": _rate_key(artifact.manifest, names.VISION),
+                                                  "prefill_ms": _rate_key(artifact.manifest, names.DECODER)}),
                              ("reference", ref_j, {"vision_ms": "fp32", "prefill_ms": "fp32"})):
         if data is None:
             continue

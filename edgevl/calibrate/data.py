@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevl.artifact import names
 from edgevl.errors import EdgevlError
 
 BUILTIN = "builtin:skimage"
@@ -182,10 +183,10 @@ class FeedStore:
     def decoder_sequences(self, samples: int | None = None) -> Iterator[list[tuple[dict, np.ndarray]]]:
         """Per sample, lazily: [(feed, fp32 logits [1, vocab])] for prefill then each decode step."""
         by_sample: dict[int, list[Path]] = {}
-        for f in self.files("decoder", samples):
+        for f in self.files(names.DECODER, samples):
             by_sample.setdefault(int(f.stem.split("-")[1]), []).append(f)
         for files in by_sample.values():
-            yield [(feed, out["logits"]) for feed, out in map(self.load, files)]
+            yield [(feed, out[names.LOGITS]) for feed, out in map(self.load, files)]
 
 
 class _Recorder:
@@ -211,8 +212,8 @@ def capture(pipe, samples: list[Sample], store: FeedStore, new_tokens: int, prog
     Returns the greedy token ids per sample. `pipe` is restored afterwards.
     """
     vision, decoder = pipe.vision, pipe.decoder
-    recorders = [_Recorder(vision, store, "vision", ("image_embeds",)),
-                 _Recorder(decoder, store, "decoder", ("logits",))]
+    recorders = [_Recorder(vision, store, names.VISION, (names.IMAGE_EMBEDS,)),
+                 _Recorder(decoder, store, names.DECODER, (names.LOGITS,))]
     pipe.vision, pipe.decoder = recorders
     tokens = []
     try:

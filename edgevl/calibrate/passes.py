@@ -24,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgevl.calibrate.graphs import (
-    EXTERNAL_DATA_THRESHOLD,
+from edgevl.artifact.onnx_files import is_large
+from edgevl.calibrate.graph_edit import (
     drop_cast_round_trips,
-    file_size,
     initializer_names,
     topological_sort,
 )
+from edgevl.calibrate.options import CALIBRATION_METHODS, W4_ALGORITHMS
 from edgevl.errors import EdgevlError
+from edgevl.extras import requires
 
 FP16_MAX = 65504.0
 # Calibration only sees some inputs: a tensor whose calibrated |max| exceeds fp16's range / 8
@@ -40,7 +41,6 @@ FP16_HEADROOM = 8.0
 # Always fp32 in the fp16 recipe: normalisations (x^2 overflows fp16 once |x| > 256; the mean
 # loses precision), softmax (exp), and the M-RoPE op (angles need fp32 positions).
 FP16_KEEP_OPS = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "Softmax", "MRoPE")
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
 
 @contextlib.contextmanager
@@ -65,10 +65,6 @@ def _ort_method(method: str):
             "percentile": CalibrationMethod.Percentile}[method]
 
 
-def _large(path) -> bool:
-    return file_size(path) > EXTERNAL_DATA_THRESHOLD
-
-
 # ----------------------------------------------------------------------------- fp16
 def norm_nodes(model: onnx.ModelProto) -> list[str]:
     """Nodes of every normalisation module, found by the exporter's metadata (the decoder's RMSNorm is
@@ -89,7 +85,7 @@ def tensor_absmax(model_path: Path, reader, work: Path) -> dict[str, float]:
     with quiet():
         calibrator = create_calibrator(str(model_path), None, augmented_model_path=str(work / "ranges.onnx"),
                                        calibrate_method=CalibrationMethod.MinMax,
-                                       use_external_data_format=_large(model_path),
+                                       use_external_data_format=is_large(model_path),
                                        extra_options={})
         calibrator.collect_data(reader)
         ranges = calibrator.compute_data()
@@ -147,7 +143,7 @@ def int8_static(src: Path, dst: Path, reader, method: str, nodes: list[str]) -> 
                         op_types_to_quantize=["MatMul", "Gemm"],
                         per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, calibrate_method=_ort_method(method),
-                        use_external_data_format=_large(src),
+                        use_external_data_format=is_large(src),
                         extra_options={"WeightSymmetric": True,
                                        "ActivationSymmetric": False, "MatMulConstBOnly": True,
                                        # One feed per collection pass: onnxruntime holds a pass's activations
@@ -166,14 +162,11 @@ def int8_dynamic(src: Path, dst: Path, nodes: list[str]) -> None:
 
     with quiet():
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=True,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=_large(src),
+                         weight_type=QuantType.QInt8, nodes_to_quantize=nodes, use_external_data_format=is_large(src),
                          extra_options={"MatMulConstBOnly": True})
 
 
 # ----------------------------------------------------------------------------- n-bit weights
-W4_ALGORITHMS = ("rtn", "hqq", "gptq", "awq")
-
-
 def nbits_weights(model: onnx.ModelProto | None, nodes: list[str], bits: int, block_size: int, algorithm: str = "rtn",
                   reader=None, check_only: bool = False) -> onnx.ModelProto | None:
     """Block-wise `bits`-bit weights (MatMulNBits, asymmetric, `block_size` rows per scale) for MatMul `nodes`.
@@ -201,10 +194,8 @@ def nbits_weights(model: onnx.ModelProto | None, nodes: list[str], bits: int, bl
     if algorithm in ("rtn", "awq"):
         config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=False, bits=bits)
     elif algorithm == "hqq":
-        try:
+        with requires("export", "--w4-algorithm hqq"):
             import torch  # noqa: F401
-        except ImportError:
-            raise EdgevlError("--w4-algorithm hqq needs torch (pip install 'edgevl[export]').") from None
         config = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
     elif algorithm == "gptq":
         if not gptq_differs_from_rtn():
@@ -232,21 +223,15 @@ def nbits_weights(model: onnx.ModelProto | None, nodes: list[str], bits: int, bl
 
 def gptq_differs_from_rtn() -> bool:
     """Self-check of onnxruntime's bundled GPTQ on a small correlated problem: does error feedback change anything?"""
-    import numpy as np
     from onnxruntime.quantization.neural_compressor.weight_only import gptq
+
+    from edgevl.calibrate.awq import fake_quantize
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(256, 64)) @ rng.normal(size=(64, 64))          # correlated input features
     w = rng.normal(size=(64, 16)).astype(np.float32)                     # [K, N]
     q = gptq(w.copy(), 2 * x.T @ x / len(x), group_size=32, blocksize=64)
-    rtn = np.zeros_like(w)
-    for i in range(0, 64, 32):                                           # asymmetric 4-bit RTN, blocks of 32 rows
-        blk = w[i:i + 32]
-        lo, hi = np.minimum(blk.min(0), 0), np.maximum(blk.max(0), 0)
-        scale = (hi - lo) / 15
-        zero = np.round(-lo / scale)
-        rtn[i:i + 32] = scale * (np.clip(np.round(blk / scale) + zero, 0, 15) - zero)
-    return not np.allclose(q, rtn)
+    return not np.allclose(q, fake_quantize(w, block=32))              # asymmetric 4-bit RTN, blocks of 32 rows
 
 
 def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
@@ -280,7 +265,7 @@ def matmul_input_stats(model_path: Path, inputs: list[str], reader, work: Path, 
     import onnxruntime as ort
 
     from edgevl.calibrate.awq import RowStats
-    from edgevl.calibrate.graphs import graph_files
+    from edgevl.calibrate.graph_edit import graph_files
 
     model_path, work = Path(model_path), Path(work)
     model = onnx.load(str(model_path), load_external_data=False)
@@ -292,9 +277,8 @@ def matmul_input_stats(model_path: Path, inputs: list[str], reader, work: Path, 
     copy = work / model_path.name
     onnx.save(model, str(copy))
     del model
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(copy), options, providers=["CPUExecutionProvider"])
+    from edgevl.runtime.runners import session_options
+    session = ort.InferenceSession(str(copy), session_options(threads), providers=["CPUExecutionProvider"])
     stats = {name: RowStats(max_rows, seed + i) for i, name in enumerate(inputs)}
     while (feed := reader.get_next()) is not None:
         for name, value in zip(inputs, session.run(inputs, feed)):

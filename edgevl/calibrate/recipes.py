@@ -1,13 +1,16 @@
 """Recipes: what happens to each graph, as small handlers with two verbs.
 
     recipe.make(ctx)          -> {"vision": GraphResult, "decoder": GraphResult}   (quantized graphs in ctx.work)
-    recipe.load(folder, ...)  -> Pipeline                                           (the normal runtime loads it)
+    recipe.options(opts)      -> the QuantizeOptions it used, recorded in the manifest's quantization
+
+The result is an ordinary artifact: the normal runtime (Pipeline.load) runs it.
 
   fp16    both graphs fp16; fp32 stays for norms, softmax, edgevl::MRoPE and every node whose
           calibrated activation range exceeds fp16's range (with 8x headroom)
-  int8    vision: static QDQ int8 (per-channel weights, calibrated activations)
-          decoder: int8 per-channel weights, dynamic *and* static activations both built and
-          measured on calibration samples; the lower-KL one is kept (both in the report)
+  int8    both graphs: int8 per-channel weights; activations per --activations: static (QDQ,
+          calibrated), dynamic, or auto = both built and measured on calibration samples, the fastest
+          one whose calibration drop is within half of --max-drop kept, else the more accurate
+          (pick_variant; both in the report)
   w4a16   decoder: 4-bit block-wise MatMulNBits weights (RTN / HQQ / GPTQ / AWQ); activations float, or
           int8-computed per block (accuracy_level 4) when measured to cost < 10% more KL;
           vision: int8 if its measured error is within half the gate's budget, else fp16
@@ -28,19 +31,23 @@ from pathlib import Path
 
 import onnx
 
+from edgevl.artifact import names
+from edgevl.artifact.folder import Artifact, GraphFile
+from edgevl.artifact.onnx_files import describe_graph
 from edgevl.calibrate import passes
 from edgevl.calibrate.data import FeedStore, feed_reader
-from edgevl.calibrate.graphs import (
+from edgevl.calibrate.graph_edit import (
     gemm_to_matmul,
+    graph_precision,
     load_graph,
     node_groups,
     save_graph,
     weight_nodes,
     with_shapes,
 )
+from edgevl.calibrate.options import QuantizeOptions
 from edgevl.calibrate.report import score_graph
-from edgevl.runtime.artifact import Artifact
-from edgevl.runtime.backends import get_backend
+from edgevl.runtime.backends import Backend
 
 MIN_GAIN = 0.2     # a raised group must remove >= 20% of the graph's measured loss
 COMPUTE_SLACK = 0.1  # int8 compute of 4-bit matmuls is kept if it adds < 10% to the decoder's calibration KL
@@ -48,37 +55,36 @@ COMPUTE_SLACK = 0.1  # int8 compute of 4-bit matmuls is kept if it adds < 10% to
 
 @dataclass
 class Context:
-    """Everything a recipe needs: the FP32 artifact, recorded calibration feeds and the user's options."""
+    """Everything a recipe needs: the FP32 artifact, recorded calibration feeds, the user's options and the
+    backend that scores candidates."""
 
     src: Artifact
     work: Path
     store: FeedStore                 # calibration feeds (never the held-out ones)
-    method: str = "minmax"
-    block_size: int = 128
-    w4_algorithm: str = "rtn"
-    max_drop: float = 0.05
-    activations: str = "auto"        # int8 activations: static (QDQ, TensorRT) | dynamic | auto (measure both)
+    opts: QuantizeOptions
+    max_drop: float                  # the recipe's default unless --max-drop
+    backend: Backend
     decision_samples: int = 8        # calibration samples that score trials
-    backend: str | None = None
-    threads: int = 0
     log: Callable[[str], None] = lambda msg: None
-    progress: bool = False           # tqdm bars over calibration passes
     _names: itertools.count = field(default_factory=itertools.count)
 
     def reader(self, graph: str, what: str):
         """A fresh CalibrationDataReader over this graph's calibration feeds."""
-        return feed_reader(self.store, graph, desc=f"{graph} {what}" if self.progress else None)
+        return feed_reader(self.store, graph, desc=f"{graph} {what}" if self.opts.progress else None)
 
     def tmp(self, stem: str) -> Path:
         folder = self.work / f"{stem}-{next(self._names)}"   # own folder: a graph may bring a .data file
         folder.mkdir(parents=True)
         return folder / f"{stem}.onnx"
 
-    def score(self, graph: str, path: Path) -> dict:
-        runner = get_backend(self.backend).make_runner(path, self.threads)
+    def score(self, kind: str, path: Path) -> dict:
+        """A candidate graph (in the work folder, outside any artifact) scored on calibration feeds, run by
+        the user's backend like the artifact will be."""
+        spec = describe_graph(path, kind, graph_precision(path))
+        runner = self.backend.make_runner(GraphFile.standalone(path, spec, self.src.config))
         runner.activate()
         try:
-            return score_graph(graph, runner, self.store, self.decision_samples)
+            return score_graph(kind, runner, self.store, self.decision_samples)
         finally:
             runner.deactivate()
 
@@ -151,7 +157,7 @@ def fp16_graph(ctx: Context, graph: str) -> GraphResult:
     absmax = passes.tensor_absmax(src, ctx.reader(graph, "ranges"), ctx.tmp(f"{graph}-ranges").parent)
     model = with_shapes(src)
     hot = passes.overflow_nodes(model, absmax)
-    converted = passes.fp16_convert(model, set(hot), keep_io=["logits"] if graph == "decoder" else [])
+    converted = passes.fp16_convert(model, set(hot), keep_io=[names.LOGITS] if graph == names.DECODER else [])
     path = ctx.tmp(f"{graph}-fp16")
     save_graph(converted, path)
     kept = [{"group": "calibrated range", "nodes": sorted(hot), "precision": "fp32",
@@ -164,33 +170,30 @@ def fp16_graph(ctx: Context, graph: str) -> GraphResult:
                                                                f"{len(hot)} nodes kept fp32 past {limit:.4g}"}})
 
 
-INT8_ACTIVATIONS = ("auto", "static", "dynamic")
-
-
 def int8_vision(ctx: Context) -> GraphResult:
     """Static QDQ (what TensorRT takes) and/or dynamic activations, per --activations; the lower loss wins."""
     src = ctx.tmp("vision-matmul")
-    model = gemm_to_matmul(load_graph(ctx.src.graph_path("vision")))    # dynamic int8 quantizes MatMul only
+    model = gemm_to_matmul(load_graph(ctx.src.graph_path(names.VISION)))    # dynamic int8 quantizes MatMul only
     save_graph(model, src, check=False)
     weights = [n.name for n in weight_nodes(model)]
     groups = node_groups(model)
     del model
-    return best_int8_variant(ctx, "vision", src, weights, groups, {"patch_embed": ("int8", "fp32"),
+    return best_int8_variant(ctx, names.VISION, src, weights, groups, {"patch_embed": ("int8", "fp32"),
                                                                    "merger": ("int8", "fp32")})
 
 
 def int8_decoder(ctx: Context) -> GraphResult:
     """Static and/or dynamic activations, per --activations; the lower calibration KL wins."""
     src = ctx.tmp("decoder-matmul")
-    model = gemm_to_matmul(load_graph(ctx.src.graph_path("decoder")))   # lm_head Gemm -> MatMul
+    model = gemm_to_matmul(load_graph(ctx.src.graph_path(names.DECODER)))   # lm_head Gemm -> MatMul
     save_graph(model, src, check=False)
     weights = [n.name for n in weight_nodes(model)]
     groups = {"lm_head": node_groups(model).get("lm_head", [])}
     del model
-    return best_int8_variant(ctx, "decoder", src, weights, groups, {"lm_head": ("int8", "fp32")})
+    return best_int8_variant(ctx, names.DECODER, src, weights, groups, {"lm_head": ("int8", "fp32")})
 
 
-SPEED_KEY = {"vision": "ms_per_image", "decoder": "decode_ms"}
+SPEED_KEY = {names.VISION: "ms_per_image", names.DECODER: "decode_ms"}
 
 
 def pick_variant(scores: dict[str, dict], max_drop: float, speed_key: str) -> str:
@@ -213,11 +216,11 @@ def best_int8_variant(ctx: Context, graph: str, src: Path, weights: list[str], g
             if mode == "dynamic":
                 passes.int8_dynamic(src, dst, nodes)
             else:
-                passes.int8_static(src, dst, ctx.reader(graph, "int8 calibration"), ctx.method, nodes)
+                passes.int8_static(src, dst, ctx.reader(graph, "int8 calibration"), ctx.opts.method, nodes)
             return dst
         return build
 
-    modes = ("dynamic", "static") if ctx.activations == "auto" else (ctx.activations,)
+    modes = ("dynamic", "static") if ctx.opts.activations == "auto" else (ctx.opts.activations,)
     variants = {}
     for mode in modes:
         ctx.log(f"{graph}: int8 with {mode} activations")
@@ -229,10 +232,10 @@ def best_int8_variant(ctx: Context, graph: str, src: Path, weights: list[str], g
             _discard(other[0])
     measured = ", ".join(f"{m} loss {v[1]['loss']:.4g} {v[1].get(SPEED_KEY[graph], 0):.4g} ms"
                          for m, v in variants.items())
-    how = f"int8 QDQ static ({ctx.method})" if mode == "static" else "int8 dynamic activations"
+    how = f"int8 QDQ static ({ctx.opts.method})" if mode == "static" else "int8 dynamic activations"
     reason = f"{mode} kept (the fastest within half of --max-drop, else the most accurate: {measured} " \
              f"on calibration samples)" if len(variants) > 1 else \
-        f"{mode} (--activations {ctx.activations})"
+        f"{mode} (--activations {ctx.opts.activations})"
     return GraphResult(path, "int8", f"{how}, per-channel weights", kept, trials,
                        {"activations": mode, "calibration": score,
                         "variants": {m: _brief(v[1]) for m, v in variants.items()},
@@ -241,15 +244,15 @@ def best_int8_variant(ctx: Context, graph: str, src: Path, weights: list[str], g
 
 def int4_decoder(ctx: Context) -> GraphResult:
     """Every constant-weight MatMul to 4-bit blocks; lm_head (exported as Gemm) decided by measurement."""
-    model = load_graph(ctx.src.graph_path("decoder"))
+    model = load_graph(ctx.src.graph_path(names.DECODER))
     groups = {"lm_head": node_groups(model).get("lm_head", [])}
     body = [n.name for n in weight_nodes(model) if n.op_type == "MatMul" and n.name not in groups["lm_head"]]
-    reader = ctx.reader("decoder", "gptq") if ctx.w4_algorithm == "gptq" else None
-    details, algorithm = {}, ctx.w4_algorithm
+    reader = ctx.reader(names.DECODER, "gptq") if ctx.opts.w4_algorithm == "gptq" else None
+    details, algorithm = {}, ctx.opts.w4_algorithm
     if algorithm == "awq":
         details["awq"] = _awq_prescale(ctx, model, body)
-    ctx.log(f"decoder: 4-bit {algorithm} weights, block {ctx.block_size}")
-    base = gemm_to_matmul(passes.nbits_weights(model, body, 4, ctx.block_size, algorithm, reader))
+    ctx.log(f"decoder: 4-bit {algorithm} weights, block {ctx.opts.block_size}")
+    base = gemm_to_matmul(passes.nbits_weights(model, body, 4, ctx.opts.block_size, algorithm, reader))
     del model
     if algorithm == "awq":
         base, algorithm = _awq_or_rtn(ctx, base, body, groups["lm_head"], details["awq"])
@@ -259,16 +262,16 @@ def int4_decoder(ctx: Context) -> GraphResult:
         graph.CopyFrom(base)
         level = levels.get("lm_head", "fp32")
         if level != "fp32":
-            graph = passes.nbits_weights(graph, groups["lm_head"], int(level[3:]), ctx.block_size, "rtn")
+            graph = passes.nbits_weights(graph, groups["lm_head"], int(level[3:]), ctx.opts.block_size, "rtn")
         dst = ctx.tmp("decoder-int4")
         save_graph(graph, dst)
         return dst
 
-    path, score, kept, trials = search_levels(ctx, "decoder", groups, {"lm_head": ("int4", "int8", "fp32")}, build)
+    path, score, kept, trials = search_levels(ctx, names.DECODER, groups, {"lm_head": ("int4", "int8", "fp32")}, build)
     path, score, compute, note = _choose_compute(ctx, path, score, trials)
-    return GraphResult(path, "int4", f"int4 MatMulNBits ({algorithm}, block {ctx.block_size}), "
+    return GraphResult(path, "int4", f"int4 MatMulNBits ({algorithm}, block {ctx.opts.block_size}), "
                                      f"{compute} activations", kept, trials,
-                       {"block_size": ctx.block_size, "algorithm": algorithm, "calibration": score,
+                       {"block_size": ctx.opts.block_size, "algorithm": algorithm, "calibration": score,
                         "compute": compute, **details, "notes": {"compute": note, **_awq_note(details)}})
 
 
@@ -276,10 +279,10 @@ def _awq_prescale(ctx: Context, model: onnx.ModelProto, body: list[str]) -> dict
     """AWQ scales for the decoder's `body` MatMuls, from the calibration feeds, applied to `model` in place."""
     inputs = sorted({n.input[0] for n in model.graph.node if n.name in set(body)})
     ctx.log(f"decoder: AWQ statistics of {len(inputs)} MatMul inputs over the calibration feeds")
-    stats = passes.matmul_input_stats(ctx.src.graph_path("decoder"), inputs, ctx.reader("decoder", "awq"),
-                                      ctx.tmp("decoder-awq").parent, threads=ctx.threads)
+    stats = passes.matmul_input_stats(ctx.src.graph_path(names.DECODER), inputs, ctx.reader(names.DECODER, "awq"),
+                                      ctx.tmp("decoder-awq").parent, threads=ctx.backend.options.threads)
     ctx.log("decoder: AWQ scale search per MatMul group")
-    _, records = passes.awq_prescale(model, body, stats, ctx.block_size)
+    _, records = passes.awq_prescale(model, body, stats, ctx.opts.block_size)
     return passes.awq_summary(records)
 
 
@@ -289,15 +292,15 @@ def _awq_or_rtn(ctx: Context, awq_base: onnx.ModelProto, body: list[str], lm_hea
     compute both): AWQ's search minimises each MatMul's output error, not the model's KL, so it is kept only
     when the decoder's KL is not higher. Both numbers go to the report."""
     ctx.log("decoder: measuring AWQ against plain RTN on calibration samples")
-    rtn_base = gemm_to_matmul(passes.nbits_weights(load_graph(ctx.src.graph_path("decoder")), body, 4,
-                                                   ctx.block_size, "rtn"))
+    rtn_base = gemm_to_matmul(passes.nbits_weights(load_graph(ctx.src.graph_path(names.DECODER)), body, 4,
+                                                   ctx.opts.block_size, "rtn"))
     scores = {}
     for name, base in (("awq", awq_base), ("rtn", rtn_base)):
-        graph = passes.nbits_weights(_copy(base), lm_head, 4, ctx.block_size, "rtn")
+        graph = passes.nbits_weights(_copy(base), lm_head, 4, ctx.opts.block_size, "rtn")
         path = ctx.tmp(f"decoder-{name}")
         save_graph(graph, path)
         del graph
-        scores[name] = _brief(ctx.score("decoder", path))
+        scores[name] = _brief(ctx.score(names.DECODER, path))
         _discard(path)
     kept = "awq" if scores["awq"]["loss"] <= scores["rtn"]["loss"] else "rtn"
     summary["vs_rtn"] = {"awq": scores["awq"], "rtn": scores["rtn"], "kept": kept}
@@ -336,7 +339,7 @@ def _choose_compute(ctx: Context, path: Path, score: dict, trials: list) -> tupl
     alt = ctx.tmp("decoder-int4-acc4")
     save_graph(graph, alt)
     del graph
-    alt_score = ctx.score("decoder", alt)
+    alt_score = ctx.score(names.DECODER, alt)
     chosen = next(t for t in trials if t.get("chosen"))
     trials.append({"levels": {**chosen["levels"], "accuracy_level": 4}, **_brief(alt_score)})
     note = (f"calibration KL {score['kl_mean']:.4g} / {score['decode_ms']:.2f} ms per step with float activations, "
@@ -352,48 +355,51 @@ def _choose_compute(ctx: Context, path: Path, score: dict, trials: list) -> tupl
 
 # ----------------------------------------------------------------------------- recipes
 class Recipe:
+    """A recipe: `make` the quantized graphs, and what it adds to the manifest (`options`)."""
+
     name = ""
-    help = ""
     default_max_drop = 0.05
+    option_fields: tuple[str, ...] = ()        # the QuantizeOptions it uses, recorded in the manifest
 
     def make(self, ctx: Context) -> dict[str, GraphResult]:
         raise NotImplementedError
 
-    def load(self, folder: Path, backend: str | None = None, threads: int = 0):
-        """The normal runtime, hashes verified: a quantized artifact needs nothing special to run."""
-        from edgevl.runtime.pipeline import Pipeline
-        return Pipeline.load(folder, backend=backend, threads=threads)
+    def options(self, opts: QuantizeOptions) -> dict:
+        return {name: getattr(opts, name) for name in self.option_fields}
+
+    def check(self, opts: QuantizeOptions) -> None:
+        """Refuse what this recipe cannot do here, before calibration starts."""
 
 
 class Fp16(Recipe):
     name = "fp16"
-    help = ("both graphs fp16 (half the size; fast where fp16 math is, e.g. GPUs); fp32 stays for norms, "
-            "softmax, the edgevl::MRoPE nodes and any node whose calibrated activations exceed the fp16 range")
     default_max_drop = 0.01
 
     def make(self, ctx):
-        return {"vision": fp16_graph(ctx, "vision"), "decoder": fp16_graph(ctx, "decoder")}
+        return {names.VISION: fp16_graph(ctx, names.VISION), names.DECODER: fp16_graph(ctx, names.DECODER)}
 
 
 class Int8(Recipe):
     name = "int8"
-    help = ("both graphs: int8 per-channel weights with static (QDQ, calibrated by --method) or dynamic "
-            "activations, per --activations (auto: whichever measures better)")
     default_max_drop = 0.05
+    option_fields = ("method", "activations")
 
     def make(self, ctx):
-        return {"vision": int8_vision(ctx), "decoder": int8_decoder(ctx)}
+        return {names.VISION: int8_vision(ctx), names.DECODER: int8_decoder(ctx)}
 
 
 class W4A16(Recipe):
     name = "w4a16"
-    help = ("decoder MatMul weights 4-bit in blocks of --block-size (MatMulNBits; --w4-algorithm rtn, hqq, "
-            "gptq or awq), activations stay float; vision int8, or fp16 when int8 measures too lossy")
     default_max_drop = 0.10
+    option_fields = ("method", "activations", "w4_algorithm", "block_size")
+
+    def check(self, opts: QuantizeOptions) -> None:
+        if opts.w4_algorithm != "rtn":
+            passes.nbits_weights(None, [], 4, opts.block_size, opts.w4_algorithm, check_only=True)
 
     def make(self, ctx):
         decoder = int4_decoder(ctx)
-        int8, fp16 = int8_vision(ctx), fp16_graph(ctx, "vision")
+        int8, fp16 = int8_vision(ctx), fp16_graph(ctx, names.VISION)
         int8_drop = int8.details["calibration"]["drop"]
         vision = int8 if int8_drop <= ctx.max_drop / 2 else fp16
         fp16_drop = fp16.details["calibration"]["drop"]
@@ -403,7 +409,7 @@ class W4A16(Recipe):
         vision.details.setdefault("notes", {})["int8 or fp16"] = (
             f"{vision.precision} chosen: calibration cosine drop int8 {int8_drop:.4g}, fp16 {fp16_drop:.4g} "
             f"(int8 when <= {ctx.max_drop / 2:g})")
-        return {"vision": vision, "decoder": decoder}
+        return {names.VISION: vision, names.DECODER: decoder}
 
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in (Fp16(), Int8(), W4A16())}

@@ -21,10 +21,11 @@ import time
 
 import numpy as np
 
+from edgevl.artifact import names
 from edgevl.calibrate.data import FeedStore
 
-GATED = {"vision": ("cosine_mean", "mean cosine similarity of image embeddings"),
-         "decoder": ("top1_agreement", "top-1 agreement of next-token logits")}
+GATED = {names.VISION: ("cosine_mean", "mean cosine similarity of image embeddings"),
+         names.DECODER: ("top1_agreement", "top-1 agreement of next-token logits")}
 CONFIDENT_MARGIN = float(np.log(1.5))     # logits: fp32's top-1 at least 1.5x as likely as its top-2
 SHOWN_OPS = ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "Conv", "LayerNormalization", "Softmax", "MRoPE",
              "Pow", "ReduceMean", "Add", "Mul")
@@ -65,15 +66,15 @@ def prefix_agreement(ref: list[int], q: list[int]) -> float:
 # ----------------------------------------------------------------------------- graph scores
 def score_vision(runner, store: FeedStore, samples: int | None = None) -> dict:
     """Quantized vision runner vs the recorded FP32 image_embeds. `loss` (1 - cosine) drives decisions."""
-    dtype = runner.input_metadata()["pixel_values"].dtype
+    dtype = runner.input_metadata()[names.PIXEL_VALUES].dtype
     cos, rel, seconds = [], [], []
-    for path in store.files("vision", samples):
+    for path in store.files(names.VISION, samples):
         feed, ref = FeedStore.load(path)
         t0 = time.perf_counter()
-        out = runner.infer({**feed, "pixel_values": feed["pixel_values"].astype(dtype)})["image_embeds"]
+        out = runner.infer({**feed, names.PIXEL_VALUES: feed[names.PIXEL_VALUES].astype(dtype)})[names.IMAGE_EMBEDS]
         seconds.append(time.perf_counter() - t0)
-        cos.append(float(cosine_rows(out, ref["image_embeds"]).mean()))
-        rel.append(relative_error(out, ref["image_embeds"]))
+        cos.append(float(cosine_rows(out, ref[names.IMAGE_EMBEDS]).mean()))
+        rel.append(relative_error(out, ref[names.IMAGE_EMBEDS]))
     if not cos:
         return {"images": 0, "cosine_mean": 1.0, "cosine_min": 1.0, "rel_error_mean": 0.0, "loss": 0.0, "drop": 0.0}
     mean = float(np.mean(cos))
@@ -87,18 +88,18 @@ def decoder_logits(runner, sequence: list[tuple[dict, np.ndarray]], seconds: lis
 
     `seconds` collects the time of each decode step (not the prefill).
     """
-    dtype = runner.input_metadata()["inputs_embeds"].dtype
+    dtype = runner.input_metadata()[names.INPUTS_EMBEDS].dtype
     cache = None
     for feed, _ in sequence:
-        feed = {**feed, "inputs_embeds": feed["inputs_embeds"].astype(dtype)}
-        for name in [k for k in feed if k.startswith("past_key_values.")]:
+        feed = {**feed, names.INPUTS_EMBEDS: feed[names.INPUTS_EMBEDS].astype(dtype)}
+        for name in [k for k in feed if names.is_past(k)]:
             feed[name] = cache[name] if cache is not None else feed[name].astype(dtype)
         t0 = time.perf_counter()
         out = runner.infer(feed)
         if cache is not None and seconds is not None:
             seconds.append(time.perf_counter() - t0)
-        cache = {k: out[k.replace("past_key_values.", "present.")] for k in feed if k.startswith("past_key_values.")}
-        yield out["logits"]
+        cache = {k: out[names.present_for(k)] for k in feed if names.is_past(k)}
+        yield out[names.LOGITS]
 
 
 def score_decoder(runner, store: FeedStore, samples: int | None = None) -> dict:
@@ -123,8 +124,8 @@ def score_decoder(runner, store: FeedStore, samples: int | None = None) -> dict:
             "decode_ms": 1e3 * float(np.mean(seconds)) if seconds else 0.0}
 
 
-def score_graph(graph: str, runner, store: FeedStore, samples: int | None = None) -> dict:
-    return (score_vision if graph == "vision" else score_decoder)(runner, store, samples)
+def score_graph(kind: str, runner, store: FeedStore, samples: int | None = None) -> dict:
+    return {names.VISION: score_vision, names.DECODER: score_decoder}[kind](runner, store, samples)
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -185,7 +186,7 @@ def format_table(report: dict) -> str:
     for name, g in report["graphs"].items():
         m, size = g["metrics"], g["size_bytes"]
         quality = (f"cos {m['cosine_mean']:.4f} (min {m['cosine_min']:.4f}) rel.err {m['rel_error_mean']:.4f}"
-                   if name == "vision" else f"top-1 {m['top1_agreement']:.3f} KL {m['kl_mean']:.4f}"
+                   if name == names.VISION else f"top-1 {m['top1_agreement']:.3f} KL {m['kl_mean']:.4f}"
                    + (f" (confident {m['top1_agreement_confident']:.2f})" if m.get("top1_agreement_confident")
                       is not None else ""))
         verdict = "ok  " if g["gate"]["passed"] else "FAIL"

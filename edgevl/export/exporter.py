@@ -15,30 +15,26 @@ import json
 import logging
 import shutil
 import warnings
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import torch
 
-from edgevl import __version__
+from edgevl.artifact import names
+from edgevl.artifact.folder import staged_folder, write_manifest
+from edgevl.artifact.manifest import EmbeddingSpec, Manifest, ModelConfig, SourceModel
+from edgevl.artifact.onnx_files import describe_graph, save_graph
 from edgevl.errors import EdgevlError
-from edgevl.export.graph_info import describe_graph
-from edgevl.export.graphs import DecoderGraph, VisionGraph
+from edgevl.export.modules import DecoderGraph, VisionGraph
 from edgevl.export.mrope import attach_mrope_function, mrope_translation
-from edgevl.runtime.artifact import (
-    EXTERNAL_DATA_MIN_BYTES,
-    staged_folder,
-    write_manifest,
-)
 from edgevl.runtime.image_processing import ImageProcessorSettings
+from edgevl.runtime.probe import package_versions
 from edgevl.runtime.video import video_settings
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+EXPORT_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy")
 SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
-FULL_CHECK_MAX_BYTES = 1 << 30  # onnx.checker's full check re-serializes the model: protobuf caps at 2 GB
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                 "preprocessor_config.json", "video_preprocessor_config.json", "config.json")
 
@@ -102,18 +98,17 @@ def export_vision(model, path: Path, dtype: torch.dtype, opset: int) -> None:
     patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
     pixels = torch.randn(t * h * w, patch_dim, dtype=dtype)
     rotary = torch.zeros(t * h * w, 2, dtype=torch.long)
-    n = torch.export.Dim("num_patches")
-    onnx_model = _quiet_export(graph, (pixels, rotary), input_names=["pixel_values", "rotary_pos_ids"],
-                               output_names=["image_embeds"], dynamic_shapes=({0: n}, {0: n}),
+    n = torch.export.Dim(names.NUM_PATCHES)
+    onnx_model = _quiet_export(graph, (pixels, rotary), input_names=[names.PIXEL_VALUES, names.ROTARY_POS_IDS],
+                               output_names=[names.IMAGE_EMBEDS], dynamic_shapes=({0: n}, {0: n}),
                                opset_version=opset)
-    _rename_dims(onnx_model, {})
-    _save(onnx_model, path)
+    save_graph(onnx_model, path)
 
 
 def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    kv = [(i, t) for i in range(num_layers) for t in ("key", "value")]
-    inputs = ["inputs_embeds", "position_ids", "attention_mask"] + [f"past_key_values.{i}.{t}" for i, t in kv]
-    outputs = ["logits"] + [f"present.{i}.{t}" for i, t in kv]
+    kv = names.kv_names(num_layers)
+    inputs = [names.INPUTS_EMBEDS, names.POSITION_IDS, names.ATTENTION_MASK] + [past for past, _ in kv]
+    outputs = [names.LOGITS] + [present for _, present in kv]
     return inputs, outputs
 
 
@@ -126,7 +121,8 @@ def export_decoder(model, path: Path, dtype: torch.dtype, opset: int) -> None:
     positions = torch.arange(past, past + seq).view(1, 1, seq).expand(3, bsz, seq).contiguous()
     mask = torch.ones(bsz, past + seq, dtype=torch.long)
     kv = [torch.randn(bsz, graph.num_kv_heads, past, graph.head_dim, dtype=dtype) for _ in range(2 * layers)]
-    b, s, p = torch.export.Dim("batch"), torch.export.Dim("sequence"), torch.export.Dim("past_sequence", min=0)
+    b, s = torch.export.Dim(names.BATCH), torch.export.Dim(names.SEQUENCE)
+    p = torch.export.Dim(names.PAST_SEQUENCE, min=0)
     dynamic = ({0: b, 1: s}, {1: b, 2: s}, {0: b, 1: torch.export.Dim.AUTO}, tuple({0: b, 2: p} for _ in kv))
     inputs, outputs = decoder_io_names(layers)
     onnx_model = _quiet_export(graph, (embeds, positions, mask, *kv), input_names=inputs, output_names=outputs,
@@ -134,16 +130,9 @@ def export_decoder(model, path: Path, dtype: torch.dtype, opset: int) -> None:
                                custom_translation_table={torch.ops.edgevl.mrope.default: mrope_translation})
     attach_mrope_function(onnx_model)
     total = str(onnx_model.graph.inputs[2].shape[1])
-    _rename_dims(onnx_model, {total: "total_sequence", "sequence + past_sequence": "total_sequence",
-                              "past_sequence + sequence": "total_sequence"})
-    _save(onnx_model, path)
-
-
-def _save(model: ir.Model, path: Path) -> None:
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    external = f"{path.name}.data" if size > EXTERNAL_DATA_MIN_BYTES else None
-    ir.save(model, path, external_data=external)
-    onnx.checker.check_model(str(path), full_check=size <= FULL_CHECK_MAX_BYTES)
+    _rename_dims(onnx_model, {total: names.TOTAL_SEQUENCE, f"{names.SEQUENCE} + {names.PAST_SEQUENCE}":
+                              names.TOTAL_SEQUENCE, f"{names.PAST_SEQUENCE} + {names.SEQUENCE}": names.TOTAL_SEQUENCE})
+    save_graph(onnx_model, path)
 
 
 # ----------------------------------------------------------------------------- side files
@@ -174,11 +163,11 @@ def find_chat_template(model_dir: Path) -> str | None:
     return None
 
 
-def model_facts(config, generation: dict) -> dict:
+def model_facts(config, generation: dict) -> ModelConfig:
     """The config values the runtime needs, flattened (no hard-coded sizes anywhere downstream)."""
     text, vision = config.text_config, config.vision_config
     eos = generation.get("eos_token_id", text.eos_token_id)
-    return {
+    return ModelConfig(**{
         "hidden_size": text.hidden_size,
         "num_hidden_layers": text.num_hidden_layers,
         "num_attention_heads": text.num_attention_heads,
@@ -187,12 +176,12 @@ def model_facts(config, generation: dict) -> dict:
         "vocab_size": text.vocab_size,
         "max_position_embeddings": text.max_position_embeddings,
         "rope_theta": text.rope_parameters["rope_theta"],
-        "mrope_section": list(text.rope_parameters["mrope_section"]),
+        "mrope_section": tuple(text.rope_parameters["mrope_section"]),
         "image_token_id": config.image_token_id,
         "video_token_id": config.video_token_id,
         "vision_start_token_id": config.vision_start_token_id,
         "vision_end_token_id": config.vision_end_token_id,
-        "eos_token_id": eos if isinstance(eos, list) else [eos],
+        "eos_token_id": tuple(eos) if isinstance(eos, list) else (eos,),
         "pad_token_id": generation.get("pad_token_id", text.pad_token_id),
         "patch_size": vision.patch_size,
         "temporal_patch_size": vision.temporal_patch_size,
@@ -200,16 +189,7 @@ def model_facts(config, generation: dict) -> dict:
         "in_channels": vision.in_channels,
         "vision_embed_dim": vision.embed_dim,
         "vision_depth": vision.depth,
-    }
-
-
-def package_versions() -> dict:
-    names = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy")
-    versions = {"edgevl": __version__}
-    for name in names:
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[name] = metadata.version(name)
-    return versions
+    })
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -247,17 +227,10 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int = 
         table = hf_model.model.language_model.embed_tokens.weight.detach().numpy()
         np.save(tmp / "embed_tokens.npy", table)
         log("hashing files -> manifest.json")
-        write_manifest(tmp, {
-            "source_model": {"name_or_path": str(model), "model_type": hf_model.config.model_type},
-            "dtype": dtype,
-            "opset": opset,
-            "precision": {"vision": dtype, "decoder": dtype, "embeddings": dtype},
-            "quantization": None,
-            "config": model_facts(hf_model.config, generation),
-            "image_processor": settings.to_dict(),
-            "video_processor": frames.to_dict(),
-            "graphs": {"vision": describe_graph(tmp / "vision.onnx"), "decoder": describe_graph(tmp / "decoder.onnx")},
-            "embeddings": {"file": "embed_tokens.npy", "dtype": str(table.dtype), "shape": list(table.shape)},
-            "versions": package_versions(),
-        })
+        write_manifest(tmp, Manifest(
+            source=SourceModel(str(model), hf_model.config.model_type), dtype=dtype, opset=opset,
+            config=model_facts(hf_model.config, generation), image_processor=settings, video_processor=frames,
+            graphs={kind: describe_graph(tmp / f"{kind}.onnx", kind, dtype) for kind in names.GRAPH_KINDS},
+            embeddings=EmbeddingSpec("embed_tokens.npy", str(table.dtype), tuple(table.shape)),
+            versions=package_versions(EXPORT_PACKAGES)))
     return Path(out)

@@ -30,8 +30,9 @@ import onnxscript
 import torch
 from onnxscript import opset18 as op
 
-from edgevl.export.graph_info import MROPE_DOMAIN as DOMAIN
-from edgevl.export.graph_info import MROPE_OP as OP_NAME
+from edgevl.artifact import names
+
+DOMAIN, _, OP_NAME = names.MROPE.rpartition(".")
 
 DOMAIN_VERSION = 1
 

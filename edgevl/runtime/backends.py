@@ -4,8 +4,9 @@
 `BACKENDS`' order (fastest first) is used and named in the output. Each entry has
 
     available()              -> (ok, reason): a cheap probe, never imports tensorrt's engine code
-    make_runner(graph, opts) -> Runner for one graph file of an artifact
+    make_runner(graph, opts) -> Runner for one GraphFile (a GraphSpec, its file, model config, digest)
     build(graph, opts)       -> build engines ahead of time (`edgevl build`), where there is anything to build
+    variant                  -> which graphs of an artifact it runs (GraphSpec.variant)
 
 This table is the only place that knows execution providers or engines; the generate
 loop and the pipeline only ever see Runners. Asking for a backend that cannot run here is
@@ -19,14 +20,16 @@ an EdgevlError naming what is missing (package, driver, GPU): never a silent fal
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from edgevl.artifact import names
+from edgevl.artifact.folder import Artifact, GraphFile
+from edgevl.artifact.manifest import ModelConfig
+from edgevl.cache import cache_root
 from edgevl.errors import EdgevlError
 from edgevl.runtime import probe
-from edgevl.runtime.artifact import Artifact, load_artifact
 from edgevl.runtime.runners import (
     OnnxrtRunner,
     OrtIoBindingRunner,
@@ -41,10 +44,6 @@ from edgevl.runtime.sizing import (
     max_tensor_bytes,
     ort_trt_profile_options,
 )
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EDGEVL_CACHE") or Path.home() / ".cache" / "edgevl")
 
 
 @dataclass(frozen=True)
@@ -67,12 +66,12 @@ class BackendOptions:
             if value is not None and value < 1:
                 raise EdgevlError(f"--{name.replace('_', '-')} must be at least 1, not {value}.")
 
-    def limits(self, config: dict) -> Limits:
+    def limits(self, config: ModelConfig) -> Limits:
         return Limits.resolve(config, self.max_batch, self.max_context, self.max_image_patches)
 
     @property
     def cache(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        return Path(self.cache_dir) if self.cache_dir else cache_root()
 
 
 # ----------------------------------------------------------------------------- availability
@@ -126,48 +125,25 @@ def available_trt() -> tuple[bool, str]:
 
 
 # ----------------------------------------------------------------------------- runner factories
-def _graph_name(artifact: Artifact, graph: Path) -> str:
-    for name, entry in artifact.manifest["graphs"].items():
-        if entry["file"] == Path(graph).name:
-            return name
-    raise EdgevlError(f"{graph} is not one of the artifact's graphs.")
-
-
-def _artifact_of(graph: Path) -> tuple[Artifact, str]:
-    """The artifact a graph file belongs to (already verified by whoever loaded it) and the graph's name."""
-    artifact = load_artifact(Path(graph).parent, verify=False)
-    return artifact, _graph_name(artifact, graph)
-
-
+# Each factory builds a Runner for one GraphFile (its GraphSpec, file, model config and digest): it never
+# reads a manifest of its own, so graphs outside an artifact (quantize's candidates) run everywhere.
 def _cuda_options(opts: BackendOptions) -> dict:
     # TF32 only where the user allowed reduced precision: fp32 exports stay fp32 (verified to 1e-4).
     return {"device_id": opts.device_id, "use_tf32": 1 if opts.precision != "graph" else 0}
 
 
-FLOAT_PRECISIONS = ("fp32", "fp16", "bf16")
-
-
-def _float_weights(graph: Path) -> bool:
-    """Whether an artifact's graph has only float weight matrices (its manifest says; unknown: False)."""
-    try:
-        artifact, name = _artifact_of(graph)
-    except EdgevlError:
-        return False
-    return (artifact.manifest.get("precision") or {}).get(name) in FLOAT_PRECISIONS
-
-
-def make_ort_cpu(graph: Path, opts: BackendOptions) -> Runner:
+def make_ort_cpu(graph: GraphFile, opts: BackendOptions) -> Runner:
     # --fast-load skips pre-packing of float weights only. Quantized kernels need their packed layout
     # (2b-l4, 2-core EPYC, without it: int8 decode 18 -> 39 ms/token, int4 MatMulNBits 15 -> 2177).
-    prepack = opts.prepack or not _float_weights(graph)
-    return OnnxrtRunner(SessionFromOnnx(graph, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads,
-                                        prepack=prepack), name=f"ort-cpu:{Path(graph).stem}")
+    prepack = opts.prepack or not graph.spec.float_weights
+    return OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads,
+                                        prepack=prepack), name=f"ort-cpu:{graph.name}")
 
 
-def make_ort_cuda(graph: Path, opts: BackendOptions) -> Runner:
+def make_ort_cuda(graph: GraphFile, opts: BackendOptions) -> Runner:
     providers = [("CUDAExecutionProvider", _cuda_options(opts)), "CPUExecutionProvider"]
-    return OrtIoBindingRunner(SessionFromOnnx(graph, providers=providers, intra_op_threads=opts.threads),
-                              name=f"ort-cuda:{Path(graph).stem}", device="cuda", device_id=opts.device_id)
+    return OrtIoBindingRunner(SessionFromOnnx(graph.path, providers=providers, intra_op_threads=opts.threads),
+                              name=f"ort-cuda:{graph.name}", device="cuda", device_id=opts.device_id)
 
 
 def _device(opts: BackendOptions) -> probe.GpuInfo:
@@ -177,77 +153,68 @@ def _device(opts: BackendOptions) -> probe.GpuInfo:
     return gpus[opts.device_id]
 
 
-def ort_trt_provider_options(artifact: Artifact, name: str, opts: BackendOptions) -> dict:
-    """TensorRT EP options but the cache paths: precision flags and explicit profiles from the manifest."""
-    limits = opts.limits(artifact.config)
-    profiles = build_profiles(name, artifact.manifest["graphs"][name]["inputs"], limits, artifact.config)
-    fp16_graph = any(i["dtype"] == "float16" for i in artifact.manifest["graphs"][name]["inputs"])
+def ort_trt_provider_options(graph: GraphFile, opts: BackendOptions) -> dict:
+    """TensorRT EP options but the cache paths: precision flags and explicit profiles from the GraphSpec."""
+    profiles = build_profiles(graph.spec.kind, graph.spec.inputs, opts.limits(graph.config), graph.config)
+    fp16_graph = any(i.dtype == "float16" for i in graph.spec.inputs)
     return {"device_id": opts.device_id, "trt_fp16_enable": fp16_graph or opts.precision in ("fp16", "int8"),
             "trt_int8_enable": opts.precision == "int8", **ort_trt_profile_options(profiles)}
 
 
-def make_ort_trt(graph: Path, opts: BackendOptions) -> Runner:
-    """ORT's TensorRT EP over the graph with edgevl.MRoPE inlined; ORT caches the engines in a folder keyed
-    like trt's engines (GPU, compute capability, TensorRT, graph sha256, options) plus the ORT version."""
-    from edgevl.runtime.trt import (
-        engine_cache_key,
-        graph_digest,
-        inline_local_functions,
-    )
-    artifact, name = _artifact_of(graph)
-    digest = graph_digest(artifact.manifest, name)
-    source = Path(graph)
-    if artifact.manifest["graphs"][name].get("mrope_nodes", 0):
-        source = inline_local_functions(source, opts.cache / "inlined" / digest[:16], log=opts.log)
-    options = ort_trt_provider_options(artifact, name, opts)
+def make_ort_trt(graph: GraphFile, opts: BackendOptions) -> Runner:
+    """ORT's TensorRT EP over the graph with its custom ops inlined; ORT caches the engines in a folder keyed
+    like trt's engines (GPU, compute capability, TensorRT, graph digest, options) plus the ORT version."""
+    from edgevl.runtime.trt import engine_cache_key, inline_local_functions
+    source = graph.path
+    if graph.spec.custom_ops:
+        source = inline_local_functions(source, opts.cache / "inlined" / graph.digest[:16], log=opts.log)
+    options = ort_trt_provider_options(graph, opts)
     gpu = _device(opts)
-    key = engine_cache_key(digest, gpu.name, gpu.compute_capability, probe.tensorrt_version() or "unknown",
+    key = engine_cache_key(graph.digest, gpu.name, gpu.compute_capability, probe.tensorrt_version() or "unknown",
                            {"onnxruntime": probe.onnxruntime_info()[0], **options})
-    cache_dir = str(opts.cache / "ort-trt" / f"{name}-{key}")
+    cache_dir = str(opts.cache / "ort-trt" / f"{graph.name}-{key}")
     options.update(trt_engine_cache_enable=True, trt_engine_cache_path=cache_dir, trt_timing_cache_enable=True,
                    trt_timing_cache_path=cache_dir)
     providers = [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", _cuda_options(opts)),
                  "CPUExecutionProvider"]
-    return OrtIoBindingRunner(SessionFromOnnx(source, providers=providers), name=f"ort-trt:{name}",
+    return OrtIoBindingRunner(SessionFromOnnx(source, providers=providers), name=f"ort-trt:{graph.name}",
                               device="cuda", device_id=opts.device_id)
 
 
-def build_ort_trt(graph: Path, opts: BackendOptions) -> None:
+def build_ort_trt(graph: GraphFile, opts: BackendOptions) -> None:
     """ORT's TensorRT EP builds its engines when the session is created (explicit profiles): do that once."""
     runner = make_ort_trt(graph, opts)
     runner.activate()
     runner.deactivate()
 
 
-def trt_engine_loader(graph: Path, opts: BackendOptions):
+def trt_engine_loader(graph: GraphFile, opts: BackendOptions):
     """(EngineFromCache loader for a graph, its profiles, its buffer sizes) for the trt backend."""
     from edgevl.runtime import trt
-    artifact, name = _artifact_of(graph)
-    limits = opts.limits(artifact.config)
-    entry = artifact.manifest["graphs"][name]
-    profiles = build_profiles(name, entry["inputs"], limits, artifact.config)
-    env = max_dims(name, limits, artifact.config)
-    max_bytes = {v["name"]: max_tensor_bytes(v, env) for v in entry["inputs"] + entry["outputs"]}
+    limits = opts.limits(graph.config)
+    spec = graph.spec
+    profiles = build_profiles(spec.kind, spec.inputs, limits, graph.config)
+    env = max_dims(spec.kind, limits, graph.config)
+    max_bytes = {v.name: max_tensor_bytes(v, env) for v in (*spec.inputs, *spec.outputs)}
     gpu = _device(opts)
     build_options = trt.BuildOptions(precision=opts.precision)
-    digest = trt.graph_digest(artifact.manifest, name)
-    key = trt.engine_cache_key(digest, gpu.name, gpu.compute_capability, probe.tensorrt_version(),
+    key = trt.engine_cache_key(graph.digest, gpu.name, gpu.compute_capability, probe.tensorrt_version(),
                                build_options.key(profiles))
-    describe = {"graph": name, "artifact": str(artifact.path), "graph_sha256": digest, "gpu": gpu.name,
+    describe = {"graph": graph.name, "file": str(graph.path), "graph_sha256": graph.digest, "gpu": gpu.name,
                 "compute_capability": gpu.sm, "tensorrt": probe.tensorrt_version(), **build_options.key(profiles)}
-    build = trt.EngineFromOnnx(graph, profiles, build_options, log=opts.log)
-    cache = trt.EngineFromCache(opts.cache / "trt", f"{name}-{key}", build, describe, log=opts.log)
+    build = trt.EngineFromOnnx(graph.path, profiles, build_options, log=opts.log)
+    cache = trt.EngineFromCache(opts.cache / "trt", f"{graph.name}-{key}", build, describe, log=opts.log)
     return cache, profiles, max_bytes
 
 
-def make_trt(graph: Path, opts: BackendOptions) -> Runner:
+def make_trt(graph: GraphFile, opts: BackendOptions) -> Runner:
     from edgevl.runtime import trt
     cache, profiles, max_bytes = trt_engine_loader(graph, opts)
-    return trt.TrtRunner(trt.EngineFromBytes(cache), profiles, max_bytes, name=f"trt:{Path(graph).stem}",
+    return trt.TrtRunner(trt.EngineFromBytes(cache), profiles, max_bytes, name=f"trt:{graph.name}",
                          memory_factory=lambda: trt.CudaMemory(opts.device_id))
 
 
-def build_trt(graph: Path, opts: BackendOptions) -> None:
+def build_trt(graph: GraphFile, opts: BackendOptions) -> None:
     cache, _, _ = trt_engine_loader(graph, opts)
     cache().close()                                       # builds and stores unless already cached
 
@@ -258,12 +225,13 @@ class BackendSpec:
     name: str
     description: str
     available: Callable[[], tuple[bool, str]]
-    factory: Callable[[Path, BackendOptions], Runner]
-    build: Callable[[Path, BackendOptions], None] | None = None   # None: nothing to build ahead of time
+    factory: Callable[[GraphFile, BackendOptions], Runner]
+    build: Callable[[GraphFile, BackendOptions], None] | None = None   # None: nothing to build ahead of time
     engine_limits: bool = False                                    # bounded by --max-context etc.
     # Load the graphs of an artifact at the same time. Not where loading may build engines: two
     # TensorRT builders at once double the builder's GPU workspace (too much on a Jetson).
     concurrent_load: bool = True
+    variant: str = "ort"                                           # which GraphSpec.variant it runs
 
 
 # In preference order: the default is the first available one.
@@ -293,28 +261,31 @@ class Backend:
     def description(self) -> str:
         return self.spec.description
 
-    def make_runner(self, graph: Path, threads: int | None = None) -> Runner:
-        opts = self.options if threads is None else replace(self.options, threads=threads)
-        return self.spec.factory(Path(graph), opts)
+    def make_runner(self, graph: GraphFile) -> Runner:
+        return self.spec.factory(graph, self.options)
 
-    def load(self, graphs: list[Path]) -> list[Runner]:
+    def load(self, graphs: list[GraphFile]) -> list[Runner]:
         """Runners for `graphs`, activated (at the same time where the backend allows)."""
         runners = [self.make_runner(graph) for graph in graphs]
         activate_all(runners, concurrently=self.spec.concurrent_load)
         return runners
 
-    def build(self, graph: Path) -> bool:
+    def graphs(self, artifact: Artifact) -> list[GraphFile]:
+        """The artifact's vision and decoder graphs of the variant this backend runs."""
+        return [artifact.graph(kind, self.spec.variant) for kind in names.GRAPH_KINDS]
+
+    def build(self, graph: GraphFile) -> bool:
         """Build what can be built ahead of time; False when this backend has nothing to build."""
         if self.spec.build is None:
             return False
-        self.spec.build(Path(graph), self.options)
+        self.spec.build(graph, self.options)
         return True
 
-    def context_limit(self, config: dict) -> int:
+    def context_limit(self, config: ModelConfig) -> int:
         """Most KV positions this backend accepts for a model (engines are built for a fixed maximum)."""
         if self.spec.engine_limits:
             return self.options.limits(config).max_context
-        return min(int(config["max_position_embeddings"]), self.options.max_context or 1 << 62)
+        return min(config.max_position_embeddings, self.options.max_context or 1 << 62)
 
 
 def availability() -> dict[str, tuple[bool, str]]:

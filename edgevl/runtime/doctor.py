@@ -45,7 +45,7 @@ def collect(artifact=None, options: BackendOptions | None = None) -> dict:
         opts = options or BackendOptions()
         limits = opts.limits(artifact.config)
         report["memory"] = {"batch": limits.max_batch, "max_context": limits.max_context,
-                            **memory_plan(artifact.manifest, artifact.path, limits.max_batch, limits.max_context)}
+                            **memory_plan(artifact, limits.max_batch, limits.max_context)}
     return report
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgevl.artifact import names
 from edgevl.runtime.rope_index import decode_position_ids
 from edgevl.runtime.runners import Runner
 from edgevl.runtime.sampling import SamplingOptions, next_tokens
@@ -29,8 +30,7 @@ class KVCache:
     @classmethod
     def empty(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
         shape = (batch, kv_heads, 0, head_dim)
-        return cls({f"past_key_values.{i}.{t}": np.zeros(shape, dtype)
-                    for i in range(num_layers) for t in ("key", "value")})
+        return cls({past: np.zeros(shape, dtype) for past, _ in names.kv_names(num_layers)})
 
     @property
     def length(self) -> int:
@@ -38,16 +38,16 @@ class KVCache:
 
     def update(self, outputs: dict[str, np.ndarray]) -> None:
         for name in self.arrays:
-            self.arrays[name] = outputs[name.replace("past_key_values.", "present.")]
+            self.arrays[name] = outputs[names.present_for(name)]
 
 
 def decoder_step(decoder: Runner, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
                  cache: KVCache) -> np.ndarray:
     """embeds [B,S,H], position_ids [3,B,S], attention_mask [B, cache+S] -> logits [B, vocab]; updates cache."""
-    outputs = decoder.infer({"inputs_embeds": embeds, "position_ids": position_ids,
-                             "attention_mask": attention_mask, **cache.arrays})
+    outputs = decoder.infer({names.INPUTS_EMBEDS: embeds, names.POSITION_IDS: position_ids,
+                             names.ATTENTION_MASK: attention_mask, **cache.arrays})
     cache.update(outputs)
-    return outputs["logits"]
+    return outputs[names.LOGITS]
 
 
 def prefill(decoder, embeds, position_ids, attention_mask, cache) -> np.ndarray:

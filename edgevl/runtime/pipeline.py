@@ -20,15 +20,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgevl.artifact import names
+from edgevl.artifact.folder import Artifact, load_artifact
 from edgevl.errors import EdgevlError
-from edgevl.runtime.artifact import Artifact, load_artifact
-from edgevl.runtime.backends import BackendOptions, get_backend
+from edgevl.runtime.backends import Backend, BackendOptions, get_backend
 from edgevl.runtime.generate import KVCache, generate
-from edgevl.runtime.image_processing import (
-    ImageProcessorSettings,
-    load_image,
-    preprocess_image,
-)
+from edgevl.runtime.image_processing import load_image, preprocess_image
 from edgevl.runtime.prompt import (
     ChatTemplate,
     StreamDecoder,
@@ -38,7 +35,7 @@ from edgevl.runtime.prompt import (
 )
 from edgevl.runtime.rope_index import mrope_position_ids, vision_rotary_position_ids
 from edgevl.runtime.sampling import SamplingOptions
-from edgevl.runtime.video import VideoClip, load_video, preprocess_video, video_settings
+from edgevl.runtime.video import VideoClip, load_video, preprocess_video
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -69,28 +66,28 @@ class Result:
 
 
 class Pipeline:
-    def __init__(self, artifact: Artifact, backend: str | None = None, threads: int = 0,
-                 options: BackendOptions | None = None):
-        """backend: a name from backends.BACKENDS, or None for the fastest available here."""
+    def __init__(self, artifact: Artifact, backend: Backend | str | None = None, options: BackendOptions | None = None):
+        """backend: a Backend, a name from backends.BACKENDS, or None for the fastest available here
+        (`options` apply to a name or None)."""
         t0 = time.perf_counter()
         self.artifact = artifact
         self.config = artifact.config
-        self.backend = get_backend(backend, options or BackendOptions(threads=threads))
+        self.backend = backend if isinstance(backend, Backend) else get_backend(backend, options)
         self.tokenizer = Tokenizer(artifact.file("tokenizer.json"))
         self.template = ChatTemplate.from_file(artifact.file("chat_template.jinja"))
-        self.image_settings = ImageProcessorSettings.from_dict(artifact.manifest["image_processor"])
-        self.video_settings = video_settings(self.image_settings, artifact.manifest.get("video_processor"))
+        self.image_settings = artifact.manifest.image_processor
+        self.video_settings = artifact.manifest.video_processor
         self.generation_config = artifact.read_json("generation_config.json")
         # Memory-mapped: only the rows of tokens actually used are read from disk.
-        self.embed_table = np.load(artifact.file(artifact.manifest["embeddings"]["file"]), mmap_mode="r")
-        self.vision, self.decoder = self.backend.load([artifact.graph_path("vision"), artifact.graph_path("decoder")])
-        self.dtype = self.decoder.input_metadata()["inputs_embeds"].dtype
+        self.embed_table = np.load(artifact.file(artifact.manifest.embeddings.file), mmap_mode="r")
+        self.vision, self.decoder = self.backend.load(self.backend.graphs(artifact))
+        self.dtype = self.decoder.input_metadata()[names.INPUTS_EMBEDS].dtype
         self.load_s = time.perf_counter() - t0
 
     @classmethod
-    def load(cls, path, backend: str | None = None, verify: bool = True, threads: int = 0,
+    def load(cls, path, backend: Backend | str | None = None, verify: bool = True,
              options: BackendOptions | None = None) -> "Pipeline":
-        return cls(load_artifact(path, verify=verify), backend=backend, threads=threads, options=options)
+        return cls(load_artifact(path, verify=verify), backend=backend, options=options)
 
     @property
     def max_context(self) -> int:
@@ -143,20 +140,21 @@ class Pipeline:
         """[t*h*w, D] patches -> [t*h*w/merge^2, hidden] embeddings; each temporal patch attends alone."""
         t, h, w = grid
         rotary = vision_rotary_position_ids((1, h, w), self.image_settings.merge_size)
-        dtype = self.vision.input_metadata()["pixel_values"].dtype
+        dtype = self.vision.input_metadata()[names.PIXEL_VALUES].dtype
         frames = np.split(pixel_values.astype(dtype), t)
-        return np.concatenate([self.vision.infer({"pixel_values": f, "rotary_pos_ids": rotary})["image_embeds"]
-                               for f in frames])
+        return np.concatenate([self.vision.infer({names.PIXEL_VALUES: f, names.ROTARY_POS_IDS: rotary})
+                               [names.IMAGE_EMBEDS] for f in frames])
 
     def embed(self, input_ids: np.ndarray, image_embeds: list[np.ndarray],
               video_embeds: list[np.ndarray] = ()) -> np.ndarray:
         """input_ids [S] -> [S, hidden] with image/video pad rows replaced by vision embeddings, in order."""
         embeds = np.asarray(self.embed_table[input_ids], dtype=self.dtype)
-        for token, vision in (("image_token_id", image_embeds), ("video_token_id", video_embeds)):
-            slots = np.flatnonzero(input_ids == self.config[token])
+        for kind, token, vision in (("image", self.config.image_token_id, image_embeds),
+                                    ("video", self.config.video_token_id, video_embeds)):
+            slots = np.flatnonzero(input_ids == token)
             rows = np.concatenate(vision).astype(self.dtype) if len(vision) else np.zeros((0, embeds.shape[1]))
             if len(rows) != len(slots):
-                raise EdgevlError(f"{len(slots)} {token.split('_')[0]} tokens in the prompt but {len(rows)} "
+                raise EdgevlError(f"{len(slots)} {kind} tokens in the prompt but {len(rows)} "
                                   f"embeddings for them.")
             embeds[slots] = rows
         return embeds
@@ -211,13 +209,12 @@ class Pipeline:
         """M-RoPE ids [3, B, S] and rope deltas [B, 1] for (left-padded) rows of token ids."""
         def as_array(g):
             return np.array(g, np.int64).reshape(-1, 3) if len(g) else None
-        return mrope_position_ids(ids, mask, self.config["image_token_id"], self.config["video_token_id"],
-                                  as_array(grids), as_array(video_grids), self.config["spatial_merge_size"])
+        return mrope_position_ids(ids, mask, self.config.image_token_id, self.config.video_token_id,
+                                  as_array(grids), as_array(video_grids), self.config.spatial_merge_size)
 
     def new_cache(self, batch: int) -> KVCache:
         cfg = self.config
-        return KVCache.empty(cfg["num_hidden_layers"], batch, cfg["num_key_value_heads"], cfg["head_dim"],
-                             self.dtype)
+        return KVCache.empty(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
 
     def decode(self, context_ids: np.ndarray, attention_mask: np.ndarray, embeds: np.ndarray,
                position_ids: np.ndarray, rope_deltas: np.ndarray, cache: KVCache, max_new_tokens: int,
@@ -228,8 +225,8 @@ class Pipeline:
         attention_mask [B, T]; embeds [B, S_new, H]; position_ids [3, B, S_new]; rope_deltas [B, 1].
         """
         max_new_tokens = max(1, min(max_new_tokens, self.max_context - context_ids.shape[1]))
-        opts = SamplingOptions.from_generation_config(self.generation_config, **sampling)
-        eos = self.config["eos_token_id"]
+        opts = self.sampling_options(**sampling)
+        eos = self.config.eos_token_id
         streams = [StreamDecoder(self.tokenizer, tuple(stop)) for _ in range(len(context_ids))]
 
         def on_token(row: int, token: int) -> bool:
@@ -255,9 +252,14 @@ class Pipeline:
             results.append(Result(prompt_ids, tokens, stream.text, reason, dict(timings)))
         return results
 
+    def sampling_options(self, **sampling) -> SamplingOptions:
+        """The model's generation_config with `sampling` (do_sample, temperature, top_k, top_p,
+        repetition_penalty, seed; None = keep the config's) on top, validated."""
+        return SamplingOptions.from_generation_config(self.generation_config, **sampling)
+
     def _pad_id(self) -> int:
-        pad = self.config.get("pad_token_id")
-        return int(pad if pad is not None else self.config["eos_token_id"][0])
+        pad = self.config.pad_token_id
+        return int(pad if pad is not None else self.config.eos_token_id[0])
 
     def _left_pad(self, rows, row_embeds, length: int):
         """Left-pad every row to `length`: ids and mask [B, L] int64, embeds [B, L, hidden]."""

@@ -175,21 +175,45 @@ def l4t_release() -> str | None:
         return None
 
 
-def nvidia_smi() -> dict | None:
-    """Driver version and GPU names as nvidia-smi reports them; None when it is absent (Jetson has none)."""
+def nvidia_smi_query(fields: str) -> list[list[str]] | str | None:
+    """`nvidia-smi --query-gpu=FIELDS` as rows of strings (no units); an error sentence when it fails;
+    None when nvidia-smi is absent (Jetson has none)."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+        out = subprocess.run([exe, f"--query-gpu={fields}", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nvidia-smi failed ({type(e).__name__})"
     rows = [[c.strip() for c in line.split(",")] for line in out.stdout.strip().splitlines() if line.strip()]
-    if out.returncode != 0 or not rows:
+    width = fields.count(",") + 1
+    if out.returncode != 0 or not rows or any(len(r) != width for r in rows):
         message = (out.stderr or out.stdout).strip()
-        return {"error": message.splitlines()[0] if message else f"exit status {out.returncode}"}
-    return {"driver_version": rows[0][1], "gpus": [{"name": r[0], "memory": r[2]} for r in rows if len(r) >= 3]}
+        return message.splitlines()[0] if message else f"exit status {out.returncode}"
+    return rows
+
+
+def nvidia_smi() -> dict | None:
+    """Driver version and GPU names as nvidia-smi reports them; None when it is absent (Jetson has none)."""
+    rows = nvidia_smi_query("name,driver_version,memory.total")
+    if rows is None or isinstance(rows, str):
+        return None if rows is None else {"error": rows}
+    return {"driver_version": rows[0][1], "gpus": [{"name": r[0], "memory_total_mb": float(r[2])} for r in rows]}
+
+
+def package_versions(names) -> dict[str, str]:
+    """edgevl's version and each installed package's among `names` (absent ones left out)."""
+    from importlib import metadata
+
+    from edgevl import __version__
+    versions = {"edgevl": __version__}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def machine() -> str:

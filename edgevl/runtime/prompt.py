@@ -80,12 +80,6 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.impl.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def token_id(self, token: str) -> int | None:
-        return self.impl.token_to_id(token)
-
-    def id_to_token(self, token_id: int) -> str | None:
-        return self.impl.id_to_token(int(token_id))
-
 
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas for streaming.

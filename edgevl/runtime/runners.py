@@ -91,6 +91,28 @@ def provider_names(providers) -> list[str]:
     return [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
 
 
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def session_options(threads: int = 0, prepack: bool = True, optimization_level: str = "all"):
+    """onnxruntime.SessionOptions as edgevl makes every session: `threads` intra-op threads (0 = ORT's
+    default), errors-only logging, optional weight pre-packing, the graph optimization level."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: the function-inlining notices are noise to users
+    if not prepack:
+        # CPU kernels re-pack weights when a session is created (2b-l4 decoder: ~2 s); skipping it
+        # loads in ~0.1 s and costs ~7 % decode speed (measured on a 2-core EPYC).
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    levels = ort.GraphOptimizationLevel
+    options.graph_optimization_level = dict(zip(OPTIMIZATION_LEVELS, (
+        levels.ORT_DISABLE_ALL, levels.ORT_ENABLE_BASIC, levels.ORT_ENABLE_EXTENDED, levels.ORT_ENABLE_ALL))
+    )[optimization_level]
+    return options
+
+
 class SessionFromOnnx:
     """Loader: builds an onnxruntime.InferenceSession for one graph.
 
@@ -108,19 +130,7 @@ class SessionFromOnnx:
     def __call__(self):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
-        options.log_severity_level = 3  # errors only: the function-inlining notices are noise to users
-        if not self.prepack:
-            # CPU kernels re-pack weights when a session is created (2b-l4 decoder: ~2 s); skipping it
-            # loads in ~0.1 s and costs ~7 % decode speed (measured on a 2-core EPYC).
-            options.add_session_config_entry("session.disable_prepacking", "1")
-        options.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[self.optimization_level]
+        options = session_options(self.intra_op_threads, self.prepack, self.optimization_level)
         missing = [p for p in provider_names(self.providers) if p not in ort.get_available_providers()]
         if missing:
             raise EdgevlError(f"onnxruntime {ort.__version__} here has no {', '.join(missing)} "
@@ -175,13 +185,6 @@ class OnnxrtRunner:
 
     def deactivate(self) -> None:
         self.session = None
-
-    def __enter__(self):
-        self.activate()
-        return self
-
-    def __exit__(self, *exc):
-        self.deactivate()
 
     def input_metadata(self) -> dict[str, TensorMeta]:
         self._require_active()

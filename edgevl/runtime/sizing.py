@@ -20,10 +20,11 @@ from __future__ import annotations
 import ast
 import operator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from edgevl.artifact import names
+from edgevl.artifact.manifest import ModelConfig, TensorSpec
 from edgevl.errors import EdgevlError
 
 DEFAULT_ENGINE_CONTEXT = 4096      # KV positions an engine is built for unless --max-context says otherwise
@@ -46,10 +47,10 @@ class Limits:
                 raise EdgevlError(f"--{field.replace('_', '-')} must be at least 1, not {getattr(self, field)}.")
 
     @classmethod
-    def resolve(cls, config: dict, max_batch: int | None = None, max_context: int | None = None,
+    def resolve(cls, config: ModelConfig, max_batch: int | None = None, max_context: int | None = None,
                 max_image_patches: int | None = None) -> "Limits":
         """Defaults filled in; max_context never above the model's max_position_embeddings."""
-        model_max = int(config["max_position_embeddings"])
+        model_max = config.max_position_embeddings
         context = min(max_context or DEFAULT_ENGINE_CONTEXT, model_max)
         if max_context and max_context > model_max:
             raise EdgevlError(f"--max-context {max_context} is above the model's context of {model_max} tokens.")
@@ -67,35 +68,36 @@ class Profile:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
 
 
-def dim_ranges(graph: str, limits: Limits, config: dict) -> list[tuple[str, dict[str, Range]]]:
-    """Per profile of `graph` ("vision" | "decoder"): its name and (min, opt, max) per symbolic dim."""
+def dim_ranges(kind: str, limits: Limits, config: ModelConfig) -> list[tuple[str, dict[str, Range]]]:
+    """Per profile of a graph of `kind` (names.VISION | names.DECODER): its name and (min, opt, max) per
+    symbolic dim."""
     b, c = limits.max_batch, limits.max_context
-    if graph == "vision":
-        smallest = int(config.get("spatial_merge_size", 2)) ** 2   # one merged token
+    if kind == names.VISION:
+        smallest = config.spatial_merge_size ** 2                 # one merged token
         top = max(limits.max_image_patches, smallest)
-        return [("image", {"num_patches": (smallest, min(OPT_PATCHES, top), top)})]
-    if graph == "decoder":
+        return [("image", {names.NUM_PATCHES: (smallest, min(OPT_PATCHES, top), top)})]
+    if kind == names.DECODER:
         if c < 2:
             raise EdgevlError("--max-context must be at least 2 (a prompt token and a new one).")
         half = max(1, c // 2)
         prompt = min(OPT_PROMPT, c)
         batch = (1, 1, b)
         return [
-            ("decode", {"batch": batch, "sequence": (1, 1, 1), "past_sequence": (1, half, c - 1),
-                        "total_sequence": (2, half + 1, c)}),
-            ("prefill", {"batch": batch, "sequence": (1, prompt, c), "past_sequence": (0, 0, c - 1),
-                         "total_sequence": (1, prompt, c)}),
+            ("decode", {names.BATCH: batch, names.SEQUENCE: (1, 1, 1), names.PAST_SEQUENCE: (1, half, c - 1),
+                        names.TOTAL_SEQUENCE: (2, half + 1, c)}),
+            ("prefill", {names.BATCH: batch, names.SEQUENCE: (1, prompt, c), names.PAST_SEQUENCE: (0, 0, c - 1),
+                         names.TOTAL_SEQUENCE: (1, prompt, c)}),
         ]
-    raise EdgevlError(f"no profile rules for a graph called {graph!r}.")
+    raise EdgevlError(f"no profile rules for a graph of kind {kind!r}.")
 
 
-def build_profiles(graph: str, inputs: list[dict], limits: Limits, config: dict) -> list[Profile]:
-    """Profiles for a graph's inputs (the manifest's `graphs.<name>.inputs`: name, dtype, shape)."""
+def build_profiles(kind: str, inputs: tuple[TensorSpec, ...], limits: Limits, config: ModelConfig) -> list[Profile]:
+    """Profiles for a graph's inputs (its GraphSpec's inputs)."""
     profiles = []
-    for name, ranges in dim_ranges(graph, limits, config):
+    for name, ranges in dim_ranges(kind, limits, config):
         shapes = {}
         for value in inputs:
-            dims = value["shape"]
+            dims = value.shape
             if all(isinstance(d, int) for d in dims):
                 continue                                       # static input: no profile entry needed
             picked = []
@@ -105,9 +107,9 @@ def build_profiles(graph: str, inputs: list[dict], limits: Limits, config: dict)
                 elif d in ranges:
                     picked.append(ranges[d])
                 else:
-                    raise EdgevlError(f"{graph} input {value['name']} has a dim {d!r} with no size rule; "
+                    raise EdgevlError(f"{kind} input {value.name} has a dim {d!r} with no size rule; "
                                       f"this edgevl does not know how to bound it.")
-            shapes[value["name"]] = tuple(tuple(r[i] for r in picked) for i in range(3))
+            shapes[value.name] = tuple(tuple(r[i] for r in picked) for i in range(3))
         profiles.append(Profile(name, shapes))
     return profiles
 
@@ -172,55 +174,41 @@ def eval_dim(dim, env: dict[str, int]) -> int:
         raise EdgevlError(f"cannot size the dim {dim!r}.") from None
 
 
-def max_dims(graph: str, limits: Limits, config: dict) -> dict[str, int]:
+def max_dims(kind: str, limits: Limits, config: ModelConfig) -> dict[str, int]:
     """Largest value of every symbolic dim over all profiles of a graph."""
     env: dict[str, int] = {}
-    for _, ranges in dim_ranges(graph, limits, config):
+    for _, ranges in dim_ranges(kind, limits, config):
         for name, (_, _, hi) in ranges.items():
             env[name] = max(env.get(name, 0), hi)
     return env
 
 
-def max_tensor_bytes(value: dict, env: dict[str, int]) -> int:
-    """Bytes of the largest tensor a manifest input/output entry can hold under `env` (buffers sized once)."""
+def max_tensor_bytes(value: TensorSpec, env: dict[str, int]) -> int:
+    """Bytes of the largest tensor a graph input/output can hold under `env` (buffers sized once)."""
     count = 1
-    for d in value["shape"]:
+    for d in value.shape:
         count *= eval_dim(d, env)
-    return count * np.dtype(value["dtype"]).itemsize
+    return count * np.dtype(value.dtype).itemsize
 
 
 # ----------------------------------------------------------------------------- memory arithmetic
-def kv_cache_bytes(config: dict, batch: int, max_context: int, dtype="float16") -> int:
-    """Bytes of one full KV cache: 2 (key, value) x layers x batch x kv_heads x positions x head_dim x itemsize.
-
-    Qwen2-VL-2B, fp16, batch 1, 32768 positions: 2*28*1*2*32768*128*2 = 0.94 GB. A decode step holds the
-    past and the new present cache at once, so plan for twice this.
-    """
-    return (2 * int(config["num_hidden_layers"]) * batch * int(config["num_key_value_heads"]) * max_context
-            * int(config["head_dim"]) * np.dtype(dtype).itemsize)
-
-
-def graph_files(manifest: dict, graph: str) -> list[str]:
-    """A graph's files as the manifest lists them: 'decoder.onnx' and its external data 'decoder.onnx.data'."""
-    main = manifest["graphs"][graph]["file"]
-    return sorted(f for f in manifest["files"] if f == main or f.startswith(main + "."))
-
-
-def weights_bytes(manifest: dict, folder: Path) -> dict[str, int]:
-    """Bytes per part: each graph's files (weights the accelerator holds) and the embedding table
-    (memory-mapped on the host, only the rows of the tokens used are read)."""
-    sizes = {g: sum((Path(folder) / f).stat().st_size for f in graph_files(manifest, g)) for g in manifest["graphs"]}
-    emb = manifest.get("embeddings")
-    if emb:
-        sizes["embeddings"] = int(np.prod(emb["shape"])) * np.dtype(emb["dtype"]).itemsize
+def weights_bytes(artifact) -> dict[str, int]:
+    """Bytes per part of an Artifact: each graph's files (weights the accelerator holds) and the embedding
+    table (memory-mapped on the host, only the rows of the tokens used are read)."""
+    m = artifact.manifest
+    sizes = {name: sum(artifact.file(f).stat().st_size for f in spec.files) for name, spec in m.graphs.items()}
+    sizes["embeddings"] = int(np.prod(m.embeddings.shape)) * np.dtype(m.embeddings.dtype).itemsize
     return sizes
 
 
-def memory_plan(manifest: dict, folder: Path, batch: int, max_context: int) -> dict[str, int]:
-    """Device bytes to expect: graph weights + a double KV cache in the decoder's dtype (host: embeddings)."""
-    w = weights_bytes(manifest, folder)
-    kv_dtype = next(i["dtype"] for i in manifest["graphs"]["decoder"]["inputs"] if i["name"] == "inputs_embeds")
-    kv = kv_cache_bytes(manifest["config"], batch, max_context, kv_dtype)
+def memory_plan(artifact, batch: int, max_context: int) -> dict[str, int]:
+    """Device bytes to expect: graph weights + a double KV cache in the decoder's dtype (host: embeddings).
+
+    A decode step over a Concat-grown cache holds the past and the new present cache at once."""
+    w = weights_bytes(artifact)
+    decoder = artifact.manifest.graph(names.DECODER)
+    kv_dtype = decoder.input(names.INPUTS_EMBEDS).dtype
+    kv = artifact.config.kv_cache_bytes(batch, max_context, np.dtype(kv_dtype).itemsize)
     device = sum(v for k, v in w.items() if k != "embeddings") + 2 * kv
     return {**{f"weights_{k}": v for k, v in w.items()}, "kv_cache": kv, "kv_cache_double": 2 * kv,
             "device_total": device}

@@ -27,7 +27,6 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,9 +34,11 @@ from typing import Callable
 
 import numpy as np
 
+from edgevl.artifact import names
+from edgevl.artifact.folder import staged_folder
 from edgevl.errors import EdgevlError
 from edgevl.runtime.runners import DeviceTensor, TensorMeta, to_host
-from edgevl.runtime.sizing import Profile, graph_files, select_profile
+from edgevl.runtime.sizing import Profile, select_profile
 
 # TensorRT DataType member names -> numpy (BF16/FP8/INT4 have no numpy type: not graph I/O here).
 TRT_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
@@ -51,15 +52,10 @@ def trt_dtype_to_numpy(name: str) -> np.dtype:
 
 
 # ----------------------------------------------------------------------------- cache keys
-def graph_digest(manifest: dict, graph: str) -> str:
-    """sha256 over a graph's files' sha256s from the manifest (decoder.onnx + decoder.onnx.data)."""
-    lines = "".join(f"{f}:{manifest['files'][f]}\n" for f in graph_files(manifest, graph))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
 def engine_cache_key(graph_sha: str, gpu_name: str, compute_capability: tuple[int, int], trt_version: str,
                      options: dict) -> str:
-    """Stable hex key: changes with the GPU, its compute capability, TensorRT, the graph or any option."""
+    """Stable hex key: changes with the GPU, its compute capability, TensorRT, the graph (GraphFile.digest) or
+    any option."""
     material = {"graph": graph_sha, "gpu": gpu_name, "sm": list(compute_capability), "tensorrt": trt_version,
                 "options": options}
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=list).encode()).hexdigest()[:32]
@@ -96,6 +92,8 @@ def inline_local_functions(src: Path, dst_dir: Path, log=print) -> Path:
     try:
         import onnx
         from onnx import inliner
+
+        from edgevl.artifact.onnx_files import save_graph
     except ImportError:
         raise EdgevlError("ort-trt inlines the edgevl.MRoPE function before TensorRT sees the graph and needs the "
                           "onnx package for it: pip install onnx.") from None
@@ -105,15 +103,8 @@ def inline_local_functions(src: Path, dst_dir: Path, log=print) -> Path:
     keep = [imp for imp in model.opset_import if imp.domain in used or imp.domain in ("", "ai.onnx")]
     del model.opset_import[:]
     model.opset_import.extend(keep)
-    dst_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst_dir.with_name(f".{dst_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    external = Path(f"{src}.data").exists()
-    onnx.save_model(model, str(tmp / src.name), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{src.name}.data", size_threshold=1024)
-    shutil.rmtree(dst_dir, ignore_errors=True)
-    tmp.rename(dst_dir)
+    with staged_folder(dst_dir, force=True) as tmp:
+        save_graph(model, tmp / src.name, check=False)
     return dst
 
 
@@ -281,10 +272,6 @@ class CudaMemory:
 
 
 # ----------------------------------------------------------------------------- runner
-def present_name(input_name: str) -> str:
-    return input_name.replace("past_key_values.", "present.", 1)
-
-
 class TrtRunner:
     """Runs a TensorRT engine: one execution context, one stream, every buffer allocated once.
 
@@ -309,18 +296,19 @@ class TrtRunner:
         self.mem = self.memory_factory()
         self.engine = self.load_engine()
         e = self.engine
-        names = [e.get_tensor_name(i) for i in range(e.num_io_tensors)]
-        self.inputs = [n for n in names if e.get_tensor_mode(n).name == "INPUT"]
-        self.outputs = [n for n in names if e.get_tensor_mode(n).name == "OUTPUT"]
-        self.dtypes = {n: trt_dtype_to_numpy(e.get_tensor_dtype(n).name) for n in names}
+        tensors = [e.get_tensor_name(i) for i in range(e.num_io_tensors)]
+        self.inputs = [n for n in tensors if e.get_tensor_mode(n).name == "INPUT"]
+        self.outputs = [n for n in tensors if e.get_tensor_mode(n).name == "OUTPUT"]
+        self.dtypes = {n: trt_dtype_to_numpy(e.get_tensor_dtype(n).name) for n in tensors}
         if e.num_optimization_profiles != len(self.profiles):
             raise EdgevlError(f"the engine has {e.num_optimization_profiles} profiles, edgevl expected "
                               f"{len(self.profiles)}; rebuild it with `edgevl build`.")
-        self.kv = {i: present_name(i) for i in self.inputs if present_name(i) != i and present_name(i) in self.outputs}
+        self.kv = {i: names.present_for(i) for i in self.inputs
+                   if names.is_past(i) and names.present_for(i) in self.outputs}
         self.stream = self.mem.stream()
         self.context = e.create_execution_context()
         self.profile = 0
-        self.buffers = {n: self.mem.alloc(self.max_bytes[n]) for n in names if n not in self.kv}
+        self.buffers = {n: self.mem.alloc(self.max_bytes[n]) for n in tensors if n not in self.kv}
         for out in self.kv.values():                      # present.* : two alternating buffers
             self.buffers[out] = (self.buffers[out], self.mem.alloc(self.max_bytes[out]))
 
@@ -333,13 +321,6 @@ class TrtRunner:
                 self.mem.free(ptr)
         self.mem.destroy(self.stream)
         self.context = self.engine = self.buffers = None
-
-    def __enter__(self):
-        self.activate()
-        return self
-
-    def __exit__(self, *exc):
-        self.deactivate()
 
     def input_metadata(self) -> dict[str, TensorMeta]:
         return {n: TensorMeta(self.dtypes[n], tuple(self.engine.get_tensor_shape(n))) for n in self.inputs}

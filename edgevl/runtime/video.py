@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from edgevl.errors import EdgevlError
+from edgevl.extras import requires
 from edgevl.runtime.image_processing import (
     ImageProcessorSettings,
     patchify,
@@ -88,10 +89,8 @@ def load_video(path, fps: float = DEFAULT_FPS, max_frames: int = MAX_FRAMES, tem
     (the same smart_resize and PIL bicubic per frame), so memory holds frames at model size, not
     at source size (768 sampled 4K frames are ~19 GB; resized, a few hundred MB).
     """
-    try:
+    with requires("video", "video input"):
         import av
-    except ImportError:
-        raise EdgevlError("video input needs PyAV; install it with `pip install 'edgevl[video]'`.") from None
     path = os.fspath(path)
     name = label or f"Video file {path!r}"
     if not os.path.isfile(path):

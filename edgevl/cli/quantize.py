@@ -1,11 +1,18 @@
-"""`edgevl quantize`: the subcommand's parser and handler (registered by edgevl/cli.py)."""
+"""`edgevl quantize OUT -o OUT_Q --recipe R`: calibrated fp16 / int8 / 4-bit artifacts, measured and gated."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from edgevl.errors import EdgevlError
+from edgevl.calibrate.options import (
+    CALIBRATION_METHODS,
+    INT8_ACTIVATIONS,
+    RECIPE_NAMES,
+    W4_ALGORITHMS,
+)
+from edgevl.cli.flags import add_backend_flags, backend_from_args, logger
+from edgevl.extras import requires
 
 RECIPE_HELP = """recipes:
   fp16    Both graphs in fp16: half the size, fast where fp16 math is (GPUs). Layer norms, softmax,
@@ -32,7 +39,7 @@ otherwise the command exits with status 2 naming the graph and writes nothing (u
 OUT_Q/quant_report.json holds every measurement; the table is printed to stdout."""
 
 
-def add_quantize_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "quantize", help="quantize an export folder (fp16, int8 or 4-bit weights), calibrated and measured",
         description="Calibrate on real image + prompt pairs run through the FP32 runtime, quantize the vision and "
@@ -43,7 +50,7 @@ def add_quantize_parser(sub) -> None:
     p.add_argument("artifact", metavar="OUT", help="fp32 folder written by `edgevl export`")
     p.add_argument("-o", "--output", required=True, metavar="OUT_Q",
                    help="quantized artifact folder to create; written to a temporary folder and renamed at the end")
-    p.add_argument("--recipe", required=True, choices=["fp16", "int8", "w4a16"],
+    p.add_argument("--recipe", required=True, choices=RECIPE_NAMES,
                    help="what happens to each graph (see 'recipes' below)")
     p.add_argument("--calib", metavar="DATA",
                    help="calibration data: a folder of images, or a .jsonl file with one {\"image\": path or "
@@ -53,9 +60,9 @@ def add_quantize_parser(sub) -> None:
                    help="calibration samples (default: 16); held-out samples are split off first, seeded")
     p.add_argument("--eval-samples", type=int, default=4, metavar="M",
                    help="held-out samples for the report and the gate (default: 4)")
-    p.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax",
+    p.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax",
                    help="how static int8 activation ranges are calibrated (default: minmax)")
-    p.add_argument("--activations", choices=["auto", "static", "dynamic"], default="auto",
+    p.add_argument("--activations", choices=INT8_ACTIVATIONS, default="auto",
                    help="int8 activations of both graphs: static = QDQ with calibrated ranges (the explicit "
                         "quantization TensorRT builds from; pick it for trt/ort-trt), dynamic = ranges computed per "
                         "call (onnxruntime's fast int8 path on CPUs), auto = build both, keep the faster one whose "
@@ -70,28 +77,26 @@ def add_quantize_parser(sub) -> None:
                    help="greedy tokens generated per held-out sample for agreement and latency (default: 8)")
     p.add_argument("--block-size", type=int, default=128, metavar="B",
                    help="w4a16: weight rows per 4-bit scale, a power of two >= 16 (default: 128)")
-    p.add_argument("--w4-algorithm", choices=["rtn", "hqq", "gptq", "awq"], default="rtn",
+    p.add_argument("--w4-algorithm", choices=W4_ALGORITHMS, default="rtn",
                    help="w4a16: round-to-nearest (default), HQQ (needs torch), GPTQ (uses the calibration data; "
                         "refused where onnxruntime's GPTQ gives the same weights as rtn, as in 1.32) or AWQ "
                         "(activation-aware scaling from the calibration data, searched per layer against RTN)")
-    p.add_argument("--backend", default=None, help="execution backend for calibration and measurement "
-                                                   "(default: ort-cpu)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads per graph (0 = onnxruntime's default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_quantize)
+    add_backend_flags(p, backend_help="execution backend for calibration and measurement (default: ort-cpu); "
+                                      "the quantized artifact is measured on it as users will run it")
+    p.set_defaults(func=run)
 
 
-def cmd_quantize(args) -> int:
-    try:
+def run(args) -> int:
+    with requires("quantize", "`edgevl quantize`"):
+        from edgevl.calibrate.options import QuantizeOptions
         from edgevl.calibrate.quantize import quantize
-    except ImportError as e:
-        raise EdgevlError(f"`edgevl quantize` needs the quantize extra ({e.name} is missing); "
-                          f"install it with `pip install 'edgevl[quantize]'`.") from None
-    quantize(args.artifact, args.output, args.recipe, calib=args.calib, samples=args.samples,
-             eval_samples=args.eval_samples, method=args.method, max_drop=args.max_drop, force=args.force,
-             activations=args.activations,
-             seed=args.seed, new_tokens=args.new_tokens, block_size=args.block_size, w4_algorithm=args.w4_algorithm,
-             backend=args.backend, threads=args.threads, progress=not args.no_progress,
-             log=lambda msg: print(f"[quantize] {msg}", file=sys.stderr), table=print)
+    opts = QuantizeOptions(recipe=args.recipe, calib=args.calib, samples=args.samples, eval_samples=args.eval_samples,
+                           method=args.method, activations=args.activations, max_drop=args.max_drop, seed=args.seed,
+                           new_tokens=args.new_tokens, block_size=args.block_size, w4_algorithm=args.w4_algorithm,
+                           force=args.force, progress=not args.no_progress)
+    opts.check()
+    backend = backend_from_args(args, name=args.backend or "ort-cpu")
+    quantize(args.artifact, args.output, opts, backend, log=logger("quantize"), table=print)
     print(f"wrote {args.output}", file=sys.stderr)
     return 0

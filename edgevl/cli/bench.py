@@ -1,18 +1,15 @@
-"""`edgevl bench`: stage-by-stage latency, memory and roofline of artifacts, optionally against transformers.
-
-`add_bench_parser(subparsers)` + `cmd_bench(args)` plug into edgevl/cli.py like the other
-subcommands; `python -m edgevl.bench.cli ARGS` runs the same command standalone.
-"""
+"""`edgevl bench`: stage-by-stage latency, memory and roofline of artifacts, optionally against transformers."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+from edgevl.cli.flags import add_backend_flags, backend_options, logger
 from edgevl.errors import EdgevlError
 
 
-def add_bench_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench", help="measure per-stage latency, memory and rooflines of export folders",
         description="Time image preprocessing, the vision encoder, prefill (time to first token), decode per "
@@ -30,8 +27,6 @@ def add_bench_parser(sub) -> None:
                    help="also measure a random-weight model of a real architecture (e.g. qwen2-vl-2b, "
                         "qwen2-vl-2b-l4), built and exported once under ~/.cache/edgevl/presets/NAME "
                         "($EDGEVL_CACHE); random weights make text meaningless but latency real")
-    p.add_argument("--backend", action="extend", nargs="+", metavar="NAME",
-                   help="execution backend(s) to sweep (default: ort-cpu)")
     p.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
                    help="image file(s); each is a separate sweep point with one image in the prompt")
     p.add_argument("--image-size", action="extend", nargs="+", default=[], metavar="WxH",
@@ -46,11 +41,6 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--runs", type=int, default=5, metavar="N", help="measured runs per sweep point (default: 5)")
     p.add_argument("--warmup", type=int, default=1, metavar="N",
                    help="discarded warm-up runs before them (default: 1)")
-    p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="CPU threads for onnxruntime and torch (0 = each library's default)")
-    p.add_argument("--fast-load", action="store_true",
-                   help="ort-cpu: skip onnxruntime's weight pre-packing, as `edgevl run --fast-load` does (faster "
-                        "load, slower vision and prefill): measure the trade-off")
     p.add_argument("--reference", choices=["hf"],
                    help="'hf': also run transformers (eager PyTorch, same dtype, sdpa attention) on the source "
                         "model recorded in the manifest and print edgevl/transformers per stage")
@@ -70,7 +60,8 @@ def add_bench_parser(sub) -> None:
                    help="buffer size of the memory-bandwidth measurement in MiB (default: 512)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifacts' files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.set_defaults(func=cmd_bench)
+    add_backend_flags(p, backend_help="execution backend(s) to measure (default: ort-cpu)", multiple=True)
+    p.set_defaults(func=run)
 
 
 def config_from_args(args, log=lambda msg: None):
@@ -79,21 +70,21 @@ def config_from_args(args, log=lambda msg: None):
     artifacts = [Path(a).resolve() for a in args.artifacts]
     presets, notes = {}, []
     if args.preset:
-        from edgevl.bench.presets import RANDOM_WEIGHTS_NOTE, ensure_preset
+        from edgevl.bench.preset_cache import RANDOM_WEIGHTS_NOTE, ensure_preset
         path = ensure_preset(args.preset, log=log).resolve()
         artifacts.insert(0, path)
         presets[str(path)] = args.preset
         notes.append(RANDOM_WEIGHTS_NOTE.format(name=args.preset))
     return BenchConfig(
-        artifacts=artifacts, backends=args.backend or ["ort-cpu"], images=args.image, image_sizes=args.image_size,
-        prompt=args.prompt, prompt_tokens=args.prompt_tokens or [None], new_tokens=args.new_tokens or [32],
-        runs=args.runs, warmup=args.warmup, threads=args.threads, prepack=not args.fast_load, reference=args.reference,
-        reference_model=args.reference_model, interleave=args.interleave, decode_contexts=args.decode_contexts, verify=not args.no_verify,
-        bandwidth_mib=args.bandwidth_mib, notes=notes, presets=presets,
+        artifacts=artifacts, backends=args.backend or ["ort-cpu"], options=backend_options(args, log),
+        images=args.image, image_sizes=args.image_size, prompt=args.prompt, prompt_tokens=args.prompt_tokens or [None],
+        new_tokens=args.new_tokens or [32], runs=args.runs, warmup=args.warmup, reference=args.reference,
+        reference_model=args.reference_model, interleave=args.interleave, decode_contexts=args.decode_contexts,
+        verify=not args.no_verify, bandwidth_mib=args.bandwidth_mib, notes=notes, presets=presets,
         progress=False if args.no_progress else None)
 
 
-def cmd_bench(args) -> int:
+def run(args) -> int:
     from edgevl.bench import report as rep
     from edgevl.bench.suite import run_bench
 
@@ -102,9 +93,7 @@ def cmd_bench(args) -> int:
     if args.bandwidth_mib < 1:
         raise EdgevlError("--bandwidth-mib must be at least 1.")
 
-    def log(msg: str) -> None:
-        print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
+    log = logger("bench")
     result = run_bench(config_from_args(args, log), log=log)
     sys.stdout.write(rep.render_text(result))
     for path, write in ((args.json, rep.write_json), (args.plot, rep.write_plot),

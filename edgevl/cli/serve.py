@@ -1,56 +1,58 @@
-"""`edgevl serve` arguments and entry point."""
+"""`edgevl serve OUT`: the OpenAI-compatible HTTP server (edgevl/serve/) on one artifact."""
 
 from __future__ import annotations
 
 import ipaddress
 import sys
+from pathlib import Path
 
+from edgevl.cli.flags import add_artifact_flags, add_backend_flags, load_pipeline
 from edgevl.errors import EdgevlError
+from edgevl.extras import requires
 
 
-def add_serve_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve an export over an OpenAI-compatible HTTP API",
         description="Start an HTTP server with /v1/chat/completions (streaming with \"stream\": true), "
                     "/v1/models and /health. Requests run one at a time in arrival order. Needs "
                     "`pip install 'edgevl[serve]'` (FastAPI + uvicorn).")
-    p.add_argument("artifact", metavar="OUT", help="folder written by `edgevl export` (or `edgevl quantize`)")
+    add_artifact_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--model-name", default=None,
                    help="model id clients must send (default: the artifact folder's name)")
-    p.add_argument("--allow-local-files", action="store_true",
-                   help="accept image_url and video_url values that are paths on this machine (off by default: "
-                        "clients could read any image or video file the server can)")
-    p.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
-    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
-                   help="largest image or video frame accepted, in pixels (default: 16777216 = 4096x4096)")
-    p.add_argument("--max-video-mb", type=float, default=24.0,
-                   help="largest video in a data URL, in MiB after base64 decoding (default: 24, what a "
-                        "32 MiB request can carry; video needs the video extra, PyAV)")
-    p.add_argument("--max-video-frames", type=int, default=768, metavar="N",
-                   help="at most N frames sampled (at 2 fps) per video (default: 768); sampled frames are held "
-                        "at their full size until resized, so this bounds memory")
-    from edgevl.cli import add_runtime_args
-    add_runtime_args(p)
-    p.set_defaults(func=cmd_serve)
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--allow-local-files", action="store_true",
+                        help="accept image_url and video_url values that are paths on this machine (off by default: "
+                             "clients could read any image or video file the server can)")
+    limits.add_argument("--max-request-mb", type=float, default=32.0,
+                        help="largest request body in MiB (default: 32)")
+    limits.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                        help="largest image or video frame accepted, in pixels (default: 16777216 = 4096x4096)")
+    limits.add_argument("--max-video-mb", type=float, default=24.0,
+                        help="largest video in a data URL, in MiB after base64 decoding (default: 24, what a "
+                             "32 MiB request can carry; video needs the video extra, PyAV)")
+    limits.add_argument("--max-video-frames", type=int, default=768, metavar="N",
+                        help="at most N frames sampled (at 2 fps) per video (default: 768); bounds memory and "
+                             "the number of video tokens")
+    add_backend_flags(p)
+    p.set_defaults(func=run)
 
 
-def cmd_serve(args) -> int:
-    try:
+def run(args) -> int:
+    with requires("serve", "`edgevl serve`"):
         import uvicorn
 
         from edgevl.serve.app import ServerLimits, create_app
-    except ImportError as e:
-        raise EdgevlError(f"`edgevl serve` needs the serve extra ({e.name} is missing); install it with "
-                          f"`pip install 'edgevl[serve]'`.") from None
-    from pathlib import Path
-
-    from edgevl.cli import load_pipeline
 
     if args.max_video_frames < 2:   # Qwen2-VL sees a video as pairs of frames
         raise EdgevlError("--max-video-frames must be at least 2.")
+    if not 0 < args.port < 65536:
+        raise EdgevlError(f"--port must be between 1 and 65535, not {args.port}.")
+    if args.max_request_mb <= 0 or args.max_video_mb <= 0 or args.max_image_pixels < 1:
+        raise EdgevlError("--max-request-mb, --max-video-mb and --max-image-pixels must be positive.")
     pipe = load_pipeline(args)
     name = args.model_name or Path(args.artifact).resolve().name
     mib = 1024 * 1024

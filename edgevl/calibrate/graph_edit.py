@@ -24,9 +24,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
-from edgevl.runtime.artifact import EXTERNAL_DATA_MIN_BYTES
+from edgevl.artifact.onnx_files import save_graph  # noqa: F401  (graphs are saved like the exporter's)
 
-EXTERNAL_DATA_THRESHOLD = 1 << 30   # intermediate graphs past 1 GiB need a .data file (protobuf caps at 2 GB)
 WEIGHT_OPS = ("MatMul", "Gemm")
 
 
@@ -36,16 +35,17 @@ def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
-def save_graph(model: onnx.ModelProto, path: str | os.PathLike, check: bool = True) -> None:
-    """Save next to nothing else; weights go to `<name>.data` past EXTERNAL_DATA_MIN_BYTES (as the exporter:
-    onnxruntime then memory-maps them instead of parsing protobuf)."""
-    path = Path(path)
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    external = size > EXTERNAL_DATA_MIN_BYTES
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data" if external else None, size_threshold=1024)
-    if check:
-        onnx.checker.check_model(str(path), full_check=size <= EXTERNAL_DATA_THRESHOLD)
+def graph_precision(path: str | os.PathLike) -> str:
+    """What a graph's weight matrices are stored as, read from its nodes and initializer types (weights not
+    loaded): int4 if any MatMulNBits, int8 if any int8 weight, fp16 if its weights are fp16, else fp32."""
+    model = onnx.load(str(path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    types = {t.data_type for t in model.graph.initializer}
+    if "MatMulNBits" in ops:
+        return "int4"
+    if types & {TensorProto.INT8, TensorProto.UINT8} or ops & _INT8_OPS:
+        return "int8"
+    return "fp16" if TensorProto.FLOAT16 in types else "fp32"
 
 
 def with_shapes(path: str | os.PathLike) -> onnx.ModelProto:

@@ -4,7 +4,7 @@ This file owns the numbers: a frozen `ModelPreset` per architecture (the
 real Qwen2-VL-2B/7B/72B-Instruct shapes, a truncated 2B for quick benchmarks,
 and a few-MB `tiny` model for tests) and `build_config`, which turns a preset
 plus the ids of the tokenizer in use into a `transformers.Qwen2VLConfig`.
-Weights, tokenizer files and the model folder are `tiny_model.py`'s job.
+Weights, tokenizer files and the model folder are `random_model.py`'s job.
 
 The real values come from the `config.json` of Qwen/Qwen2-VL-{2B,7B,72B}-Instruct.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# The tiny tokenizer (see tiny_model.py) is a 2000-entry byte-level BPE plus
+# The tiny tokenizer (see random_model.py) is a 2000-entry byte-level BPE plus
 # Qwen2-VL's 14 special tokens, so the tiny embedding table has 2014 rows.
 TINY_VOCAB_SIZE = 2014
 

@@ -12,9 +12,9 @@ The tokenizer is a 2000-entry byte-level BPE trained here, in well under a
 second, on `assets/tokenizer_corpus.txt` with the Qwen2 pre-tokenizer, plus
 Qwen2-VL's 14 special tokens in their real order. Training is deterministic,
 so it is not cached. The chat template is the real one
-(`assets/qwen2_vl_chat_template.jinja`). Shapes come from `presets.py`.
+(`assets/qwen2_vl_chat_template.jinja`). Shapes come from `architectures.py`.
 
-    python -m edgevl.export.tiny_model OUT_DIR [--preset NAME] [--seed N]
+    python -m edgevl.synthetic.random_model OUT_DIR [--preset NAME] [--seed N]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgevl.export.presets import ModelPreset, build_config, get_preset
+from edgevl.synthetic.architectures import ModelPreset, build_config, get_preset
 
 ASSETS = Path(__file__).parent / "assets"
 CORPUS_PATH = ASSETS / "tokenizer_corpus.txt"

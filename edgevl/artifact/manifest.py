@@ -1,0 +1,425 @@
+"""The artifact contract: `Manifest` and what it holds, typed, validated on the way in, JSON on the way out.
+
+    Manifest
+      source          SourceModel (name_or_path, model_type)
+      dtype, opset    what the export was asked for
+      config          ModelConfig: the model facts the runtime needs (no hard-coded sizes downstream)
+      image_processor ImageProcessorSettings (pixels identical to transformers')
+      video_processor ImageProcessorSettings for video frames (their own pixel budget)
+      graphs          name -> GraphSpec (kind, file, data files, precision, custom ops, variant, I/O)
+      embeddings      EmbeddingSpec (file, dtype, shape)
+      quantization    Quantization | None (recipe, its options, calibration, report, gate)
+      versions        package versions that made it
+      files           relative path -> sha256 of every file of the folder but manifest.json
+
+The exporter and `edgevl quantize` build a Manifest (quantize derives its own from the source's with
+`dataclasses.replace`); everything else reads one through `Manifest.from_json`, which checks every
+field and answers a bad one with one sentence naming it (`ManifestError`). Paths are only strings
+here; `edgevl.artifact.folder` resolves them inside the artifact folder.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from edgevl.artifact import names
+from edgevl.errors import EdgevlError
+from edgevl.runtime.image_processing import ImageProcessorSettings
+
+FORMAT = "edgevl-artifact"
+FORMAT_VERSION = 2
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool", "float64")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
+VARIANTS = ("ort", "standard")   # ort: onnxruntime contrib ops allowed; standard: ONNX-standard ops only
+
+
+class ManifestError(EdgevlError):
+    """A manifest field is missing, has the wrong type or an impossible value."""
+
+
+# ----------------------------------------------------------------------------- field reading
+class _Fields:
+    """Typed reads from one JSON object of the manifest; every error names the field's path."""
+
+    def __init__(self, data: Any, where: str):
+        if not isinstance(data, dict):
+            raise ManifestError(f"manifest field '{where}' must be an object, not {_kind(data)}.")
+        self.data, self.where = data, where
+
+    def path(self, key) -> str:
+        return f"{self.where}.{key}" if self.where else str(key)
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def raw(self, key: str, default=...):
+        if key not in self.data or self.data[key] is None:
+            if default is ...:
+                raise ManifestError(f"manifest field '{self.path(key)}' is missing.")
+            return default
+        return self.data[key]
+
+    def str(self, key: str, default=..., choices: tuple[str, ...] | None = None) -> str:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        _check(isinstance(value, str) and value != "", self.path(key), "a non-empty string", value)
+        if choices and value not in choices:
+            raise ManifestError(f"manifest field '{self.path(key)}' is {value!r}; expected one of "
+                                f"{', '.join(choices)}.")
+        return value
+
+    def int(self, key: str, default=..., minimum: int | None = None) -> int:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        _check(_is_int(value), self.path(key), "an integer", value)
+        if minimum is not None and value < minimum:
+            raise ManifestError(f"manifest field '{self.path(key)}' is {value}; it must be at least {minimum}.")
+        return value
+
+    def float(self, key: str, default=...) -> float:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        _check((_is_int(value) or isinstance(value, float)) and math.isfinite(value), self.path(key),
+               "a finite number", value)
+        return float(value)
+
+    def bool(self, key: str, default=...) -> bool:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        _check(isinstance(value, bool), self.path(key), "true or false", value)
+        return value
+
+    def ints(self, key: str, default=..., minimum: int | None = None) -> tuple[int, ...]:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        _check(isinstance(value, list) and all(_is_int(v) for v in value), self.path(key), "a list of integers",
+               value)
+        if minimum is not None and any(v < minimum for v in value):
+            raise ManifestError(f"manifest field '{self.path(key)}' holds a value below {minimum}.")
+        return tuple(value)
+
+    def strs(self, key: str, default=...) -> tuple[str, ...]:
+        value = self.raw(key, default)
+        if value is default and default is not ...:
+            return value
+        _check(isinstance(value, list) and all(isinstance(v, str) and v for v in value), self.path(key),
+               "a list of non-empty strings", value)
+        return tuple(value)
+
+    def list(self, key: str) -> list:
+        value = self.raw(key)
+        _check(isinstance(value, list), self.path(key), "a list", value)
+        return value
+
+    def obj(self, key: str, default=...) -> "_Fields":
+        value = self.raw(key, {} if default is not ... else ...)
+        return _Fields(value, self.path(key))
+
+    def json(self, key: str) -> dict:
+        """A free-form object (informational; its contents are not part of the contract)."""
+        return dict(self.obj(key, default={}).data)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _check(ok: bool, where: str, expected: str, value) -> None:
+    if not ok:
+        shown = repr(value) if len(repr(value)) <= 40 else _kind(value)
+        raise ManifestError(f"manifest field '{where}' must be {expected}, not {shown}.")
+
+
+# ----------------------------------------------------------------------------- the parts
+Dim = int | str   # a fixed size, or a symbolic name / exporter expression such as "(num_patches//4)"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                       # numpy dtype name: float32, float16, int64, ...
+    shape: tuple[Dim, ...]
+
+    @classmethod
+    def parse(cls, f: _Fields) -> "TensorSpec":
+        shape = f.list("shape")
+        for i, d in enumerate(shape):
+            _check((_is_int(d) and d >= 0) or (isinstance(d, str) and d), f.path(f"shape[{i}]"),
+                   "a size or a dimension name", d)
+        return cls(f.str("name"), f.str("dtype", choices=DTYPES), tuple(shape))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of the artifact: what it is, where its files are, what goes in and out."""
+
+    kind: str                                # names.VISION | names.DECODER
+    file: str                                # the graph, relative to the artifact folder
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str = "fp32"                  # what its weight matrices are stored as (PRECISIONS)
+    data_files: tuple[str, ...] = ()         # external-data files the graph references
+    custom_ops: tuple[str, ...] = ()         # "<domain>.<op>" nodes a backend must run or inline (names.MROPE)
+    variant: str = "ort"                     # VARIANTS
+
+    @classmethod
+    def parse(cls, f: _Fields) -> "GraphSpec":
+        def tensors(key):
+            return tuple(TensorSpec.parse(_Fields(v, f.path(f"{key}[{i}]"))) for i, v in enumerate(f.list(key)))
+
+        spec = cls(kind=f.str("kind", choices=names.GRAPH_KINDS), file=f.str("file"), inputs=tensors("inputs"),
+                   outputs=tensors("outputs"), precision=f.str("precision", choices=PRECISIONS),
+                   data_files=f.strs("data_files", default=()), custom_ops=f.strs("custom_ops", default=()),
+                   variant=f.str("variant", default="ort", choices=VARIANTS))
+        seen = [t.name for t in (*spec.inputs, *spec.outputs)]
+        if len(set(seen)) != len(seen):
+            raise ManifestError(f"manifest field '{f.where}' names a tensor twice.")
+        return spec
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "variant": self.variant, "file": self.file, "data_files": list(self.data_files),
+                "precision": self.precision, "custom_ops": list(self.custom_ops),
+                "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.file, *self.data_files)
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise EdgevlError(f"the {self.kind} graph {self.file} has no input {name!r}.")
+
+    @property
+    def float_weights(self) -> bool:
+        return self.precision in ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The config values the runtime needs, flattened from the checkpoint's config.json."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    image_token_id: int
+    video_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    eos_token_id: tuple[int, ...]
+    pad_token_id: int | None
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    in_channels: int
+    vision_embed_dim: int
+    vision_depth: int
+
+    @classmethod
+    def parse(cls, f: _Fields) -> "ModelConfig":
+        values = {}
+        for fld in fields(cls):
+            if fld.name == "rope_theta":
+                values[fld.name] = f.float(fld.name)
+            elif fld.name in ("mrope_section", "eos_token_id"):
+                values[fld.name] = f.ints(fld.name, minimum=0)
+            elif fld.name == "pad_token_id":
+                values[fld.name] = f.int(fld.name, default=None, minimum=0)
+            else:
+                values[fld.name] = f.int(fld.name, minimum=0 if fld.name.endswith("token_id") else 1)
+        config = cls(**values)
+        if not config.eos_token_id:
+            raise ManifestError("manifest field 'config.eos_token_id' is empty.")
+        if config.num_attention_heads % config.num_key_value_heads:
+            raise ManifestError("manifest field 'config.num_key_value_heads' does not divide num_attention_heads.")
+        if 2 * sum(config.mrope_section) != config.head_dim:
+            raise ManifestError("manifest field 'config.mrope_section' does not add up to head_dim / 2.")
+        return config
+
+    def to_json(self) -> dict:
+        out = {fld.name: getattr(self, fld.name) for fld in fields(self)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    def kv_cache_bytes(self, batch: int, positions: int, itemsize: int) -> int:
+        """Bytes of keys and values for `positions` tokens of `batch` rows:
+        2 (key, value) x layers x batch x kv_heads x positions x head_dim x itemsize.
+
+        Qwen2-VL-2B, fp16, batch 1, 32768 positions: 2*28*1*2*32768*128*2 = 0.94 GB."""
+        return 2 * self.num_hidden_layers * batch * self.num_key_value_heads * positions * self.head_dim * itemsize
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    name_or_path: str
+    model_type: str
+
+    def to_json(self) -> dict:
+        return {"name_or_path": self.name_or_path, "model_type": self.model_type}
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """The token embedding table the runtime gathers rows from (memory-mapped .npy)."""
+
+    file: str
+    dtype: str
+    shape: tuple[int, int]
+
+    @classmethod
+    def parse(cls, f: _Fields) -> "EmbeddingSpec":
+        shape = f.ints("shape", minimum=1)
+        if len(shape) != 2:
+            raise ManifestError(f"manifest field '{f.path('shape')}' must be [vocab, hidden].")
+        return cls(f.str("file"), f.str("dtype", choices=("float32", "float16")), shape)
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @property
+    def precision(self) -> str:
+        return {"float32": "fp32", "float16": "fp16"}[self.dtype]
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How `edgevl quantize` made this artifact from an fp32 one."""
+
+    recipe: str
+    options: dict                            # the recipe's own settings (method, block size, ...)
+    calibration: dict                        # source, digests and sample counts
+    graphs: dict                             # graph name -> one line on what was done to it
+    kept_higher_precision: dict              # graph name -> groups kept higher, and why
+    source_manifest_sha256: str
+    source_path: str
+    report: str | None = None                # the report file (listed in files)
+    passed: bool | None = None               # the quality gate; None while it is being written
+
+    @classmethod
+    def parse(cls, f: _Fields) -> "Quantization":
+        return cls(recipe=f.str("recipe"), options=f.json("options"), calibration=f.json("calibration"),
+                   graphs=f.json("graphs"), kept_higher_precision=f.json("kept_higher_precision"),
+                   source_manifest_sha256=f.str("source_manifest_sha256"), source_path=f.str("source_path"),
+                   report=f.str("report", default=None), passed=f.bool("passed", default=None))
+
+    def to_json(self) -> dict:
+        return {fld.name: getattr(self, fld.name) for fld in fields(self)}
+
+
+# ----------------------------------------------------------------------------- the manifest
+@dataclass(frozen=True)
+class Manifest:
+    source: SourceModel
+    dtype: str
+    opset: int
+    config: ModelConfig
+    image_processor: ImageProcessorSettings
+    video_processor: ImageProcessorSettings
+    graphs: dict[str, GraphSpec]
+    embeddings: EmbeddingSpec
+    quantization: Quantization | None = None
+    versions: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    # -- reading
+    @classmethod
+    def from_json(cls, data: Any) -> "Manifest":
+        """Validate a parsed manifest.json; ManifestError (one sentence naming the field) if anything is off."""
+        f = _Fields(data, "")
+        if f.raw("format", None) != FORMAT:
+            raise ManifestError(f"this is not an edgevl manifest (format {f.raw('format', None)!r}).")
+        version = f.raw("format_version", None)
+        if version != FORMAT_VERSION:
+            raise ManifestError(f"the artifact has format version {version}; this edgevl reads version "
+                                f"{FORMAT_VERSION}: re-export the model with this edgevl.")
+        source = f.obj("source_model")
+        graphs_f = f.obj("graphs")
+        graphs = {name: GraphSpec.parse(_Fields(entry, f"graphs.{name}")) for name, entry in graphs_f.data.items()}
+        files_f = f.obj("files")
+        files = {}
+        for name, digest in files_f.data.items():
+            _check(isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+                   f"files.{name}", "a sha256 hex digest", digest)
+            files[name] = digest
+        manifest = cls(
+            source=SourceModel(source.str("name_or_path"), source.str("model_type")),
+            dtype=f.str("dtype", choices=("fp32", "fp16")), opset=f.int("opset", minimum=1),
+            config=ModelConfig.parse(f.obj("config")),
+            image_processor=_processor(f, "image_processor"), video_processor=_processor(f, "video_processor"),
+            graphs=graphs, embeddings=EmbeddingSpec.parse(f.obj("embeddings")),
+            quantization=Quantization.parse(f.obj("quantization")) if f.has("quantization") else None,
+            versions={str(k): str(v) for k, v in f.json("versions").items()}, files=files)
+        manifest.check()
+        return manifest
+
+    def check(self) -> None:
+        """Cross-field rules: the graphs the runtime needs exist, with the I/O it feeds."""
+        for kind in names.GRAPH_KINDS:
+            self.graph(kind)                       # ManifestError if missing
+        for name, spec in self.graphs.items():
+            if spec.kind == names.DECODER:
+                got = sum(1 for t in spec.inputs if names.is_past(t.name))
+                if got != 2 * self.config.num_hidden_layers:
+                    raise ManifestError(f"manifest field 'graphs.{name}.inputs' has {got} KV-cache inputs for "
+                                        f"{self.config.num_hidden_layers} layers.")
+        if self.embeddings.shape[1] != self.config.hidden_size:
+            raise ManifestError("manifest field 'embeddings.shape' does not match config.hidden_size.")
+
+    # -- writing
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": self.format_version, "source_model": self.source.to_json(),
+                "dtype": self.dtype, "opset": self.opset, "config": self.config.to_json(),
+                "image_processor": self.image_processor.to_dict(), "video_processor": self.video_processor.to_dict(),
+                "graphs": {n: g.to_json() for n, g in self.graphs.items()}, "embeddings": self.embeddings.to_json(),
+                "quantization": self.quantization.to_json() if self.quantization else None,
+                "versions": dict(self.versions), "files": dict(sorted(self.files.items()))}
+
+    # -- questions the runtime asks
+    def graph(self, kind: str, variant: str = "ort") -> GraphSpec:
+        """The graph of `kind` for `variant` ("ort" graphs may use onnxruntime contrib ops)."""
+        for spec in self.graphs.values():
+            if spec.kind == kind and spec.variant == variant:
+                return spec
+        raise ManifestError(f"the manifest has no {kind} graph of the {variant!r} variant.")
+
+    def graph_name(self, spec: GraphSpec) -> str:
+        return next(name for name, s in self.graphs.items() if s == spec)
+
+    def referenced_files(self) -> list[str]:
+        """Every file the runtime opens: graphs, their data, the embedding table, tokenizer and template."""
+        out = [f for spec in self.graphs.values() for f in spec.files]
+        out += [self.embeddings.file, "tokenizer.json", "chat_template.jinja"]
+        if self.quantization and self.quantization.report:
+            out.append(self.quantization.report)
+        return out
+
+
+def _processor(f: _Fields, key: str) -> ImageProcessorSettings:
+    try:
+        return ImageProcessorSettings.from_dict(f.obj(key).data)
+    except ManifestError:
+        raise
+    except (EdgevlError, TypeError, ValueError) as e:
+        raise ManifestError(f"manifest field '{key}' is not valid ({e}).") from None

@@ -1,0 +1,69 @@
+"""Names both sides of the artifact contract must agree on: graph kinds, I/O names, symbolic dims, ops.
+
+The exporter writes these names into the graphs and the manifest; the runtime, the
+quantizer and the backends read them from here, never from a string literal of their own.
+"""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------- graphs
+VISION = "vision"
+DECODER = "decoder"
+GRAPH_KINDS = (VISION, DECODER)
+
+# ----------------------------------------------------------------------------- symbolic dims
+NUM_PATCHES = "num_patches"          # vision: 14x14-pixel patches of one attention segment
+BATCH = "batch"                      # decoder: rows
+SEQUENCE = "sequence"                # decoder: new tokens this call
+PAST_SEQUENCE = "past_sequence"      # decoder: tokens already in the KV cache
+TOTAL_SEQUENCE = "total_sequence"    # decoder: past + new
+DIMS = (NUM_PATCHES, BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE)
+
+# ----------------------------------------------------------------------------- vision I/O
+PIXEL_VALUES = "pixel_values"
+ROTARY_POS_IDS = "rotary_pos_ids"
+IMAGE_EMBEDS = "image_embeds"
+
+# ----------------------------------------------------------------------------- decoder I/O
+INPUTS_EMBEDS = "inputs_embeds"
+POSITION_IDS = "position_ids"
+ATTENTION_MASK = "attention_mask"
+LOGITS = "logits"
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+KV_KINDS = ("key", "value")
+
+
+def past_name(layer: int, kind: str) -> str:
+    """The decoder input holding layer `layer`'s cached keys or values."""
+    return f"{PAST_PREFIX}{layer}.{kind}"
+
+
+def present_name(layer: int, kind: str) -> str:
+    """The decoder output holding layer `layer`'s keys or values after this call."""
+    return f"{PRESENT_PREFIX}{layer}.{kind}"
+
+
+def kv_names(num_layers: int) -> list[tuple[str, str]]:
+    """(past input, present output) for every layer's key and value, in graph order."""
+    return [(past_name(i, k), present_name(i, k)) for i in range(num_layers) for k in KV_KINDS]
+
+
+def present_for(past: str) -> str:
+    """The present.* output that replaces a past_key_values.* input after a call."""
+    if not past.startswith(PAST_PREFIX):
+        raise ValueError(f"{past!r} is not a KV-cache input")
+    return PRESENT_PREFIX + past[len(PAST_PREFIX):]
+
+
+def is_past(name: str) -> bool:
+    return name.startswith(PAST_PREFIX)
+
+
+def is_present(name: str) -> bool:
+    return name.startswith(PRESENT_PREFIX)
+
+
+# ----------------------------------------------------------------------------- custom ops
+EDGEVL_DOMAIN = "edgevl"
+MROPE = f"{EDGEVL_DOMAIN}.MRoPE"     # how GraphSpec.custom_ops names the op: "<domain>.<op type>"
