@@ -26,6 +26,14 @@ def tiny_artifact(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_artifact_standard(tiny_model_dir, tmp_path_factory) -> Path:
+    """The same model exported with ONNX-standard ops only (the graphs TensorRT runs)."""
+    from edgevl.export.exporter import export_model
+    out = tmp_path_factory.mktemp("export") / "tiny-fp32-standard"
+    return export_model(str(tiny_model_dir), out, dtype="fp32", variant="standard", log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
 def hf_model(tiny_model_dir):
     from transformers import Qwen2VLForConditionalGeneration
     return Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype="float32").eval()
@@ -41,6 +49,19 @@ def hf_inputs(tiny_model_dir):
 def pipeline(tiny_artifact):
     from edgevl.runtime.pipeline import Pipeline
     return Pipeline.load(tiny_artifact)
+
+
+@pytest.fixture(scope="session")
+def standard_pipeline(tiny_artifact_standard):
+    """The standard-op graphs on onnxruntime's CPU EP (concat KV cache, left padding)."""
+    from edgevl.runtime.pipeline import Pipeline
+    return Pipeline.load(tiny_artifact_standard, backend="ort-cpu")
+
+
+@pytest.fixture(scope="session", params=["ort", "standard"])
+def any_pipeline(request, pipeline, standard_pipeline):
+    """Each graph variant, for the parity tests both must pass."""
+    return pipeline if request.param == "ort" else standard_pipeline
 
 
 def _photo(name: str) -> Image.Image:

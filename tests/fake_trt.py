@@ -52,7 +52,9 @@ class FakeEngine:
 
     def __init__(self, path, memory, profiles):
         import onnxruntime as ort
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        # (onnxruntime stands in for TensorRT, whose int8 path has no uint8 rewrite: see backends._disabled_optimizers)
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+                                            disabled_optimizers=["QDQS8ToU8Transformer"])
         self.memory, self.num_optimization_profiles = memory, len(profiles)
         self.io = {v.name: ("INPUT", v) for v in self.session.get_inputs()}
         self.io.update({v.name: ("OUTPUT", v) for v in self.session.get_outputs()})

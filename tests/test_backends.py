@@ -41,8 +41,9 @@ def only(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def art(tiny_artifact):
-    return load_artifact(tiny_artifact, verify=False)
+def art(tiny_artifact_standard):
+    """The standard-op artifact: the graphs the TensorRT backends run."""
+    return load_artifact(tiny_artifact_standard, verify=False)
 
 
 # ----------------------------------------------------------------------------- selection and errors
@@ -280,21 +281,54 @@ def _tokens(pipe, photo):
     return pipe.generate("Describe the image.", images=[photo], max_new_tokens=10, do_sample=False).token_ids
 
 
-def test_io_binding_runner_keeps_the_cache_as_device_values(pipeline, photos):
-    """The ort-cuda runner's code path on the CPU EP: same tokens, KV cache as DeviceTensors."""
+def test_io_binding_runner_keeps_the_cache_as_device_values(standard_pipeline, photos):
+    """The ort-cuda runner's code path on the CPU EP, concat cache: same tokens, KV cache as DeviceTensors."""
     from edgevl.runtime.generate import decoder_step
-    expected = _tokens(pipeline, photos["coffee"])
-    io = OrtIoBindingRunner(SessionFromOnnx(pipeline.artifact.graph_path("decoder")), device="cpu")
+    pipe = standard_pipeline
+    expected = _tokens(pipe, photos["coffee"])
+    io = OrtIoBindingRunner(SessionFromOnnx(pipe.artifact.graph_path("decoder")), device="cpu")
     io.activate()
-    with _Swapped(pipeline, pipeline.vision, io):
-        assert _tokens(pipeline, photos["coffee"]) == expected
-    cache = pipeline.new_cache(1)
-    embeds = np.zeros((1, 4, pipeline.config.hidden_size), np.float32)
-    logits = decoder_step(io, embeds, np.tile(np.arange(4), (3, 1, 1)), np.ones((1, 4), np.int64), cache)
-    assert isinstance(logits, np.ndarray) and cache.length == 4
+    with _Swapped(pipe, pipe.vision, io):
+        assert _tokens(pipe, photos["coffee"]) == expected
+    cache = pipe.new_cache(1)
+    embeds = np.zeros((1, 4, pipe.config.hidden_size), np.float32)
+    outputs = decoder_step(io, cache, embeds, np.tile(np.arange(4), (3, 1, 1)), np.array([4]))
+    assert isinstance(outputs["next_token"], np.ndarray) and cache.length == 4
+    assert isinstance(outputs["logits"], DeviceTensor)                 # greedy needs only next_token on the host
     assert all(isinstance(v, DeviceTensor) and v.owner is io for v in cache.arrays.values())
     key = cache.arrays["past_key_values.0.key"]
     assert np.array_equal(key[:, :, :2], np.asarray(key)[:, :, :2]) and key[:, :, :2].shape[2] == 2
+
+
+def test_the_in_place_cache_is_written_where_it_lies(pipeline, photos):
+    """ort-cpu and the ort-cuda code path (on the CPU EP): past and present are the same memory; every step
+    writes its rows by position and nothing is copied or reallocated."""
+    from edgevl.runtime.generate import decoder_step
+    for decoder in (pipeline.decoder, OrtIoBindingRunner(SessionFromOnnx(pipeline.artifact.graph_path("decoder")),
+                                                         device="cpu")):
+        decoder.activate()
+        cache = pipeline.new_cache(1)
+        buffers = dict(cache.buffers)
+        addresses = {k: (v.data_ptr(), v.array.ctypes.data) for k, v in buffers.items()}
+        assert all(a == b for a, b in addresses.values())             # the OrtValue wraps the numpy memory
+        rng = np.random.default_rng(0)
+        before = None
+        for step, n in enumerate((5, 1, 1)):
+            embeds = rng.standard_normal((1, n, pipeline.config.hidden_size)).astype(np.float32)
+            start = cache.length
+            outputs = decoder_step(decoder, cache, embeds, np.tile(np.arange(start, start + n), (3, 1, 1)),
+                                   np.array([n]))
+            for name, buffer in cache.buffers.items():
+                assert buffer is buffers[name] and buffer.data_ptr() == addresses[name][0]
+                assert outputs[name.replace("past_key_values.", "present.")] is buffer
+            key = buffers["past_key_values.0.key"].array
+            assert np.abs(key[:, :, start:start + n]).sum() > 0 and not key[:, :, start + n:].any()
+            if before is not None:
+                assert np.array_equal(key[:, :, :start], before)      # earlier rows untouched
+            before = key[:, :, :start + n].copy()
+        assert cache.length == 7
+        cache.truncate(3)                                             # a chat cut back: nothing copied
+        assert cache.length == 3 and cache.buffers["past_key_values.0.key"] is buffers["past_key_values.0.key"]
 
 
 class _Swapped:
@@ -311,12 +345,12 @@ class _Swapped:
         self.pipeline.vision, self.pipeline.decoder = self.saved
 
 
-def test_trt_runner_logic_over_a_stand_in_engine(pipeline, photos, art):
+def test_trt_runner_logic_over_a_stand_in_engine(standard_pipeline, photos, art):
     """TrtRunner's profiles, buffers and KV ping-pong, with TensorRT and CUDA replaced by stand-ins."""
-    expected = _tokens(pipeline, photos["astronaut"])
+    expected = _tokens(standard_pipeline, photos["astronaut"])
     runners, memories = fake_trt_runners(art, sizing.Limits(max_context=512, max_image_patches=2048))
-    with _Swapped(pipeline, runners["vision"], runners["decoder"]):
-        assert _tokens(pipeline, photos["astronaut"]) == expected
+    with _Swapped(standard_pipeline, runners["vision"], runners["decoder"]):
+        assert _tokens(standard_pipeline, photos["astronaut"]) == expected
     dec = runners["decoder"]
     assert dec.context.profiles_set == [1, 0]              # prefill profile, then decode for every new token
     kv_buffers = {p for out in dec.kv.values() for p in dec.buffers[out]}
@@ -334,16 +368,18 @@ def _chat(pipeline, photo):
     return first.token_ids, second.token_ids, chat.last_prefill_tokens
 
 
-def test_chat_reuses_a_device_cache(pipeline, photos, art):
-    """Multi-turn chat (cache kept, then cut to the common prefix) on the device runners' code paths."""
+def test_chat_reuses_a_device_cache(pipeline, standard_pipeline, photos, art):
+    """Multi-turn chat (cache kept, then cut to the common prefix) on the device runners' code paths:
+    the in-place cache on the IO-binding runner, the concat cache on it and on the TensorRT runner."""
     expected = _chat(pipeline, photos["coffee"])
-    io = OrtIoBindingRunner(SessionFromOnnx(art.graph_path("decoder")), device="cpu")
-    io.activate()
-    with _Swapped(pipeline, pipeline.vision, io):
-        assert _chat(pipeline, photos["coffee"]) == expected
+    for pipe in (pipeline, standard_pipeline):
+        io = OrtIoBindingRunner(SessionFromOnnx(pipe.artifact.graph_path("decoder")), device="cpu")
+        io.activate()
+        with _Swapped(pipe, pipe.vision, io):
+            assert _chat(pipe, photos["coffee"]) == expected
     runners, _ = fake_trt_runners(art, sizing.Limits(max_context=1024, max_image_patches=2048))
-    with _Swapped(pipeline, runners["vision"], runners["decoder"]):
-        assert _chat(pipeline, photos["coffee"]) == expected
+    with _Swapped(standard_pipeline, runners["vision"], runners["decoder"]):
+        assert _chat(standard_pipeline, photos["coffee"]) == expected
 
 
 # ----------------------------------------------------------------------------- M-RoPE inlining

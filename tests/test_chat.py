@@ -17,7 +17,8 @@ def _fresh_run(pipeline, messages, images, videos=(), **kwargs):
     return pipeline.generate_prepared([row], **kwargs)[0]
 
 
-def test_second_turn_reuses_cache_and_matches_a_fresh_run(pipeline, photos):
+def test_second_turn_reuses_cache_and_matches_a_fresh_run(any_pipeline, photos):
+    pipeline = any_pipeline
     chat = ChatSession(pipeline)
     first = chat.send("What is in this image?", images=[photos["coffee"]], max_new_tokens=10, do_sample=False)
     first_prefill = chat.last_prefill_tokens
@@ -42,7 +43,7 @@ def test_image_in_a_later_turn_and_reset(pipeline, photos):
     fresh = _fresh_run(pipeline, messages, [photos["astronaut"]], max_new_tokens=6, do_sample=False)
     assert r.token_ids == fresh.token_ids
     chat.reset()
-    assert chat.messages == [] and chat.cache is None
+    assert chat.messages == [] and chat.cache.length == 0
     again = chat.send("Hello!", max_new_tokens=6, do_sample=False)
     new = ChatSession(pipeline, system="You are terse.").send("Hello!", max_new_tokens=6, do_sample=False)
     assert (again.prompt_token_ids, again.token_ids) == (new.prompt_token_ids, new.token_ids)
@@ -87,7 +88,7 @@ def test_images_and_a_video_file_across_turns_and_reset(pipeline, photos, video_
                        max_new_tokens=6, do_sample=False)
     assert (r.prompt_token_ids, r.token_ids) == (fresh.prompt_token_ids, fresh.token_ids)
     chat.reset()
-    assert chat.video_embeds == [] and chat.video_grids == [] and chat.cache is None
+    assert chat.video_embeds == [] and chat.video_grids == [] and chat.cache.length == 0
 
 
 def test_a_failed_video_turn_leaves_the_conversation_as_it_was(pipeline, tmp_path):

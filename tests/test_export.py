@@ -12,8 +12,15 @@ import torch
 
 from edgevl.artifact import FORMAT_VERSION, load_artifact
 from edgevl.errors import EdgevlError
-from edgevl.export.mrope import DOMAIN, OP_NAME, mrope_function_proto, mrope_reference
+from edgevl.export.mrope import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    OP_NAME,
+    mrope_function_proto,
+    mrope_tables,
+)
 from edgevl.runtime.image_processing import preprocess_image
+from edgevl.runtime.runners import to_host
 
 
 def test_manifest_describes_the_artifact(tiny_artifact, hf_model):
@@ -29,10 +36,13 @@ def test_manifest_describes_the_artifact(tiny_artifact, hf_model):
                  "preprocessor_config.json", "generation_config.json"):
         assert name in m["files"] and len(m["files"][name]) == 64
     dec = m["graphs"]["decoder"]
-    assert [i["name"] for i in dec["inputs"][:3]] == ["inputs_embeds", "position_ids", "attention_mask"]
-    assert dec["inputs"][1]["shape"] == [3, "batch", "sequence"]
-    assert dec["inputs"][3]["shape"] == ["batch", text.num_key_value_heads, "past_sequence", 16]
-    assert dec["outputs"][1]["shape"][2] == "total_sequence"
+    assert [i["name"] for i in dec["inputs"][:4]] == ["inputs_embeds", "position_ids", "seqlens_k",
+                                                       "total_sequence_length"]
+    assert dec["inputs"][1]["shape"] == [3, "batch", "sequence"] and dec["inputs"][3]["shape"] == []
+    assert dec["inputs"][4]["shape"] == ["batch", text.num_key_value_heads, "max_context", 16]
+    assert [o["name"] for o in dec["outputs"][:2]] == ["logits", "next_token"]
+    assert dec["outputs"][2]["shape"] == dec["inputs"][4]["shape"]        # present is the same buffer as past
+    assert dec["kv_cache"] == "in_place" and dec["variant"] == "ort"
     assert m["graphs"]["vision"]["inputs"][0]["shape"] == ["num_patches", 3 * 2 * 14 * 14]
     assert dec["kind"] == "decoder" and dec["precision"] == "fp32" and dec["custom_ops"] == ["edgevl.MRoPE"]
     assert m["graphs"]["vision"]["custom_ops"] == [] and dec["data_files"] == []
@@ -40,44 +50,61 @@ def test_manifest_describes_the_artifact(tiny_artifact, hf_model):
     load_artifact(tiny_artifact)  # verifies every hash
 
 
-def test_decoder_keeps_mrope_custom_op_and_passes_checker(tiny_artifact, hf_model):
-    model = onnx.load(str(tiny_artifact / "decoder.onnx"))
+@pytest.mark.parametrize("variant", ["ort", "standard"])
+def test_decoder_keeps_mrope_custom_op_and_passes_checker(variant, tiny_artifact, tiny_artifact_standard, hf_model):
+    folder = tiny_artifact if variant == "ort" else tiny_artifact_standard
+    model = onnx.load(str(folder / "decoder.onnx"))
     onnx.checker.check_model(model, full_check=True)
     nodes = [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_NAME]
-    assert len(nodes) == 2 * hf_model.config.text_config.num_hidden_layers  # q and k of every layer
+    assert len(nodes) == 1                           # the tables once per call, not once per layer
     section = [a for a in nodes[0].attribute if a.name == "mrope_section"][0]
     assert list(section.ints) == [2, 3, 3]
     assert any(f.domain == DOMAIN and f.name == OP_NAME for f in model.functions)
     assert any(i.domain == DOMAIN for i in model.opset_import)
+    ops = {(n.domain, n.op_type) for n in model.graph.node}
+    layers = hf_model.config.text_config.num_hidden_layers
+    if variant == "ort":
+        assert ("com.microsoft", "GroupQueryAttention") in ops and ("com.microsoft", "RotaryEmbedding") in ops
+        assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == layers
+    else:
+        assert {d for d, _ in ops} <= {"", DOMAIN}       # ONNX-standard ops (and our function) only
+        assert {("", "Attention"), ("", "RotaryEmbedding"), ("", "RMSNormalization")} <= ops
+        assert not any(n.op_type == "Softmax" for n in model.graph.node)
 
 
 def _single_node_model(opset: int = 18) -> onnx.ModelProto:
     """A model holding only edgevl.MRoPE, to run the function body on its own."""
     h = onnx.helper
-    node = h.make_node(OP_NAME, ["x", "pos", "inv_freq"], ["y"], domain=DOMAIN, mrope_section=[2, 3, 3])
+    node = h.make_node(OP_NAME, ["pos", "inv_freq"], ["cos", "sin"], domain=DOMAIN, mrope_section=[2, 3, 3])
     graph = h.make_graph([node], "mrope", [
-        h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["B", 4, "S", 16]),
         h.make_tensor_value_info("pos", onnx.TensorProto.INT64, [3, "B", "S"]),
         h.make_tensor_value_info("inv_freq", onnx.TensorProto.FLOAT, [8])],
-        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["B", 4, "S", 16])])
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset), h.make_opsetid(DOMAIN, 1)],
+        [h.make_tensor_value_info("cos", onnx.TensorProto.FLOAT, ["B", "S", 8]),
+         h.make_tensor_value_info("sin", onnx.TensorProto.FLOAT, ["B", "S", 8])])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset), h.make_opsetid(DOMAIN, DOMAIN_VERSION)],
                         functions=[mrope_function_proto(opset)])
 
 
 def test_mrope_function_body_matches_transformers_rotary(hf_model):
     from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+    from edgevl.export.ops import rotary
     model = _single_node_model()
     onnx.checker.check_model(model, full_check=True)
     sess = ort.InferenceSession(model.SerializeToString())
-    rotary = hf_model.model.language_model.rotary_emb
+    emb = hf_model.model.language_model.rotary_emb
     x = torch.randn(2, 4, 7, 16)
     pos = torch.randint(0, 50, (3, 2, 7))          # three different rows: a genuine 3-D case
-    cos, sin = rotary(x, pos)
-    expected, _ = apply_rotary_pos_emb(x, x, cos, sin)
-    got = sess.run(None, {"x": x.numpy(), "pos": pos.numpy(), "inv_freq": rotary.inv_freq.numpy()})[0]
-    np.testing.assert_allclose(got, expected.numpy(), atol=1e-5)
-    ref = mrope_reference(x, pos, rotary.inv_freq, [2, 3, 3])
-    np.testing.assert_allclose(got, ref.numpy(), atol=1e-5)
+    cos_hf, sin_hf = emb(x, pos)                   # transformers: [B, S, D], the halves repeated
+    cos, sin = sess.run(None, {"pos": pos.numpy(), "inv_freq": emb.inv_freq.numpy()})
+    ref_cos, ref_sin = mrope_tables(pos, emb.inv_freq, [2, 3, 3])
+    np.testing.assert_allclose(cos, ref_cos.numpy(), atol=1e-6)
+    np.testing.assert_allclose(sin, ref_sin.numpy(), atol=1e-6)
+    # the rotation a layer applies with the tables = transformers' multimodal rotary on q and k
+    expected, _ = apply_rotary_pos_emb(x, x, cos_hf, sin_hf)
+    flat = x.transpose(1, 2).reshape(2, 7, 64)                                    # [B, S, H*D]
+    got = rotary(flat, torch.from_numpy(cos), torch.from_numpy(sin), 4).view(2, 7, 4, 16).transpose(1, 2)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
 
 
 def _hf_vision(hf_model, pixel_values, grids):
@@ -97,7 +124,8 @@ def test_vision_matches_transformers_for_several_sizes(tiny_artifact, hf_model, 
     assert np.abs(ours - ref).max() <= 1e-4
 
 
-def test_vision_two_images_at_once_and_one_large(hf_model, pipeline, photos):
+def test_vision_two_images_at_once_and_one_large(hf_model, any_pipeline, photos):
+    pipeline = any_pipeline
     from PIL import Image
     images = [Image.open(photos["astronaut"]).convert("RGB"), Image.open(photos["chelsea_odd"]).convert("RGB")]
     processed = [preprocess_image(img, pipeline.image_settings) for img in images]
@@ -118,29 +146,33 @@ def test_vision_graph_runs_video_temporal_patches_separately(hf_model, pipeline)
     assert np.abs(pipeline.encode_image(pv, grid) - _hf_vision(hf_model, pv, [grid])).max() <= 1e-4
 
 
-def test_decoder_logits_and_cache_match_transformers(pipeline, hf_model):
+def test_decoder_logits_and_cache_match_transformers(any_pipeline, hf_model):
     """Prefill + two decode steps through the runner vs transformers' forward with a cache."""
     from transformers import DynamicCache
 
-    from edgevl.runtime.generate import KVCache, decoder_step
+    from edgevl.runtime.generate import decoder_step
+    pipeline = any_pipeline
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 2000, (1, 9))
     embeds = pipeline.embed_table[ids].astype(np.float32)
-    cfg = pipeline.config
-    cache = KVCache.empty(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, np.float32)
+    cache = pipeline.new_cache(1)
     hf_cache = DynamicCache(config=hf_model.config.text_config)
     for step, chunk in enumerate([ids[:, :7], ids[:, 7:8], ids[:, 8:9]]):
         start = cache.length
         pos = np.broadcast_to(np.arange(start, start + chunk.shape[1])[None, None], (3, 1, chunk.shape[1]))
         mask = np.ones((1, start + chunk.shape[1]), np.int64)
-        ours = decoder_step(pipeline.decoder, embeds[:, start:start + chunk.shape[1]], pos.copy(), mask, cache)
+        ours = decoder_step(pipeline.decoder, cache, embeds[:, start:start + chunk.shape[1]], pos.copy(),
+                            np.array([chunk.shape[1]]))
         with torch.no_grad():
             out = hf_model(input_ids=torch.from_numpy(chunk), cache=hf_cache, use_cache=True,
                            position_ids=torch.from_numpy(pos.copy()), attention_mask=torch.from_numpy(mask))
-        assert np.abs(ours - out.logits[:, -1].numpy()).max() <= 1e-4, f"step {step}"
+        assert np.abs(ours["logits"] - out.logits[:, -1].numpy()).max() <= 1e-4, f"step {step}"
+        assert (ours["next_token"] == out.logits[:, -1].argmax(-1).numpy()).all()
         hf_cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
     hf_key0 = hf_cache.layers[0].keys.numpy()
-    assert np.abs(cache.arrays["past_key_values.0.key"] - hf_key0).max() <= 1e-4
+    key0 = (to_host(cache.buffers["past_key_values.0.key"])[:, :, :9] if hasattr(cache, "buffers")
+            else cache.arrays["past_key_values.0.key"])
+    assert np.abs(key0 - hf_key0).max() <= 1e-4
 
 
 def test_unknown_model_type_is_rejected(tmp_path):

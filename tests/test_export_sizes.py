@@ -23,8 +23,8 @@ GEOMETRIES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(GEOMETRIES))
-def test_export_and_parity_for_each_architecture(name, tmp_path, photos):
+@pytest.mark.parametrize("name,variant", [(name, "ort") for name in GEOMETRIES] + [("qwen2-vl-2b", "standard")])
+def test_export_and_parity_for_each_architecture(name, variant, tmp_path, photos):
     from transformers import Qwen2VLForConditionalGeneration
 
     from edgevl.export.exporter import export_model
@@ -36,7 +36,8 @@ def test_export_and_parity_for_each_architecture(name, tmp_path, photos):
                      intermediate_size=256, dtype="float32", **GEOMETRIES[name])
     assert preset.head_dim == 128 and sum(preset.mrope_section) == 64
     model_dir = write_random_model(tmp_path / "model", preset)
-    pipe = Pipeline.load(export_model(str(model_dir), tmp_path / "out", log=lambda m: None))
+    pipe = Pipeline.load(export_model(str(model_dir), tmp_path / "out", variant=variant, log=lambda m: None),
+                         backend="ort-cpu")
     hf = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert pipe.config.num_attention_heads == preset.num_attention_heads
     assert pipe.config.mrope_section == (16, 24, 24)
@@ -52,7 +53,7 @@ def test_export_and_parity_for_each_architecture(name, tmp_path, photos):
     mask = np.ones_like(ids)
     positions, _ = pipe.positions(ids, mask, [grid])
     embeds = pipe.embed(row.input_ids, [ours_vision])[None]
-    logits = decoder_step(pipe.decoder, embeds, positions, mask, pipe.new_cache(1))
+    logits = decoder_step(pipe.decoder, pipe.new_cache(1), embeds, positions, np.array([ids.shape[1]]))["logits"]
     with torch.no_grad():
         ref = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                  pixel_values=torch.from_numpy(pv), image_grid_thw=torch.tensor([grid]),

@@ -24,7 +24,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_greedy_tokens_equal_transformers(case, pipeline, hf_model, hf_inputs, photos):
+def test_greedy_tokens_equal_transformers(case, any_pipeline, hf_model, hf_inputs, photos):
+    pipeline = any_pipeline
     prompt, names = CASES[case]
     paths = [photos[n] for n in names]
     ids, extra = hf_inputs(prompt, paths)
@@ -35,7 +36,8 @@ def test_greedy_tokens_equal_transformers(case, pipeline, hf_model, hf_inputs, p
     assert len(ours.token_ids) >= NEW_TOKENS or ours.finish_reason == "eos"
 
 
-def test_greedy_without_repetition_penalty(pipeline, hf_model, hf_inputs, photos):
+def test_greedy_without_repetition_penalty(any_pipeline, hf_model, hf_inputs, photos):
+    pipeline = any_pipeline
     ids, extra = hf_inputs("Tell me about the cup.", [photos["coffee"]])
     ours = pipeline.generate("Tell me about the cup.", images=[photos["coffee"]], max_new_tokens=NEW_TOKENS,
                              do_sample=False, repetition_penalty=1.0)
@@ -43,8 +45,10 @@ def test_greedy_without_repetition_penalty(pipeline, hf_model, hf_inputs, photos
     assert ours.token_ids == strip_after_eos(ref, pipeline.config.eos_token_id)
 
 
-def test_batch_of_two_prompts_of_different_lengths(pipeline, hf_model, hf_inputs, photos):
-    """Left-padded batch: each row equals transformers' batched generate (and its own single run)."""
+def test_batch_of_two_prompts_of_different_lengths(any_pipeline, hf_model, hf_inputs, photos):
+    """A batch (right-padded for the in-place cache, left-padded for the concat one): each row equals
+    transformers' left-padded batched generate (and its own single run)."""
+    pipeline = any_pipeline
     prompts = ["Describe this image.", "A much longer question about the second picture, asked in many words?"]
     images = [[photos["astronaut"]], [photos["coffee"]]]
     ours = pipeline.generate_batch(prompts, images, max_new_tokens=NEW_TOKENS, do_sample=False)

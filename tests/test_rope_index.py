@@ -10,6 +10,7 @@ from edgevl.errors import EdgevlError
 from edgevl.runtime.rope_index import (
     decode_position_ids,
     mrope_position_ids,
+    text_position_ids,
     vision_rotary_position_ids,
 )
 
@@ -226,5 +227,7 @@ def test_matches_positions_used_by_generate(model, name):
         full_mask[:, :prompt_len] = mask
         got = decode_position_ids(deltas, prompt_len + step, 1, attention_mask=full_mask)
         np.testing.assert_array_equal(got, used[1:].numpy())
+        # what the generation loop computes: each row's real length so far + its delta
+        np.testing.assert_array_equal(text_position_ids(full_mask[:, :-1].sum(1), deltas), used[1:].numpy())
         if mask.all():  # without padding the no-mask formula agrees too
             np.testing.assert_array_equal(decode_position_ids(deltas, prompt_len + step), used[1:].numpy())

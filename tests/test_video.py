@@ -97,7 +97,8 @@ def _hf_ids(tiny_model_dir, content, image_grids=(), video_grids=()):
 
 
 @pytest.mark.parametrize("with_image", [False, True])
-def test_video_generation_equals_transformers(with_image, pipeline, hf_model, tiny_model_dir, photos):
+def test_video_generation_equals_transformers(with_image, any_pipeline, hf_model, tiny_model_dir, photos):
+    pipeline = any_pipeline
     frames = synthetic_frames(8, 84, 112)
     clip = VideoClip(frames, 2.0, 8, np.arange(8))
     images = [photos["coffee"]] if with_image else []

@@ -183,12 +183,12 @@ class Artifact:
             raise EdgevlError(f"{path} must hold a JSON object.")
         return data
 
-    def graph(self, kind: str, variant: str = "ort") -> GraphFile:
+    def graph(self, kind: str, variant: str | None = None) -> GraphFile:
         spec = self.manifest.graph(kind, variant)
         return GraphFile(spec, inside(self.path, spec.file, "a graph"), self.config,
                          files_digest(self.manifest.files, spec.files))
 
-    def graph_path(self, kind: str, variant: str = "ort") -> Path:
+    def graph_path(self, kind: str, variant: str | None = None) -> Path:
         return self.graph(kind, variant).path
 
 

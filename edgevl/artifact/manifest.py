@@ -32,7 +32,7 @@ FORMAT = "edgevl-artifact"
 FORMAT_VERSION = 2
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool", "float64")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
-VARIANTS = ("ort", "standard")   # ort: onnxruntime contrib ops allowed; standard: ONNX-standard ops only
+VARIANTS = names.VARIANTS
 
 
 class ManifestError(EdgevlError):
@@ -176,6 +176,8 @@ class GraphSpec:
     data_files: tuple[str, ...] = ()         # external-data files the graph references
     custom_ops: tuple[str, ...] = ()         # "<domain>.<op>" nodes a backend must run or inline (names.MROPE)
     variant: str = "ort"                     # VARIANTS
+    kv_cache: str | None = None              # decoders: names.IN_PLACE (one buffer written by position) | CONCAT
+    opset: int = 18                          # the default ONNX domain's opset the graph imports
 
     @classmethod
     def parse(cls, f: _Fields) -> "GraphSpec":
@@ -185,16 +187,27 @@ class GraphSpec:
         spec = cls(kind=f.str("kind", choices=names.GRAPH_KINDS), file=f.str("file"), inputs=tensors("inputs"),
                    outputs=tensors("outputs"), precision=f.str("precision", choices=PRECISIONS),
                    data_files=f.strs("data_files", default=()), custom_ops=f.strs("custom_ops", default=()),
-                   variant=f.str("variant", default="ort", choices=VARIANTS))
+                   variant=f.str("variant", default="ort", choices=VARIANTS),
+                   kv_cache=f.str("kv_cache", default=None, choices=names.KV_CACHES),
+                   opset=f.int("opset", minimum=1))
         seen = [t.name for t in (*spec.inputs, *spec.outputs)]
         if len(set(seen)) != len(seen):
             raise ManifestError(f"manifest field '{f.where}' names a tensor twice.")
+        if (spec.kind == names.DECODER) != (spec.kv_cache is not None):
+            raise ManifestError(f"manifest field '{f.path('kv_cache')}' must be set for decoders and only for them.")
+        required = {names.IN_PLACE: (names.SEQLENS_K, names.TOTAL_SEQUENCE_LENGTH),
+                    names.CONCAT: (names.ATTENTION_MASK,)}.get(spec.kv_cache, ())
+        missing = [n for n in required if n not in {t.name for t in spec.inputs}]
+        if missing:
+            raise ManifestError(f"manifest field '{f.path('inputs')}' has no {missing[0]} input, which a "
+                                f"{spec.kv_cache} decoder needs.")
         return spec
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "variant": self.variant, "file": self.file, "data_files": list(self.data_files),
-                "precision": self.precision, "custom_ops": list(self.custom_ops),
-                "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
+        out = {"kind": self.kind, "variant": self.variant, "opset": self.opset, "file": self.file,
+               "data_files": list(self.data_files), "precision": self.precision, "custom_ops": list(self.custom_ops),
+               "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
+        return {**out, "kv_cache": self.kv_cache} if self.kv_cache else out
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -397,12 +410,16 @@ class Manifest:
                 "versions": dict(self.versions), "files": dict(sorted(self.files.items()))}
 
     # -- questions the runtime asks
-    def graph(self, kind: str, variant: str = "ort") -> GraphSpec:
-        """The graph of `kind` for `variant` ("ort" graphs may use onnxruntime contrib ops)."""
+    def graph(self, kind: str, variant: str | None = None) -> GraphSpec:
+        """The graph of `kind` for `variant` ("ort" graphs may use onnxruntime contrib ops; None: the first)."""
         for spec in self.graphs.values():
-            if spec.kind == kind and spec.variant == variant:
+            if spec.kind == kind and variant in (None, spec.variant):
                 return spec
         raise ManifestError(f"the manifest has no {kind} graph of the {variant!r} variant.")
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(spec.variant for spec in self.graphs.values()))
 
     def graph_name(self, spec: GraphSpec) -> str:
         return next(name for name, s in self.graphs.items() if s == spec)

@@ -17,7 +17,8 @@ BATCH = "batch"                      # decoder: rows
 SEQUENCE = "sequence"                # decoder: new tokens this call
 PAST_SEQUENCE = "past_sequence"      # decoder: tokens already in the KV cache
 TOTAL_SEQUENCE = "total_sequence"    # decoder: past + new
-DIMS = (NUM_PATCHES, BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE)
+MAX_CONTEXT = "max_context"          # in-place decoder: positions of the preallocated KV buffers
+DIMS = (NUM_PATCHES, BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE, MAX_CONTEXT)
 
 # ----------------------------------------------------------------------------- vision I/O
 PIXEL_VALUES = "pixel_values"
@@ -27,8 +28,11 @@ IMAGE_EMBEDS = "image_embeds"
 # ----------------------------------------------------------------------------- decoder I/O
 INPUTS_EMBEDS = "inputs_embeds"
 POSITION_IDS = "position_ids"
-ATTENTION_MASK = "attention_mask"
+ATTENTION_MASK = "attention_mask"                # concat decoder: [B, past + S], 1 = real token
+SEQLENS_K = "seqlens_k"                          # in-place decoder: [B] int32, each row's length after the call - 1
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # in-place decoder: [] int32, max length after the call (>= S)
 LOGITS = "logits"
+NEXT_TOKEN = "next_token"                        # argmax of logits, [B] int64
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
 KV_KINDS = ("key", "value")
@@ -63,6 +67,11 @@ def is_past(name: str) -> bool:
 def is_present(name: str) -> bool:
     return name.startswith(PRESENT_PREFIX)
 
+
+# ----------------------------------------------------------------------------- graph variants and caches
+VARIANTS = ("ort", "standard")      # ort: onnxruntime contrib ops allowed; standard: ONNX-standard ops only
+IN_PLACE, CONCAT = "in_place", "concat"
+KV_CACHES = (IN_PLACE, CONCAT)      # how a decoder's cache works (GraphSpec.kv_cache)
 
 # ----------------------------------------------------------------------------- custom ops
 EDGEVL_DOMAIN = "edgevl"

@@ -79,10 +79,12 @@ def tensor_specs(values) -> tuple[TensorSpec, ...]:
                  for v in values)
 
 
-def describe_graph(path: str | os.PathLike, kind: str, precision: str, variant: str = "ort") -> GraphSpec:
+def describe_graph(path: str | os.PathLike, kind: str, precision: str, variant: str = "ort",
+                   kv_cache: str | None = None) -> GraphSpec:
     """The GraphSpec of a saved graph: its file, external data, custom ops and I/O (read from the graph)."""
     path = Path(path)
     model = onnx.load(str(path), load_external_data=False)
     return GraphSpec(kind=kind, file=path.name, inputs=tensor_specs(model.graph.input),
                      outputs=tensor_specs(model.graph.output), precision=precision,
-                     data_files=external_files(model), custom_ops=custom_ops(model), variant=variant)
+                     data_files=external_files(model), custom_ops=custom_ops(model), variant=variant,
+                     kv_cache=kv_cache, opset=next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))

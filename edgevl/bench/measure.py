@@ -271,30 +271,30 @@ class EdgevlEngine:
         return self.pipe.encode_vision(prepared)[0]                      # per image (no videos here)
 
     def prefill(self, prepared, vision):
-        from edgevl.runtime.generate import prefill
+        from edgevl.runtime.generate import Prompt, prefill
         ids = prepared.input_ids[None, :]
-        mask = np.ones_like(ids)
         embeds = self.pipe.embed(prepared.input_ids, vision or [])[None]
-        positions, deltas = self.pipe.positions(ids, mask, prepared.grids)
+        positions, deltas = self.pipe.positions(ids, np.ones_like(ids), prepared.grids)
         cache = self.pipe.new_cache(1)
-        logits = prefill(self.pipe.decoder, embeds, positions, mask, cache)
-        return {"cache": cache, "mask": mask, "deltas": deltas}, int(np.argmax(logits[0]))
+        outputs = prefill(self.pipe.decoder, cache, Prompt(embeds, ids, positions, deltas, np.array([ids.shape[1]])))
+        return {"cache": cache, "deltas": deltas}, self._argmax(outputs)
 
     def decode(self, state, token):
         from edgevl.runtime.generate import decode_one_token
-        state["mask"] = np.ones((1, state["mask"].shape[1] + 1), np.int64)
-        logits = decode_one_token(self.pipe.decoder, self.pipe.embed_table, np.array([token], np.int64),
-                                  state["deltas"], state["mask"], state["cache"])
-        return int(np.argmax(logits[0]))
+        outputs = decode_one_token(self.pipe.decoder, state["cache"], self.pipe.embed_table,
+                                   np.array([token], np.int64), state["deltas"], self.pipe.dtype)
+        return self._argmax(outputs)
+
+    @staticmethod
+    def _argmax(outputs) -> int:
+        from edgevl.runtime.generate import choose
+        from edgevl.runtime.sampling import SamplingOptions
+        return int(choose(outputs, np.zeros((1, 0), np.int64), SamplingOptions())[0])
 
     def synthetic_state(self, context: int):
-        cfg = self.config
-        rng = np.random.default_rng(context)
-        shape = (1, cfg.num_key_value_heads, context - 1, cfg.head_dim)
         cache = self.pipe.new_cache(1)
-        for name in cache.arrays:
-            cache.arrays[name] = rng.standard_normal(shape, np.float32).astype(self.pipe.dtype)
-        return {"cache": cache, "mask": np.ones((1, context - 1), np.int64), "deltas": np.zeros((1, 1), np.int64)}
+        cache.fill_random(context - 1, np.random.default_rng(context))
+        return {"cache": cache, "deltas": np.zeros((1, 1), np.int64)}
 
     def close(self) -> None:
         self.pipe.vision.deactivate()

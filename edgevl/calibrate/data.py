@@ -10,8 +10,9 @@ Capture (`capture`): the samples run through the real FP32 `Pipeline` with its v
 decoder runners wrapped by a recorder, so the feeds are exactly what the runtime produces:
 
   vision   pixel_values [n, C*T*P*P], rotary_pos_ids [n, 2] per image (-> image_embeds kept as reference)
-  decoder  prefill (inputs_embeds [1,S,H], position_ids [3,1,S], attention_mask [1,S], empty past KV)
-           then one feed per greedy decode step with the FP32 past KV (-> logits [1, vocab] kept)
+  decoder  prefill (inputs_embeds [1,S,H], position_ids [3,1,S], the cache's length inputs, empty past KV)
+           then one feed per greedy decode step with the FP32 past KV (-> logits [1, vocab] kept); an
+           in-place cache's buffers are stored cut to the positions already written (`replayable`)
 
 Each feed is written to its own .npz as it is produced and read back lazily: memory holds one
 feed at a time, never the whole calibration set.
@@ -29,6 +30,7 @@ import numpy as np
 
 from edgevl.artifact import names
 from edgevl.errors import EdgevlError
+from edgevl.runtime.runners import to_host
 
 BUILTIN = "builtin:skimage"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -189,6 +191,19 @@ class FeedStore:
             yield [(feed, out[names.LOGITS]) for feed, out in map(self.load, files)]
 
 
+def replayable(feed: dict) -> dict:
+    """A runtime feed as plain numpy that any session can run again (onnxruntime's calibrators, a quantized
+    candidate): an in-place cache's past buffers are cut to the positions written before this call (a
+    batch-1 feed), which a decoder then reads as a past that present grows from. The rows before those
+    positions are the same after the call, so the feed may be taken after it ran."""
+    out = {name: to_host(value) for name, value in feed.items()}
+    if names.SEQLENS_K in feed:
+        past = int(np.max(out[names.SEQLENS_K])) + 1 - out[names.INPUTS_EMBEDS].shape[1]
+        out.update({name: np.ascontiguousarray(value[:, :, :past]) for name, value in out.items()
+                    if names.is_past(name)})
+    return out
+
+
 class _Recorder:
     """A Runner that passes every call through and writes the feed (and chosen outputs) to a FeedStore."""
 
@@ -196,9 +211,9 @@ class _Recorder:
         self.inner, self.store, self.graph, self.keep = inner, store, graph, keep
         self.sample, self.step = 0, 0
 
-    def infer(self, feed: dict) -> dict:
-        out = self.inner.infer(feed)
-        self.store.add(self.graph, self.sample, self.step, feed, {k: out[k] for k in self.keep})
+    def infer(self, feed: dict, bindings: dict | None = None) -> dict:
+        out = self.inner.infer(feed, bindings)
+        self.store.add(self.graph, self.sample, self.step, replayable(feed), {k: to_host(out[k]) for k in self.keep})
         self.step += 1
         return out
 

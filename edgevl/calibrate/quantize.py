@@ -172,7 +172,7 @@ def _finish_manifest(src: Artifact, staged: Path, results: dict[str, GraphResult
     graphs = {}
     for name, spec in src.manifest.graphs.items():
         result = results[spec.kind]
-        graphs[name] = describe_graph(staged / spec.file, spec.kind, result.precision, spec.variant)
+        graphs[name] = describe_graph(staged / spec.file, spec.kind, result.precision, spec.variant, spec.kv_cache)
     manifest = replace(src.manifest, graphs=graphs,
                        embeddings=replace(src.manifest.embeddings, dtype=_decoder_dtype(src, staged)),
                        quantization=quantization,

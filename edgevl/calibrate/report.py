@@ -23,12 +23,14 @@ import numpy as np
 
 from edgevl.artifact import names
 from edgevl.calibrate.data import FeedStore
+from edgevl.runtime.runners import to_host
 
 GATED = {names.VISION: ("cosine_mean", "mean cosine similarity of image embeddings"),
          names.DECODER: ("top1_agreement", "top-1 agreement of next-token logits")}
 CONFIDENT_MARGIN = float(np.log(1.5))     # logits: fp32's top-1 at least 1.5x as likely as its top-2
-SHOWN_OPS = ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "Conv", "LayerNormalization", "Softmax", "MRoPE",
-             "Pow", "ReduceMean", "Add", "Mul")
+SHOWN_OPS = ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "Conv", "LayerNormalization", "RMSNormalization",
+             "Softmax", "MRoPE", "RotaryEmbedding", "MultiHeadAttention", "GroupQueryAttention", "Attention", "Pow",
+             "ReduceMean", "Add", "Mul")
 
 
 # ----------------------------------------------------------------------------- pure metrics
@@ -99,7 +101,7 @@ def decoder_logits(runner, sequence: list[tuple[dict, np.ndarray]], seconds: lis
         if cache is not None and seconds is not None:
             seconds.append(time.perf_counter() - t0)
         cache = {k: out[names.present_for(k)] for k in feed if names.is_past(k)}
-        yield out[names.LOGITS]
+        yield to_host(out[names.LOGITS])
 
 
 def score_decoder(runner, store: FeedStore, samples: int | None = None) -> dict:

@@ -9,30 +9,30 @@ folder and renamed into place at the end.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 import torch
 
 from edgevl.artifact import names
 from edgevl.artifact.folder import staged_folder, write_manifest
 from edgevl.artifact.manifest import EmbeddingSpec, Manifest, ModelConfig, SourceModel
-from edgevl.artifact.onnx_files import describe_graph, save_graph
+from edgevl.artifact.onnx_files import describe_graph
 from edgevl.errors import EdgevlError
-from edgevl.export.modules import DecoderGraph, VisionGraph
-from edgevl.export.mrope import attach_mrope_function, mrope_translation
+from edgevl.export.modules import KV_CACHE
+from edgevl.export.ops import FUSED_STANDARD_OPSET, VARIANT_OPSET
+from edgevl.export.trace import export_decoder, export_vision
 from edgevl.runtime.image_processing import ImageProcessorSettings
 from edgevl.runtime.probe import package_versions
 from edgevl.runtime.video import video_settings
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+MAX_OPSET = 24
+# standard graphs default to the opset with fused Attention / RotaryEmbedding / RMSNormalization (TensorRT >= 10.15);
+# --opset 18..22 gives the same math in primitive ops for older TensorRT (JetPack 6: 10.3)
+DEFAULT_OPSET = {"ort": 18, "standard": FUSED_STANDARD_OPSET}
 EXPORT_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy")
 SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -70,69 +70,6 @@ def load_model(model_dir: Path, dtype: torch.dtype):
     from transformers import Qwen2VLForConditionalGeneration
     model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
     return model.eval()
-
-
-# ----------------------------------------------------------------------------- graphs
-def _quiet_export(module, args, **kwargs) -> ir.Model:
-    """torch.onnx.export (dynamo) with its progress chatter silenced; returns the IR model."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        program = torch.onnx.export(module, args, dynamo=True, verbose=False, **kwargs)
-    return program.model
-
-
-def _rename_dims(model: ir.Model, renames: dict[str, str]) -> None:
-    """Give exporter-generated dim names (s53, 'seq + past') readable ones."""
-    for value in [*model.graph.inputs, *model.graph.outputs]:
-        if value.shape is None:
-            continue
-        dims = [renames.get(str(d), d) if not isinstance(d, int) else d for d in value.shape]
-        value.shape = ir.Shape(dims)
-
-
-def export_vision(model, path: Path, dtype: torch.dtype, opset: int) -> None:
-    vcfg = model.config.vision_config
-    graph = VisionGraph(model.model.visual).eval()
-    t, h, w = 1, 8, 12  # any grid works; the size is symbolic in the graph
-    patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
-    pixels = torch.randn(t * h * w, patch_dim, dtype=dtype)
-    rotary = torch.zeros(t * h * w, 2, dtype=torch.long)
-    n = torch.export.Dim(names.NUM_PATCHES)
-    onnx_model = _quiet_export(graph, (pixels, rotary), input_names=[names.PIXEL_VALUES, names.ROTARY_POS_IDS],
-                               output_names=[names.IMAGE_EMBEDS], dynamic_shapes=({0: n}, {0: n}),
-                               opset_version=opset)
-    save_graph(onnx_model, path)
-
-
-def decoder_io_names(num_layers: int) -> tuple[list[str], list[str]]:
-    kv = names.kv_names(num_layers)
-    inputs = [names.INPUTS_EMBEDS, names.POSITION_IDS, names.ATTENTION_MASK] + [past for past, _ in kv]
-    outputs = [names.LOGITS] + [present for _, present in kv]
-    return inputs, outputs
-
-
-def export_decoder(model, path: Path, dtype: torch.dtype, opset: int) -> None:
-    graph = DecoderGraph(model).eval()
-    layers = len(graph.layers)
-    bsz, seq, past = 2, 5, 3
-    hidden = model.config.text_config.hidden_size
-    embeds = torch.randn(bsz, seq, hidden, dtype=dtype)
-    positions = torch.arange(past, past + seq).view(1, 1, seq).expand(3, bsz, seq).contiguous()
-    mask = torch.ones(bsz, past + seq, dtype=torch.long)
-    kv = [torch.randn(bsz, graph.num_kv_heads, past, graph.head_dim, dtype=dtype) for _ in range(2 * layers)]
-    b, s = torch.export.Dim(names.BATCH), torch.export.Dim(names.SEQUENCE)
-    p = torch.export.Dim(names.PAST_SEQUENCE, min=0)
-    dynamic = ({0: b, 1: s}, {1: b, 2: s}, {0: b, 1: torch.export.Dim.AUTO}, tuple({0: b, 2: p} for _ in kv))
-    inputs, outputs = decoder_io_names(layers)
-    onnx_model = _quiet_export(graph, (embeds, positions, mask, *kv), input_names=inputs, output_names=outputs,
-                               dynamic_shapes=dynamic, opset_version=opset,
-                               custom_translation_table={torch.ops.edgevl.mrope.default: mrope_translation})
-    attach_mrope_function(onnx_model)
-    total = str(onnx_model.graph.inputs[2].shape[1])
-    _rename_dims(onnx_model, {total: names.TOTAL_SEQUENCE, f"{names.SEQUENCE} + {names.PAST_SEQUENCE}":
-                              names.TOTAL_SEQUENCE, f"{names.PAST_SEQUENCE} + {names.SEQUENCE}": names.TOTAL_SEQUENCE})
-    save_graph(onnx_model, path)
 
 
 # ----------------------------------------------------------------------------- side files
@@ -193,13 +130,20 @@ def model_facts(config, generation: dict) -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------- entry point
-def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int = 18, force: bool = False,
-                 log=print) -> Path:
-    """Export `model` (folder or hub id) to the artifact folder `out`; returns its path."""
+def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int | None = None, force: bool = False,
+                 log=print, variant: str = "ort") -> Path:
+    """Export `model` (folder or hub id) to the artifact folder `out`; returns its path.
+
+    variant: "ort" (onnxruntime's fused contrib ops; ort-cpu, ort-cuda) or "standard" (ONNX-standard ops,
+    opset 23+; trt, ort-trt and other runtimes). opset: the default domain's (None: the variant's lowest)."""
     if dtype not in DTYPES:
         raise EdgevlError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
-    if not 18 <= opset <= 23:
-        raise EdgevlError(f"--opset must be between 18 and 23, not {opset}.")
+    if variant not in VARIANT_OPSET:
+        raise EdgevlError(f"--variant must be one of {', '.join(VARIANT_OPSET)}, not {variant!r}.")
+    lowest = VARIANT_OPSET[variant]
+    opset = DEFAULT_OPSET[variant] if opset is None else opset
+    if not lowest <= opset <= MAX_OPSET:
+        raise EdgevlError(f"--opset must be between {lowest} and {MAX_OPSET} for the {variant} variant, not {opset}.")
     model_dir = resolve_model_dir(model)
     read_config(model_dir)
     preprocessor = model_dir / "preprocessor_config.json"
@@ -219,10 +163,11 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int = 
     hf_model = load_model(model_dir, torch_dtype)
     with staged_folder(Path(out), force=force) as tmp, torch.no_grad():
         copy_side_files(model_dir, tmp)
-        log("exporting vision encoder -> vision.onnx")
-        export_vision(hf_model, tmp / "vision.onnx", torch_dtype, opset)
-        log("exporting decoder with KV cache -> decoder.onnx")
-        export_decoder(hf_model, tmp / "decoder.onnx", torch_dtype, opset)
+        log(f"exporting vision encoder ({variant} ops) -> vision.onnx")
+        export_vision(hf_model, tmp / "vision.onnx", torch_dtype, opset, variant)
+        kv_cache = KV_CACHE[variant]
+        log(f"exporting decoder ({variant} ops, {kv_cache.replace('_', '-')} KV cache) -> decoder.onnx")
+        export_decoder(hf_model, tmp / "decoder.onnx", torch_dtype, opset, variant, kv_cache)
         log("writing embedding table -> embed_tokens.npy")
         table = hf_model.model.language_model.embed_tokens.weight.detach().numpy()
         np.save(tmp / "embed_tokens.npy", table)
@@ -230,7 +175,8 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int = 
         write_manifest(tmp, Manifest(
             source=SourceModel(str(model), hf_model.config.model_type), dtype=dtype, opset=opset,
             config=model_facts(hf_model.config, generation), image_processor=settings, video_processor=frames,
-            graphs={kind: describe_graph(tmp / f"{kind}.onnx", kind, dtype) for kind in names.GRAPH_KINDS},
+            graphs={names.VISION: describe_graph(tmp / "vision.onnx", names.VISION, dtype, variant),
+                    names.DECODER: describe_graph(tmp / "decoder.onnx", names.DECODER, dtype, variant, kv_cache)},
             embeddings=EmbeddingSpec("embed_tokens.npy", str(table.dtype), tuple(table.shape)),
             versions=package_versions(EXPORT_PACKAGES)))
     return Path(out)

@@ -1,17 +1,24 @@
-"""The two torch modules we export: `VisionGraph` and `DecoderGraph`.
+"""The torch modules we export: `VisionGraph` and the two decoders, `InPlaceDecoder` and `ConcatDecoder`.
 
-Both reuse the checkpoint's own submodules (linear layers, norms, MLPs) and only
-rewrite the parts that do not export well:
+All reuse the checkpoint's own submodules (linear layers, norms, MLPs) and express attention,
+rotary embedding and RMSNorm through ops.py, whose translation per variant decides the ONNX ops:
 
-* vision: the stock tower splits attention by `grid_thw` with a data-dependent
-  `split`, which bakes the traced image size into the graph. `VisionGraph` takes
-  ONE attention segment per call (an image, or one temporal patch of a video) with
-  the rotary ids computed by the runtime, so any number and size of images works
-  and memory grows linearly with the number of images.
-* decoder: plain tensors in and out (no cache objects), M-RoPE through the
-  `edgevl::MRoPE` custom op, a causal + padding mask built in-graph from
-  `attention_mask`, and only the last position's logits (what generation needs;
-  lm_head over a whole prompt is the most expensive matmul of prefill).
+* vision (both variants): ONE attention segment per call (an image, or one temporal patch of a
+  video) with rotary ids computed by the runtime, so any number and size of images works and
+  memory grows linearly with the number of images. Attention is one fused op per block
+  (MultiHeadAttention / Attention-23): no [heads, N, N] scores in the graph, so onnxruntime's
+  memory-efficient kernel keeps memory linear in patches too.
+* InPlaceDecoder ("ort" variant, onnxruntime CPU and CUDA): GroupQueryAttention over one
+  preallocated cache buffer per layer and K/V, [B, kv_heads, max_context, head_dim], that the
+  runtime binds as past AND present (written by position, never copied). Row lengths come in as
+  seqlens_k / total_sequence_length; rows are right-padded.
+* ConcatDecoder ("standard" variant, TensorRT and other runtimes): ONNX-standard ops only; the
+  cache grows by concatenation (present = past ++ new), padding and causality in an additive mask
+  built from attention_mask; rows are left-padded.
+
+Both decoders compute the M-RoPE tables once per call (edgevl::MRoPE), rotate q and k per layer,
+and return only what generation needs: the logits of each row's last token and their argmax
+(`next_token`, so a greedy loop can leave the logits on the device).
 """
 
 from __future__ import annotations
@@ -20,18 +27,15 @@ import torch
 from torch import nn
 
 from edgevl.export.mrope import mrope
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+from edgevl.export.ops import FUSED, Ops
 
 
 class VisionGraph(nn.Module):
     """pixel_values [N, C*T*P*P], rotary_pos_ids [N, 2] (h, w)  ->  image_embeds [N / merge^2, hidden]."""
 
-    def __init__(self, visual: nn.Module):
+    def __init__(self, visual: nn.Module, ops: Ops = FUSED):
         super().__init__()
+        self.ops = ops
         self.blocks = visual.blocks
         self.merger = visual.merger
         # The patch embedding is a Conv3d whose kernel equals its input: a plain
@@ -44,8 +48,7 @@ class VisionGraph(nn.Module):
     def forward(self, pixel_values: torch.Tensor, rotary_pos_ids: torch.Tensor) -> torch.Tensor:
         h = pixel_values.to(self.patch_weight.dtype) @ self.patch_weight            # [N, E]
         freqs = rotary_pos_ids[..., None].float() * self.inv_freq                  # [N, 2, D/4]
-        angles = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)                     # [N, D/2]
-        angles = torch.cat([angles, angles], dim=-1)[:, None, :]                   # [N, 1, D]
+        angles = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)[None]               # [1, N, D/2]
         cos, sin = angles.cos(), angles.sin()
         for blk in self.blocks:
             h = h + self._attention(blk.attn, blk.norm1(h), cos, sin)
@@ -53,29 +56,20 @@ class VisionGraph(nn.Module):
         return self.merger(h)
 
     def _attention(self, attn: nn.Module, x: torch.Tensor, cos, sin) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = attn.qkv(x).reshape(n, 3, self.num_heads, -1).unbind(1)         # [N, heads, D] each
+        q, k, v = attn.qkv(x)[None].chunk(3, dim=-1)                               # [1, N, E] each
         # Rotary in float32, as transformers does, then back to the working dtype.
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))                          # [heads, N, D]
-        scores = (q @ k.transpose(1, 2)) * attn.scaling                           # [heads, N, N]
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        out = (probs @ v).transpose(0, 1).reshape(n, -1)                         # [N, E]
-        return attn.proj(out)
+        q = self.ops.rotary(q.float(), cos, sin, self.num_heads).to(x.dtype)
+        k = self.ops.rotary(k.float(), cos, sin, self.num_heads).to(x.dtype)
+        out = self.ops.attention(q, k, v, self.num_heads, self.num_heads, float(attn.scaling))
+        return attn.proj(out[0])
 
 
-class DecoderGraph(nn.Module):
-    """One graph for prefill and decode.
+class _Decoder(nn.Module):
+    """What both decoders share: the checkpoint's layers, M-RoPE tables once per call, q/k/v, the head."""
 
-    inputs:  inputs_embeds [B, S, H], position_ids [3, B, S] int64,
-             attention_mask [B, past + S] int64 (1 = real token, 0 = left padding),
-             past_key_values.{i}.key / .value [B, kv_heads, past, head_dim]
-    outputs: logits [B, vocab] (last position), present.{i}.key / .value [B, kv_heads, past + S, head_dim]
-    """
-
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, ops: Ops = FUSED):
         super().__init__()
+        self.ops = ops
         text = model.model.language_model
         cfg = text.config
         self.layers = text.layers
@@ -87,20 +81,75 @@ class DecoderGraph(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, *past_key_values):
-        bsz, seq, _ = inputs_embeds.shape
-        past_len = past_key_values[0].shape[2]
-        mask = self._additive_mask(attention_mask, seq, past_len, inputs_embeds.dtype)
-        h = inputs_embeds
-        presents = []
+    def qkv(self, attn, x, cos, sin):
+        """q [B, S, Hq*D], k and v [B, S, Hkv*D], q and k rotated."""
+        rotary = self.ops.rotary
+        return (rotary(attn.q_proj(x), cos, sin, self.num_heads), rotary(attn.k_proj(x), cos, sin, self.num_kv_heads),
+                attn.v_proj(x))
+
+    def head(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """last hidden state per row [B, H] -> logits [B, vocab] and their argmax [B]."""
+        logits = self.lm_head(self.norm(last))
+        return logits, logits.argmax(-1)
+
+
+class InPlaceDecoder(_Decoder):
+    """One graph for prefill and decode over a cache written in place.
+
+    inputs:  inputs_embeds [B, S, H], position_ids [3, B, S] int64, seqlens_k [B] int32 (each row's length after
+             this call, minus one), total_sequence_length [] int32 (their maximum + 1, at least S),
+             past_key_values.{i}.key / .value [B, kv_heads, max_context, head_dim]
+    outputs: logits [B, vocab] (each row's last real token), next_token [B] int64,
+             present.{i}.key / .value [B, kv_heads, max_context, head_dim] (the same buffers as past)
+    """
+
+    def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, *past_key_values):
+        cos, sin = mrope(position_ids, self.inv_freq, self.mrope_section)          # [B, S, D/2], once
+        h, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
-            attn_out, k, v = self._attention(layer.self_attn, layer.input_layernorm(h), position_ids, mask,
-                                             past_key_values[2 * i], past_key_values[2 * i + 1])
-            h = h + attn_out
+            attn = layer.self_attn
+            q, k, v = self.qkv(attn, layer.input_layernorm(h), cos, sin)
+            out, key, value = self.ops.attention_in_place(q, k, v, past_key_values[2 * i], past_key_values[2 * i + 1],
+                                                 seqlens_k, total_sequence_length, self.num_heads,
+                                                 self.num_kv_heads, float(attn.scaling))
+            h = h + attn.o_proj(out)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-            presents += [k, v]
-        logits = self.lm_head(self.norm(h[:, -1, :]))                              # [B, vocab]
-        return (logits, *presents)
+            presents += [key, value]
+        # The last real token of each row: right-padded prompts end at seqlens_k, a chunk after a cache at S - 1.
+        last = torch.minimum(seqlens_k.to(torch.int64), torch.tensor(h.shape[1] - 1))
+        return (*self.head(h[torch.arange(h.shape[0]), last]), *presents)
+
+
+class ConcatDecoder(_Decoder):
+    """One graph for prefill and decode, ONNX-standard ops only.
+
+    inputs:  inputs_embeds [B, S, H], position_ids [3, B, S] int64,
+             attention_mask [B, past + S] int64 (1 = real token, 0 = left padding),
+             past_key_values.{i}.key / .value [B, kv_heads, past, head_dim]
+    outputs: logits [B, vocab] (last position), next_token [B] int64,
+             present.{i}.key / .value [B, kv_heads, past + S, head_dim]
+    """
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, *past_key_values):
+        seq = inputs_embeds.shape[1]
+        past_len = past_key_values[0].shape[2]
+        bias = self._additive_mask(attention_mask, seq, past_len, inputs_embeds.dtype)
+        cos, sin = mrope(position_ids, self.inv_freq, self.mrope_section)
+        h, presents = inputs_embeds, []
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            norm = layer.input_layernorm
+            q, k, v = self.qkv(attn, self._norm(norm, h), cos, sin)
+            out, key, value = self.ops.attention_concat(q, k, v, bias, past_key_values[2 * i], past_key_values[2 * i + 1],
+                                               self.num_heads, self.num_kv_heads, float(attn.scaling))
+            h = h + attn.o_proj(out)
+            h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
+            presents += [key, value]
+        logits = self.lm_head(self._norm(self.norm, h[:, -1, :]))
+        return (logits, logits.argmax(-1), *presents)
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.rms_norm(x, norm.weight, float(norm.variance_epsilon))
 
     @staticmethod
     def _additive_mask(attention_mask, seq: int, past_len, dtype) -> torch.Tensor:
@@ -117,20 +166,6 @@ class DecoderGraph(nn.Module):
         allowed = allowed | (key_pos[None, :] == query_pos[:, None])[None, None]
         return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
 
-    def _attention(self, attn, x, position_ids, mask, past_k, past_v):
-        bsz, seq, _ = x.shape
-        q = attn.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = mrope(q, position_ids, self.inv_freq, self.mrope_section)
-        k = mrope(k, position_ids, self.inv_freq, self.mrope_section)
-        k = torch.cat([past_k, k], dim=2)                                         # [B, kvH, T, D]
-        v = torch.cat([past_v, v], dim=2)
-        group = self.num_heads // self.num_kv_heads
-        q = q.reshape(bsz, self.num_kv_heads, group * seq, self.head_dim)         # GQA without repeating K/V
-        scores = (q @ k.transpose(2, 3)) * attn.scaling                           # [B, kvH, g*S, T]
-        scores = scores.view(bsz, self.num_heads, seq, -1) + mask
-        probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-        out = probs.view(bsz, self.num_kv_heads, group * seq, -1) @ v              # [B, kvH, g*S, D]
-        out = out.view(bsz, self.num_heads, seq, self.head_dim).transpose(1, 2).reshape(bsz, seq, -1)
-        return attn.o_proj(out), k, v
+
+DECODERS = {"ort": InPlaceDecoder, "standard": ConcatDecoder}
+KV_CACHE = {"ort": "in_place", "standard": "concat"}     # GraphSpec.kv_cache of each variant's decoder

@@ -38,6 +38,7 @@ from edgevl.runtime.runners import (
     activate_all,
 )
 from edgevl.runtime.sizing import (
+    DEFAULT_ENGINE_CONTEXT,
     Limits,
     build_profiles,
     max_dims,
@@ -132,17 +133,26 @@ def _cuda_options(opts: BackendOptions) -> dict:
     return {"device_id": opts.device_id, "use_tf32": 1 if opts.precision != "graph" else 0}
 
 
+def _disabled_optimizers(graph: GraphFile) -> tuple[str, ...]:
+    # onnxruntime 1.32's QDQS8ToU8Transformer rewrites int8 QDQ activations to uint8 but keeps opset 21+
+    # QuantizeLinear's output_dtype, and the session then refuses the graph ("output_dtype INT8 does not match
+    # y_zero_point type UINT8"): static int8 standard graphs (opset 23) need it off.
+    return ("QDQS8ToU8Transformer",) if graph.spec.opset >= 21 and graph.spec.precision == "int8" else ()
+
+
 def make_ort_cpu(graph: GraphFile, opts: BackendOptions) -> Runner:
     # --fast-load skips pre-packing of float weights only. Quantized kernels need their packed layout
     # (2b-l4, 2-core EPYC, without it: int8 decode 18 -> 39 ms/token, int4 MatMulNBits 15 -> 2177).
     prepack = opts.prepack or not graph.spec.float_weights
     return OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads,
-                                        prepack=prepack), name=f"ort-cpu:{graph.name}")
+                                        prepack=prepack, disabled_optimizers=_disabled_optimizers(graph)),
+                        name=f"ort-cpu:{graph.name}")
 
 
 def make_ort_cuda(graph: GraphFile, opts: BackendOptions) -> Runner:
     providers = [("CUDAExecutionProvider", _cuda_options(opts)), "CPUExecutionProvider"]
-    return OrtIoBindingRunner(SessionFromOnnx(graph.path, providers=providers, intra_op_threads=opts.threads),
+    return OrtIoBindingRunner(SessionFromOnnx(graph.path, providers=providers, intra_op_threads=opts.threads,
+                                              disabled_optimizers=_disabled_optimizers(graph)),
                               name=f"ort-cuda:{graph.name}", device="cuda", device_id=opts.device_id)
 
 
@@ -231,18 +241,19 @@ class BackendSpec:
     # Load the graphs of an artifact at the same time. Not where loading may build engines: two
     # TensorRT builders at once double the builder's GPU workspace (too much on a Jetson).
     concurrent_load: bool = True
-    variant: str = "ort"                                           # which GraphSpec.variant it runs
+    variants: tuple[str, ...] = ("ort", "standard")               # graph variants it runs, preferred first
+    default_context: int | None = None     # KV positions without --max-context (None: the model's context)
 
 
 # In preference order: the default is the first available one.
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec("trt", "TensorRT 10 engines (edgevl build), KV cache on the GPU", available_trt, make_trt, build_trt,
-                engine_limits=True, concurrent_load=False),
+                engine_limits=True, concurrent_load=False, variants=("standard",)),
     BackendSpec("ort-trt", "ONNX Runtime TensorRT EP, KV cache on the GPU", available_ort_trt, make_ort_trt,
-                build_ort_trt, engine_limits=True, concurrent_load=False),
-    BackendSpec("ort-cuda", "ONNX Runtime CUDA EP with IO binding, KV cache on the GPU", available_ort_cuda,
-                make_ort_cuda),
-    BackendSpec("ort-cpu", "ONNX Runtime on the CPU", available_ort_cpu, make_ort_cpu),
+                build_ort_trt, engine_limits=True, concurrent_load=False, variants=("standard",)),
+    BackendSpec("ort-cuda", "ONNX Runtime CUDA EP with IO binding, KV cache preallocated on the GPU",
+                available_ort_cuda, make_ort_cuda, default_context=DEFAULT_ENGINE_CONTEXT),
+    BackendSpec("ort-cpu", "ONNX Runtime on the CPU, KV cache written in place", available_ort_cpu, make_ort_cpu),
 )}
 
 
@@ -271,8 +282,13 @@ class Backend:
         return runners
 
     def graphs(self, artifact: Artifact) -> list[GraphFile]:
-        """The artifact's vision and decoder graphs of the variant this backend runs."""
-        return [artifact.graph(kind, self.spec.variant) for kind in names.GRAPH_KINDS]
+        """The artifact's vision and decoder graphs of the first variant this backend runs."""
+        variant = next((v for v in self.spec.variants if v in artifact.manifest.variants), None)
+        if variant is None:
+            raise EdgevlError(f"{artifact.path} holds {', '.join(artifact.manifest.variants)} graphs, and backend "
+                              f"{self.name} runs {' or '.join(self.spec.variants)} graphs; re-export with "
+                              f"`edgevl export --variant {self.spec.variants[0]}`.")
+        return [artifact.graph(kind, variant) for kind in names.GRAPH_KINDS]
 
     def build(self, graph: GraphFile) -> bool:
         """Build what can be built ahead of time; False when this backend has nothing to build."""
@@ -285,7 +301,8 @@ class Backend:
         """Most KV positions this backend accepts for a model (engines are built for a fixed maximum)."""
         if self.spec.engine_limits:
             return self.options.limits(config).max_context
-        return min(config.max_position_embeddings, self.options.max_context or 1 << 62)
+        return min(config.max_position_embeddings,
+                   self.options.max_context or self.spec.default_context or config.max_position_embeddings)
 
 
 def availability() -> dict[str, tuple[bool, str]]:

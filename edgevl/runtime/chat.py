@@ -4,7 +4,8 @@ Each turn renders the WHOLE conversation with the chat template (so the prompt i
 exactly what a fresh run would see), tokenizes it, and compares it with the tokens
 already in the cache: only the tokens after the common prefix are prefilled. If
 the template re-tokenizes an earlier part differently, the cache is cut back to
-the common prefix (KV rows are per position, so a prefix of the cache is valid).
+the common prefix (KV rows are per position, so a prefix of the cache is valid; an
+in-place cache only forgets its length, nothing is copied).
 
 Images (paths or PIL images) and videos (paths or `VideoClip`s from `load_video`)
 attach to a user turn, images before videos as `Pipeline.prepare` puts them.
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.generate import KVCache
+from edgevl.runtime.generate import Prompt
 from edgevl.runtime.pipeline import Pipeline, Result
 from edgevl.runtime.prompt import user_message
 
@@ -42,12 +43,14 @@ class ChatSession:
     video_embeds: list[np.ndarray] = field(default_factory=list)   # per video, in conversation order
     video_grids: list[tuple[int, int, int]] = field(default_factory=list)
     cached_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # tokens whose KV is cached
-    cache: KVCache | None = None
+    cache: object | None = None                                    # the pipeline's KV cache (kv_cache.py)
     last_prefill_tokens: int = 0
 
     def reset(self) -> None:
         self.messages, self.image_embeds, self.grids, self.video_embeds, self.video_grids = [], [], [], [], []
-        self.cached_ids, self.cache = np.zeros(0, np.int64), None
+        self.cached_ids = np.zeros(0, np.int64)
+        if self.cache is not None:
+            self.cache.truncate(0)          # keep the buffers: an in-place cache is allocated once
 
     def send(self, text: str, images=(), videos=(), max_new_tokens: int = 256, stop=(), on_text=None,
              **sampling) -> Result:
@@ -77,8 +80,10 @@ class ChatSession:
         mask = np.ones((1, len(ids)), np.int64)
         position_ids, rope_deltas = self.pipe.positions(ids[None], mask, grids, video_grids)
         self.last_prefill_tokens = len(ids) - keep
-        result = self.pipe.decode(ids[None], mask, embeds[None], position_ids[:, :, keep:], rope_deltas,
-                                  self.cache, max_new_tokens, stop, (lambda _, d: on_text(d)) if on_text else None,
+        prompt = Prompt(embeds[None], ids[None], position_ids[:, :, keep:], rope_deltas,
+                        np.array([len(ids) - keep]))
+        result = self.pipe.decode(prompt, mask, self.cache, max_new_tokens, stop,
+                                  (lambda _, d: on_text(d)) if on_text else None,
                                   {"preprocess_s": preprocess_s, "vision_s": vision_s}, **sampling)[0]
         # The cache now holds the prompt and every generated token but the last (never fed back).
         self.cached_ids = np.concatenate([ids, np.asarray(result.token_ids[:-1], np.int64)])
@@ -104,7 +109,6 @@ class ChatSession:
         n = min(len(self.cached_ids), len(ids) - 1)
         same = np.flatnonzero(self.cached_ids[:n] != ids[:n])
         keep = int(same[0]) if len(same) else n
-        if keep < self.cache.length:
-            self.cache.arrays = {k: v[:, :, :keep] for k, v in self.cache.arrays.items()}
+        self.cache.truncate(keep)
         self.cached_ids = self.cached_ids[:keep]
         return keep

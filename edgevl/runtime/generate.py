@@ -1,10 +1,12 @@
-"""The decode loop: `prefill`, `decode_one_token` and `generate`, over any decoder Runner.
+"""The decode loop: `prefill`, `decode_one_token` and `generate`, over any decoder Runner and KV cache.
 
-The decoder graph is one function of (inputs_embeds, position_ids, attention_mask,
-past KV) -> (last-position logits, present KV). Prefill feeds the whole prompt
-with an empty cache; each decode step feeds one token per row. Rows of a batch are
-left-padded; a finished row keeps receiving the pad token (as transformers does)
-until every row is done.
+The decoder graph is one function of (inputs_embeds, position_ids, the cache's length inputs, past KV)
+-> (each row's last logits, their argmax, present KV); kv_cache.py owns what the cache feeds and how it
+takes a call's outputs in. Prefill feeds the whole prompt; each decode step feeds one token per row.
+A finished row keeps receiving the pad token (as transformers does) until every row is done.
+
+Greedy decoding without a repetition penalty reads the graph's own `next_token` (argmax in the graph),
+so a device runner may keep the [B, vocab] logits on the device and bring back B integers per step.
 """
 
 from __future__ import annotations
@@ -16,54 +18,58 @@ from typing import Callable
 import numpy as np
 
 from edgevl.artifact import names
-from edgevl.runtime.rope_index import decode_position_ids
-from edgevl.runtime.runners import Runner
+from edgevl.runtime.rope_index import text_position_ids
+from edgevl.runtime.runners import Runner, to_host
 from edgevl.runtime.sampling import SamplingOptions, next_tokens
 
 
 @dataclass
-class KVCache:
-    """past_key_values.{i}.key/value, each [B, kv_heads, T, head_dim]; replaced by present.* after a step."""
+class Prompt:
+    """A padded batch of prompts (or of new turns after a cached prefix), ready for prefill."""
 
-    arrays: dict[str, np.ndarray]
-
-    @classmethod
-    def empty(cls, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-        shape = (batch, kv_heads, 0, head_dim)
-        return cls({past: np.zeros(shape, dtype) for past, _ in names.kv_names(num_layers)})
-
-    @property
-    def length(self) -> int:
-        return next(iter(self.arrays.values())).shape[2]
-
-    def update(self, outputs: dict[str, np.ndarray]) -> None:
-        for name in self.arrays:
-            self.arrays[name] = outputs[names.present_for(name)]
+    embeds: np.ndarray           # [B, S, H] the tokens not yet in the cache, padded on the cache's side
+    context_ids: np.ndarray      # [B, T] every token of the context (cached + new, padded): repetition penalty
+    position_ids: np.ndarray     # [3, B, S] M-RoPE ids of the new tokens
+    rope_deltas: np.ndarray      # [B, 1] from mrope_position_ids: decode positions = real length + delta
+    new_tokens: np.ndarray       # [B] real (not padding) tokens per row in `embeds`
 
 
-def decoder_step(decoder: Runner, embeds: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-                 cache: KVCache) -> np.ndarray:
-    """embeds [B,S,H], position_ids [3,B,S], attention_mask [B, cache+S] -> logits [B, vocab]; updates cache."""
-    outputs = decoder.infer({names.INPUTS_EMBEDS: embeds, names.POSITION_IDS: position_ids,
-                             names.ATTENTION_MASK: attention_mask, **cache.arrays})
-    cache.update(outputs)
-    return outputs[names.LOGITS]
+@dataclass(frozen=True)
+class StopRule:
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
 
 
-def prefill(decoder, embeds, position_ids, attention_mask, cache) -> np.ndarray:
-    return decoder_step(decoder, embeds, position_ids, attention_mask, cache)
+def decoder_step(decoder: Runner, cache, embeds: np.ndarray, position_ids: np.ndarray, new: np.ndarray) -> dict:
+    """One decoder call adding new[b] tokens to row b of `cache`; returns the graph's outputs (logits, next_token)."""
+    feed = {names.INPUTS_EMBEDS: embeds, names.POSITION_IDS: position_ids, **cache.feed(new, embeds.shape[1])}
+    outputs = decoder.infer(feed, cache.bindings())
+    cache.advance(outputs, new)
+    return outputs
 
 
-def decode_one_token(decoder, embed_table: np.ndarray, tokens: np.ndarray, rope_deltas: np.ndarray,
-                     attention_mask: np.ndarray, cache: KVCache, embed_dtype=None) -> np.ndarray:
-    """tokens [B] just chosen; attention_mask [B, cache+1] -> next logits [B, vocab].
+def prefill(decoder: Runner, cache, prompt: Prompt) -> dict:
+    return decoder_step(decoder, cache, prompt.embeds, prompt.position_ids, prompt.new_tokens)
 
-    New tokens are text: all three M-RoPE rows equal the 1-D position + rope_deltas.
+
+def decode_one_token(decoder: Runner, cache, embed_table: np.ndarray, tokens: np.ndarray, rope_deltas: np.ndarray,
+                     embed_dtype=None) -> dict:
+    """tokens [B] just chosen -> the graph's outputs for the next position.
+
+    New tokens are text: all three M-RoPE rows equal each row's real length + rope_deltas.
     embed_dtype: the decoder's input dtype (the table may be stored in another precision).
     """
-    embeds = np.asarray(embed_table[tokens], dtype=embed_dtype)[:, None, :]       # [B, 1, H]
-    position_ids = decode_position_ids(rope_deltas, cache.length, 1, attention_mask)   # [3, B, 1]
-    return decoder_step(decoder, embeds, position_ids, attention_mask, cache)
+    embeds = np.asarray(embed_table[tokens], dtype=embed_dtype)[:, None, :]                   # [B, 1, H]
+    position_ids = text_position_ids(cache.real_lengths, rope_deltas)                         # [3, B, 1]
+    return decoder_step(decoder, cache, embeds, position_ids, np.ones(len(tokens), np.int64))
+
+
+def choose(outputs: dict, context: np.ndarray, opts: SamplingOptions) -> np.ndarray:
+    """Next token per row: the graph's own argmax when decoding is plain greedy, else sampled from the logits."""
+    if not opts.do_sample and opts.repetition_penalty == 1.0 and names.NEXT_TOKEN in outputs:
+        return to_host(outputs[names.NEXT_TOKEN]).astype(np.int64)
+    return next_tokens(to_host(outputs[names.LOGITS]), context, opts)
 
 
 @dataclass
@@ -74,39 +80,31 @@ class Generation:
     decode_s: list[float] = field(default_factory=list)  # one entry per decode step
 
 
-def generate(decoder: Runner, embed_table: np.ndarray, prompt_embeds: np.ndarray, prompt_ids: np.ndarray,
-             attention_mask: np.ndarray, position_ids: np.ndarray, rope_deltas: np.ndarray, cache: KVCache,
-             opts: SamplingOptions,
-             max_new_tokens: int, eos_ids: list[int], pad_id: int,
+def generate(decoder: Runner, cache, embed_table: np.ndarray, prompt: Prompt, opts: SamplingOptions, stop: StopRule,
              on_token: Callable[[int, int], bool] | None = None) -> Generation:
     """Greedy or sampled generation with a KV cache.
 
-    prompt_embeds [B,S,H]; prompt_ids, attention_mask [B,S]; position_ids [3,B,S] and rope_deltas [B,1]
-    (from mrope_position_ids).
     on_token(row, token_id) is called for each real new token and returns True to stop that row
     (stop strings); EOS stops a row by itself.
     """
-    bsz = prompt_ids.shape[0]
+    bsz = len(prompt.new_tokens)
     t0 = time.perf_counter()
-    logits = prefill(decoder, prompt_embeds, position_ids, attention_mask, cache)
+    outputs = prefill(decoder, cache, prompt)
     result = Generation(np.zeros((bsz, 0), np.int64), [0] * bsz, prefill_s=time.perf_counter() - t0)
-    context = prompt_ids
+    context = prompt.context_ids
     active = np.ones(bsz, bool)
-    for step in range(max_new_tokens):
-        tokens = next_tokens(logits, context, opts)
-        tokens = np.where(active, tokens, pad_id).astype(np.int64)
+    for step in range(stop.max_new_tokens):
+        tokens = np.where(active, choose(outputs, context, opts), stop.pad_id).astype(np.int64)
         result.token_ids = np.concatenate([result.token_ids, tokens[:, None]], axis=1)
         for row in np.flatnonzero(active):
             result.lengths[row] += 1
-            stop = on_token(int(row), int(tokens[row])) if on_token else False
-            if tokens[row] in eos_ids or stop:
+            halt = on_token(int(row), int(tokens[row])) if on_token else False
+            if tokens[row] in stop.eos_ids or halt:
                 active[row] = False
-        if not active.any() or step == max_new_tokens - 1:
+        if not active.any() or step == stop.max_new_tokens - 1:
             break
         context = np.concatenate([context, tokens[:, None]], axis=1)
-        attention_mask = np.concatenate([attention_mask, np.ones((bsz, 1), attention_mask.dtype)], axis=1)
         t0 = time.perf_counter()
-        logits = decode_one_token(decoder, embed_table, tokens, rope_deltas, attention_mask, cache,
-                                  prompt_embeds.dtype)
+        outputs = decode_one_token(decoder, cache, embed_table, tokens, prompt.rope_deltas, prompt.embeds.dtype)
         result.decode_s.append(time.perf_counter() - t0)
     return result

@@ -24,8 +24,9 @@ from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, load_artifact
 from edgevl.errors import EdgevlError
 from edgevl.runtime.backends import Backend, BackendOptions, get_backend
-from edgevl.runtime.generate import KVCache, generate
+from edgevl.runtime.generate import Prompt, StopRule, generate
 from edgevl.runtime.image_processing import load_image, preprocess_image
+from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.prompt import (
     ChatTemplate,
     StreamDecoder,
@@ -80,7 +81,9 @@ class Pipeline:
         self.generation_config = artifact.read_json("generation_config.json")
         # Memory-mapped: only the rows of tokens actually used are read from disk.
         self.embed_table = np.load(artifact.file(artifact.manifest.embeddings.file), mmap_mode="r")
-        self.vision, self.decoder = self.backend.load(self.backend.graphs(artifact))
+        vision, decoder = self.backend.graphs(artifact)
+        self.decoder_spec = decoder.spec
+        self.vision, self.decoder = self.backend.load([vision, decoder])
         self.dtype = self.decoder.input_metadata()[names.INPUTS_EMBEDS].dtype
         self.load_s = time.perf_counter() - t0
 
@@ -187,11 +190,12 @@ class Pipeline:
         t0 = time.perf_counter()
         row_embeds = [self.embed(r.input_ids, *self.encode_vision(r)) for r in rows]
         vision_s = time.perf_counter() - t0
-        ids, mask, embeds = self._left_pad(rows, row_embeds, longest)
+        cache = self.new_cache(len(rows))
+        ids, mask, embeds = self._pad(rows, row_embeds, longest, cache.padding)
         position_ids, rope_deltas = self.positions(ids, mask, [g for r in rows for g in r.grids],
                                                    [g for r in rows for g in r.video_grids])
-        cache = self.new_cache(len(rows))
-        return self.decode(ids, mask, embeds, position_ids, rope_deltas, cache, max_new_tokens, stop, on_text,
+        prompt = Prompt(embeds, ids, position_ids, rope_deltas, mask.sum(1))
+        return self.decode(prompt, mask, cache, max_new_tokens, stop, on_text,
                            {"preprocess_s": preprocess_s, "vision_s": vision_s}, **sampling)
 
     def encode_vision(self, row: PreparedPrompt) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -206,28 +210,26 @@ class Pipeline:
 
     def positions(self, ids: np.ndarray, mask: np.ndarray, grids: list,
                   video_grids: list = ()) -> tuple[np.ndarray, np.ndarray]:
-        """M-RoPE ids [3, B, S] and rope deltas [B, 1] for (left-padded) rows of token ids."""
+        """M-RoPE ids [3, B, S] and rope deltas [B, 1] for (padded) rows of token ids; mask: 1 = real token."""
         def as_array(g):
             return np.array(g, np.int64).reshape(-1, 3) if len(g) else None
         return mrope_position_ids(ids, mask, self.config.image_token_id, self.config.video_token_id,
                                   as_array(grids), as_array(video_grids), self.config.spatial_merge_size)
 
-    def new_cache(self, batch: int) -> KVCache:
-        cfg = self.config
-        return KVCache.empty(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
+    def new_cache(self, batch: int):
+        """An empty KV cache of the kind the decoder graph has (kv_cache.py), for `batch` rows."""
+        return make_cache(self.decoder_spec.kv_cache, self.decoder, self.config, batch, self.max_context, self.dtype)
 
-    def decode(self, context_ids: np.ndarray, attention_mask: np.ndarray, embeds: np.ndarray,
-               position_ids: np.ndarray, rope_deltas: np.ndarray, cache: KVCache, max_new_tokens: int,
-               stop=(), on_text=None, timings: dict | None = None, **sampling) -> list[Result]:
-        """Prefill `embeds` (the tokens not yet in `cache`) and generate.
+    def decode(self, prompt: Prompt, context_mask: np.ndarray, cache, max_new_tokens: int, stop=(), on_text=None,
+               timings: dict | None = None, **sampling) -> list[Result]:
+        """Prefill `prompt` (the tokens not yet in `cache`) and generate.
 
-        context_ids [B, T]: every token of the context (cached + new) for the repetition penalty;
-        attention_mask [B, T]; embeds [B, S_new, H]; position_ids [3, B, S_new]; rope_deltas [B, 1].
+        context_mask [B, T]: which of prompt.context_ids are real tokens (the prompt ids each Result reports).
         """
-        max_new_tokens = max(1, min(max_new_tokens, self.max_context - context_ids.shape[1]))
+        max_new_tokens = max(1, min(max_new_tokens, self.max_context - int(context_mask.sum(1).max())))
         opts = self.sampling_options(**sampling)
         eos = self.config.eos_token_id
-        streams = [StreamDecoder(self.tokenizer, tuple(stop)) for _ in range(len(context_ids))]
+        streams = [StreamDecoder(self.tokenizer, tuple(stop)) for _ in range(len(context_mask))]
 
         def on_token(row: int, token: int) -> bool:
             if token in eos:
@@ -237,8 +239,8 @@ class Pipeline:
                 on_text(row, delta)
             return streams[row].stopped
 
-        gen = generate(self.decoder, self.embed_table, embeds, context_ids, attention_mask, position_ids,
-                       rope_deltas, cache, opts, max_new_tokens, eos, self._pad_id(), on_token)
+        gen = generate(self.decoder, cache, self.embed_table, prompt, opts,
+                       StopRule(max_new_tokens, eos, self._pad_id()), on_token)
         timings = {**(timings or {}), "prefill_s": gen.prefill_s, "decode_s_per_token": gen.decode_s,
                    "load_s": self.load_s}
         results = []
@@ -248,7 +250,7 @@ class Pipeline:
             if on_text and rest:
                 on_text(b, rest)
             reason = "stop" if stream.stopped else "eos" if tokens and tokens[-1] in eos else "length"
-            prompt_ids = context_ids[b][attention_mask[b] == 1].tolist()
+            prompt_ids = prompt.context_ids[b][context_mask[b] == 1].tolist()
             results.append(Result(prompt_ids, tokens, stream.text, reason, dict(timings)))
         return results
 
@@ -261,15 +263,16 @@ class Pipeline:
         pad = self.config.pad_token_id
         return int(pad if pad is not None else self.config.eos_token_id[0])
 
-    def _left_pad(self, rows, row_embeds, length: int):
-        """Left-pad every row to `length`: ids and mask [B, L] int64, embeds [B, L, hidden]."""
+    def _pad(self, rows, row_embeds, length: int, side: str):
+        """Pad every row to `length` on `side` ("left" | "right", the cache's): ids and mask [B, L] int64,
+        embeds [B, L, hidden] (padding positions hold the pad token's embedding)."""
         bsz, hidden = len(rows), row_embeds[0].shape[1]
         ids = np.full((bsz, length), self._pad_id(), np.int64)
         mask = np.zeros((bsz, length), np.int64)
-        embeds = np.zeros((bsz, length, hidden), self.dtype)
-        pad_embed = np.asarray(self.embed_table[self._pad_id()], dtype=self.dtype)
+        embeds = np.empty((bsz, length, hidden), self.dtype)
+        embeds[:] = np.asarray(self.embed_table[self._pad_id()], dtype=self.dtype)
         for b, (row, e) in enumerate(zip(rows, row_embeds)):
             n = len(row.input_ids)
-            ids[b, length - n:], mask[b, length - n:], embeds[b, length - n:] = row.input_ids, 1, e
-            embeds[b, :length - n] = pad_embed
+            where = slice(length - n, length) if side == "left" else slice(0, n)
+            ids[b, where], mask[b, where], embeds[b, where] = row.input_ids, 1, e
         return ids, mask, embeds

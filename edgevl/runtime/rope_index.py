@@ -5,7 +5,9 @@
 * `mrope_position_ids`: 3D (temporal, height, width) ids for the language
   model prefill (`Qwen2VLModel.get_rope_index`) and the per-row deltas that
   continue them during decoding.
-* `decode_position_ids`: the ids of tokens generated after the prefill.
+* `text_position_ids`: the ids of tokens generated after the prefill, from each row's real
+  length (what the generation loop uses, for left- and right-padded caches alike);
+  `decode_position_ids` is the same in transformers' terms (cache length and mask).
 """
 
 from __future__ import annotations
@@ -124,6 +126,14 @@ def mrope_position_ids(
         position_ids[:, b, keep[b]] = positions
         rope_deltas[b, 0] = positions.max() + 1 - positions.shape[1]
     return position_ids, rope_deltas
+
+
+def text_position_ids(real_lengths: np.ndarray, rope_deltas: np.ndarray, seq_len: int = 1) -> np.ndarray:
+    """3D ids of `seq_len` new text tokens per row: int64 [3, B, seq_len] = real_lengths[b] + i + rope_deltas[b],
+    where real_lengths[b] counts the row's tokens before them (padding excluded)."""
+    text = np.asarray(real_lengths, np.int64)[:, None] + np.arange(seq_len, dtype=np.int64)[None, :]
+    text = text + np.asarray(rope_deltas, dtype=np.int64).reshape(-1, 1)
+    return np.broadcast_to(text, (3, *text.shape)).copy()
 
 
 def decode_position_ids(

@@ -5,7 +5,8 @@ Polygraphy's split: a *loader* is a callable that builds something expensive
 exposes
 
     activate()                      build / acquire resources
-    infer(feed: dict) -> dict       name -> numpy array, both ways
+    infer(feed, bindings) -> dict   name -> numpy array, both ways; `bindings`: outputs written into
+                                    buffers made by allocate() (an in-place KV cache)
     deactivate()                    release them
     input_metadata() -> dict        name -> TensorMeta(dtype, shape)
 
@@ -43,7 +44,7 @@ class Runner(Protocol):
     name: str
 
     def activate(self) -> None: ...
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def infer(self, feed: dict[str, np.ndarray], bindings: dict | None = None) -> dict[str, np.ndarray]: ...
     def deactivate(self) -> None: ...
     def input_metadata(self) -> dict[str, TensorMeta]: ...
 
@@ -81,9 +82,33 @@ class DeviceTensor:
         return f"DeviceTensor(shape={self.shape}, dtype={self.dtype})"
 
 
+class OrtBuffer:
+    """A buffer a graph reads and writes in place (an in-place KV cache): an OrtValue on the runner's device.
+
+    On the host it wraps numpy memory (`array`): `numpy()` is a view, nothing is ever copied.
+    On a GPU `numpy()` copies to the host."""
+
+    __slots__ = ("ortvalue", "array")
+
+    def __init__(self, ortvalue, array: np.ndarray | None = None):
+        self.ortvalue, self.array = ortvalue, array
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.ortvalue.shape())
+
+    def data_ptr(self) -> int:
+        return self.ortvalue.data_ptr()
+
+    def numpy(self) -> np.ndarray:
+        return self.array if self.array is not None else self.ortvalue.numpy()
+
+
 def to_host(value) -> np.ndarray:
-    """numpy for anything a runner returns (DeviceTensors are copied to the host)."""
-    return value.numpy() if isinstance(value, DeviceTensor) else np.asarray(value)
+    """numpy for anything a runner returns or holds (DeviceTensors and OrtValues are copied to the host)."""
+    if isinstance(value, np.ndarray):
+        return value
+    return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
 def provider_names(providers) -> list[str]:
@@ -120,12 +145,13 @@ class SessionFromOnnx:
     """
 
     def __init__(self, path: str | os.PathLike, providers=("CPUExecutionProvider",), intra_op_threads: int = 0,
-                 optimization_level: str = "all", prepack: bool = True):
+                 optimization_level: str = "all", prepack: bool = True, disabled_optimizers: tuple[str, ...] = ()):
         self.path = Path(path)
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
         self.optimization_level = optimization_level
         self.prepack = prepack
+        self.disabled_optimizers = tuple(disabled_optimizers)
 
     def __call__(self):
         import onnxruntime as ort
@@ -136,7 +162,8 @@ class SessionFromOnnx:
             raise EdgevlError(f"onnxruntime {ort.__version__} here has no {', '.join(missing)} "
                               f"(available: {', '.join(ort.get_available_providers())}).")
         try:
-            session = ort.InferenceSession(str(self.path), options, providers=self.providers)
+            session = ort.InferenceSession(str(self.path), options, providers=self.providers,
+                                           disabled_optimizers=list(self.disabled_optimizers) or None)
         except Exception as e:  # a corrupt or foreign graph: one sentence, not an ORT stack
             raise EdgevlError(f"onnxruntime could not load {self.path.name}: {str(e).splitlines()[0]}") from None
         # ORT quietly drops a provider whose libraries fail to load (CUDA, cuDNN, TensorRT): never run
@@ -172,32 +199,85 @@ def activate_all(runners: list["Runner"], concurrently: bool = True) -> None:
 
 
 class OnnxrtRunner:
-    """Runs an onnxruntime.InferenceSession built by a loader."""
+    """Runs an onnxruntime.InferenceSession built by a loader.
+
+    infer(feed, bindings): `bindings` maps output names to buffers from `allocate` that the graph writes
+    in place (an in-place KV cache is bound as past input and present output at once); the buffers may
+    also appear in `feed`. Without bindings it is a plain session.run.
+    """
+
+    device, device_id = "cpu", 0
+    keep_on_device: tuple[str, ...] = ()
 
     def __init__(self, build_session: Callable, name: str = "onnxrt"):
         self.build_session = build_session
         self.name = name
         self.session = None
+        self._meta: dict[str, TensorMeta] | None = None
+        self._outputs: list[str] | None = None
 
     def activate(self) -> None:
         if self.session is None:
             self.session = self.build_session()
+            self._meta = {i.name: TensorMeta(np.dtype(_ORT_TYPES[i.type]), tuple(i.shape))
+                          for i in self.session.get_inputs()}
+            self._outputs = [o.name for o in self.session.get_outputs()]
 
     def deactivate(self) -> None:
-        self.session = None
+        self.session = self._meta = self._outputs = None
 
     def input_metadata(self) -> dict[str, TensorMeta]:
         self._require_active()
-        return {i.name: TensorMeta(np.dtype(_ORT_TYPES[i.type]), tuple(i.shape)) for i in self.session.get_inputs()}
+        return dict(self._meta)
 
     def output_names(self) -> list[str]:
         self._require_active()
-        return [o.name for o in self.session.get_outputs()]
+        return list(self._outputs)
 
-    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def allocate(self, shape: tuple[int, ...], dtype) -> OrtBuffer:
+        """A zeroed buffer on this runner's device that a graph output can be bound to (see `infer`).
+        On the host it wraps numpy memory, so nothing is copied in or out."""
+        import onnxruntime as ort
+        array = np.zeros(shape, dtype)
+        return OrtBuffer(ort.OrtValue.ortvalue_from_numpy(array), array)
+
+    def infer(self, feed: dict, bindings: dict | None = None) -> dict:
         self._require_active()
-        outputs = self.session.run(None, feed)
-        return dict(zip(self.output_names(), outputs))
+        if not bindings and all(isinstance(v, np.ndarray) for v in feed.values()):
+            return dict(zip(self._outputs, self.session.run(None, feed)))
+        return self._run_bound(feed, bindings or {})
+
+    def _run_bound(self, feed: dict, bindings: dict) -> dict:
+        """session.run_with_iobinding: buffers and own device values bound as they are, numpy copied in,
+        `bindings` as the outputs they name, the rest on the host (or the device, per keep_on_device)."""
+        binding = self.session.io_binding()
+        keep_alive = []                                   # host arrays must outlive the run
+        for name, value in feed.items():
+            if isinstance(value, OrtBuffer):
+                binding.bind_ortvalue_input(name, value.ortvalue)
+            elif isinstance(value, DeviceTensor) and value.owner is self:
+                binding.bind_ortvalue_input(name, value.handle)
+            else:
+                array = np.ascontiguousarray(to_host(value), dtype=self._meta[name].dtype)
+                keep_alive.append(array)
+                binding.bind_cpu_input(name, array)
+        for name in self._outputs:
+            if name in bindings:
+                binding.bind_ortvalue_output(name, bindings[name].ortvalue)
+            else:
+                device = name.startswith(self.keep_on_device)
+                binding.bind_output(name, self.device if device else "cpu", self.device_id if device else 0)
+        self.session.run_with_iobinding(binding)
+        results = {}
+        for name, value in zip(self._outputs, binding.get_outputs()):
+            if name in bindings:
+                results[name] = bindings[name]
+            elif name.startswith(self.keep_on_device):
+                results[name] = DeviceTensor(value, tuple(value.shape()), _ORT_TYPES[value.data_type()], self,
+                                             value.numpy)
+            else:
+                results[name] = value.numpy()
+        return results
 
     def _require_active(self) -> None:
         if self.session is None:
@@ -205,56 +285,31 @@ class OnnxrtRunner:
 
 
 class OrtIoBindingRunner(OnnxrtRunner):
-    """ONNX Runtime with IO binding: outputs named in `keep_on_device` stay on `device` as DeviceTensors.
+    """ONNX Runtime with IO binding on `device`: outputs named in `keep_on_device` stay there as DeviceTensors,
+    buffers from `allocate` live there.
 
     Inputs: numpy arrays are cast to the graph's dtype (input_metadata: fp16 graphs take fp16) and
-    copied by ORT; DeviceTensors from this runner are bound as they are (no copy). Outputs: ORT
-    allocates each on `device` ("cuda") or on the host, with the shape it computes at run time;
-    every call gets fresh output values, so a DeviceTensor stays valid as long as it is referenced.
+    copied by ORT; DeviceTensors from this runner and buffers are bound as they are (no copy). Outputs:
+    bound buffers are written in place; the rest ORT allocates on `device` or on the host, with the shape
+    it computes at run time; a DeviceTensor stays valid as long as it is referenced.
     With device="cpu" the same code runs on the CPU EP (how the CPU tests exercise it).
     """
 
     def __init__(self, build_session: Callable, name: str = "onnxrt-iobinding", device: str = "cuda",
-                 device_id: int = 0, keep_on_device: tuple[str, ...] = ("present.",)):
+                 device_id: int = 0, keep_on_device: tuple[str, ...] = ("present.", "logits")):
         super().__init__(build_session, name)
         self.device, self.device_id, self.keep_on_device = device, device_id, tuple(keep_on_device)
-        self._meta: dict[str, TensorMeta] | None = None
-        self._outputs: list[str] | None = None
 
-    def activate(self) -> None:
-        super().activate()
-        self._meta, self._outputs = self.input_metadata(), self.output_names()
+    def allocate(self, shape: tuple[int, ...], dtype) -> OrtBuffer:
+        import onnxruntime as ort
+        if self.device == "cpu":
+            return super().allocate(shape, dtype)
+        return OrtBuffer(ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype), self.device,
+                                                                   self.device_id))
 
-    def deactivate(self) -> None:
-        super().deactivate()
-        self._meta = self._outputs = None
-
-    def infer(self, feed: dict) -> dict:
+    def infer(self, feed: dict, bindings: dict | None = None) -> dict:
         self._require_active()
-        binding = self.session.io_binding()
-        keep_alive = []                                   # host arrays must outlive the run
-        for name, value in feed.items():
-            if isinstance(value, DeviceTensor):
-                if value.owner is not self:
-                    value = value.numpy()                 # another runner's tensor: through the host
-                else:
-                    binding.bind_ortvalue_input(name, value.handle)
-                    continue
-            array = np.ascontiguousarray(value, dtype=self._meta[name].dtype)
-            keep_alive.append(array)
-            binding.bind_cpu_input(name, array)
-        for name in self._outputs:
-            on_device = name.startswith(self.keep_on_device)
-            binding.bind_output(name, self.device if on_device else "cpu", self.device_id if on_device else 0)
-        self.session.run_with_iobinding(binding)
-        results = {}
-        for name, value in zip(self._outputs, binding.get_outputs()):
-            if name.startswith(self.keep_on_device):
-                results[name] = DeviceTensor(value, tuple(value.shape()), _ORT_TYPES[value.data_type()], self,
-                                             value.numpy)
-            else:
-                results[name] = value.numpy()
-        return results
+        return self._run_bound(feed, bindings or {})
 
 
 def compare_outputs(a: dict, b: dict, atol: float, rtol: float = 0.0) -> dict:

@@ -326,7 +326,9 @@ class TrtRunner:
         return {n: TensorMeta(self.dtypes[n], tuple(self.engine.get_tensor_shape(n))) for n in self.inputs}
 
     # -- inference
-    def infer(self, feed: dict) -> dict:
+    def infer(self, feed: dict, bindings: dict | None = None) -> dict:
+        if bindings:
+            raise EdgevlError(f"{self.name} runs graphs whose cache grows by concatenation, not in place.")
         if self.engine is None:
             raise RuntimeError(f"runner {self.name} used before activate()")
         ctx, handle = self.context, self.mem.handle(self.stream)

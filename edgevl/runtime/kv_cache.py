@@ -1,0 +1,130 @@
+"""The two KV caches a decoder graph can have (GraphSpec.kv_cache), behind one small interface.
+
+    InPlaceCache   ("in_place", the ort variant: GroupQueryAttention)
+                   one buffer per layer and K/V, [B, kv_heads, max_context, head_dim], allocated once by the
+                   decoder runner (host memory on the CPU, device memory on a GPU) and bound as the graph's
+                   past AND present input/output: each call writes its new rows by position, nothing is
+                   copied (gpt-fast's "KV cache written by position"). Rows are right-padded; per-row
+                   lengths are fed as seqlens_k / total_sequence_length.
+    ConcatCache    ("concat", the standard variant: Attention-23, TensorRT)
+                   present = past ++ new, returned by every call and fed back as the next past (on a GPU as
+                   device values, without a copy to the host). Rows are left-padded; attention_mask says
+                   which positions are real.
+
+Both answer the generation loop the same questions: what to feed for `new` tokens per row (`feed`),
+what to bind as outputs (`bindings`), how to take a call's outputs in (`advance`), how many real
+tokens each row has (`real_lengths`, for M-RoPE decode positions), and how to cut back to a
+prefix (`truncate`, multi-turn chat).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edgevl.artifact import names
+from edgevl.errors import EdgevlError
+
+
+class InPlaceCache:
+    padding = "right"
+
+    def __init__(self, decoder, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_context: int, dtype):
+        self.max_context = max_context
+        shape = (batch, kv_heads, max_context, head_dim)
+        # np.zeros / device allocations: on the CPU the pages are only committed as rows are written, so
+        # memory grows with the context actually used, not with max_context.
+        self.buffers = {past: decoder.allocate(shape, dtype) for past, _ in names.kv_names(num_layers)}
+        self.lengths = np.zeros(batch, np.int64)          # tokens in the cache, per row
+
+    @property
+    def length(self) -> int:
+        return int(self.lengths.max())
+
+    @property
+    def real_lengths(self) -> np.ndarray:
+        return self.lengths.copy()
+
+    def feed(self, new: np.ndarray, seq: int) -> dict:
+        """Inputs for a call that adds new[b] real tokens to row b (within a [B, seq] block, right-padded)."""
+        after = self.lengths + np.asarray(new, np.int64)
+        if int(after.max()) > self.max_context:
+            raise EdgevlError(f"the sequence would reach {int(after.max())} tokens but the KV cache holds "
+                              f"{self.max_context}; raise --max-context or shorten the prompt.")
+        return {names.SEQLENS_K: (after - 1).astype(np.int32),
+                names.TOTAL_SEQUENCE_LENGTH: np.array(max(int(after.max()), seq), np.int32),
+                **self.buffers}
+
+    def bindings(self) -> dict:
+        """Outputs to write into our buffers: present.* is past_key_values.*, the same memory."""
+        return {names.present_for(past): buffer for past, buffer in self.buffers.items()}
+
+    def advance(self, outputs: dict, new: np.ndarray) -> None:
+        self.lengths += np.asarray(new, np.int64)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` positions of every row (the rest is overwritten by the next call)."""
+        self.lengths = np.minimum(self.lengths, length)
+
+    def fill_random(self, length: int, rng: np.random.Generator) -> None:
+        """`length` positions of random keys and values in every row (decode timing at a context length)."""
+        for buffer in self.buffers.values():
+            host = buffer.numpy() if buffer.array is not None else np.zeros(buffer.shape, buffer.numpy().dtype)
+            host[:, :, :length] = rng.standard_normal(host[:, :, :length].shape, np.float32)
+            if buffer.array is None:
+                buffer.ortvalue.update_inplace(host)
+        self.lengths[:] = length
+
+
+class ConcatCache:
+    padding = "left"
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, dtype):
+        shape = (batch, kv_heads, 0, head_dim)
+        self.arrays = {past: np.zeros(shape, dtype) for past, _ in names.kv_names(num_layers)}
+        self.mask = np.zeros((batch, 0), np.int64)        # 1 = a real token at this position
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def real_lengths(self) -> np.ndarray:
+        return self.mask.sum(1)
+
+    def feed(self, new: np.ndarray, seq: int) -> dict:
+        """Inputs for a call of `seq` positions per row, the last new[b] of them real (left padding)."""
+        return {names.ATTENTION_MASK: np.concatenate([self.mask, _left_padded(new, seq)], axis=1), **self.arrays}
+
+    def bindings(self) -> dict:
+        return {}
+
+    def advance(self, outputs: dict, new: np.ndarray) -> None:
+        grown = {past: outputs[names.present_for(past)] for past in self.arrays}
+        seq = next(iter(grown.values())).shape[2] - self.length
+        self.mask = np.concatenate([self.mask, _left_padded(new, seq)], axis=1)
+        self.arrays = grown
+
+    def truncate(self, length: int) -> None:
+        if length < self.length:
+            self.arrays = {k: v[:, :, :length] for k, v in self.arrays.items()}
+            self.mask = self.mask[:, :length]
+
+    def fill_random(self, length: int, rng: np.random.Generator) -> None:
+        """`length` positions of random keys and values in every row (decode timing at a context length)."""
+        for past, array in self.arrays.items():
+            b, h, _, d = array.shape
+            self.arrays[past] = rng.standard_normal((b, h, length, d), np.float32).astype(array.dtype)
+        self.mask = np.ones((len(self.mask), length), np.int64)
+
+
+def _left_padded(new: np.ndarray, seq: int) -> np.ndarray:
+    """[B, seq] int64: 1 at the last new[b] positions of each row."""
+    return (np.arange(seq)[None, :] >= seq - np.asarray(new)[:, None]).astype(np.int64)
+
+
+def make_cache(kind: str, decoder, config, batch: int, max_context: int, dtype):
+    """The cache a decoder of GraphSpec.kv_cache `kind` needs, for `batch` rows."""
+    if kind == names.IN_PLACE:
+        return InPlaceCache(decoder, config.num_hidden_layers, batch, config.num_key_value_heads, config.head_dim,
+                            max_context, dtype)
+    return ConcatCache(config.num_hidden_layers, batch, config.num_key_value_heads, config.head_dim, dtype)
