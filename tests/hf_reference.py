@@ -30,12 +30,12 @@ def make_hf_inputs(tiny_model_dir):
     return build
 
 
-def hf_generate(hf_model, ids, extra, attention_mask=None, **kwargs):
+def hf_generate(hf_model, ids, extra, attention_mask=None, max_new_tokens=NEW_TOKENS, **kwargs):
     image_token = hf_model.config.image_token_id
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     with torch.no_grad():
         out = hf_model.generate(input_ids=ids, attention_mask=mask, mm_token_type_ids=(ids == image_token).int(),
-                                max_new_tokens=NEW_TOKENS, do_sample=False, **extra, **kwargs)
+                                max_new_tokens=max_new_tokens, do_sample=False, **extra, **kwargs)
     return out[:, ids.shape[1]:]
 
 

@@ -492,3 +492,28 @@ def test_engine_backends_load_one_graph_at_a_time():
     # building two TensorRT engines at once doubles the builder's GPU memory
     assert not backends.BACKENDS["trt"].concurrent_load and not backends.BACKENDS["ort-trt"].concurrent_load
     assert backends.BACKENDS["ort-cpu"].concurrent_load and backends.BACKENDS["ort-cuda"].concurrent_load
+
+
+def test_static_decode_steps_reuse_every_address_and_bring_back_only_tokens(pipeline, photos):
+    """The ort-cuda --cuda-graph loop on the CPU EP: decode-step inputs copied into buffers allocated once,
+    logits and next_token written to fixed buffers, total_sequence_length fixed at max_context; same tokens."""
+    expected = _tokens(pipeline, photos["coffee"])
+    static = OrtIoBindingRunner(SessionFromOnnx(pipeline.artifact.graph_path("decoder")), device="cpu",
+                                static_decode=True)
+    static.activate()
+    seen = []
+    run = static._run_bound
+
+    def spy(feed, bindings, options=None):
+        if feed["inputs_embeds"].__class__.__name__ == "OrtBuffer":   # a decode step
+            seen.append(({k: v.data_ptr() for k, v in feed.items() if hasattr(v, "data_ptr")},
+                         {k: v.data_ptr() for k, v in bindings.items()}, int(feed["total_sequence_length"])))
+        return run(feed, bindings, options)
+
+    static._run_bound = spy
+    with _Swapped(pipeline, pipeline.vision, static):
+        assert _tokens(pipeline, photos["coffee"]) == expected
+    assert len(seen) == len(expected) - 1                         # every decode step took the static path
+    assert all(step[:2] == seen[0][:2] for step in seen)          # ... at the very same addresses
+    assert {"logits", "next_token"} <= set(seen[0][1]) and {"inputs_embeds", "position_ids"} <= set(seen[0][0])
+    assert {step[2] for step in seen} == {pipeline.max_context}

@@ -1,7 +1,7 @@
 """Flag groups shared by the commands, and how they become options objects.
 
     add_backend_flags(p)   --backend --threads --max-context --max-batch --max-image-patches --precision
-                           --engine-cache --device --fast-load        -> backend_from_args(args)
+                           --engine-cache --device --cuda-graph --fast-load -> backend_from_args(args)
     add_generation_flags(p, N)  --max-new-tokens and --greedy --temperature --top-k --top-p --repetition-penalty --seed
                                                                       -> sampling_from_args(args)
     add_artifact_flags(p)  OUT and --no-verify
@@ -54,6 +54,10 @@ def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False
     g.add_argument("--engine-cache", metavar="DIR",
                    help="where engines are cached (default: $EDGEVL_CACHE or ~/.cache/edgevl)")
     g.add_argument("--device", type=int, default=0, metavar="N", help="GPU index (default: 0)")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="ort-cuda: capture decode steps as CUDA graphs and replay them (fixed-address inputs, KV "
+                        "buffers and outputs; greedy tokens come back as B integers per step). Not yet measured on "
+                        "a GPU")
     g.add_argument("--fast-load", action="store_true",
                    help="ort-cpu: skip onnxruntime's pre-packing of float (fp32/fp16) weights at load: a 2B-width "
                         "fp32 decoder loads in ~0.1 s instead of 2-9 s, vision runs ~10 %% and decode ~5-10 %% "
@@ -68,7 +72,7 @@ def backend_options(args, log=None):
                           max_batch=args.max_batch, max_context=args.max_context,
                           max_image_patches=args.max_image_patches, precision=args.precision,
                           cache_dir=Path(args.engine_cache) if args.engine_cache else None,
-                          log=log or logger("backend"))
+                          cuda_graph=args.cuda_graph, log=log or logger("backend"))
 
 
 def backend_from_args(args, log=None, name: str | None = ...):

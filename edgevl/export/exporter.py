@@ -55,20 +55,41 @@ def resolve_model_dir(model: str) -> Path:
                           f"({type(e).__name__}).") from None
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    """A model folder's JSON file as a dict, or one sentence saying what is wrong with it."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgevlError(f"{path} is not valid JSON ({type(e).__name__}); the {what} cannot be read.") from None
+    if not isinstance(data, dict):
+        raise EdgevlError(f"{path} must hold a JSON object (the {what}).")
+    return data
+
+
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise EdgevlError(f"{model_dir} has no config.json; it is not a Hugging Face model folder.")
-    config = json.loads(path.read_text())
+    config = read_json_file(path, "model config")
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise EdgevlError(f"{model_dir} holds a '{config.get('model_type')}' model; edgevl exports "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2-VL) models.")
+    if not any(next(model_dir.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise EdgevlError(f"{model_dir} has a config.json but no weights (*.safetensors or pytorch_model*.bin).")
     return config
 
 
 def load_model(model_dir: Path, dtype: torch.dtype):
     from transformers import Qwen2VLForConditionalGeneration
-    model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+    try:
+        model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:   # bad config values, broken shards
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise EdgevlError(f"transformers could not load the model in {model_dir} ({type(e).__name__}"
+                          f"{': ' + first if first else ''}).") from None
     return model.eval()
 
 
@@ -92,7 +113,7 @@ def find_chat_template(model_dir: Path) -> str | None:
     for name in ("chat_template.json", "tokenizer_config.json"):
         path = model_dir / name
         if path.exists():
-            template = json.loads(path.read_text()).get("chat_template")
+            template = read_json_file(path, "tokenizer / template config").get("chat_template")
             if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
                 template = next((t["template"] for t in template if t.get("name") == "default"), None)
             if template:
@@ -149,13 +170,13 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int | 
     preprocessor = model_dir / "preprocessor_config.json"
     if not preprocessor.exists():
         raise EdgevlError(f"{model_dir} has no preprocessor_config.json (the image-processor settings).")
-    preprocessor_dict = json.loads(preprocessor.read_text())
+    preprocessor_dict = read_json_file(preprocessor, "image-processor settings")
     settings = ImageProcessorSettings.from_dict(preprocessor_dict)
     # transformers' video processor reads video_preprocessor_config.json, else preprocessor_config.json.
     video_file = model_dir / "video_preprocessor_config.json"
-    frames = video_settings(settings, json.loads(video_file.read_text()) if video_file.exists()
+    frames = video_settings(settings, read_json_file(video_file, "video-processor settings") if video_file.exists()
                             else preprocessor_dict)
-    generation = json.loads((model_dir / "generation_config.json").read_text()) \
+    generation = read_json_file(model_dir / "generation_config.json", "generation config") \
         if (model_dir / "generation_config.json").exists() else {}
 
     torch_dtype = DTYPES[dtype]

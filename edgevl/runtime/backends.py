@@ -59,6 +59,7 @@ class BackendOptions:
     max_image_patches: int | None = None   # engines: 14x14 patches per vision call (default 4096)
     precision: str = "graph"               # graph | fp16 | int8 (engines; see trt.BuildOptions)
     cache_dir: Path | None = None          # engine cache (default $EDGEVL_CACHE or ~/.cache/edgevl)
+    cuda_graph: bool = False               # ort-cuda: decode steps captured and replayed as CUDA graphs
     log: Callable[[str], None] = field(default=lambda msg: None, compare=False)
 
     def __post_init__(self):
@@ -150,10 +151,15 @@ def make_ort_cpu(graph: GraphFile, opts: BackendOptions) -> Runner:
 
 
 def make_ort_cuda(graph: GraphFile, opts: BackendOptions) -> Runner:
-    providers = [("CUDAExecutionProvider", _cuda_options(opts)), "CPUExecutionProvider"]
+    # --cuda-graph: only for the in-place decoder, whose decode steps have fixed shapes and addresses
+    # (static KV buffers, inputs copied into fixed buffers, total_sequence_length = max_context).
+    graphed = opts.cuda_graph and graph.spec.kv_cache == names.IN_PLACE
+    cuda = {**_cuda_options(opts), **({"enable_cuda_graph": "1"} if graphed else {})}
+    providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
     return OrtIoBindingRunner(SessionFromOnnx(graph.path, providers=providers, intra_op_threads=opts.threads,
                                               disabled_optimizers=_disabled_optimizers(graph)),
-                              name=f"ort-cuda:{graph.name}", device="cuda", device_id=opts.device_id)
+                              name=f"ort-cuda:{graph.name}", device="cuda", device_id=opts.device_id,
+                              static_decode=graphed)
 
 
 def _device(opts: BackendOptions) -> probe.GpuInfo:

@@ -28,8 +28,12 @@ from edgevl.errors import EdgevlError
 class InPlaceCache:
     padding = "right"
 
-    def __init__(self, decoder, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_context: int, dtype):
+    def __init__(self, decoder, num_layers: int, batch: int, kv_heads: int, head_dim: int, max_context: int, dtype,
+                 static_total: bool = False):
         self.max_context = max_context
+        # CUDA graphs replay fixed shapes and values: decode steps then say total = max_context, and
+        # GroupQueryAttention bounds each row by seqlens_k alone (checked equal on the CPU).
+        self.static_total = static_total
         shape = (batch, kv_heads, max_context, head_dim)
         # np.zeros / device allocations: on the CPU the pages are only committed as rows are written, so
         # memory grows with the context actually used, not with max_context.
@@ -50,8 +54,8 @@ class InPlaceCache:
         if int(after.max()) > self.max_context:
             raise EdgevlError(f"the sequence would reach {int(after.max())} tokens but the KV cache holds "
                               f"{self.max_context}; raise --max-context or shorten the prompt.")
-        return {names.SEQLENS_K: (after - 1).astype(np.int32),
-                names.TOTAL_SEQUENCE_LENGTH: np.array(max(int(after.max()), seq), np.int32),
+        total = self.max_context if self.static_total and seq == 1 else max(int(after.max()), seq)
+        return {names.SEQLENS_K: (after - 1).astype(np.int32), names.TOTAL_SEQUENCE_LENGTH: np.array(total, np.int32),
                 **self.buffers}
 
     def bindings(self) -> dict:
@@ -126,5 +130,5 @@ def make_cache(kind: str, decoder, config, batch: int, max_context: int, dtype):
     """The cache a decoder of GraphSpec.kv_cache `kind` needs, for `batch` rows."""
     if kind == names.IN_PLACE:
         return InPlaceCache(decoder, config.num_hidden_layers, batch, config.num_key_value_heads, config.head_dim,
-                            max_context, dtype)
+                            max_context, dtype, static_total=decoder.static_decode)
     return ConcatCache(config.num_hidden_layers, batch, config.num_key_value_heads, config.head_dim, dtype)

@@ -6,7 +6,7 @@
 
 Stages and where they live:
   preprocess    image_processing.preprocess_image   (PIL + numpy, identical to transformers)
-  prompt        prompt.ChatTemplate / expand_vision_pads / Tokenizer
+  prompt        template.ChatTemplate, prompt.expand_vision_pads / Tokenizer
   vision        vision runner, one call per image (memory linear in the number of images)
   embeddings    gather from embed_tokens.npy, image embeddings scattered into the pad slots
   positions     rope_index.mrope_position_ids (3-D M-RoPE)
@@ -28,7 +28,6 @@ from edgevl.runtime.generate import Prompt, StopRule, generate
 from edgevl.runtime.image_processing import load_image, preprocess_image
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.prompt import (
-    ChatTemplate,
     StreamDecoder,
     Tokenizer,
     expand_vision_pads,
@@ -36,6 +35,7 @@ from edgevl.runtime.prompt import (
 )
 from edgevl.runtime.rope_index import mrope_position_ids, vision_rotary_position_ids
 from edgevl.runtime.sampling import SamplingOptions
+from edgevl.runtime.template import ChatTemplate
 from edgevl.runtime.video import VideoClip, load_video, preprocess_video
 
 IMAGE_PAD = "<|image_pad|>"
@@ -137,7 +137,7 @@ class Pipeline:
         text = self.template.render(messages)
         text = expand_vision_pads(text, IMAGE_PAD, grids, self.image_settings.merge_size)
         text = expand_vision_pads(text, VIDEO_PAD, list(video_grids), self.video_settings.merge_size)
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_bounded(text, self.max_context)
 
     def encode_image(self, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
         """[t*h*w, D] patches -> [t*h*w/merge^2, hidden] embeddings; each temporal patch attends alone."""

@@ -1,49 +1,17 @@
-"""Prompt -> token ids: the model's own chat template (jinja2) and vision-pad expansion.
+"""Prompt -> token ids: messages, vision-pad expansion, the tokenizer, and streaming text back out.
 
-The chat template puts one `<|image_pad|>` between `<|vision_start|>` and
+The chat template (template.py) puts one `<|image_pad|>` between `<|vision_start|>` and
 `<|vision_end|>` per image; like transformers' Qwen2VLProcessor we expand it to
 `t*h*w / merge_size**2` pads (one per merged vision token) before tokenizing.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-from jinja2.exceptions import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from edgevl.errors import EdgevlError
-
-
-def _raise_exception(message):
-    raise TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-class ChatTemplate:
-    """Renders messages with a Hugging Face chat template, in the same jinja environment transformers uses."""
-
-    def __init__(self, source: str):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = _tojson
-        env.globals["raise_exception"] = _raise_exception
-        self.template = env.from_string(source)
-
-    @classmethod
-    def from_file(cls, path: Path) -> "ChatTemplate":
-        return cls(Path(path).read_text())
-
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
-        except TemplateError as e:
-            raise EdgevlError(f"the model's chat template rejected the messages: {e}") from None
 
 
 def user_message(text: str, num_images: int = 0, num_videos: int = 0) -> dict:
@@ -67,15 +35,41 @@ def expand_vision_pads(text: str, pad_token: str, grids: list[tuple[int, int, in
     return "".join(out)
 
 
+MAX_TOKENIZER_BYTES = 128 << 20       # Qwen2-VL's tokenizer.json is 7 MB
+
+
 class Tokenizer:
     """tokenizer.json through the `tokenizers` library (no transformers)."""
 
     def __init__(self, path: Path):
         from tokenizers import Tokenizer as HFTokenizer
-        self.impl = HFTokenizer.from_file(str(path))
+        path = Path(path)
+        if path.stat().st_size > MAX_TOKENIZER_BYTES:
+            raise EdgevlError(f"{path} is larger than {MAX_TOKENIZER_BYTES >> 20} MiB; it is not a tokenizer.")
+        try:
+            self.impl = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exceptions for every kind of bad file
+            raise EdgevlError(f"{path} is not a tokenizer the tokenizers library can load "
+                              f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__}).") from None
+        vocab = self.impl.get_vocab(with_added_tokens=True)
+        # Every token stands for at most this many bytes of text: a lower bound on a text's token count.
+        self.max_token_bytes = max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=1) or 1
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.impl.encode(text, add_special_tokens=True).ids, dtype=np.int64)
+
+    def encode_bounded(self, text: str, max_tokens: int) -> np.ndarray:
+        """encode(text), refused before tokenizing when the text is surely longer than `max_tokens` tokens
+        or is not valid Unicode (a lone surrogate from an undecodable argv or stdin)."""
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise EdgevlError(f"the prompt is not valid UTF-8 text (character {e.start} cannot be encoded); "
+                              f"check the input's encoding.") from None
+        if size > max_tokens * self.max_token_bytes:
+            raise EdgevlError(f"the prompt is at least {size // self.max_token_bytes} tokens long but the model's "
+                              f"context is {max_tokens} tokens; shorten it or use smaller images or shorter videos.")
+        return self.encode(text)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.impl.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -31,6 +31,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from edgevl.artifact import names
 from edgevl.errors import EdgevlError
 
 
@@ -208,6 +209,7 @@ class OnnxrtRunner:
 
     device, device_id = "cpu", 0
     keep_on_device: tuple[str, ...] = ()
+    static_decode = False          # decode steps at fixed addresses (CUDA graphs): see OrtIoBindingRunner
 
     def __init__(self, build_session: Callable, name: str = "onnxrt"):
         self.build_session = build_session
@@ -247,7 +249,7 @@ class OnnxrtRunner:
             return dict(zip(self._outputs, self.session.run(None, feed)))
         return self._run_bound(feed, bindings or {})
 
-    def _run_bound(self, feed: dict, bindings: dict) -> dict:
+    def _run_bound(self, feed: dict, bindings: dict, run_options=None) -> dict:
         """session.run_with_iobinding: buffers and own device values bound as they are, numpy copied in,
         `bindings` as the outputs they name, the rest on the host (or the device, per keep_on_device)."""
         binding = self.session.io_binding()
@@ -267,7 +269,7 @@ class OnnxrtRunner:
             else:
                 device = name.startswith(self.keep_on_device)
                 binding.bind_output(name, self.device if device else "cpu", self.device_id if device else 0)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, run_options)
         results = {}
         for name, value in zip(self._outputs, binding.get_outputs()):
             if name in bindings:
@@ -296,9 +298,12 @@ class OrtIoBindingRunner(OnnxrtRunner):
     """
 
     def __init__(self, build_session: Callable, name: str = "onnxrt-iobinding", device: str = "cuda",
-                 device_id: int = 0, keep_on_device: tuple[str, ...] = ("present.", "logits")):
+                 device_id: int = 0, keep_on_device: tuple[str, ...] = ("present.", "logits"),
+                 static_decode: bool = False):
         super().__init__(build_session, name)
         self.device, self.device_id, self.keep_on_device = device, device_id, tuple(keep_on_device)
+        self.static_decode = static_decode
+        self._static: dict[tuple, OrtBuffer] = {}
 
     def allocate(self, shape: tuple[int, ...], dtype) -> OrtBuffer:
         import onnxruntime as ort
@@ -307,9 +312,56 @@ class OrtIoBindingRunner(OnnxrtRunner):
         return OrtBuffer(ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype), self.device,
                                                                    self.device_id))
 
+    def deactivate(self) -> None:
+        super().deactivate()
+        self._static = {}
+
     def infer(self, feed: dict, bindings: dict | None = None) -> dict:
         self._require_active()
-        return self._run_bound(feed, bindings or {})
+        if self.static_decode and feed[names.INPUTS_EMBEDS].shape[1] == 1:
+            return self._decode_step(feed, bindings or {})
+        return self._run_bound(feed, bindings or {}, self._run_options(graph_id=-1))
+
+    # -- static decode steps (CUDA graphs): every input and output at the same device address on every step
+    def _decode_step(self, feed: dict, bindings: dict) -> dict:
+        """A decode step whose inputs are copied into buffers allocated once per shape (a CUDA graph replays
+        the captured addresses) and whose logits / next_token go to fixed buffers as well; only what the
+        caller reads comes back (greedy: next_token, B integers)."""
+        static = {}
+        for name, value in feed.items():
+            if name == names.TOTAL_SEQUENCE_LENGTH or isinstance(value, (OrtBuffer, DeviceTensor)):
+                static[name] = value                     # a CPU input of GroupQueryAttention / already bound
+            else:
+                array = np.ascontiguousarray(value, dtype=self._meta[name].dtype)
+                static[name] = self._buffer(name, array.shape, array.dtype)
+                static[name].ortvalue.update_inplace(array)
+        batch = feed[names.INPUTS_EMBEDS].shape[0]
+        outputs = {name: self._buffer(name, (batch, *shape[1:]), dtype) for name, (shape, dtype)
+                   in self._fixed_outputs().items()}
+        return self._run_bound(static, {**bindings, **outputs}, self._run_options(graph_id=batch))
+
+    def _buffer(self, name: str, shape: tuple, dtype) -> OrtBuffer:
+        key = (name, tuple(shape), np.dtype(dtype).str)
+        if key not in self._static:
+            self._static[key] = self.allocate(tuple(shape), dtype)
+        return self._static[key]
+
+    def _fixed_outputs(self) -> dict:
+        """Outputs of a decode step with a shape known in advance (all but batch): logits [B, vocab], next_token."""
+        out = {}
+        for o in self.session.get_outputs():
+            if o.name in (names.LOGITS, names.NEXT_TOKEN) and all(isinstance(d, int) for d in o.shape[1:]):
+                out[o.name] = (tuple(o.shape), _ORT_TYPES[o.type])
+        return out
+
+    def _run_options(self, graph_id: int):
+        """gpu_graph_id: which captured CUDA graph a run replays (-1: none, e.g. a prefill of any length)."""
+        if not self.static_decode:
+            return None
+        import onnxruntime as ort
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
 
 
 def compare_outputs(a: dict, b: dict, atol: float, rtol: float = 0.0) -> dict:
