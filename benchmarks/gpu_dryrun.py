@@ -14,7 +14,8 @@ from edgevl.runtime import backends, runners
 
 
 def _cpu_io_binding(graph, opts):
-    return runners.OrtIoBindingRunner(runners.SessionFromOnnx(graph), name="dry-run-cuda", device="cpu")
+    return runners.OrtIoBindingRunner(runners.SessionFromOnnx(graph.path), name="dry-run-cuda", device="cpu",
+                                      static_decode=opts.cuda_graph and graph.spec.kv_cache == "in_place")
 
 
 backends.BACKENDS["ort-cuda"] = replace(backends.BACKENDS["ort-cuda"], available=lambda: (True, ""),

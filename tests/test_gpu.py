@@ -65,13 +65,15 @@ def cpu_pipeline(tiny_artifact):
 
 def prefill_logits(pipe, image) -> np.ndarray:
     """Vision + prefill of PROMPT with one image: last-position logits [1, vocab] as float64."""
-    from edgevl.runtime.generate import prefill
+    from edgevl.runtime.generate import Prompt, prefill
+    from edgevl.runtime.runners import to_host
     row = pipe.prepare(PROMPT, [image])
     ids = row.input_ids[None]
-    mask = np.ones_like(ids)
-    positions, _ = pipe.positions(ids, mask, row.grids)
+    positions, deltas = pipe.positions(ids, np.ones_like(ids), row.grids)
     embeds = pipe.embed(row.input_ids, *pipe.encode_vision(row))
-    return np.asarray(prefill(pipe.decoder, embeds[None], positions, mask, pipe.new_cache(1)), np.float64)
+    outputs = prefill(pipe.decoder, pipe.new_cache(1), Prompt(embeds[None], ids, positions, deltas,
+                                                               np.array([ids.shape[1]])))
+    return to_host(outputs["logits"]).astype(np.float64)
 
 
 # ----------------------------------------------------------------------------- fp32: exact
@@ -86,19 +88,28 @@ def test_ort_cuda_greedy_tokens_equal_transformers(names, cuda_pipeline, hf_mode
 
 
 def test_kv_cache_stays_on_the_gpu(cuda_pipeline):
+    """The in-place cache: buffers allocated on the GPU once, bound as past and present, written there."""
     from edgevl.runtime.generate import decoder_step
-    from edgevl.runtime.runners import DeviceTensor
+    from edgevl.runtime.runners import to_host
     cfg = cuda_pipeline.config
     cache = cuda_pipeline.new_cache(1)
+    addresses = {k: v.data_ptr() for k, v in cache.buffers.items()}
+    for buffer in cache.buffers.values():
+        assert buffer.array is None and buffer.ortvalue.device_name().lower() == "cuda"
     embeds = np.zeros((1, 5, cfg.hidden_size), np.float32)
-    logits = decoder_step(cuda_pipeline.decoder, embeds, np.tile(np.arange(5), (3, 1, 1)),
-                          np.ones((1, 5), np.int64), cache)
-    assert isinstance(logits, np.ndarray) and logits.shape == (1, cfg.vocab_size)
-    for value in cache.arrays.values():
-        assert isinstance(value, DeviceTensor) and value.handle.device_name().lower() == "cuda"
-    step = decoder_step(cuda_pipeline.decoder, embeds[:, :1], np.full((3, 1, 1), 5), np.ones((1, 6), np.int64),
-                        cache)
-    assert cache.length == 6 and np.isfinite(step).all()
+    first = decoder_step(cuda_pipeline.decoder, cache, embeds, np.tile(np.arange(5), (3, 1, 1)), np.array([5]))
+    assert to_host(first["logits"]).shape == (1, cfg.vocab_size)
+    step = decoder_step(cuda_pipeline.decoder, cache, embeds[:, :1], np.full((3, 1, 1), 5), np.array([1]))
+    assert cache.length == 6 and np.isfinite(to_host(step["logits"])).all()
+    assert {k: v.data_ptr() for k, v in cache.buffers.items()} == addresses
+
+
+def test_cuda_graph_decode_gives_the_same_tokens(tiny_artifact, cuda_pipeline, photos):
+    from edgevl.runtime.backends import BackendOptions
+    from edgevl.runtime.pipeline import Pipeline
+    graphed = Pipeline.load(tiny_artifact, backend="ort-cuda", options=BackendOptions(cuda_graph=True))
+    kwargs = dict(images=[photos["astronaut"]], max_new_tokens=16, do_sample=False)
+    assert graphed.generate(PROMPT, **kwargs).token_ids == cuda_pipeline.generate(PROMPT, **kwargs).token_ids
 
 
 def test_ort_cuda_graphs_match_ort_cpu(cuda_pipeline, cpu_pipeline, photos):

@@ -20,8 +20,13 @@ def add_parser(sub) -> None:
                    help="artifact folder to create; written to a temporary folder and renamed at the end")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="weight and activation precision of both graphs (default: fp32)")
-    p.add_argument("--opset", type=int, default=18, metavar="N",
-                   help="ONNX opset of the default domain, 18..23 (default: 18)")
+    p.add_argument("--variant", choices=["ort", "standard"], default="ort",
+                   help="ort: onnxruntime's fused ops (GroupQueryAttention over an in-place KV cache, "
+                        "MultiHeadAttention), for ort-cpu and ort-cuda; standard: ONNX-standard ops only, for "
+                        "TensorRT (trt, ort-trt) and other runtimes (default: ort; see docs/graphs.md)")
+    p.add_argument("--opset", type=int, default=None, metavar="N",
+                   help="ONNX opset of the default domain, 18..24 (default: 18 for ort, 23 for standard; standard "
+                        "below 23 spells attention, rotary and RMSNorm in primitive ops, for TensorRT < 10.15)")
     p.add_argument("--force", action="store_true", help="replace OUT if it already exists")
     p.set_defaults(func=run)
 
@@ -30,6 +35,6 @@ def run(args) -> int:
     with requires("export", "`edgevl export`"):
         from edgevl.export.exporter import export_model
     out = export_model(args.model, args.output, dtype=args.dtype, opset=args.opset, force=args.force,
-                       log=lambda msg: print(f"[export] {msg}", file=sys.stderr))
+                       variant=args.variant, log=lambda msg: print(f"[export] {msg}", file=sys.stderr))
     print(f"wrote {out}", file=sys.stderr)
     return 0
