@@ -154,7 +154,7 @@ def test_decoder_logits_and_cache_match_transformers(any_pipeline, hf_model):
     pipeline = any_pipeline
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 2000, (1, 9))
-    embeds = pipeline.embed_table[ids].astype(np.float32)
+    embeds = pipeline.embeddings.rows(ids).astype(np.float32)
     cache = pipeline.new_cache(1)
     hf_cache = DynamicCache(config=hf_model.config.text_config)
     for step, chunk in enumerate([ids[:, :7], ids[:, 7:8], ids[:, 8:9]]):

@@ -57,7 +57,8 @@ def test_recipe_makes_an_artifact_the_runtime_runs(quantized, tiny_artifact, pho
     q = art.manifest.quantization
     assert q.recipe == recipe and q.calibration["samples"] == 4 and len(q.calibration["digest"]) == 64
     assert set(q.graphs) == {"vision", "decoder"} and q.report == REPORT and q.passed is not None
-    assert set(src.manifest.files) | {REPORT} == set(art.manifest.files)           # side files copied
+    side = set(src.manifest.files) - set(src.manifest.embeddings.files)
+    assert side | {REPORT} | set(art.manifest.embeddings.files) == set(art.manifest.files)   # side files copied
     for graph in ("vision", "decoder"):
         onnx.checker.check_model(str(art.graph_path(graph)), full_check=True)
     decoder = onnx.load(str(art.graph_path("decoder")))
@@ -349,3 +350,13 @@ def test_quantize_on_an_engine_backend_builds_runners_for_work_folder_graphs(tin
     assert any(p.parent.name.startswith(".int8-trt.partial-") for p in built)       # and the staged artifact
     rep = json.loads((out / REPORT).read_text())
     assert rep["backend"] == "trt" and not rep["failed"]
+
+
+def test_an_untied_table_is_quantized_on_its_own(quantized):
+    """The tiny preset is untied: each recipe stores the table at its own precision (fp16 / 8-bit / 4-bit rows)."""
+    expected = {"fp16": ("dense", None), "int8": ("blocks", 8), "w4a16": ("blocks", 4)}
+    from edgevl.artifact import load_artifact
+    for recipe, (folder, rep) in quantized.items():
+        emb = load_artifact(folder).manifest.embeddings
+        assert (emb.encoding, emb.bits) == expected[recipe] and not emb.tied
+        assert rep["embeddings"]["cosine_mean"] > (0.999 if recipe == "fp16" else 0.97)

@@ -16,6 +16,7 @@ from edgevl.artifact.folder import (
 )
 from edgevl.artifact.manifest import (
     FORMAT_VERSION,
+    ArrayRef,
     EmbeddingSpec,
     GraphSpec,
     Manifest,
@@ -26,6 +27,6 @@ from edgevl.artifact.manifest import (
     TensorSpec,
 )
 
-__all__ = ["MANIFEST", "FORMAT_VERSION", "Artifact", "GraphFile", "load_artifact", "staged_folder", "write_manifest",
+__all__ = ["MANIFEST", "FORMAT_VERSION", "ArrayRef", "Artifact", "GraphFile", "load_artifact", "staged_folder", "write_manifest",
            "EmbeddingSpec", "GraphSpec", "Manifest", "ManifestError", "ModelConfig", "Quantization", "SourceModel",
            "TensorSpec"]

@@ -243,6 +243,7 @@ class ModelConfig:
     vision_end_token_id: int
     eos_token_id: tuple[int, ...]
     pad_token_id: int | None
+    tie_word_embeddings: bool
     patch_size: int
     temporal_patch_size: int
     spatial_merge_size: int
@@ -260,6 +261,8 @@ class ModelConfig:
                 values[fld.name] = f.ints(fld.name, minimum=0)
             elif fld.name == "pad_token_id":
                 values[fld.name] = f.int(fld.name, default=None, minimum=0)
+            elif fld.name == "tie_word_embeddings":
+                values[fld.name] = f.bool(fld.name)
             else:
                 values[fld.name] = f.int(fld.name, minimum=0 if fld.name.endswith("token_id") else 1)
         config = cls(**values)
@@ -293,26 +296,113 @@ class SourceModel:
 
 
 @dataclass(frozen=True)
-class EmbeddingSpec:
-    """The token embedding table the runtime gathers rows from (memory-mapped .npy)."""
+class ArrayRef:
+    """A C-order array stored raw at byte `offset` of `file` (a .npy file's data, or a graph's external data)."""
 
     file: str
+    offset: int
     dtype: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
+
+    @classmethod
+    def parse(cls, f: _Fields) -> "ArrayRef":
+        return cls(f.str("file"), f.int("offset", minimum=0), f.str("dtype", choices=DTYPES), f.ints("shape", minimum=0))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "offset": self.offset, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count * {"float32": 4, "float16": 2, "uint8": 1, "int8": 1}.get(self.dtype, 8)
+
+
+EMBEDDING_ENCODINGS = ("dense", "blocks")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """The token embedding table the runtime gathers rows from (memory-mapped; runtime/embeddings.py).
+
+    dense   weight [vocab, hidden] float32 / float16
+    blocks  onnxruntime MatMulNBits' layout: weight uint8 [vocab, n_blocks, block_size * bits / 8], scales
+            [vocab * n_blocks] float, zero_points uint8 (packed for 4 bits), rows dequantized per token
+    tied    the arrays ARE the decoder's lm_head initializers in its external-data file: stored once
+    """
+
+    encoding: str
+    weight: ArrayRef
+    vocab: int
+    hidden: int
+    bits: int | None = None
+    block_size: int | None = None
+    scales: ArrayRef | None = None
+    zero_points: ArrayRef | None = None
+    tied: bool = False
 
     @classmethod
     def parse(cls, f: _Fields) -> "EmbeddingSpec":
-        shape = f.ints("shape", minimum=1)
-        if len(shape) != 2:
-            raise ManifestError(f"manifest field '{f.path('shape')}' must be [vocab, hidden].")
-        return cls(f.str("file"), f.str("dtype", choices=("float32", "float16")), shape)
+        encoding = f.str("encoding", choices=EMBEDDING_ENCODINGS)
+        spec = cls(encoding=encoding, weight=ArrayRef.parse(f.obj("weight")), vocab=f.int("vocab", minimum=1),
+                   hidden=f.int("hidden", minimum=1), bits=f.int("bits", default=None, minimum=1),
+                   block_size=f.int("block_size", default=None, minimum=1),
+                   scales=ArrayRef.parse(f.obj("scales")) if f.has("scales") else None,
+                   zero_points=ArrayRef.parse(f.obj("zero_points")) if f.has("zero_points") else None,
+                   tied=f.bool("tied", default=False))
+        if encoding == "dense" and spec.weight.shape != (spec.vocab, spec.hidden):
+            raise ManifestError("manifest field 'embeddings.weight.shape' must be [vocab, hidden].")
+        if encoding == "blocks":
+            if spec.bits not in (4, 8) or not spec.block_size or spec.scales is None:
+                raise ManifestError("manifest field 'embeddings' needs bits (4 or 8), block_size and scales for "
+                                    "the blocks encoding.")
+            blocks = -(-spec.hidden // spec.block_size)
+            if spec.weight.shape != (spec.vocab, blocks, spec.block_size * spec.bits // 8) or \
+                    spec.weight.dtype != "uint8":
+                raise ManifestError("manifest field 'embeddings.weight' does not have MatMulNBits' blocked layout.")
+        return spec
 
     def to_json(self) -> dict:
-        return {"file": self.file, "dtype": self.dtype, "shape": list(self.shape)}
+        out = {"encoding": self.encoding, "vocab": self.vocab, "hidden": self.hidden, "tied": self.tied,
+               "weight": self.weight.to_json()}
+        if self.encoding == "blocks":
+            out.update(bits=self.bits, block_size=self.block_size, scales=self.scales.to_json(),
+                       zero_points=self.zero_points.to_json() if self.zero_points else None)
+        return out
+
+    @property
+    def arrays(self) -> tuple[ArrayRef, ...]:
+        return tuple(a for a in (self.weight, self.scales, self.zero_points) if a is not None)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(a.file for a in self.arrays))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.vocab, self.hidden)
+
+    @property
+    def dtype(self) -> str:
+        """What a gathered row is: the dense weight's dtype, or the scales' for blocks."""
+        return self.weight.dtype if self.encoding == "dense" else self.scales.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the table on disk (shared with the lm_head when tied)."""
+        return sum(a.nbytes for a in self.arrays)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes read to gather one token's row."""
+        return self.nbytes // self.vocab
 
     @property
     def precision(self) -> str:
-        return {"float32": "fp32", "float16": "fp16"}[self.dtype]
+        if self.encoding == "blocks":
+            return f"int{self.bits}"
+        return {"float32": "fp32", "float16": "fp16"}[self.weight.dtype]
 
 
 @dataclass(frozen=True)
@@ -397,8 +487,8 @@ class Manifest:
                 if got != 2 * self.config.num_hidden_layers:
                     raise ManifestError(f"manifest field 'graphs.{name}.inputs' has {got} KV-cache inputs for "
                                         f"{self.config.num_hidden_layers} layers.")
-        if self.embeddings.shape[1] != self.config.hidden_size:
-            raise ManifestError("manifest field 'embeddings.shape' does not match config.hidden_size.")
+        if self.embeddings.hidden != self.config.hidden_size or self.embeddings.vocab > self.config.vocab_size:
+            raise ManifestError("manifest field 'embeddings' does not match config.hidden_size / vocab_size.")
 
     # -- writing
     def to_json(self) -> dict:
@@ -427,7 +517,7 @@ class Manifest:
     def referenced_files(self) -> list[str]:
         """Every file the runtime opens: graphs, their data, the embedding table, tokenizer and template."""
         out = [f for spec in self.graphs.values() for f in spec.files]
-        out += [self.embeddings.file, "tokenizer.json", "chat_template.jinja"]
+        out += [*self.embeddings.files, "tokenizer.json", "chat_template.jinja"]
         if self.quantization and self.quantization.report:
             out.append(self.quantization.report)
         return out

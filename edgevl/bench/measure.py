@@ -281,8 +281,8 @@ class EdgevlEngine:
 
     def decode(self, state, token):
         from edgevl.runtime.generate import decode_one_token
-        outputs = decode_one_token(self.pipe.decoder, state["cache"], self.pipe.embed_table,
-                                   np.array([token], np.int64), state["deltas"], self.pipe.dtype)
+        outputs = decode_one_token(self.pipe.decoder, state["cache"], self.pipe.embeddings,
+                                   np.array([token], np.int64), state["deltas"])
         return self._argmax(outputs)
 
     @staticmethod

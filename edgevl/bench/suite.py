@@ -112,8 +112,7 @@ def _artifact_info(artifact, cfg: BenchConfig) -> dict:
 
 def _roofline(artifact, weights: dict, side: SideResult, new_tokens: int, bandwidth: float) -> dict:
     cfg = artifact.config
-    emb = artifact.manifest.embeddings
-    emb_row = stats.tensor_bytes([emb.shape[1]], emb.dtype)
+    emb_row = artifact.manifest.embeddings.row_bytes
     kv_dtype = next(t.dtype for t in artifact.manifest.graph(names.DECODER).inputs if names.is_past(t.name))
     itemsize = stats.DTYPE_BITS[kv_dtype] // 8
     context = side.prompt_len + new_tokens / 2   # mean context over the decode steps

@@ -18,6 +18,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from edgevl.artifact import names
 from edgevl.artifact.folder import (
     MANIFEST,
@@ -27,9 +29,10 @@ from edgevl.artifact.folder import (
     staged_folder,
     write_manifest,
 )
-from edgevl.artifact.manifest import Quantization
+from edgevl.artifact.manifest import EmbeddingSpec, Quantization
 from edgevl.artifact.onnx_files import describe_graph, save_graph
 from edgevl.calibrate import data, report
+from edgevl.calibrate.embedding import compare, own_table, tied_to_lm_head
 from edgevl.calibrate.graph_edit import (
     file_size,
     load_graph,
@@ -40,6 +43,7 @@ from edgevl.calibrate.options import QuantizeOptions
 from edgevl.calibrate.recipes import RECIPES, Context, GraphResult
 from edgevl.errors import EdgevlError
 from edgevl.runtime.backends import Backend, get_backend
+from edgevl.runtime.embeddings import EmbeddingTable
 from edgevl.runtime.probe import package_versions
 
 REPORT = "quant_report.json"
@@ -115,13 +119,14 @@ def quantize(artifact, output, opts: QuantizeOptions, backend: Backend | None = 
                                    for g, r in results.items()},
             source_manifest_sha256=sha256_file(src.path / MANIFEST), source_path=str(src.path))
         with staged_folder(out, force=opts.force) as staged:
-            _write_artifact(src, staged, results, quantization)
+            embeddings = _write_artifact(src, staged, results, quantization, opts)
             log("loading the quantized artifact through the runtime and measuring it on held-out samples")
             quant = Pipeline.load(staged, backend=backend)       # verifies every hash, like any user would
             rep = _measure(fp32, quant, staged, results, quantization, opts, eval_store, eval_set)
             rep["duration_s"] = time.perf_counter() - t_start
             (staged / REPORT).write_text(_json(rep))
-            _finish_manifest(src, staged, results, replace(quantization, report=REPORT, passed=not rep["failed"]))
+            _finish_manifest(src, staged, results, replace(quantization, report=REPORT, passed=not rep["failed"]),
+                             embeddings)
             table(report.format_table(rep))
             if rep["failed"] and not opts.force:
                 raise GateFailed("; ".join(report.gate(rep["graphs"], max_drop))
@@ -131,16 +136,36 @@ def quantize(artifact, output, opts: QuantizeOptions, backend: Backend | None = 
     return rep
 
 
-def _write_artifact(src: Artifact, staged: Path, results: dict[str, GraphResult], quantization: Quantization) -> None:
-    graph_files = {f for kind in GRAPHS for f in src.manifest.graph(kind).files}
+EMBEDDING_PRECISION = {"fp16": "fp16", "int8": "int8", "w4a16": "int4"}   # an untied table, per recipe
+
+
+def _write_artifact(src: Artifact, staged: Path, results: dict[str, GraphResult], quantization: Quantization,
+                    opts: QuantizeOptions) -> EmbeddingSpec:
+    """Graphs, side files and the embedding table into `staged`, then a first manifest; returns the table's spec."""
+    skip = {f for kind in GRAPHS for f in src.manifest.graph(kind).files} | set(src.manifest.embeddings.files)
     for name in src.manifest.files:
-        if name not in graph_files and name != REPORT:
+        if name not in skip and name != REPORT:
             (staged / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src.file(name), staged / name)
     for kind, result in results.items():
         save_graph(load_graph(result.path), staged / src.manifest.graph(kind).file)
-    _match_embeddings(src, staged)
-    _finish_manifest(src, staged, results, quantization)
+    embeddings = _embeddings(src, staged, opts)
+    _finish_manifest(src, staged, results, quantization, embeddings)
+    return embeddings
+
+
+def _embeddings(src: Artifact, staged: Path, opts: QuantizeOptions) -> EmbeddingSpec:
+    """Tied embeddings: the quantized lm_head's own rows (stored once). Otherwise a table of their own at the
+    recipe's precision; a tied table whose lm_head was kept in a form without rows per token stays fp32."""
+    spec, decoder = src.manifest.embeddings, src.manifest.graph(names.DECODER).file
+    if src.config.tie_word_embeddings:
+        tied = tied_to_lm_head(staged, decoder, spec.vocab, spec.hidden)
+        if tied is not None:
+            return tied
+    precision = EMBEDDING_PRECISION[opts.recipe] if not src.config.tie_word_embeddings else "fp32"
+    table = EmbeddingTable(spec, src.file, np.float32)
+    rows = np.concatenate([table.rows(np.arange(i, min(i + 16384, spec.vocab))) for i in range(0, spec.vocab, 16384)])
+    return own_table(staged, rows, precision, opts.block_size if precision == "int4" else 128)
 
 
 def _decoder_dtype(src: Artifact, staged: Path) -> str:
@@ -148,34 +173,14 @@ def _decoder_dtype(src: Artifact, staged: Path) -> str:
     return describe_graph(path, names.DECODER, "fp32").input(names.INPUTS_EMBEDS).dtype
 
 
-def _match_embeddings(src: Artifact, staged: Path) -> None:
-    """Store embed_tokens.npy in the decoder's input dtype (fp16 for the fp16 recipe, like `export --dtype fp16`).
-
-    The runtime gathers decode-step embeddings straight from the table, so its dtype must be the
-    decoder's `inputs_embeds` dtype; an fp16 table also halves its size.
-    """
-    import numpy as np
-
-    dtype = _decoder_dtype(src, staged)
-    name = src.manifest.embeddings.file
-    table = np.load(src.file(name), mmap_mode="r")
-    if table.dtype != np.dtype(dtype):
-        out = np.lib.format.open_memmap(staged / name, mode="w+", dtype=dtype, shape=table.shape)
-        for start in range(0, len(table), 16384):                    # in slices: the 7B table is 2 GB
-            out[start:start + 16384] = table[start:start + 16384]
-        out.flush()
-        del out
-
-
-def _finish_manifest(src: Artifact, staged: Path, results: dict[str, GraphResult], quantization: Quantization) -> None:
-    """The source's manifest with this artifact's graphs, embedding dtype, quantization and versions."""
+def _finish_manifest(src: Artifact, staged: Path, results: dict[str, GraphResult], quantization: Quantization,
+                     embeddings: EmbeddingSpec) -> None:
+    """The source's manifest with this artifact's graphs, embedding table, quantization and versions."""
     graphs = {}
     for name, spec in src.manifest.graphs.items():
         result = results[spec.kind]
         graphs[name] = describe_graph(staged / spec.file, spec.kind, result.precision, spec.variant, spec.kv_cache)
-    manifest = replace(src.manifest, graphs=graphs,
-                       embeddings=replace(src.manifest.embeddings, dtype=_decoder_dtype(src, staged)),
-                       quantization=quantization,
+    manifest = replace(src.manifest, graphs=graphs, embeddings=embeddings, quantization=quantization,
                        versions={**src.manifest.versions,
                                  **{f"{k} (quantize)": v for k, v in package_versions(("onnxruntime", "onnx")).items()
                                     if k != "edgevl"}})
@@ -201,13 +206,21 @@ def _measure(fp32, quant, staged: Path, results: dict[str, GraphResult], quantiz
                      "passed": metrics["drop"] <= max_drop},
             "kept_higher_precision": r.kept, "trials": r.trials, "details": r.details}
     pipeline = report.compare_pipelines(fp32, quant, eval_set, opts.new_tokens, _progress(opts.progress, "comparing"))
+    emb = quant.embeddings.spec
+    used = [quant.prepare(s.prompt, list(s.images)).input_ids for s in eval_set]
+    sample = np.unique(np.concatenate([np.random.default_rng(0).integers(0, emb.vocab, 2048), *used]))
+    embeddings = {"encoding": emb.encoding, "precision": emb.precision, "tied": emb.tied, "bytes": emb.nbytes,
+                  "fp32_bytes": 4 * emb.vocab * emb.hidden,
+                  **compare(EmbeddingTable(fp32.artifact.manifest.embeddings, fp32.artifact.file, np.float32),
+                            EmbeddingTable(emb, quant.artifact.file, np.float32), sample)}
     failed = [g for g in GRAPHS if not graphs[g]["gate"]["passed"]]
     threads = quant.backend.options.threads
     return {"recipe": quantization.recipe, "method": opts.method,
             "max_drop": max_drop, "backend": f"{quant.backend.name}" + (f", {threads} threads" if threads else ""),
             "calibration": {"source": cal["source"], "digest": cal["digest"], "samples": cal["samples"],
                             "eval_samples": len(eval_set)},
-            "graphs": graphs, "pipeline": pipeline, "failed": failed}
+            "graphs": graphs, "embeddings": embeddings, "pipeline": pipeline, "failed": failed}
+
 def _json(obj) -> str:
     import json
 

@@ -190,7 +190,10 @@ def int8_decoder(ctx: Context) -> GraphResult:
     weights = [n.name for n in weight_nodes(model)]
     groups = {"lm_head": node_groups(model).get("lm_head", [])}
     del model
-    return best_int8_variant(ctx, names.DECODER, src, weights, groups, {"lm_head": ("int8", "fp32")})
+    # onnxruntime graphs: lm_head in 8-bit MatMulNBits rows (int8 compute; faster than dynamic int8 on the
+    # 2B's 151936 x 1536 head), which a tied embedding table then shares. TensorRT graphs keep Q/DQ.
+    rows = ("lm_head",) if ctx.src.manifest.graph(names.DECODER).variant == "ort" else ()
+    return best_int8_variant(ctx, names.DECODER, src, weights, groups, {"lm_head": ("int8", "fp32")}, rows)
 
 
 SPEED_KEY = {names.VISION: "ms_per_image", names.DECODER: "decode_ms"}
@@ -206,17 +209,23 @@ def pick_variant(scores: dict[str, dict], max_drop: float, speed_key: str) -> st
 
 
 def best_int8_variant(ctx: Context, graph: str, src: Path, weights: list[str], groups: dict,
-                      ladders: dict) -> GraphResult:
-    """Build the int8 graph with each activation mode --activations allows; keep per `pick_variant`."""
+                      ladders: dict, rows: tuple[str, ...] = ()) -> GraphResult:
+    """Build the int8 graph with each activation mode --activations allows; keep per `pick_variant`.
+    Groups in `rows` become 8-bit MatMulNBits (blocks of 128 along the input) at int8, not Q/DQ or dynamic."""
+    in_rows = {n for g in rows for n in groups.get(g, [])}
+
     def builder(mode):
         def build(levels):
             skip = {n for g, level in levels.items() if level == "fp32" for n in groups.get(g, [])}
-            nodes = [n for n in weights if n not in skip]
+            nodes = [n for n in weights if n not in skip and n not in in_rows]
             dst = ctx.tmp(f"{graph}-int8-{mode}")
             if mode == "dynamic":
                 passes.int8_dynamic(src, dst, nodes)
             else:
                 passes.int8_static(src, dst, ctx.reader(graph, "int8 calibration"), ctx.opts.method, nodes)
+            blocks = sorted(n for g in rows if levels.get(g) == "int8" for n in groups.get(g, []))
+            if blocks:
+                save_graph(passes.nbits_weights(load_graph(dst), blocks, 8, 128, "rtn"), dst)
             return dst
         return build
 

@@ -203,6 +203,11 @@ def format_table(report: dict) -> str:
             lines.append(f"  {name} keeps {kept['group']} at {kept['precision']}: {kept['why']}")
         for what, note in g.get("details", {}).get("notes", {}).items():
             lines.append(f"  {name} {what}: {note}")
+    e = report.get("embeddings")
+    if e:
+        lines.append(f"embeddings {e['precision']} {e['encoding']}{' (the lm_head itself: tied, stored once)' if e['tied'] else ''}"
+                     f": {_mb(e['bytes'])} (fp32 {_mb(e['fp32_bytes'])}); rows vs fp32 cos {e['cosine_mean']:.4f} "
+                     f"(min {e['cosine_min']:.4f}), rel.err {e['rel_error_mean']:.4f} over {e['rows']} rows")
     gen, lat = report["pipeline"]["greedy"], report["pipeline"]["latency"]
     lines.append(f"greedy tokens: {gen['prefix_agreement']:.3f} of {gen['new_tokens']} new tokens agree (prefix), "
                  f"{gen['identical_sequences']}/{gen['samples']} sequences identical")

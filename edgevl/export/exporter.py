@@ -13,13 +13,12 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgevl.artifact import names
 from edgevl.artifact.folder import staged_folder, write_manifest
 from edgevl.artifact.manifest import EmbeddingSpec, Manifest, ModelConfig, SourceModel
-from edgevl.artifact.onnx_files import describe_graph
+from edgevl.artifact.onnx_files import describe_graph, tied_dense_table, write_npy
 from edgevl.errors import EdgevlError
 from edgevl.export.modules import KV_CACHE
 from edgevl.export.ops import FUSED_STANDARD_OPSET, VARIANT_OPSET
@@ -141,6 +140,7 @@ def model_facts(config, generation: dict) -> ModelConfig:
         "vision_end_token_id": config.vision_end_token_id,
         "eos_token_id": tuple(eos) if isinstance(eos, list) else (eos,),
         "pad_token_id": generation.get("pad_token_id", text.pad_token_id),
+        "tie_word_embeddings": bool(config.tie_word_embeddings),
         "patch_size": vision.patch_size,
         "temporal_patch_size": vision.temporal_patch_size,
         "spatial_merge_size": vision.spatial_merge_size,
@@ -189,15 +189,20 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int | 
         kv_cache = KV_CACHE[variant]
         log(f"exporting decoder ({variant} ops, {kv_cache.replace('_', '-')} KV cache) -> decoder.onnx")
         export_decoder(hf_model, tmp / "decoder.onnx", torch_dtype, opset, variant, kv_cache)
-        log("writing embedding table -> embed_tokens.npy")
         table = hf_model.model.language_model.embed_tokens.weight.detach().numpy()
-        np.save(tmp / "embed_tokens.npy", table)
+        embeddings = hf_model.config.tie_word_embeddings and tied_dense_table(tmp, "decoder.onnx", table)
+        if embeddings:
+            log("embedding table: the decoder's own lm_head weight (tied embeddings, stored once)")
+        else:
+            log("writing embedding table -> embed_tokens.npy")
+            weight = write_npy(tmp, "embed_tokens.npy", table)
+            embeddings = EmbeddingSpec("dense", weight, vocab=table.shape[0], hidden=table.shape[1])
         log("hashing files -> manifest.json")
         write_manifest(tmp, Manifest(
             source=SourceModel(str(model), hf_model.config.model_type), dtype=dtype, opset=opset,
             config=model_facts(hf_model.config, generation), image_processor=settings, video_processor=frames,
             graphs={names.VISION: describe_graph(tmp / "vision.onnx", names.VISION, dtype, variant),
                     names.DECODER: describe_graph(tmp / "decoder.onnx", names.DECODER, dtype, variant, kv_cache)},
-            embeddings=EmbeddingSpec("embed_tokens.npy", str(table.dtype), tuple(table.shape)),
+            embeddings=embeddings,
             versions=package_versions(EXPORT_PACKAGES)))
     return Path(out)

@@ -53,14 +53,13 @@ def prefill(decoder: Runner, cache, prompt: Prompt) -> dict:
     return decoder_step(decoder, cache, prompt.embeds, prompt.position_ids, prompt.new_tokens)
 
 
-def decode_one_token(decoder: Runner, cache, embed_table: np.ndarray, tokens: np.ndarray, rope_deltas: np.ndarray,
-                     embed_dtype=None) -> dict:
+def decode_one_token(decoder: Runner, cache, embeddings, tokens: np.ndarray, rope_deltas: np.ndarray) -> dict:
     """tokens [B] just chosen -> the graph's outputs for the next position.
 
     New tokens are text: all three M-RoPE rows equal each row's real length + rope_deltas.
-    embed_dtype: the decoder's input dtype (the table may be stored in another precision).
+    embeddings: runtime.embeddings.EmbeddingTable (rows in the decoder's input dtype).
     """
-    embeds = np.asarray(embed_table[tokens], dtype=embed_dtype)[:, None, :]                   # [B, 1, H]
+    embeds = embeddings.rows(tokens)[:, None, :]                                               # [B, 1, H]
     position_ids = text_position_ids(cache.real_lengths, rope_deltas)                         # [3, B, 1]
     return decoder_step(decoder, cache, embeds, position_ids, np.ones(len(tokens), np.int64))
 
@@ -80,7 +79,7 @@ class Generation:
     decode_s: list[float] = field(default_factory=list)  # one entry per decode step
 
 
-def generate(decoder: Runner, cache, embed_table: np.ndarray, prompt: Prompt, opts: SamplingOptions, stop: StopRule,
+def generate(decoder: Runner, cache, embeddings, prompt: Prompt, opts: SamplingOptions, stop: StopRule,
              on_token: Callable[[int, int], bool] | None = None) -> Generation:
     """Greedy or sampled generation with a KV cache.
 
@@ -105,6 +104,6 @@ def generate(decoder: Runner, cache, embed_table: np.ndarray, prompt: Prompt, op
             break
         context = np.concatenate([context, tokens[:, None]], axis=1)
         t0 = time.perf_counter()
-        outputs = decode_one_token(decoder, cache, embed_table, tokens, prompt.rope_deltas, prompt.embeds.dtype)
+        outputs = decode_one_token(decoder, cache, embeddings, tokens, prompt.rope_deltas)
         result.decode_s.append(time.perf_counter() - t0)
     return result

@@ -24,6 +24,7 @@ from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, load_artifact
 from edgevl.errors import EdgevlError
 from edgevl.runtime.backends import Backend, BackendOptions, get_backend
+from edgevl.runtime.embeddings import EmbeddingTable
 from edgevl.runtime.generate import Prompt, StopRule, generate
 from edgevl.runtime.image_processing import load_image, preprocess_image
 from edgevl.runtime.kv_cache import make_cache
@@ -79,12 +80,12 @@ class Pipeline:
         self.image_settings = artifact.manifest.image_processor
         self.video_settings = artifact.manifest.video_processor
         self.generation_config = artifact.read_json("generation_config.json")
-        # Memory-mapped: only the rows of tokens actually used are read from disk.
-        self.embed_table = np.load(artifact.file(artifact.manifest.embeddings.file), mmap_mode="r")
         vision, decoder = self.backend.graphs(artifact)
         self.decoder_spec = decoder.spec
         self.vision, self.decoder = self.backend.load([vision, decoder])
         self.dtype = self.decoder.input_metadata()[names.INPUTS_EMBEDS].dtype
+        # Memory-mapped: only the rows of tokens actually used are read from disk.
+        self.embeddings = EmbeddingTable(artifact.manifest.embeddings, artifact.file, self.dtype)
         self.load_s = time.perf_counter() - t0
 
     @classmethod
@@ -151,7 +152,7 @@ class Pipeline:
     def embed(self, input_ids: np.ndarray, image_embeds: list[np.ndarray],
               video_embeds: list[np.ndarray] = ()) -> np.ndarray:
         """input_ids [S] -> [S, hidden] with image/video pad rows replaced by vision embeddings, in order."""
-        embeds = np.asarray(self.embed_table[input_ids], dtype=self.dtype)
+        embeds = self.embeddings.rows(input_ids)
         for kind, token, vision in (("image", self.config.image_token_id, image_embeds),
                                     ("video", self.config.video_token_id, video_embeds)):
             slots = np.flatnonzero(input_ids == token)
@@ -239,7 +240,7 @@ class Pipeline:
                 on_text(row, delta)
             return streams[row].stopped
 
-        gen = generate(self.decoder, cache, self.embed_table, prompt, opts,
+        gen = generate(self.decoder, cache, self.embeddings, prompt, opts,
                        StopRule(max_new_tokens, eos, self._pad_id()), on_token)
         timings = {**(timings or {}), "prefill_s": gen.prefill_s, "decode_s_per_token": gen.decode_s,
                    "load_s": self.load_s}
@@ -270,7 +271,7 @@ class Pipeline:
         ids = np.full((bsz, length), self._pad_id(), np.int64)
         mask = np.zeros((bsz, length), np.int64)
         embeds = np.empty((bsz, length, hidden), self.dtype)
-        embeds[:] = np.asarray(self.embed_table[self._pad_id()], dtype=self.dtype)
+        embeds[:] = self.embeddings.rows([self._pad_id()])[0]
         for b, (row, e) in enumerate(zip(rows, row_embeds)):
             n = len(row.input_ids)
             where = slice(length - n, length) if side == "left" else slice(0, n)

@@ -197,7 +197,7 @@ def weights_bytes(artifact) -> dict[str, int]:
     table (memory-mapped on the host, only the rows of the tokens used are read)."""
     m = artifact.manifest
     sizes = {name: sum(artifact.file(f).stat().st_size for f in spec.files) for name, spec in m.graphs.items()}
-    sizes["embeddings"] = int(np.prod(m.embeddings.shape)) * np.dtype(m.embeddings.dtype).itemsize
+    sizes["embeddings"] = 0 if m.embeddings.tied else m.embeddings.nbytes   # tied: the decoder's lm_head bytes
     return sizes
 
 
