@@ -12,14 +12,18 @@
 #     ttft      `edgevl bench` 2b-l4 fp32/int8/w4a16 vs transformers, both edgevls (TTFT, decode, load)
 #   Results: benchmarks/results/graphs-<machine>-{vision,decode,ttft-new,ttft-old}.{json,md}
 #
-# Environment: PY (.venv/bin/python), OLD_COMMIT (6d82f66), OLD_DIR (/tmp/edgevl-old: a git worktree of it,
-# made if missing), EDGEVL_CACHE (~/.cache/edgevl; the old edgevl's exports go to $EDGEVL_CACHE/old-graphs),
-# RUNS (3). Hours on 2 cores (the full-depth 2B exports and quantizations, the 12 MP vision calls).
+# Both edgevls run from git worktrees (NEW_COMMIT: HEAD when the script starts, in NEW_DIR /tmp/edgevl-new;
+# OLD_COMMIT 6d82f66 in OLD_DIR /tmp/edgevl-old), so editing the checkout while it runs changes nothing.
+# Environment: PY (.venv/bin/python), NEW_COMMIT, NEW_DIR, OLD_COMMIT, OLD_DIR, EDGEVL_CACHE (~/.cache/edgevl;
+# the old edgevl's exports go to $EDGEVL_CACHE/old-graphs), RUNS (3). Hours on 2 cores (the full-depth 2B
+# exports and quantizations, the 12 MP vision calls).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OLD_COMMIT=${OLD_COMMIT:-6d82f66}
 OLD_DIR=${OLD_DIR:-/tmp/edgevl-old}
+NEW_COMMIT=${NEW_COMMIT:-$(git rev-parse HEAD)}
+NEW_DIR=${NEW_DIR:-/tmp/edgevl-new}
 CACHE=${EDGEVL_CACHE:-$HOME/.cache/edgevl}
 OLD_CACHE=$CACHE/old-graphs
 RUNS=${RUNS:-3}
@@ -27,7 +31,12 @@ STAGES=${*:-build vision decode ttft}
 log() { echo "[graphs_bench $(date +%H:%M:%S)] $*" >&2; }
 
 [ -d "$OLD_DIR/edgevl" ] || git worktree add -f "$OLD_DIR" "$OLD_COMMIT" >&2
-new() { EDGEVL_CACHE=$CACHE "$PY" "$@"; }
+if [ "$(git -C "$NEW_DIR" rev-parse HEAD 2>/dev/null)" != "$(git rev-parse "$NEW_COMMIT")" ]; then
+  git worktree remove --force "$NEW_DIR" 2>/dev/null || rm -rf "$NEW_DIR"
+  git worktree add -f --detach "$NEW_DIR" "$NEW_COMMIT" >&2
+fi
+log "new edgevl: $(git -C "$NEW_DIR" rev-parse --short HEAD) in $NEW_DIR; old edgevl: $OLD_COMMIT in $OLD_DIR"
+new() { EDGEVL_CACHE=$CACHE PYTHONPATH=$NEW_DIR "$PY" "$@"; }
 old() { EDGEVL_CACHE=$OLD_CACHE PYTHONPATH=$OLD_DIR "$PY" "$@"; }
 MACHINE=$(new -c "from edgevl.bench.machine import machine_info, machine_slug; print(machine_slug(machine_info()))")
 OUT=benchmarks/results/graphs-$MACHINE
@@ -70,7 +79,7 @@ if [[ " $STAGES " == *" build "* ]]; then
 fi
 
 if [[ " $STAGES " == *" vision "* ]]; then
-  new benchmarks/vision_scaling.py "$(preset qwen2-vl-2b-l4 new)" --runs "$RUNS" \
+  new "$NEW_DIR/benchmarks/vision_scaling.py" "$(preset qwen2-vl-2b-l4 new)" --runs "$RUNS" \
     --old-code "$OLD_DIR" --old-artifact "$(preset qwen2-vl-2b-l4 old)" \
     --json "$OUT-vision.json" --markdown "$OUT-vision.md"
 fi
@@ -88,7 +97,7 @@ if [[ " $STAGES " == *" decode "* ]]; then
       reports+=("$label=$json")
     done
   done
-  new benchmarks/decode_summary.py "${reports[@]}" --json "$OUT-decode.json" --markdown "$OUT-decode.md"
+  new "$NEW_DIR/benchmarks/decode_summary.py" "${reports[@]}" --json "$OUT-decode.json" --markdown "$OUT-decode.md"
 fi
 
 if [[ " $STAGES " == *" ttft "* ]]; then
