@@ -14,7 +14,9 @@
 Both answer the generation loop the same questions: what to feed for `new` tokens per row (`feed`),
 what to bind as outputs (`bindings`), how to take a call's outputs in (`advance`), how many real
 tokens each row has (`real_lengths`, for M-RoPE decode positions), and how to cut back to a
-prefix (`truncate`, multi-turn chat).
+prefix (`truncate`, multi-turn chat). An InPlaceCache also gives views of some of its rows (`rows`),
+caches of their own over the same memory: the server's continuous batching (batching.py) prefills a
+joining request on its row alone and decodes rows 0..hi together.
 """
 
 from __future__ import annotations
@@ -39,6 +41,28 @@ class InPlaceCache:
         # memory grows with the context actually used, not with max_context.
         self.buffers = {past: decoder.allocate(shape, dtype) for past, _ in names.kv_names(num_layers)}
         self.lengths = np.zeros(batch, np.int64)          # tokens in the cache, per row
+        self._views: dict[tuple[int, int, bool], InPlaceCache] = {}
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def rows(self, start: int, stop: int, by_pointer: bool = False) -> "InPlaceCache":
+        """Rows [start, stop) as a cache of their own (continuous batching: a joining request prefills its
+        row alone, a decode step runs rows 0..stop): its buffers are views of these buffers (OrtBuffer.rows,
+        no copy: a numpy slice on the host, an address offset on a device) and its lengths a view of these
+        lengths, so a call on the view writes these rows and advances their lengths. Views are kept, so a
+        decode step binds the same addresses every time (CUDA graphs). by_pointer: bind host rows by address
+        too, as device rows always are (the CPU tests run that path)."""
+        key = (start, stop, by_pointer)
+        if key not in self._views:
+            view = object.__new__(InPlaceCache)
+            view.max_context, view.static_total = self.max_context, self.static_total
+            view.buffers = {past: buffer.rows(start, stop, by_pointer) for past, buffer in self.buffers.items()}
+            view.lengths = self.lengths[start:stop]         # a numpy view: advance() writes through
+            view._views = {}
+            self._views[key] = view
+        return self._views[key]
 
     @property
     def length(self) -> int:
@@ -67,7 +91,7 @@ class InPlaceCache:
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` positions of every row (the rest is overwritten by the next call)."""
-        self.lengths = np.minimum(self.lengths, length)
+        np.minimum(self.lengths, length, out=self.lengths)     # in place: row views share the array
 
     def fill_random(self, length: int, rng: np.random.Generator) -> None:
         """`length` positions of random keys and values in every row (decode timing at a context length)."""

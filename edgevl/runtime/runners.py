@@ -87,22 +87,80 @@ class OrtBuffer:
     """A buffer a graph reads and writes in place (an in-place KV cache): an OrtValue on the runner's device.
 
     On the host it wraps numpy memory (`array`): `numpy()` is a view, nothing is ever copied.
-    On a GPU `numpy()` copies to the host."""
+    On a GPU `numpy()` copies to the host.
 
-    __slots__ = ("ortvalue", "array")
+    `rows(start, stop)` is a view of rows [start, stop) of the first axis (the batch of a KV buffer), no copy:
+    on the host a numpy slice wrapped as an OrtValue; in device memory (or with by_pointer) a raw address,
+    base + start * row bytes, that `bind_input` / `bind_output` hand to IOBinding with its shape and type.
+    """
 
-    def __init__(self, ortvalue, array: np.ndarray | None = None):
-        self.ortvalue, self.array = ortvalue, array
+    __slots__ = ("ortvalue", "array", "pointer", "device_id", "base")
+
+    def __init__(self, ortvalue, array: np.ndarray | None = None, pointer: "BufferPointer | None" = None,
+                 device_id: int = 0, base: "OrtBuffer | None" = None):
+        self.ortvalue, self.array, self.pointer, self.device_id = ortvalue, array, pointer, device_id
+        self.base = base        # a view keeps the buffer it points into alive
 
     @property
     def shape(self) -> tuple:
-        return tuple(self.ortvalue.shape())
+        return self.pointer.shape if self.pointer is not None else tuple(self.ortvalue.shape())
+
+    @property
+    def dtype(self) -> np.dtype:
+        if self.pointer is not None:
+            return self.pointer.dtype
+        return np.dtype(self.array.dtype if self.array is not None else _ORT_TYPES[self.ortvalue.data_type()])
 
     def data_ptr(self) -> int:
-        return self.ortvalue.data_ptr()
+        return self.pointer.address if self.pointer is not None else self.ortvalue.data_ptr()
 
     def numpy(self) -> np.ndarray:
-        return self.array if self.array is not None else self.ortvalue.numpy()
+        if self.array is not None:
+            return self.array
+        if self.ortvalue is None:
+            raise RuntimeError("a row view of device memory cannot be read on the host; read its whole buffer")
+        return self.ortvalue.numpy()
+
+    def rows(self, start: int, stop: int, by_pointer: bool = False) -> "OrtBuffer":
+        """Rows [start, stop) of axis 0, sharing this buffer's memory; by_pointer: bound by raw address even on
+        the host (how device memory is always bound; lets the CPU tests run that path)."""
+        shape = self.shape
+        if not 0 <= start < stop <= shape[0]:
+            raise ValueError(f"rows {start}:{stop} of a buffer of {shape[0]}")
+        view = self.array[start:stop] if self.array is not None else None
+        if view is not None and not by_pointer:
+            import onnxruntime as ort
+            return OrtBuffer(ort.OrtValue.ortvalue_from_numpy(view), view, base=self)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        device = self.pointer.device if self.pointer is not None else self.ortvalue.device_name().lower()
+        pointer = BufferPointer(device, self.device_id, self.dtype, (stop - start, *shape[1:]),
+                                self.data_ptr() + start * row_bytes)
+        return OrtBuffer(None, view, pointer, self.device_id, base=self)
+
+    def bind_input(self, binding, name: str) -> None:
+        if self.pointer is None:
+            binding.bind_ortvalue_input(name, self.ortvalue)
+        else:
+            p = self.pointer
+            binding.bind_input(name, p.device, p.device_id, p.dtype, list(p.shape), p.address)
+
+    def bind_output(self, binding, name: str) -> None:
+        if self.pointer is None:
+            binding.bind_ortvalue_output(name, self.ortvalue)
+        else:
+            p = self.pointer
+            binding.bind_output(name, p.device, p.device_id, p.dtype, list(p.shape), p.address)
+
+
+@dataclass(frozen=True)
+class BufferPointer:
+    """Where a row view of a buffer lives: device ("cpu", "cuda"), device id, element type, shape, address."""
+
+    device: str
+    device_id: int
+    dtype: np.dtype
+    shape: tuple
+    address: int
 
 
 def to_host(value) -> np.ndarray:
@@ -256,7 +314,7 @@ class OnnxrtRunner:
         keep_alive = []                                   # host arrays must outlive the run
         for name, value in feed.items():
             if isinstance(value, OrtBuffer):
-                binding.bind_ortvalue_input(name, value.ortvalue)
+                value.bind_input(binding, name)
             elif isinstance(value, DeviceTensor) and value.owner is self:
                 binding.bind_ortvalue_input(name, value.handle)
             else:
@@ -265,7 +323,7 @@ class OnnxrtRunner:
                 binding.bind_cpu_input(name, array)
         for name in self._outputs:
             if name in bindings:
-                binding.bind_ortvalue_output(name, bindings[name].ortvalue)
+                bindings[name].bind_output(binding, name)
             else:
                 device = name.startswith(self.keep_on_device)
                 binding.bind_output(name, self.device if device else "cpu", self.device_id if device else 0)
@@ -310,7 +368,7 @@ class OrtIoBindingRunner(OnnxrtRunner):
         if self.device == "cpu":
             return super().allocate(shape, dtype)
         return OrtBuffer(ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype), self.device,
-                                                                   self.device_id))
+                                                                   self.device_id), device_id=self.device_id)
 
     def deactivate(self) -> None:
         super().deactivate()
