@@ -1,0 +1,547 @@
+"""Continuous batching: one scheduler thread owns the decoder; requests join the running batch between decode
+steps and leave it when they finish.
+
+    submit(job) -> preparing thread -> waiting -> a free row -> vision calls, prefill -> decode steps -> done
+                   (video decoding,    (bounded)  (the lowest   (batch-1 calls on     (rows 0..hi-1 in one
+                    preprocessing,                 free one)     its row: rows(r,      call: rows(0, hi))
+                    tokens)                                      r + 1))
+
+Each step of the loop (`BatchScheduler.step`):
+  1. jobs whose client went away leave; their rows are free at once;
+  2. free rows go to waiting jobs, oldest first;
+  3. one unit of prefill work for the oldest joining row: one vision call (an image, or one temporal patch of a
+     video) or one prefill chunk of at most `prefill_chunk` tokens (the whole rest of the prompt when no row is
+     decoding), as a batch-1 call on its row: GroupQueryAttention takes S > 1 in a batch only when no row has a
+     past, so a joining prompt never rides along with decode rows. The last chunk's logits give its first token;
+  4. one decode step for every decoding row: rows 0..hi-1 in one call. A row in that range that is free or still
+     prefilling gets the pad token at its current length and keeps its length (the position is overwritten when
+     it is really written), so rows never move and nothing is copied.
+
+A request's tokens are those it gets alone: its prefill is its own batch-1 calls on its row, the decoder treats
+the rows of a batch independently (on onnxruntime's CPU EP a row's logits are bit-identical at any batch size
+and any chunking, which the tests check), and it samples with its own `SamplingOptions` (its own numpy
+Generator, seeded per request). Stop strings and streaming are per request (`StreamDecoder`), as in
+`Pipeline.decode`, whose finish reasons and token lists these match.
+
+The scheduler needs the in-place decoder (the `ort` variant: one preallocated buffer per layer with rows);
+`make_scheduler` falls back to `SerialScheduler` (one request at a time through `Pipeline.generate_prepared`,
+arrival order) for the standard variant's concat cache. Both bound the work they hold: at most `max_batch`
+running and `max_queue` more accepted (`QueueFull` beyond).
+
+`Observer` is what they report (the server turns it into Prometheus metrics, serve/metrics.py); the runtime
+itself imports nothing of the server.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from edgevl.artifact import names
+from edgevl.errors import EdgevlError
+from edgevl.runtime.generate import decode_one_token, decoder_step
+from edgevl.runtime.kv_cache import make_cache
+from edgevl.runtime.pipeline import Result
+from edgevl.runtime.prompt import StreamDecoder
+from edgevl.runtime.runners import to_host
+from edgevl.runtime.sampling import SamplingOptions, next_tokens
+
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_QUEUE = 32
+DEFAULT_PREFILL_CHUNK = 256
+
+
+class RequestCancelled(Exception):
+    """The job's client went away (`Job.cancel`) or the scheduler closed before the job finished."""
+
+
+class QueueFull(Exception):
+    """Refused at `submit`: `max_batch` jobs are running and `max_queue` more are waiting."""
+
+    def __init__(self, running: int, waiting: int, max_batch: int, max_queue: int):
+        super().__init__(f"{running} running, {waiting} waiting")
+        self.running, self.waiting, self.max_batch, self.max_queue = running, waiting, max_batch, max_queue
+
+
+@dataclass(eq=False)
+class Job:
+    """One request. `prepare` runs on the preparing thread (video decoding, preprocessing, tokens) and returns a
+    `PreparedPrompt`; `on_text(delta)` is called on the scheduler thread as text is generated; `future` ends with
+    the `Result`, or the request's exception (`RequestCancelled` once cancelled)."""
+
+    prepare: Callable[[], object]
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    sampling: dict = field(default_factory=dict)
+    on_text: Callable[[str], None] | None = None
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """The client went away: the job leaves at the scheduler's next step (its row is freed)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class Observer:
+    """What a scheduler reports, each as it happens; these defaults ignore it (serve/metrics.py counts it)."""
+
+    def queue_length(self, waiting: int) -> None: ...                      # accepted, not yet in a row
+    def batch_rows(self, rows: int) -> None: ...                           # jobs holding a row
+    def decode_step(self, rows: int, seconds: float) -> None: ...          # rows decoded together, the step's time
+    def tokens(self, count: int) -> None: ...                              # tokens generated
+    def first_token(self, seconds: float) -> None: ...                     # submit -> first token
+    def token_gap(self, seconds: float) -> None: ...                       # between two tokens of one job
+    def finished(self, outcome: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None: ...
+    def rejected(self) -> None: ...                                        # QueueFull
+
+
+# ----------------------------------------------------------------------------- per-row pieces
+class HostOutputs:
+    """A decoder call's outputs, each brought to the host once, when a row first asks for it."""
+
+    def __init__(self, outputs: dict):
+        self.outputs, self.host = outputs, {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.outputs
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.host:
+            self.host[name] = to_host(self.outputs[name])
+        return self.host[name]
+
+
+def choose_row(outputs: HostOutputs, index: int, context: np.ndarray, opts: SamplingOptions) -> int:
+    """Row `index`'s next token, as generate.choose picks it for a batch of one: the graph's argmax when decoding
+    is plain greedy, else sampled from its logits with its own options (context [T]: prompt + generated)."""
+    if not opts.do_sample and opts.repetition_penalty == 1.0 and names.NEXT_TOKEN in outputs:
+        return int(outputs[names.NEXT_TOKEN][index])
+    return int(next_tokens(outputs[names.LOGITS][index:index + 1], context[None], opts)[0])
+
+
+def vision_calls(prompt) -> list[tuple[str, int, np.ndarray, tuple[int, int, int]]]:
+    """The vision encoder calls a prompt needs, one per image and per temporal patch of a video, as
+    Pipeline.encode_image makes them: (kind, index of the image or video, its patches, grid (1, h, w))."""
+    calls = []
+    for kind, pixels, grids in (("image", prompt.pixel_values, prompt.grids),
+                                ("video", prompt.video_pixel_values, prompt.video_grids)):
+        for i, (pv, (t, h, w)) in enumerate(zip(pixels, grids)):
+            calls += [(kind, i, frame, (1, h, w)) for frame in np.split(pv, t)]
+    return calls
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A job holding row `row` of the batch: its prompt, vision work still to do, prefill progress, tokens."""
+
+    job: Job
+    row: int
+    prompt: object                                  # PreparedPrompt
+    opts: SamplingOptions
+    stream: StreamDecoder
+    max_new_tokens: int
+    context: np.ndarray                             # [S + max_new_tokens]: prompt ids, then generated ids
+    vision: list = field(default_factory=list)      # vision_calls still to run
+    vision_out: dict = field(default_factory=dict)  # kind -> per image/video, its calls' embeddings
+    embeds: np.ndarray | None = None                # [S, H] once vision is done
+    position_ids: np.ndarray | None = None          # [3, 1, S]
+    rope_deltas: np.ndarray | None = None           # [1, 1]
+    prefilled: int = 0                              # prompt tokens in the cache
+    tokens: list[int] = field(default_factory=list)
+    next_token: int | None = None                   # chosen, fed at the next decode step: the row is decoding
+    joined: float = 0.0
+    last_token_at: float = 0.0
+    timings: dict = field(default_factory=lambda: {"vision_s": 0.0, "prefill_s": 0.0, "decode_s_per_token": []})
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt.input_ids)
+
+
+# ----------------------------------------------------------------------------- the batch scheduler
+class BatchScheduler:
+    """Continuous batching over the in-place KV cache (see the module docstring).
+
+    start=False: no threads; `submit` prepares at once and the caller runs `step()` (deterministic tests).
+    """
+
+    def __init__(self, pipe, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, observer: Observer | None = None, start: bool = True):
+        if pipe.decoder_spec.kv_cache != names.IN_PLACE:
+            raise EdgevlError("continuous batching needs the in-place decoder of an `--variant ort` export; this "
+                              "artifact's decoder grows a concat cache (use the FIFO server for it).")
+        _check_sizes(max_batch, max_queue)
+        if prefill_chunk < 1:
+            raise EdgevlError(f"--prefill-chunk must be at least 1, not {prefill_chunk}.")
+        self.pipe, self.max_batch, self.max_queue, self.prefill_chunk = pipe, max_batch, max_queue, prefill_chunk
+        self.observer = observer or Observer()
+        self.cache = make_cache(names.IN_PLACE, pipe.decoder, pipe.config, max_batch, pipe.max_context, pipe.dtype)
+        self.rows: list[Sequence | None] = [None] * max_batch
+        self.waiting: deque = deque()               # (job, prompt), prepared, oldest first
+        self.jobs: set[Job] = set()                 # accepted and not finished
+        self.lock = threading.Condition()
+        self.closed = False
+        self.eos = tuple(pipe.config.eos_token_id)
+        self.pad_id = pipe._pad_id()
+        self._prepare = self._thread = None
+        if start:
+            self._prepare = ThreadPoolExecutor(1, thread_name_prefix="edgevl-prepare")
+            self._thread = threading.Thread(target=self._loop, name="edgevl-scheduler", daemon=True)
+            self._thread.start()
+
+    # -- the client side (any thread)
+    def submit(self, job: Job) -> Job:
+        """Accept `job` (QueueFull when max_batch + max_queue jobs are already held) and prepare it."""
+        with self.lock:
+            if self.closed:
+                raise RequestCancelled("the scheduler is closed")
+            if len(self.jobs) >= self.max_batch + self.max_queue:
+                running = self.running
+                self.observer.rejected()
+                raise QueueFull(running, len(self.jobs) - running, self.max_batch, self.max_queue)
+            self.jobs.add(job)
+            self._report()
+        if self._prepare is None:
+            self._prepare_job(job)
+        else:
+            self._prepare.submit(self._prepare_job, job)
+        return job
+
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self.rows)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.jobs) - self.running
+
+    def close(self) -> None:
+        """Stop the loop; every job not finished ends with RequestCancelled."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._prepare.shutdown(wait=False, cancel_futures=True)
+        for job in list(self.jobs):
+            self._end(job, error=RequestCancelled("the server is shutting down"), outcome="cancelled")
+
+    # -- the preparing thread
+    def _prepare_job(self, job: Job) -> None:
+        if job.cancelled:
+            return self._end(job, error=RequestCancelled(), outcome="cancelled")
+        try:
+            prompt = job.prepare()
+            self.pipe.check_context(len(prompt.input_ids))
+        except BaseException as e:  # noqa: BLE001 - the request's own failure, told to its client
+            return self._end(job, error=e, outcome="failed")
+        with self.lock:
+            self.waiting.append((job, prompt))
+            self.lock.notify_all()
+
+    # -- the scheduler thread
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.closed and not self.waiting and not self.running:
+                    self.lock.wait()
+                if self.closed:
+                    return
+            self.step()
+
+    def step(self) -> None:
+        """One round: leave, join, one unit of prefill work, one decode step (see the module docstring)."""
+        self._drop_cancelled()
+        self._admit()
+        joining = [s for s in self.rows if s is not None and s.next_token is None]
+        decoding = [s for s in self.rows if s is not None and s.next_token is not None]
+        if joining:
+            oldest = min(joining, key=lambda s: s.joined)
+            self._guarded([oldest], lambda: self._prefill_work(oldest, chunked=bool(decoding)))
+        decoding = [s for s in self.rows if s is not None and s.next_token is not None]
+        if decoding:
+            self._guarded(decoding, lambda: self._decode(decoding))
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        """Step until no job is held (start=False)."""
+        for _ in range(max_steps):
+            if not self.running and not self.waiting:
+                return
+            self.step()
+        raise RuntimeError("the scheduler did not become idle")
+
+    def _drop_cancelled(self) -> None:
+        for seq in self.rows:
+            if seq is not None and seq.job.cancelled:
+                self._release(seq, error=RequestCancelled(), outcome="cancelled")
+
+    def _admit(self) -> None:
+        with self.lock:
+            while self.waiting and None in self.rows:
+                job, prompt = self.waiting.popleft()
+                if job.cancelled:
+                    self._end(job, error=RequestCancelled(), outcome="cancelled")
+                    continue
+                row = self.rows.index(None)
+                try:
+                    self.rows[row] = self._sequence(job, prompt, row)
+                except Exception as e:  # noqa: BLE001 - invalid sampling values: the request's failure
+                    self._end(job, error=e, outcome="failed")
+            self._report()
+
+    def _sequence(self, job: Job, prompt, row: int) -> Sequence:
+        opts = self.pipe.sampling_options(**job.sampling)
+        length = len(prompt.input_ids)
+        max_new = max(1, min(job.max_new_tokens, self.pipe.max_context - length))
+        context = np.zeros(length + max_new, np.int64)
+        context[:length] = prompt.input_ids
+        self.cache.lengths[row] = 0
+        calls = vision_calls(prompt)
+        out = {"image": [[] for _ in prompt.grids], "video": [[] for _ in prompt.video_grids]}
+        now = time.perf_counter()
+        seq = Sequence(job, row, prompt, opts, StreamDecoder(self.pipe.tokenizer, tuple(job.stop)), max_new,
+                       context, calls, out, joined=now)
+        seq.timings["queue_s"] = now - job.submitted
+        return seq
+
+    def _guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
+        """Run `work`; if it raises, the rows it was for end with that error (the others go on)."""
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 - an out-of-memory image, a failed call: those requests fail
+            for seq in seqs:
+                if self.rows[seq.row] is seq:
+                    self._release(seq, error=e, outcome="failed")
+
+    def _prefill_work(self, seq: Sequence, chunked: bool) -> None:
+        """One vision call, or one prefill chunk (the rest of the prompt when not `chunked`), for a joining row."""
+        t0 = time.perf_counter()
+        if seq.vision:
+            kind, index, pixels, grid = seq.vision.pop(0)
+            seq.vision_out[kind][index].append(self.pipe.encode_image(pixels, grid))
+            seq.timings["vision_s"] += time.perf_counter() - t0
+            return
+        if seq.embeds is None:
+            self._prompt_inputs(seq)
+        start = seq.prefilled
+        stop = min(seq.length, start + self.prefill_chunk) if chunked else seq.length
+        outputs = decoder_step(self.pipe.decoder, self.cache.rows(seq.row, seq.row + 1), seq.embeds[None, start:stop],
+                               seq.position_ids[:, :, start:stop], np.array([stop - start], np.int64))
+        seq.prefilled = stop
+        seq.timings["prefill_s"] += time.perf_counter() - t0
+        if stop == seq.length:
+            self._take(seq, HostOutputs(outputs), 0)
+            self.observer.tokens(1)
+
+    def _prompt_inputs(self, seq: Sequence) -> None:
+        """Embeddings (vision rows scattered in) and M-RoPE positions of the whole prompt, as Pipeline makes them."""
+        p = seq.prompt
+        images = [np.concatenate(parts) for parts in seq.vision_out["image"]]
+        videos = [np.concatenate(parts) for parts in seq.vision_out["video"]]
+        seq.embeds = self.pipe.embed(p.input_ids, images, videos)
+        ids = np.asarray(p.input_ids)[None]
+        extra = (p.video_seconds,) if getattr(p, "video_seconds", None) else ()   # Qwen2.5-VL video time ids
+        seq.position_ids, seq.rope_deltas = self.pipe.positions(ids, np.ones_like(ids), list(p.grids),
+                                                                list(p.video_grids), *extra)
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        """One decode step of rows 0..hi-1: each decoding row feeds its chosen token; the others a pad token at
+        their current length, which they keep."""
+        hi = max(s.row for s in seqs) + 1
+        view = self.cache.rows(0, hi)
+        tokens = np.full(hi, self.pad_id, np.int64)
+        deltas = np.zeros((hi, 1), np.int64)
+        live = np.zeros(hi, bool)
+        for s in seqs:
+            tokens[s.row], deltas[s.row], live[s.row] = s.next_token, s.rope_deltas[0, 0], True
+        t0 = time.perf_counter()
+        outputs = decode_one_token(self.pipe.decoder, view, self.pipe.embeddings, tokens, deltas)
+        view.lengths[~live] -= 1
+        seconds = time.perf_counter() - t0
+        self.observer.decode_step(len(seqs), seconds)
+        host = HostOutputs(outputs)
+        for s in seqs:
+            s.timings["decode_s_per_token"].append(seconds)
+            self._take(s, host, s.row)
+        self.observer.tokens(len(seqs))
+
+    def _take(self, seq: Sequence, outputs: HostOutputs, index: int) -> None:
+        """Choose the row's next token; stream its text; finish the job on EOS, a stop string or its length."""
+        n = len(seq.tokens)
+        token = choose_row(outputs, index, seq.context[:seq.length + n], seq.opts)
+        seq.tokens.append(token)
+        seq.context[seq.length + n] = token
+        now = time.perf_counter()
+        if n == 0:
+            seq.timings["ttft_s"] = now - seq.job.submitted
+            self.observer.first_token(now - seq.job.submitted)
+        else:
+            self.observer.token_gap(now - seq.last_token_at)
+        seq.last_token_at = now
+        halt = token in self.eos
+        if not halt:
+            delta = seq.stream.push(token)
+            if delta and seq.job.on_text:
+                seq.job.on_text(delta)
+            halt = seq.stream.stopped
+        if halt or len(seq.tokens) >= seq.max_new_tokens:
+            self._complete(seq)
+        else:
+            seq.next_token = token
+
+    def _complete(self, seq: Sequence) -> None:
+        rest = seq.stream.finish()
+        if rest and seq.job.on_text:
+            seq.job.on_text(rest)
+        tokens = seq.tokens
+        reason = "stop" if seq.stream.stopped else "eos" if tokens and tokens[-1] in self.eos else "length"
+        result = Result([int(t) for t in seq.prompt.input_ids], list(tokens), seq.stream.text, reason,
+                        {**seq.timings, "load_s": self.pipe.load_s})
+        self._release(seq, result=result, outcome="completed")
+
+    def _release(self, seq: Sequence, result=None, error: BaseException | None = None, outcome: str = "") -> None:
+        """Free the row (its positions are simply overwritten by the next job) and end the job."""
+        with self.lock:
+            if self.rows[seq.row] is seq:
+                self.rows[seq.row] = None
+                self.cache.lengths[seq.row] = 0
+        self._end(seq.job, result, error, outcome, len(seq.tokens))
+
+    def _end(self, job: Job, result=None, error: BaseException | None = None, outcome: str = "",
+             completion_tokens: int = 0) -> None:
+        with self.lock:
+            if job not in self.jobs:
+                return
+            self.jobs.discard(job)
+            self._report()
+        prompt_tokens = len(result.prompt_token_ids) if result is not None else 0
+        self.observer.finished(outcome, prompt_tokens, completion_tokens, time.perf_counter() - job.submitted)
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    def _report(self) -> None:
+        self.observer.queue_length(self.queue_length)
+        self.observer.batch_rows(self.running)
+
+
+# ----------------------------------------------------------------------------- one at a time
+class SerialScheduler:
+    """One job at a time in arrival order through `Pipeline.generate_prepared` (any decoder, the standard
+    variant's concat cache too): the same Job, Observer and queue bound as BatchScheduler, one row."""
+
+    max_batch = 1
+
+    def __init__(self, pipe, max_queue: int = DEFAULT_MAX_QUEUE, observer: Observer | None = None):
+        _check_sizes(1, max_queue)
+        self.pipe, self.max_queue = pipe, max_queue
+        self.observer = observer or Observer()
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="edgevl-generate")
+        self.jobs: set[Job] = set()
+        self.active: Job | None = None
+        self.lock = threading.Lock()
+        self.closed = False
+
+    @property
+    def running(self) -> int:
+        return int(self.active is not None)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.jobs) - self.running
+
+    def submit(self, job: Job) -> Job:
+        with self.lock:
+            if self.closed:
+                raise RequestCancelled("the scheduler is closed")
+            if len(self.jobs) >= 1 + self.max_queue:
+                self.observer.rejected()
+                raise QueueFull(self.running, len(self.jobs) - self.running, 1, self.max_queue)
+            self.jobs.add(job)
+            self._report()
+        self.worker.submit(self._run, job)
+        return job
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+        self.worker.shutdown(wait=False, cancel_futures=True)
+        for job in list(self.jobs):
+            self._end(job, None, RequestCancelled("the server is shutting down"), "cancelled")
+
+    def _run(self, job: Job) -> None:
+        with self.lock:
+            self.active = job
+            self._report()
+        tokens = 0
+
+        def on_text(_row, delta: str) -> None:
+            nonlocal tokens
+            if job.cancelled:
+                raise RequestCancelled
+            if tokens == 0:
+                self.observer.first_token(time.perf_counter() - job.submitted)
+            tokens += 1
+            if job.on_text:
+                job.on_text(delta)
+        try:
+            if job.cancelled:
+                raise RequestCancelled
+            prompt = job.prepare()
+            result = self.pipe.generate_prepared([prompt], job.max_new_tokens, job.stop, on_text, **job.sampling)[0]
+        except RequestCancelled as e:
+            self._end(job, None, e, "cancelled")
+        except BaseException as e:  # noqa: BLE001 - the request's failure, told to its client
+            self._end(job, None, e, "failed")
+        else:
+            for gap in result.timings.get("decode_s_per_token", ()):
+                self.observer.token_gap(gap)
+            self.observer.tokens(len(result.token_ids))
+            self._end(job, result, None, "completed")
+
+    def _end(self, job: Job, result, error, outcome: str) -> None:
+        with self.lock:
+            if job not in self.jobs:
+                return
+            self.jobs.discard(job)
+            if self.active is job:
+                self.active = None
+            self._report()
+        self.observer.finished(outcome, len(result.prompt_token_ids) if result else 0,
+                               len(result.token_ids) if result else 0, time.perf_counter() - job.submitted)
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    def _report(self) -> None:
+        self.observer.queue_length(self.queue_length)
+        self.observer.batch_rows(self.running)
+
+
+def _check_sizes(max_batch: int, max_queue: int) -> None:
+    if max_batch < 1:
+        raise EdgevlError(f"--max-batch must be at least 1, not {max_batch}.")
+    if max_queue < 0:
+        raise EdgevlError(f"--max-queue must be at least 0, not {max_queue}.")
+
+
+def make_scheduler(pipe, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, observer: Observer | None = None):
+    """BatchScheduler for a pipeline with the in-place decoder; SerialScheduler (FIFO) for anything else."""
+    spec = getattr(pipe, "decoder_spec", None)
+    if spec is not None and spec.kv_cache == names.IN_PLACE:
+        return BatchScheduler(pipe, max_batch, max_queue, prefill_chunk, observer)
+    return SerialScheduler(pipe, max_queue, observer)
