@@ -6,8 +6,8 @@ from contextlib import contextmanager
 
 from edgevl.errors import EdgevlError
 
-WHAT = {"export": "torch, transformers, onnx", "quantize": "onnx, scikit-image, tqdm", "serve": "FastAPI, uvicorn",
-        "video": "PyAV", "bench": "matplotlib, psutil, tqdm"}
+WHAT = {"export": "torch, transformers, onnx", "quantize": "onnx, scikit-image, tqdm",
+        "serve": "FastAPI, uvicorn, prometheus-client", "video": "PyAV", "bench": "matplotlib, psutil, tqdm"}
 
 
 def install_hint(extra: str) -> str:

@@ -34,9 +34,9 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=20)
-        worker = getattr(app.state, "worker", None)
-        if worker is not None:
-            worker.shutdown(wait=False, cancel_futures=True)
+        scheduler = getattr(app.state, "scheduler", None)
+        if scheduler is not None:
+            scheduler.close()
 
 
 def assert_error_shape(response, status: int | None = None) -> dict:
@@ -49,7 +49,7 @@ def assert_error_shape(response, status: int | None = None) -> dict:
     assert set(body) == {"error"} and set(body["error"]) == SHAPE, body
     message = body["error"]["message"]
     assert isinstance(message, str) and message and "\n" not in message and "Traceback" not in message, body
-    assert body["error"]["type"] in ("invalid_request_error", "server_error"), body
+    assert body["error"]["type"] in ("invalid_request_error", "server_error", "requests"), body   # requests: 429
     return body["error"]
 
 

@@ -28,8 +28,9 @@ def add_artifact_flags(p, what: str = "folder written by `edgevl export` (or `ed
 
 
 # ----------------------------------------------------------------------------- backend
-def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False) -> None:
-    """`multiple`: --backend takes several names (bench sweeps them)."""
+def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False, max_batch: int | None = None) -> None:
+    """`multiple`: --backend takes several names (bench sweeps them); `max_batch`: the command's default for
+    --max-batch (serve: 8; otherwise 1, what one prompt needs)."""
     from edgevl.runtime.backends import BACKENDS
     g = p.add_argument_group("backend")
     help_text = backend_help or ("execution backend (default: the fastest available here, see `edgevl doctor`; "
@@ -44,7 +45,10 @@ def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False
     g.add_argument("--max-context", type=int, metavar="N",
                    help="most tokens per sequence, prompt + generated: the KV-cache size (TensorRT engines are "
                         "built for it; default 4096 for trt/ort-trt, the model's context otherwise)")
-    g.add_argument("--max-batch", type=int, metavar="N", help="largest batch the TensorRT engines accept (default 1)")
+    g.add_argument("--max-batch", type=int, metavar="N", default=max_batch,
+                   help="most sequences decoded together: the rows `edgevl serve` batches requests into (each a KV "
+                        "cache of --max-context positions) and the largest batch TensorRT engines are built for "
+                        f"(default: {max_batch or 1})")
     g.add_argument("--max-image-patches", type=int, metavar="N",
                    help="most 14x14-pixel patches per image the vision engine accepts (default 4096 = 896x896 "
                         "pixels; a 448x448 image is 1024)")

@@ -9,14 +9,18 @@ from pathlib import Path
 from edgevl.cli.flags import add_artifact_flags, add_backend_flags, load_pipeline
 from edgevl.errors import EdgevlError
 from edgevl.extras import requires
+from edgevl.runtime.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve an export over an OpenAI-compatible HTTP API",
         description="Start an HTTP server with /v1/chat/completions (streaming with \"stream\": true), "
-                    "/v1/models and /health. Requests run one at a time in arrival order. Needs "
-                    "`pip install 'edgevl[serve]'` (FastAPI + uvicorn).")
+                    "/v1/models, /health and /metrics (Prometheus). Requests are batched continuously: each joins the "
+                    "running batch at the next decode step and leaves it when done (up to --max-batch at once, "
+                    "--max-queue more waiting, HTTP 429 beyond); an artifact exported with --variant standard runs "
+                    "them one at a time in arrival order. Needs `pip install 'edgevl[serve]'` (FastAPI, uvicorn, "
+                    "prometheus-client).")
     add_artifact_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it to the network)")
@@ -37,12 +41,19 @@ def add_parser(sub) -> None:
     limits.add_argument("--max-video-frames", type=int, default=768, metavar="N",
                         help="at most N frames sampled (at 2 fps) per video (default: 768); bounds memory and "
                              "the number of video tokens")
-    add_backend_flags(p)
+    limits.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+                        help=f"requests accepted beyond the --max-batch running ones; more get HTTP 429 "
+                             f"(default: {DEFAULT_MAX_QUEUE})")
+    limits.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                        help=f"while other requests decode, a joining prompt is prefilled N tokens per decode step, so "
+                             f"a long prompt does not stall them (default: {DEFAULT_PREFILL_CHUNK})")
+    add_backend_flags(p, max_batch=DEFAULT_MAX_BATCH)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     with requires("serve", "`edgevl serve`"):
+        import prometheus_client  # noqa: F401 - /metrics
         import uvicorn
 
         from edgevl.serve.app import ServerLimits, create_app
@@ -53,18 +64,33 @@ def run(args) -> int:
         raise EdgevlError(f"--port must be between 1 and 65535, not {args.port}.")
     if args.max_request_mb <= 0 or args.max_video_mb <= 0 or args.max_image_pixels < 1:
         raise EdgevlError("--max-request-mb, --max-video-mb and --max-image-pixels must be positive.")
+    if args.max_batch < 1 or args.max_batch > MAX_BATCH:
+        raise EdgevlError(f"--max-batch must be from 1 to {MAX_BATCH}, not {args.max_batch}.")
+    if not 0 <= args.max_queue <= MAX_QUEUE:
+        raise EdgevlError(f"--max-queue must be from 0 to {MAX_QUEUE}, not {args.max_queue}.")
+    if args.prefill_chunk < 1:
+        raise EdgevlError(f"--prefill-chunk must be at least 1, not {args.prefill_chunk}.")
     pipe = load_pipeline(args)
     name = args.model_name or Path(args.artifact).resolve().name
     mib = 1024 * 1024
     limits = ServerLimits(max_request_bytes=int(args.max_request_mb * mib), max_image_pixels=args.max_image_pixels,
                           allow_local_files=args.allow_local_files, max_video_bytes=int(args.max_video_mb * mib),
-                          max_video_frames=args.max_video_frames)
+                          max_video_frames=args.max_video_frames, max_batch=args.max_batch,
+                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     if not _is_loopback(args.host):
         print(f"warning: binding to {args.host} exposes the server beyond this machine; it has no "
               f"authentication.", file=sys.stderr)
-    print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (backend {pipe.backend.name})", file=sys.stderr)
-    uvicorn.run(create_app(pipe, name, limits), host=args.host, port=args.port, log_level="warning")
+    app = create_app(pipe, name, limits)
+    batching = (f"continuous batching, up to {limits.max_batch} requests at once" if app.state.scheduler.max_batch > 1
+                else "one request at a time (FIFO)")
+    print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (backend {pipe.backend.name}; {batching}, "
+          f"{limits.max_queue} more queued)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+MAX_BATCH = 256          # KV-cache rows: memory is rows x --max-context positions
+MAX_QUEUE = 100_000
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,8 +1,10 @@
-"""FastAPI app: `/v1/chat/completions` (plain and SSE streaming), `/v1/models`, `/health`.
+"""FastAPI app: `/v1/chat/completions` (plain and SSE streaming), `/v1/models`, `/health`, `/metrics`.
 
-One worker thread runs generations in arrival order (a FIFO queue: fair, and the
-Pipeline is never used by two threads at once); the event loop only parses,
-validates and streams. Videos are decoded on the worker too, before a reply starts.
+One scheduler owns the decoder (runtime/batching.py): with the in-place decoder of an `ort` export,
+requests are batched continuously (each joins the running batch at the next decode step and leaves it
+when done, at most `max_batch` rows, `max_queue` more waiting, a 429 beyond); for other decoders they
+run one at a time in arrival order. The event loop only parses, validates and streams; videos are
+decoded and images preprocessed on the scheduler's preparing thread, before a reply starts.
 Every error is an OpenAI-style JSON body (`{"error": {"message", "type", "param", "code"}}`)
 with a 4xx code, unknown routes and wrong methods included; nothing a client sends can take the
 server down, and a streamed reply starts (200) only once the model has produced its first text,
@@ -20,25 +22,36 @@ import re
 import tempfile
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.batching import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PREFILL_CHUNK,
+    Job,
+    QueueFull,
+    RequestCancelled,
+    make_scheduler,
+)
 from edgevl.runtime.image_processing import ImageTooLarge, load_image
 from edgevl.runtime.sampling import SamplingOptions
 from edgevl.runtime.video import MAX_FRAMES, VideoClip, VideoTooLarge, load_video
+from edgevl.serve.metrics import ServerMetrics
 from edgevl.serve.schemas import ChatCompletionRequest, FieldProblem
 
 DEFAULT_MAX_TOKENS = 256
-ROUTES = "POST /v1/chat/completions, GET /v1/models and GET /health"
+ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
+DISCONNECT_POLL_S = 0.25       # how often a non-streaming request checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,9 @@ class ServerLimits:
     # Decoded bytes of one video data URL: 24 MiB is the most a default 32 MiB request holds in base64.
     max_video_bytes: int = 24 * 1024 * 1024
     max_video_frames: int = MAX_FRAMES             # frames sampled per video (at 2 fps), as `--max-frames`
+    max_batch: int = DEFAULT_MAX_BATCH             # requests decoded together (KV-cache rows), `--max-batch`
+    max_queue: int = DEFAULT_MAX_QUEUE             # more requests accepted while the rows are busy; then 429
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK     # prompt tokens per prefill call while other rows decode
 
 
 class ApiError(Exception):
@@ -56,10 +72,6 @@ class ApiError(Exception):
                  param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
-
-
-class Cancelled(Exception):
-    """Raised inside a generation callback when the streaming client went away."""
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
@@ -312,8 +324,15 @@ def validation_api_error(errors: list) -> ApiError:
 
 # ----------------------------------------------------------------------------- app
 def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> FastAPI:
-    app = FastAPI(title="edgevl", version="1", docs_url=None, redoc_url=None)
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgevl-generate")  # FIFO: fair order
+    metrics = ServerMetrics(limits.max_batch)
+    scheduler = make_scheduler(pipe, limits.max_batch, limits.max_queue, limits.prefill_chunk, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="edgevl", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     created = int(time.time())
     app.add_middleware(RequestBodyLimit, max_bytes=limits.max_request_bytes)
 
@@ -353,6 +372,11 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
     async def health():
         return {"status": "ok", "model": model_name}
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
@@ -364,6 +388,7 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
         if request.model != model_name:
             raise ApiError(404, f"the model '{_clip(request.model, 200)}' does not exist; this server serves "
                                 f"'{model_name}'.", code="model_not_found", param="model")
+        busy(scheduler.check_room)     # a full server says so before decoding any image
         sampling = request.sampling()
         # The values the pipeline will use (the request's over the model's generation_config.json), checked
         # by the same validation as the CLI and the Python API, before any work starts.
@@ -372,28 +397,61 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
         max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
         stop = request.stop_strings()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        loop = asyncio.get_running_loop()
 
-        def run(on_text=None):
-            # Videos are decoded in the worker (slow: the event loop keeps streaming other replies).
+        def prepare():
+            # On the scheduler's preparing thread (slow for a video: the event loop keeps streaming other replies).
             clips = [decode_video(v, limits, pipe.video_settings) for v in videos]
-            row = pipe.prepare_messages(messages, images, clips)
-            return pipe.generate_prepared([row], max_tokens, stop, on_text, **sampling)[0]
+            return pipe.prepare_messages(messages, images, clips)
 
+        job = Job(prepare, max_tokens, stop, sampling)
         if not request.stream:
+            submit(scheduler, job)
             try:
-                result = await loop.run_in_executor(worker, run)
+                result = await result_unless_gone(job, raw)
             except Exception as e:
                 raise (as_api_error(e) or e) from None
             return completion_body(completion_id, model_name, result)
-        stream = Stream(loop, worker, run)
+        stream = Stream(asyncio.get_running_loop(), scheduler, job)
         first = await stream.first()   # video, preprocessing, vision and prefill are done: a 4xx still can be
         if first[0] == "error":
             raise (as_api_error(first[1]) or first[1]) from None
         return StreamingResponse(stream.events(first, completion_id, model_name), media_type="text/event-stream")
 
-    app.state.worker = worker
+    app.state.scheduler, app.state.metrics = scheduler, metrics
     return app
+
+
+def submit(scheduler, job: Job) -> None:
+    """Hand `job` to the scheduler; a full queue is a 429 in the OpenAI error shape, before any work."""
+    busy(lambda: scheduler.submit(job))
+
+
+def busy(call) -> None:
+    """`call()`, with QueueFull as a 429 (OpenAI's rate-limit shape) and a closed scheduler as a 503."""
+    try:
+        call()
+    except QueueFull as e:
+        raise ApiError(429, f"the server is busy ({e.running} running, {e.waiting} waiting: --max-batch "
+                            f"{e.max_batch}, --max-queue {e.max_queue}); retry later.", code="rate_limit_exceeded",
+                       kind="requests") from None
+    except RequestCancelled:
+        raise ApiError(503, "the server is shutting down.", kind="server_error") from None
+
+
+async def result_unless_gone(job: Job, raw: Request):
+    """The job's Result; if the client disconnects first, the job is cancelled (its row freed at the next step)."""
+    future = asyncio.wrap_future(job.future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return future.result()
+            if await raw.is_disconnected():
+                job.cancel()
+                return await future          # RequestCancelled, quickly: nobody reads the reply
+    finally:
+        if not future.done():
+            job.cancel()
 
 
 def completion_body(completion_id: str, model: str, result) -> dict:
@@ -413,37 +471,37 @@ def _chunk(completion_id: str, model: str, delta: dict, finish_reason: str | Non
 
 
 class Stream:
-    """One streamed generation on the worker: ("text", delta) events, then ("done", result) or ("error", e).
+    """One streamed job: ("text", delta) events, then ("done", result) or ("error", e).
 
     `first()` waits for the first event before the HTTP status is chosen: everything that can fail
     because of the request (decoding, preprocessing, the prompt's length, vision and prefill memory)
     has run by then, so it is a 4xx; only a failure while decoding later tokens is reported in-band.
+    A client that goes away cancels the job: its row is freed at the scheduler's next step.
     """
 
-    def __init__(self, loop, worker, run):
-        self.loop, self.queue, self.cancelled = loop, asyncio.Queue(), False
-        self.future = loop.run_in_executor(worker, self._job, run)
+    def __init__(self, loop, scheduler, job: Job):
+        self.loop, self.queue, self.job = loop, asyncio.Queue(), job
+        job.on_text = lambda delta: self._put("text", delta)
+        job.future.add_done_callback(self._done)
+        submit(scheduler, job)
 
     def _put(self, kind: str, value) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
-
-    def _job(self, run) -> None:
-        def on_text(_row, delta: str) -> None:
-            if self.cancelled:
-                raise Cancelled
-            self._put("text", delta)
         try:
-            self._put("done", run(on_text))
-        except Cancelled:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        except RuntimeError:    # the event loop is closed: the server is gone
             pass
-        except Exception as e:  # reported by first() as a 4xx, or in-band once the reply has started
-            self._put("error", e)
+
+    def _done(self, future) -> None:
+        error = future.exception()
+        if not isinstance(error, RequestCancelled):
+            self._put("error", error) if error is not None else self._put("done", future.result())
 
     async def first(self) -> tuple[str, object]:
-        event = await self.queue.get()
-        if event[0] == "error":
-            await self.future
-        return event
+        try:
+            return await self.queue.get()
+        except asyncio.CancelledError:
+            self.job.cancel()
+            raise
 
     async def events(self, first, completion_id: str, model: str):
         """Server-sent events: a role chunk, content chunks as text arrives, a finish chunk, [DONE]."""
@@ -465,5 +523,4 @@ class Stream:
                     break
                 kind, value = await self.queue.get()
         finally:
-            self.cancelled = True  # a client that hung up stops the generation at its next token
-            await self.future
+            self.job.cancel()  # a client that hung up frees its row at the scheduler's next step
