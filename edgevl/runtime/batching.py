@@ -201,15 +201,21 @@ class BatchScheduler:
             self._thread.start()
 
     # -- the client side (any thread)
+    def check_room(self) -> None:
+        """QueueFull (counted as a rejection) when max_batch + max_queue jobs are held: a server asks before it
+        decodes a request's images; `submit` checks again."""
+        with self.lock:
+            if len(self.jobs) >= self.max_batch + self.max_queue:
+                running = self.running
+                self.observer.rejected()
+                raise QueueFull(running, len(self.jobs) - running, self.max_batch, self.max_queue)
+
     def submit(self, job: Job) -> Job:
         """Accept `job` (QueueFull when max_batch + max_queue jobs are already held) and prepare it."""
         with self.lock:
             if self.closed:
                 raise RequestCancelled("the scheduler is closed")
-            if len(self.jobs) >= self.max_batch + self.max_queue:
-                running = self.running
-                self.observer.rejected()
-                raise QueueFull(running, len(self.jobs) - running, self.max_batch, self.max_queue)
+            self.check_room()
             self.jobs.add(job)
             self._report()
         if self._prepare is None:
@@ -451,7 +457,7 @@ class SerialScheduler:
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="edgevl-generate")
         self.jobs: set[Job] = set()
         self.active: Job | None = None
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.closed = False
 
     @property
@@ -462,13 +468,17 @@ class SerialScheduler:
     def queue_length(self) -> int:
         return len(self.jobs) - self.running
 
+    def check_room(self) -> None:
+        with self.lock:
+            if len(self.jobs) >= 1 + self.max_queue:
+                self.observer.rejected()
+                raise QueueFull(self.running, len(self.jobs) - self.running, 1, self.max_queue)
+
     def submit(self, job: Job) -> Job:
         with self.lock:
             if self.closed:
                 raise RequestCancelled("the scheduler is closed")
-            if len(self.jobs) >= 1 + self.max_queue:
-                self.observer.rejected()
-                raise QueueFull(self.running, len(self.jobs) - self.running, 1, self.max_queue)
+            self.check_room()
             self.jobs.add(job)
             self._report()
         self.worker.submit(self._run, job)
