@@ -45,8 +45,9 @@ def add_parser(sub) -> None:
                         help=f"requests accepted beyond the --max-batch running ones; more get HTTP 429 "
                              f"(default: {DEFAULT_MAX_QUEUE})")
     limits.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
-                        help=f"while other requests decode, a joining prompt is prefilled N tokens per decode step, so "
-                             f"a long prompt does not stall them (default: {DEFAULT_PREFILL_CHUNK})")
+                        help=f"while other requests decode, a joining prompt is prefilled N tokens per decode step "
+                             f"(an even number: N-1 for an odd N), so a long prompt does not stall them (default: "
+                             f"{DEFAULT_PREFILL_CHUNK})")
     add_backend_flags(p, max_batch=DEFAULT_MAX_BATCH)
     p.set_defaults(func=run)
 

@@ -13,15 +13,16 @@ Each step of the loop (`BatchScheduler.step`):
      video) or one prefill chunk of at most `prefill_chunk` tokens (the whole rest of the prompt when no row is
      decoding), as a batch-1 call on its row: GroupQueryAttention takes S > 1 in a batch only when no row has a
      past, so a joining prompt never rides along with decode rows. The last chunk's logits give its first token;
-  4. one decode step for every decoding row: rows 0..hi-1 in one call. A row in that range that is free or still
-     prefilling gets the pad token at its current length and keeps its length (the position is overwritten when
-     it is really written), so rows never move and nothing is copied.
+  4. one decode step for every decoding row: rows 0..hi-1 in one call, hi rounded up to even (ROW_MULTIPLE).
+     A row in that range that is free or still prefilling gets the pad token at its current length and keeps
+     its length (the position is overwritten when it is really written), so rows never move and nothing is
+     copied.
 
 A request's tokens are those it gets alone: its prefill is its own batch-1 calls on its row, the decoder treats
-the rows of a batch independently (on onnxruntime's CPU EP a row's logits are bit-identical at any batch size
-and any chunking, which the tests check), and it samples with its own `SamplingOptions` (its own numpy
-Generator, seeded per request). Stop strings and streaming are per request (`StreamDecoder`), as in
-`Pipeline.decode`, whose finish reasons and token lists these match.
+the rows of a batch independently (on onnxruntime's CPU EP a row's logits are bit-identical at any even batch
+size and any even chunking, fp32 at any size; the tests and the benchmark check it), and it samples with its
+own `SamplingOptions` (its own numpy Generator, seeded per request). Stop strings and streaming are per request
+(`StreamDecoder`), as in `Pipeline.decode`, whose finish reasons and token lists these match.
 
 The scheduler needs the in-place decoder (the `ort` variant: one preallocated buffer per layer with rows);
 `make_scheduler` falls back to `SerialScheduler` (one request at a time through `Pipeline.generate_prepared`,
@@ -55,6 +56,12 @@ from edgevl.runtime.sampling import SamplingOptions, next_tokens
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 32
 DEFAULT_PREFILL_CHUNK = 256
+# Calls with more than one row run an even number of them (decode steps get a pad row, prefill chunks are even):
+# onnxruntime's CPU MatMulNBits (w4a16, 8-bit) computes rows two at a time and an odd last row with its one-row
+# kernel, whose logits differ slightly (greedy tokens of the 2b-l4 w4a16 split from a batch-1 run within 2-40
+# tokens); rows computed in pairs are bit-identical at any batch size. So a request's tokens do not depend on
+# how many others share its steps. (fp32 graphs are bit-identical either way; GPUs are not measured yet.)
+ROW_MULTIPLE = 2
 
 
 class RequestCancelled(Exception):
@@ -184,9 +191,12 @@ class BatchScheduler:
         _check_sizes(max_batch, max_queue)
         if prefill_chunk < 1:
             raise EdgevlError(f"--prefill-chunk must be at least 1, not {prefill_chunk}.")
-        self.pipe, self.max_batch, self.max_queue, self.prefill_chunk = pipe, max_batch, max_queue, prefill_chunk
+        self.pipe, self.max_batch, self.max_queue = pipe, max_batch, max_queue
+        self.prefill_chunk = _even(prefill_chunk)
         self.observer = observer or Observer()
-        self.cache = make_cache(names.IN_PLACE, pipe.decoder, pipe.config, max_batch, pipe.max_context, pipe.dtype)
+        # One row more for an odd max_batch > 1: a decode step's pad row (ROW_MULTIPLE); never given to a request.
+        rows = max_batch if max_batch == 1 else _even(max_batch, up=True)
+        self.cache = make_cache(names.IN_PLACE, pipe.decoder, pipe.config, rows, pipe.max_context, pipe.dtype)
         self.rows: list[Sequence | None] = [None] * max_batch
         self.waiting: deque = deque()               # (job, prompt), prepared, oldest first
         self.jobs: set[Job] = set()                 # accepted and not finished
@@ -365,6 +375,7 @@ class BatchScheduler:
         """One decode step of rows 0..hi-1: each decoding row feeds its chosen token; the others a pad token at
         their current length, which they keep."""
         hi = max(s.row for s in seqs) + 1
+        hi = min(_even(hi, up=True), self.cache.batch)          # ROW_MULTIPLE; 1 only for a --max-batch 1 server
         view = self.cache.rows(0, hi)
         tokens = np.full(hi, self.pad_id, np.int64)
         deltas = np.zeros((hi, 1), np.int64)
@@ -539,6 +550,13 @@ class SerialScheduler:
     def _report(self) -> None:
         self.observer.queue_length(self.queue_length)
         self.observer.batch_rows(self.running)
+
+
+def _even(n: int, up: bool = False) -> int:
+    """n rounded to a multiple of ROW_MULTIPLE (up, or down but at least ROW_MULTIPLE)."""
+    if up:
+        return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+    return max(ROW_MULTIPLE, n - n % ROW_MULTIPLE)
 
 
 def _check_sizes(max_batch: int, max_queue: int) -> None:
