@@ -71,6 +71,18 @@ def test_folder_has_the_files_of_a_real_checkpoint(model_dir):
     assert REAL_FILES <= {p.name for p in model_dir.iterdir()}
 
 
+def test_config_is_in_the_hub_layout(model_dir):
+    """What published checkpoints have (transformers 4): text settings at the top level, rope_scaling "mrope",
+    in_chans; transformers 5 reads it back to the config it was built from."""
+    config = json.loads((model_dir / "config.json").read_text())
+    assert "text_config" not in config and config["hidden_size"] == 64
+    assert config["rope_scaling"] == {"type": "mrope", "mrope_section": [2, 3, 3]}
+    assert config["vision_config"]["in_chans"] == 3 and "rope_parameters" not in config["vision_config"]
+    loaded = transformers.AutoConfig.from_pretrained(model_dir)
+    assert loaded.text_config.num_hidden_layers == PRESETS["tiny"].num_hidden_layers
+    assert loaded.vision_config.embed_dim == PRESETS["tiny"].vision_embed_dim
+
+
 def test_model_loads_with_every_weight(model_dir):
     model, info = transformers.Qwen2VLForConditionalGeneration.from_pretrained(model_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -123,8 +135,9 @@ def test_config_ids_equal_the_tokenizer_ids(model_dir, tokenizer):
     assert config["video_token_id"] == tid("<|video_pad|>")
     assert config["vision_start_token_id"] == tid("<|vision_start|>")
     assert config["vision_end_token_id"] == tid("<|vision_end|>")
-    assert config["text_config"]["eos_token_id"] == tid("<|im_end|>")
-    assert config["text_config"]["bos_token_id"] == tid("<|endoftext|>")
+    assert config["eos_token_id"] == tid("<|im_end|>")
+    assert config["bos_token_id"] == tid("<|endoftext|>")
+    assert config["vision_token_id"] == tid("<|vision_pad|>")
     assert gen["eos_token_id"] == [tid("<|im_end|>"), tid("<|endoftext|>")]
     assert gen["pad_token_id"] == gen["bos_token_id"] == tid("<|endoftext|>")
 

@@ -1,17 +1,19 @@
-"""Named Qwen2-VL architectures, and the `transformers` config built from one.
+"""Named Qwen2-VL and Qwen2.5-VL architectures, and the `transformers` config built from one.
 
 This file owns the numbers: a frozen `ModelPreset` per architecture (the
-real Qwen2-VL-2B/7B/72B-Instruct shapes, a truncated 2B for quick benchmarks,
-and a few-MB `tiny` model for tests) and `build_config`, which turns a preset
-plus the ids of the tokenizer in use into a `transformers.Qwen2VLConfig`.
-Weights, tokenizer files and the model folder are `random_model.py`'s job.
+real Qwen2-VL-2B/7B/72B-Instruct and Qwen2.5-VL-3B/7B-Instruct shapes,
+truncated ones for quick benchmarks, and few-MB `tiny` models for tests) and
+`build_config`, which turns a preset plus the ids of the tokenizer in use into
+a `transformers.Qwen2VLConfig` or `Qwen2_5_VLConfig`. Weights, tokenizer files
+and the model folder are `random_model.py`'s job.
 
-The real values come from the `config.json` of Qwen/Qwen2-VL-{2B,7B,72B}-Instruct.
+The real values come from the `config.json` of Qwen/Qwen2-VL-{2B,7B,72B}-Instruct
+and Qwen/Qwen2.5-VL-{3B,7B}-Instruct.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # The tiny tokenizer (see random_model.py) is a 2000-entry byte-level BPE plus
 # Qwen2-VL's 14 special tokens, so the tiny embedding table has 2014 rows.
@@ -49,6 +51,14 @@ class ModelPreset:
     initializer_range: float = 0.02
     # dtype the weights are written in (the real checkpoints are bfloat16).
     dtype: str = "bfloat16"
+    # Qwen2.5-VL ("qwen2_5_vl"): RMSNorm and gated-SiLU vision blocks, window attention
+    # (window_size pixels) except in the full-attention blocks, video time ids spaced by
+    # tokens_per_second * seconds per temporal patch.
+    family: str = "qwen2_vl"
+    vision_intermediate_size: int = 3420
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: int = 2
 
     @property
     def head_dim(self) -> int:
@@ -69,27 +79,45 @@ _QWEN2_VL_2B = ModelPreset(
     tie_word_embeddings=True,
 )
 
+_QWEN2_5_VL_3B = ModelPreset(
+    family="qwen2_5_vl",
+    hidden_size=2048,
+    intermediate_size=11008,
+    num_hidden_layers=36,
+    num_attention_heads=16,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=128000,
+)
+
+_TINY = ModelPreset(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=TINY_VOCAB_SIZE,
+    tie_word_embeddings=False,
+    mrope_section=(2, 3, 3),
+    vision_depth=2,
+    vision_embed_dim=64,
+    vision_num_heads=4,
+    initializer_range=0.2,
+    dtype="float32",
+)
+
 PRESETS: dict[str, ModelPreset] = {
     # A few MB: 2 ViT blocks + 2 decoder layers, GQA (4 query / 2 kv heads),
     # head_dim 16 so mrope_section sums to 8. initializer_range is raised well
     # above 0.02 so the random model has confident, varied next-token choices:
     # with 0.02 every layer is ~identity and greedy decoding repeats itself
     # with top-1/top-2 margins of a few hundredths of a logit.
-    "tiny": ModelPreset(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=TINY_VOCAB_SIZE,
-        tie_word_embeddings=False,
-        mrope_section=(2, 3, 3),
-        vision_depth=2,
-        vision_embed_dim=64,
-        vision_num_heads=4,
-        initializer_range=0.2,
-        dtype="float32",
-    ),
+    "tiny": _TINY,
+    # Qwen2.5-VL in miniature: 4 ViT blocks, the 2nd and 4th with full attention, windows of 56 px
+    # (4x4 patches, 2x2 merged units) so that small test images hold several, odd-sized ones included.
+    "tiny-2.5": replace(_TINY, family="qwen2_5_vl", vision_depth=4, vision_intermediate_size=96, window_size=56,
+                        fullatt_block_indexes=(1, 3), tokens_per_second=2),
     "qwen2-vl-2b": _QWEN2_VL_2B,
     "qwen2-vl-7b": ModelPreset(
         hidden_size=3584,
@@ -121,6 +149,13 @@ PRESETS: dict[str, ModelPreset] = {
         tie_word_embeddings=True,
         vision_depth=4,
     ),
+    "qwen2.5-vl-3b": _QWEN2_5_VL_3B,
+    "qwen2.5-vl-7b": replace(_QWEN2_5_VL_3B, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                             num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                             tie_word_embeddings=False),
+    # The 3B's widths and vocabulary with 4 LLM layers and 8 ViT blocks (the 8th with full attention, as the 32nd
+    # of the real tower is): window and full attention both run, per-layer costs are real.
+    "qwen2.5-vl-3b-l4": replace(_QWEN2_5_VL_3B, num_hidden_layers=4, vision_depth=8, fullatt_block_indexes=(7,)),
 }
 
 
@@ -141,7 +176,7 @@ def build_config(preset: ModelPreset, token_ids: dict):
     (bos may be None: Qwen2 adds no BOS, but the real config still names
     <|endoftext|>).
     """
-    from transformers import Qwen2VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
     text_config = {
         "vocab_size": preset.vocab_size,
@@ -169,24 +204,25 @@ def build_config(preset: ModelPreset, token_ids: dict):
     }
     vision_config = {
         "depth": preset.vision_depth,
-        "embed_dim": preset.vision_embed_dim,
-        "hidden_size": preset.hidden_size,  # the merger outputs LLM-width rows
         "num_heads": preset.vision_num_heads,
-        "mlp_ratio": preset.vision_mlp_ratio,
         "patch_size": preset.patch_size,
         "temporal_patch_size": preset.temporal_patch_size,
         "spatial_merge_size": preset.spatial_merge_size,
         "in_channels": preset.in_channels,
         "initializer_range": preset.initializer_range,
     }
-    return Qwen2VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=token_ids["image_token_id"],
-        video_token_id=token_ids["video_token_id"],
-        vision_start_token_id=token_ids["vision_start_token_id"],
-        vision_end_token_id=token_ids["vision_end_token_id"],
-        # Tying is read from the outer config in transformers 5.
-        tie_word_embeddings=preset.tie_word_embeddings,
-        architectures=["Qwen2VLForConditionalGeneration"],
-    )
+    common = dict(text_config=text_config, image_token_id=token_ids["image_token_id"],
+                  video_token_id=token_ids["video_token_id"], vision_start_token_id=token_ids["vision_start_token_id"],
+                  vision_end_token_id=token_ids["vision_end_token_id"],
+                  # Tying is read from the outer config in transformers 5.
+                  tie_word_embeddings=preset.tie_word_embeddings)
+    if preset.family == "qwen2_5_vl":
+        vision_config.update(hidden_size=preset.vision_embed_dim, intermediate_size=preset.vision_intermediate_size,
+                             out_hidden_size=preset.hidden_size, hidden_act="silu", window_size=preset.window_size,
+                             fullatt_block_indexes=list(preset.fullatt_block_indexes),
+                             tokens_per_second=preset.tokens_per_second)
+        return Qwen2_5_VLConfig(vision_config=vision_config, architectures=["Qwen2_5_VLForConditionalGeneration"],
+                                **common)
+    vision_config.update(embed_dim=preset.vision_embed_dim, hidden_size=preset.hidden_size,  # merger: LLM width
+                         mlp_ratio=preset.vision_mlp_ratio)
+    return Qwen2VLConfig(vision_config=vision_config, architectures=["Qwen2VLForConditionalGeneration"], **common)

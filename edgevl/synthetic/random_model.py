@@ -10,7 +10,9 @@ tokenizer_config.json, chat_template.jinja, preprocessor_config.json), so that
 
 The tokenizer is a 2000-entry byte-level BPE trained here, in well under a
 second, on `assets/tokenizer_corpus.txt` with the Qwen2 pre-tokenizer, plus
-Qwen2-VL's 14 special tokens in their real order. Training is deterministic,
+Qwen2-VL's 14 special tokens in their real order. config.json is written in the hub's
+layout (transformers 4: text settings at the top level, rope_scaling "mrope"), and the
+weights under the hub's key names, so exports take the path a downloaded checkpoint takes. Training is deterministic,
 so it is not cached. The chat template is the real one
 (`assets/qwen2_vl_chat_template.jinja`). Shapes come from `architectures.py`.
 
@@ -191,7 +193,7 @@ def write_preprocessor_config(out_dir: Path, preset: ModelPreset) -> None:
         "merge_size": preset.spatial_merge_size,
         "min_pixels": MIN_PIXELS,
         "patch_size": preset.patch_size,
-        "processor_class": "Qwen2VLProcessor",
+        "processor_class": "Qwen2_5_VLProcessor" if preset.family == "qwen2_5_vl" else "Qwen2VLProcessor",
         "resample": 3,  # PIL bicubic
         "rescale_factor": 1 / 255,
         "size": {"longest_edge": MAX_PIXELS, "shortest_edge": MIN_PIXELS},
@@ -229,12 +231,48 @@ def write_weights(out_dir: Path, config, ids: dict, seed: int, dtype: str) -> No
     Conv3d and Embedding from N(0, initializer_range) and zeroes biases.
     """
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration._from_config(config, dtype=getattr(torch, dtype))
+    cls = Qwen2_5_VLForConditionalGeneration if config.model_type == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    model = cls._from_config(config, dtype=getattr(torch, dtype))
     model.generation_config = generation_config(ids)
     model.save_pretrained(out_dir)
+
+
+# The text settings a hub config.json keeps at its top level (the v4 layout), next to vision_config.
+_HUB_TEXT_KEYS = ("attention_dropout", "bos_token_id", "eos_token_id", "hidden_act", "hidden_size",
+                  "initializer_range", "intermediate_size", "max_position_embeddings", "max_window_layers",
+                  "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps",
+                  "sliding_window", "use_cache", "use_sliding_window", "vocab_size")
+_HUB_VISION_KEYS = {
+    "qwen2_vl": ("depth", "embed_dim", "mlp_ratio", "num_heads", "hidden_size", "patch_size", "spatial_merge_size",
+                 "temporal_patch_size"),
+    "qwen2_5_vl": ("depth", "hidden_act", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size",
+                   "patch_size", "spatial_merge_size", "window_size", "fullatt_block_indexes", "tokens_per_second",
+                   "temporal_patch_size"),
+}
+
+
+def hub_config(config, dtype: str) -> dict:
+    """`config` as the hub's Qwen2-VL / Qwen2.5-VL config.json has it (the transformers 4 layout every
+    published checkpoint uses): text settings at the top level, rope_theta and rope_scaling
+    {"type": "mrope", "mrope_section"} instead of rope_parameters, vision_config with in_chans and
+    spatial_patch_size, torch_dtype. transformers 5 reads it back to an equal config."""
+    full = config.to_dict()
+    text, vision = full["text_config"], dict(full["vision_config"])
+    out = {"architectures": full["architectures"], "model_type": full["model_type"],
+           **{key: text[key] for key in _HUB_TEXT_KEYS if key in text}}
+    rope = text["rope_parameters"]
+    out.update(rope_theta=rope["rope_theta"], rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]},
+               image_token_id=full["image_token_id"], video_token_id=full["video_token_id"],
+               vision_start_token_id=full["vision_start_token_id"], vision_end_token_id=full["vision_end_token_id"],
+               vision_token_id=full["vision_start_token_id"] + 2,      # <|vision_pad|>
+               tie_word_embeddings=full["tie_word_embeddings"], torch_dtype=dtype, transformers_version="4.49.0")
+    keys = _HUB_VISION_KEYS[full["model_type"]]
+    out["vision_config"] = {**{key: vision[key] for key in keys}, "in_chans": vision["in_channels"],
+                            "spatial_patch_size": vision["patch_size"]}
+    return out
 
 
 def write_random_model(out_dir, preset: str | ModelPreset = "tiny", seed: int = 0, dtype: str | None = None) -> Path:
@@ -250,6 +288,7 @@ def write_random_model(out_dir, preset: str | ModelPreset = "tiny", seed: int = 
     ids = special_token_ids(tokenizer)
     config = build_config(spec, ids)
     write_weights(out, config, ids, seed, dtype or spec.dtype)
+    _write_json(out / "config.json", hub_config(config, dtype or spec.dtype))     # what a hub checkpoint has
     write_tokenizer_files(tokenizer, out)
     write_preprocessor_config(out, spec)
     return out
