@@ -78,17 +78,27 @@ def test_roofline_arithmetic():
 
 
 # ----------------------------------------------------------------------------- pieces
-@pytest.mark.parametrize("grid", [(1, 8, 12), (2, 4, 6)])
-def test_flop_counts_equal_torch_flop_counter_on_the_transformers_model(tiny_model_dir, grid):
-    # eager attention: torch's counter sees every matrix product as mm/bmm (its sdpa rule counts differently)
+@pytest.fixture(scope="module")
+def tiny_2_5_dir(tmp_path_factory):
+    from edgevl.synthetic.random_model import write_random_model
+    return write_random_model(tmp_path_factory.mktemp("tiny25") / "model", preset="tiny-2.5")
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("grid", [(1, 8, 12), (2, 4, 6), (1, 10, 14)])
+def test_flop_counts_equal_torch_flop_counter_on_the_transformers_model(family, grid, request):
+    # eager attention: torch's counter sees every matrix product as mm/bmm (its sdpa rule counts differently);
+    # Qwen2.5-VL's eager vision attention runs window by window, so partial windows count as they are
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import Qwen2VLForConditionalGeneration
-    config = json.loads((tiny_model_dir / "config.json").read_text())
-    model = Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32,
-                                                            attn_implementation="eager").eval()
-    v = config["vision_config"]
-    pixels = torch.randn(int(np.prod(grid)), 3 * v["temporal_patch_size"] * v["patch_size"] ** 2)
+    from transformers import AutoConfig
+
+    from edgevl.bench.reference import model_class
+    from edgevl.export.exporter import model_facts
+    model_dir = request.getfixturevalue("tiny_model_dir" if family == "qwen2_vl" else "tiny_2_5_dir")
+    config = model_facts(AutoConfig.from_pretrained(model_dir), {})
+    model = model_class(family).from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    pixels = torch.randn(int(np.prod(grid)), 3 * config.temporal_patch_size * config.patch_size ** 2)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model.model.get_image_features(pixels, torch.tensor([grid]))
     assert counter.get_total_flops() == vision_flops(config, grid)
@@ -244,7 +254,8 @@ def test_bench_with_reference_on_the_tiny_model(tiny_artifact, tmp_path, capsys)
 
     report = json.loads(out_json.read_text())
     assert report["schema"] == "edgevl-bench/1"
-    config = json.loads((tiny_artifact / "config.json").read_text())
+    from edgevl.artifact import load_artifact
+    config = load_artifact(tiny_artifact).config
     m = report["machine"]
     assert m["cpu_model"] and m["logical_cores"] >= 1 and m["ram_bytes"] > 0 and isinstance(m["gpus"], list)
     assert {"edgevl", "numpy", "onnxruntime", "torch", "transformers"} <= set(m["versions"])

@@ -29,6 +29,7 @@ from edgevl.errors import EdgevlError
 from edgevl.runtime.image_processing import ImageProcessorSettings
 
 FORMAT = "edgevl-artifact"
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 FORMAT_VERSION = 2
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool", "float64")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
@@ -250,6 +251,12 @@ class ModelConfig:
     in_channels: int
     vision_embed_dim: int
     vision_depth: int
+    model_type: str = "qwen2_vl"                  # qwen2_vl | qwen2_5_vl
+    intermediate_size: int | None = None          # the LLM MLP's width
+    vision_intermediate_size: int | None = None   # the ViT MLP's width (Qwen2.5-VL: gated, 3 matrices)
+    vision_window_size: int | None = None         # Qwen2.5-VL: window attention, in pixels
+    vision_fullatt_blocks: tuple[int, ...] = ()   # Qwen2.5-VL: the blocks that attend over the whole image
+    tokens_per_second: float | None = None        # Qwen2.5-VL: video time ids per second
 
     @classmethod
     def parse(cls, f: _Fields) -> "ModelConfig":
@@ -263,6 +270,16 @@ class ModelConfig:
                 values[fld.name] = f.int(fld.name, default=None, minimum=0)
             elif fld.name == "tie_word_embeddings":
                 values[fld.name] = f.bool(fld.name)
+            elif fld.name == "model_type":
+                values[fld.name] = f.str(fld.name, default="qwen2_vl", choices=MODEL_TYPES)
+            elif fld.name in ("vision_window_size", "intermediate_size", "vision_intermediate_size"):
+                values[fld.name] = f.int(fld.name, default=None, minimum=1)
+            elif fld.name == "vision_fullatt_blocks":
+                values[fld.name] = f.ints(fld.name, default=(), minimum=0)
+            elif fld.name == "tokens_per_second":
+                values[fld.name] = f.float(fld.name, default=None)
+                if values[fld.name] is not None and values[fld.name] <= 0:
+                    raise ManifestError("manifest field 'config.tokens_per_second' must be positive.")
             else:
                 values[fld.name] = f.int(fld.name, minimum=0 if fld.name.endswith("token_id") else 1)
         config = cls(**values)
@@ -272,6 +289,8 @@ class ModelConfig:
             raise ManifestError("manifest field 'config.num_key_value_heads' does not divide num_attention_heads.")
         if 2 * sum(config.mrope_section) != config.head_dim:
             raise ManifestError("manifest field 'config.mrope_section' does not add up to head_dim / 2.")
+        if (config.model_type == "qwen2_5_vl") != (config.vision_window_size is not None):
+            raise ManifestError("manifest field 'config.vision_window_size' is set for qwen2_5_vl models only.")
         return config
 
     def to_json(self) -> dict:

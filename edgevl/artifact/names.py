@@ -18,12 +18,16 @@ SEQUENCE = "sequence"                # decoder: new tokens this call
 PAST_SEQUENCE = "past_sequence"      # decoder: tokens already in the KV cache
 TOTAL_SEQUENCE = "total_sequence"    # decoder: past + new
 MAX_CONTEXT = "max_context"          # in-place decoder: positions of the preallocated KV buffers
-DIMS = (NUM_PATCHES, BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE, MAX_CONTEXT)
+NUM_WINDOWS = "num_windows"          # Qwen2.5-VL vision: attention windows of one segment
+DIMS = (NUM_PATCHES, BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE, MAX_CONTEXT, NUM_WINDOWS)
 
 # ----------------------------------------------------------------------------- vision I/O
 PIXEL_VALUES = "pixel_values"
 ROTARY_POS_IDS = "rotary_pos_ids"
 IMAGE_EMBEDS = "image_embeds"
+WINDOW_GATHER = "window_gather"      # Qwen2.5-VL: [num_windows, slots] rows of each window (runtime/windows.py)
+WINDOW_MASK = "window_mask"          # [num_windows, slots] 1 = a slot holds a row
+WINDOW_SCATTER = "window_scatter"    # [num_patches] the slot each row went to
 
 # ----------------------------------------------------------------------------- decoder I/O
 INPUTS_EMBEDS = "inputs_embeds"

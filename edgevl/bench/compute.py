@@ -6,17 +6,17 @@ weight: they are bound by arithmetic, and their floor is FLOPs / the rate this m
 matrix multiply reaches. This module gives both halves:
 
 * `vision_flops(config, grid)`, `decoder_flops(config, tokens, past)`: multiply-adds x 2
-  of every matrix product Qwen2-VL runs (patch embedding, QKV/out projections, MLPs,
-  attention scores and values over the full rows the graphs compute, merger, lm_head on
-  the last position only). Element-wise work (norms, activations, rotary) is left out:
-  well under 1 % here. Checked against torch.utils.flop_counter on the transformers model.
+  of every matrix product the model runs (patch embedding, QKV/out projections, MLPs — gated
+  in Qwen2.5-VL —, attention scores and values over the rows each block attends to: a whole
+  temporal patch, or a window in Qwen2.5-VL's windowed blocks, merger, lm_head on the last
+  position only). Element-wise work (norms, activations, rotary) is left out: well under 1 %
+  here. Checked against torch.utils.flop_counter on the transformers models.
 * `measure_gemm(threads)`: GFLOP/s of onnxruntime's own fp32 MatMul and int8
   DynamicQuantizeMatMul (per-channel int8 weights, what `edgevl quantize --recipe int8`
   emits) on a ViT-MLP-sized product, best of a few runs. A measured rate, not the
   hardware peak: the same kernels the graphs use, on the same threads.
 
-`config` is the model's config.json (transformers' layout: `text_config` and
-`vision_config`, or the text fields at the top level as older files have them).
+`config` is the artifact's ModelConfig (the manifest's `config`).
 """
 
 from __future__ import annotations
@@ -25,42 +25,54 @@ import time
 
 import numpy as np
 
+from edgevl.artifact.manifest import ModelConfig
+from edgevl.runtime.windows import window_layout
+
 GEMM_SHAPE = (1024, 1280, 5120)    # M, K, N: a 448x448 image's patches through a 2B ViT's MLP
 
 
-def _text(config: dict) -> dict:
-    return config.get("text_config") or config
+def _attention_rows(config: ModelConfig, h: int, w: int) -> int:
+    """Sum over the vision blocks of (rows attended together)^2, for one temporal patch of h x w patches."""
+    full = (h * w) ** 2
+    if not config.vision_window_size:
+        return config.vision_depth * full
+    layout = window_layout(h, w, config.spatial_merge_size, config.vision_window_size, config.patch_size)
+    windowed = int((layout.mask.sum(1) ** 2).sum())
+    full_blocks = len(config.vision_fullatt_blocks)
+    return full_blocks * full + (config.vision_depth - full_blocks) * windowed
 
 
-def vision_flops(config: dict, grid: tuple[int, int, int]) -> int:
+def vision_flops(config: ModelConfig, grid: tuple[int, int, int]) -> int:
     """FLOPs of the vision encoder + merger for one image or video of grid (t, h, w) patches.
 
     Attention runs within each temporal patch (h*w rows), as the exported graph and
-    transformers' per-frame cu_seqlens do.
+    transformers' per-frame cu_seqlens do (and within windows, in Qwen2.5-VL's windowed blocks).
     """
-    v = config["vision_config"]
     t, h, w = grid
-    n, d = t * h * w, v["embed_dim"]
-    mlp = int(d * v["mlp_ratio"])
-    patch = v.get("in_channels", 3) * v["temporal_patch_size"] * v["patch_size"] ** 2
-    per_block = 2 * n * d * (3 * d + d + 2 * mlp) + t * 4 * (h * w) ** 2 * d   # qkv, proj, fc1+fc2; QK^T, AV
-    merged, wide = n // v["spatial_merge_size"] ** 2, d * v["spatial_merge_size"] ** 2
-    merger = 2 * merged * wide * (wide + _text(config)["hidden_size"])
-    return 2 * n * patch * d + v["depth"] * per_block + merger
+    n, d = t * h * w, config.vision_embed_dim
+    gated = config.model_type == "qwen2_5_vl"
+    mlp = config.vision_intermediate_size or 4 * d
+    patch = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+    per_block = 2 * n * d * (4 * d + (3 if gated else 2) * mlp)            # qkv + proj, MLP
+    attention = t * 4 * _attention_rows(config, h, w) * d                   # QK^T and AV
+    merged, wide = n // config.spatial_merge_size ** 2, d * config.spatial_merge_size ** 2
+    merger = 2 * merged * wide * (wide + config.hidden_size)
+    return 2 * n * patch * d + config.vision_depth * per_block + attention + merger
 
 
-def decoder_flops(config: dict, tokens: int, past: int = 0) -> int:
+def decoder_flops(config: ModelConfig, tokens: int, past: int = 0) -> int | None:
     """FLOPs of the decoder for `tokens` new positions after `past` cached ones (prefill: past=0;
     one decode step: tokens=1), logits for the last position only. Attention counts every
-    (query, key) pair the graph computes: tokens x (past + tokens), masked or not."""
-    c = _text(config)
-    hidden, layers = c["hidden_size"], c["num_hidden_layers"]
-    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
-    head_dim = c.get("head_dim") or hidden // heads
+    (query, key) pair the graph computes: tokens x (past + tokens), masked or not. None for a
+    manifest that does not record the MLP width."""
+    if config.intermediate_size is None:
+        return None
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     projections = hidden * head_dim * (2 * heads + 2 * kv_heads)         # q, o; k, v
-    mlp = 3 * hidden * c["intermediate_size"]                               # gate, up, down
+    mlp = 3 * hidden * config.intermediate_size                                   # gate, up, down
     attention = 4 * tokens * (past + tokens) * heads * head_dim             # QK^T and AV
-    lm_head = 2 * hidden * c["vocab_size"]
+    lm_head = 2 * hidden * config.vocab_size
     return layers * (2 * tokens * (projections + mlp) + attention) + lm_head
 
 

@@ -1,7 +1,8 @@
 """The transformers side of `edgevl bench --reference hf`: eager PyTorch, same dtype, sdpa attention.
 
 `TransformersEngine` implements measure.Engine on `Qwen2VLForConditionalGeneration`
-loaded from the source model recorded in the artifact's manifest. Its stages are the
+(`Qwen2_5_VLForConditionalGeneration` for a Qwen2.5-VL artifact) loaded from the source
+model recorded in the artifact's manifest. Its stages are the
 pieces `generate()` runs, called one by one so each can be timed:
 
     prepare   tokenizer.apply_chat_template + Qwen2VLImageProcessorPil + image-pad expansion + tokenizer
@@ -71,13 +72,22 @@ def processor_inputs(tokenizer, image_processor, text: str, images=()) -> dict:
     return {"input_ids": tokenizer(chat, return_tensors="pt")["input_ids"], **out}
 
 
+def model_class(model_type: str):
+    """transformers' class for a model_type the exporter accepts."""
+    import transformers
+    classes = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+    if model_type not in classes:
+        raise EdgevlError(f"the reference model is a '{model_type}' model; edgevl compares {', '.join(classes)}.")
+    return getattr(transformers, classes[model_type])
+
+
 class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model_dir: Path, dtype: str = "fp32", threads: int = 0):
         with requires("export", "--reference hf"):
             import torch
-            from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+            from transformers import AutoConfig, AutoTokenizer
             from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
                 Qwen2VLImageProcessorPil,
             )
@@ -87,7 +97,7 @@ class TransformersEngine:
         if threads:
             torch.set_num_threads(threads)
         t0 = time.perf_counter()
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(
+        self.model = model_class(AutoConfig.from_pretrained(model_dir).model_type).from_pretrained(
             model_dir, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation="sdpa").eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)

@@ -364,7 +364,7 @@ def _rate_key(manifest, kind: str) -> str:
 def _compute(artifact, grid: tuple | None, ours: SideResult, ours_j: dict, ref_j: dict | None, gemm: dict) -> dict:
     """FLOPs of the vision and prefill stages, the rate each engine reached, and that rate over the
     GEMM rate measured here (for transformers: the fp32 rate; it runs fp32 / the export's dtype)."""
-    config = artifact.read_json("config.json")
+    config = artifact.manifest.config
     flops = {"vision_ms": compute.vision_flops(config, grid) if grid else None,
              "prefill_ms": compute.decoder_flops(config, ours.prompt_len)}
     out = {"grid": list(grid) if grid else None, "vision_flops": flops["vision_ms"],

@@ -33,7 +33,7 @@ MAX_OPSET = 24
 # --opset 18..22 gives the same math in primitive ops for older TensorRT (JetPack 6: 10.3)
 DEFAULT_OPSET = {"ort": 18, "standard": FUSED_STANDARD_OPSET}
 EXPORT_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy")
-SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                 "preprocessor_config.json", "video_preprocessor_config.json", "config.json")
 
@@ -75,16 +75,17 @@ def read_config(model_dir: Path) -> dict:
     config = read_json_file(path, "model config")
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise EdgevlError(f"{model_dir} holds a '{config.get('model_type')}' model; edgevl exports "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2-VL) models.")
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2-VL, Qwen2.5-VL) models.")
     if not any(next(model_dir.glob(p), None) for p in WEIGHT_PATTERNS):
         raise EdgevlError(f"{model_dir} has a config.json but no weights (*.safetensors or pytorch_model*.bin).")
     return config
 
 
-def load_model(model_dir: Path, dtype: torch.dtype):
-    from transformers import Qwen2VLForConditionalGeneration
+def load_model(model_dir: Path, dtype: torch.dtype, model_type: str):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[model_type]
     try:
-        model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+        model = cls.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:   # bad config values, broken shards
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise EdgevlError(f"transformers could not load the model in {model_dir} ({type(e).__name__}"
@@ -145,8 +146,17 @@ def model_facts(config, generation: dict) -> ModelConfig:
         "temporal_patch_size": vision.temporal_patch_size,
         "spatial_merge_size": vision.spatial_merge_size,
         "in_channels": vision.in_channels,
-        "vision_embed_dim": vision.embed_dim,
+        "vision_embed_dim": getattr(vision, "embed_dim", None) or vision.hidden_size,
         "vision_depth": vision.depth,
+        "intermediate_size": text.intermediate_size,
+        "vision_intermediate_size": (vision.intermediate_size if config.model_type == "qwen2_5_vl"
+                                     else int(vision.embed_dim * vision.mlp_ratio)),
+        "model_type": config.model_type,
+        # Qwen2.5-VL: window attention (pixels) outside the full-attention blocks, and video time ids spaced by
+        # tokens_per_second x seconds per temporal patch; None for Qwen2-VL.
+        "vision_window_size": getattr(vision, "window_size", None),
+        "vision_fullatt_blocks": tuple(getattr(vision, "fullatt_block_indexes", None) or ()),
+        "tokens_per_second": getattr(vision, "tokens_per_second", None),
     })
 
 
@@ -166,7 +176,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int | 
     if not lowest <= opset <= MAX_OPSET:
         raise EdgevlError(f"--opset must be between {lowest} and {MAX_OPSET} for the {variant} variant, not {opset}.")
     model_dir = resolve_model_dir(model)
-    read_config(model_dir)
+    model_type = read_config(model_dir)["model_type"]
     preprocessor = model_dir / "preprocessor_config.json"
     if not preprocessor.exists():
         raise EdgevlError(f"{model_dir} has no preprocessor_config.json (the image-processor settings).")
@@ -181,7 +191,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int | 
 
     torch_dtype = DTYPES[dtype]
     log(f"loading {model} ({dtype})")
-    hf_model = load_model(model_dir, torch_dtype)
+    hf_model = load_model(model_dir, torch_dtype, model_type)
     with staged_folder(Path(out), force=force) as tmp, torch.no_grad():
         copy_side_files(model_dir, tmp)
         log(f"exporting vision encoder ({variant} ops) -> vision.onnx")

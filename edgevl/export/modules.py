@@ -55,13 +55,51 @@ class VisionGraph(nn.Module):
             h = h + blk.mlp(blk.norm2(h))
         return self.merger(h)
 
-    def _attention(self, attn: nn.Module, x: torch.Tensor, cos, sin) -> torch.Tensor:
+    def _attention(self, attn: nn.Module, x: torch.Tensor, cos, sin, *unused) -> torch.Tensor:
         q, k, v = attn.qkv(x)[None].chunk(3, dim=-1)                               # [1, N, E] each
         # Rotary in float32, as transformers does, then back to the working dtype.
         q = self.ops.rotary(q.float(), cos, sin, self.num_heads).to(x.dtype)
         k = self.ops.rotary(k.float(), cos, sin, self.num_heads).to(x.dtype)
         out = self.ops.attention(q, k, v, self.num_heads, self.num_heads, float(attn.scaling))
         return attn.proj(out[0])
+
+
+class WindowVisionGraph(VisionGraph):
+    """Qwen2.5-VL's tower: window attention in most blocks, full attention in `fullatt_block_indexes`.
+
+    pixel_values [N, C*T*P*P] and rotary_pos_ids [N, 2] in window order (runtime/windows.py), window_gather /
+    window_mask [num_windows, slots], window_scatter [N]  ->  image_embeds [N / merge^2, hidden] in window order.
+    The hidden state stays [N, E]; a window block gathers it into [num_windows, slots, E] (padding slots read a
+    zero row), attends within each window under the key mask, and scatters back.
+    """
+
+    def __init__(self, visual: nn.Module, ops: Ops = FUSED):
+        super().__init__(visual, ops)
+        self.full = {int(i) for i in visual.config.fullatt_block_indexes}
+
+    def forward(self, pixel_values, rotary_pos_ids, window_gather, window_mask, window_scatter):
+        h = pixel_values.to(self.patch_weight.dtype) @ self.patch_weight            # [N, E]
+        freqs = rotary_pos_ids[..., None].float() * self.inv_freq                  # [N, 2, D/4]
+        angles = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)[None]               # [1, N, D/2]
+        cos, sin = angles.cos(), angles.sin()
+        windows = (window_gather, window_mask, window_scatter)
+        for i, blk in enumerate(self.blocks):
+            attend = self._attention if i in self.full else self._window_attention
+            h = h + attend(blk.attn, blk.norm1(h), cos, sin, *([] if i in self.full else windows))
+            h = h + blk.mlp(blk.norm2(h))
+        return self.merger(h)
+
+    def _window_attention(self, attn, x, cos, sin, gather, mask, scatter):
+        q, k, v = attn.qkv(x)[None].chunk(3, dim=-1)                               # [1, N, E] each
+        q = self.ops.rotary(q.float(), cos, sin, self.num_heads).to(x.dtype)
+        k = self.ops.rotary(k.float(), cos, sin, self.num_heads).to(x.dtype)
+
+        def windows(t):                                                             # [1, N, E] -> [W, slots, E]
+            padded = torch.cat([t[0], t.new_zeros((1, t.shape[-1]))])
+            return padded[gather.reshape(-1)].reshape(*gather.shape, -1)
+
+        out = self.ops.window_attention(windows(q), windows(k), windows(v), mask, self.num_heads, float(attn.scaling))
+        return attn.proj(out.reshape(-1, out.shape[-1])[scatter])
 
 
 class _Decoder(nn.Module):
@@ -167,5 +205,6 @@ class ConcatDecoder(_Decoder):
         return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)
 
 
+VISION = {"qwen2_vl": VisionGraph, "qwen2_5_vl": WindowVisionGraph}
 DECODERS = {"ort": InPlaceDecoder, "standard": ConcatDecoder}
 KV_CACHE = {"ort": "in_place", "standard": "concat"}     # GraphSpec.kv_cache of each variant's decoder

@@ -3,6 +3,7 @@
     op (torch)                           "ort" variant (onnxruntime)        "standard", opset >= 23 (TensorRT >= 10.15)
     rotary(x, cos, sin, heads)           com.microsoft.RotaryEmbedding       RotaryEmbedding-23
     attention(q, k, v, ...)              com.microsoft.MultiHeadAttention    Attention-23 (4-D, one output)
+    window_attention(q, k, v, mask, ..)  MultiHeadAttention + key mask       Attention-23 + bool mask (Qwen2.5-VL)
     attention_in_place(q, k, v, cache)   com.microsoft.GroupQueryAttention   -
     attention_concat(q, k, v, mask, ..)  -                                   Concat + Attention-23 (4-D, one output)
     rms_norm(x, weight, eps)             (the checkpoint's own module)       RMSNormalization-23
@@ -38,9 +39,12 @@ FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
 
 def _contrib(name: str, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
              attrs: dict[str, onnx.defs.OpSchema.AttrType]) -> values.Op:
-    """An op handle for an onnxruntime contrib op (its interface only: the exporter records the node)."""
+    """An op handle for an onnxruntime contrib op (its interface only: the exporter records the node).
+    An input named "x?" is optional."""
+    optional, single = onnx.defs.OpSchema.FormalParameterOption.Optional, onnx.defs.OpSchema.FormalParameterOption.Single
     schema = onnx.defs.OpSchema(
-        name, MS_DOMAIN, 1, inputs=[_P(n, t) for n, t in inputs], outputs=[_P(n, t) for n, t in outputs],
+        name, MS_DOMAIN, 1, inputs=[_P(n.rstrip("?"), t, param_option=optional if n.endswith("?") else single)
+                                    for n, t in inputs], outputs=[_P(n, t) for n, t in outputs],
         type_constraints=[("T", FLOATS, "float activations")],
         attributes=[onnx.defs.OpSchema.Attribute(a, kind, a) for a, kind in attrs.items()])
     return values.Op(_ms, name, schema)
@@ -66,6 +70,10 @@ _RotaryEmbedding = _contrib("RotaryEmbedding", [("input", "T"), ("position_ids",
                             {"num_heads": _ATTR.INT, "interleaved": _ATTR.INT})
 _MultiHeadAttention = _contrib("MultiHeadAttention", [("query", "T"), ("key", "T"), ("value", "T")],
                                [("output", "T")], {"num_heads": _ATTR.INT, "scale": _ATTR.FLOAT})
+_MaskedMultiHeadAttention = _contrib(
+    "MultiHeadAttention", [("query", "T"), ("key", "T"), ("value", "T"), ("bias?", "T"),
+                           ("key_padding_mask", "tensor(int32)")],
+    [("output", "T")], {"num_heads": _ATTR.INT, "scale": _ATTR.FLOAT})
 _GroupQueryAttention = _contrib(
     "GroupQueryAttention",
     [("query", "T"), ("key", "T"), ("value", "T"), ("past_key", "T"), ("past_value", "T"),
@@ -124,6 +132,23 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     """Qwen2RMSNorm: normalised in float32, cast back, then scaled."""
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def window_attention_reference(q, k, v, mask, num_heads: int, scale: float):
+    """Attention within each window: q/k/v [windows, slots, H*D], mask [windows, slots] (1 = a real key)."""
+    bias = torch.where(mask.bool(), 0.0, float("-inf"))[:, None, None, :]          # [windows, 1, 1, slots]
+    return _merge(_attend(_heads(q, num_heads), _heads(k, num_heads), _heads(v, num_heads), scale, bias))
+
+
+@torch.library.custom_op("edgevl::window_attention", mutates_args=())
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, num_heads: int,
+                     scale: float) -> torch.Tensor:
+    return window_attention_reference(q, k, v, mask, num_heads, scale)
+
+
+@window_attention.register_fake
+def _(q, k, v, mask, num_heads, scale):
+    return torch.empty_like(q)
 
 
 @torch.library.custom_op("edgevl::rotary", mutates_args=())
@@ -243,6 +268,20 @@ def _attention_standard(q, k, v, num_heads, kv_heads, scale):
                                    scale=scale))
 
 
+def _window_ort(q, k, v, mask, num_heads, scale):
+    return _MaskedMultiHeadAttention(q, k, v, None, op.Cast(mask, to=onnx.TensorProto.INT32), num_heads=num_heads,
+                                     scale=scale)
+
+
+def _window_standard(q, k, v, mask, num_heads, scale):
+    # onnxruntime's Attention-23 wants the mask's query dim spelled out: [windows, 1, slots, slots]
+    windows, slots = op.Shape(mask, start=0, end=1), op.Shape(mask, start=1, end=2)
+    keep = op.Expand(op.Unsqueeze(op.Cast(mask, to=onnx.TensorProto.BOOL), [1, 2]),
+                     op.Concat(windows, op.Constant(value_ints=[1]), slots, slots, axis=0))
+    return _from_heads(_Attention1(_to_heads(q, num_heads), _to_heads(k, num_heads), _to_heads(v, num_heads), keep,
+                                   scale=scale))
+
+
 def _in_place_ort(q, k, v, past_key, past_value, seqlens_k, total_sequence_length, num_heads, kv_heads, scale):
     return _GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
                                 num_heads=num_heads, kv_num_heads=kv_heads, scale=scale)
@@ -269,15 +308,17 @@ class Ops:
 
     rotary: Callable
     attention: Callable
+    window_attention: Callable
     attention_in_place: Callable | None
     attention_concat: Callable | None
     rms_norm: Callable | None        # None: the checkpoint's own RMSNorm module, traced as it is
 
 
-FUSED = Ops(rotary, attention, attention_in_place, attention_concat, rms_norm)
+FUSED = Ops(rotary, attention, window_attention, attention_in_place, attention_concat, rms_norm)
 # Standard graphs below opset 23: the same math traced from the reference functions into primitive ops
 # (MatMul, Softmax, Mul, ...), which older TensorRT parses (JetPack 6: TensorRT 10.3).
-DECOMPOSED = Ops(rotary_reference, attention_reference, None, attention_concat_reference, rms_norm_reference)
+DECOMPOSED = Ops(rotary_reference, attention_reference, window_attention_reference, None, attention_concat_reference,
+                 rms_norm_reference)
 
 
 def flavor(variant: str, opset: int) -> Ops:
@@ -289,8 +330,9 @@ def translations(variant: str) -> dict:
     ops = torch.ops.edgevl
     if variant == "ort":
         return {ops.rotary.default: _rotary_ort, ops.attention.default: _attention_ort,
-                ops.attention_in_place.default: _in_place_ort}
+                ops.window_attention.default: _window_ort, ops.attention_in_place.default: _in_place_ort}
     if variant == "standard":
         return {ops.rotary.default: _rotary_standard, ops.attention.default: _attention_standard,
-                ops.attention_concat.default: _concat_standard, ops.rms_norm.default: _rms_norm_standard}
+                ops.window_attention.default: _window_standard, ops.attention_concat.default: _concat_standard,
+                ops.rms_norm.default: _rms_norm_standard}
     raise ValueError(f"unknown graph variant {variant!r}")

@@ -14,9 +14,10 @@ import torch
 
 from edgevl.artifact import names
 from edgevl.artifact.onnx_files import save_graph
-from edgevl.export.modules import DECODERS, VisionGraph
+from edgevl.export.modules import DECODERS, VISION, WindowVisionGraph
 from edgevl.export.mrope import attach_mrope_function, mrope_translation
 from edgevl.export.ops import flavor, translations
+from edgevl.runtime.windows import window_layout
 
 
 def _quiet_export(module, args, **kwargs) -> ir.Model:
@@ -43,15 +44,22 @@ def _table(variant: str) -> dict:
 
 def export_vision(model, path: Path, dtype: torch.dtype, opset: int, variant: str) -> None:
     vcfg = model.config.vision_config
-    graph = VisionGraph(model.model.visual, flavor(variant, opset)).eval()
-    t, h, w = 1, 8, 12  # any grid works; the size is symbolic in the graph
+    graph = VISION[model.config.model_type](model.model.visual, flavor(variant, opset)).eval()
+    h, w = 12, 20  # any grid works; the size is symbolic in the graph (windows: partial ones included)
     patch_dim = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size ** 2
-    pixels = torch.randn(t * h * w, patch_dim, dtype=dtype)
-    rotary = torch.zeros(t * h * w, 2, dtype=torch.long)
+    pixels = torch.randn(h * w, patch_dim, dtype=dtype)
+    rotary = torch.zeros(h * w, 2, dtype=torch.long)
     n = torch.export.Dim(names.NUM_PATCHES)
-    onnx_model = _quiet_export(graph, (pixels, rotary), input_names=[names.PIXEL_VALUES, names.ROTARY_POS_IDS],
-                               output_names=[names.IMAGE_EMBEDS], dynamic_shapes=({0: n}, {0: n}),
-                               opset_version=opset, custom_translation_table=_table(variant))
+    args, inputs, dynamic = (pixels, rotary), [names.PIXEL_VALUES, names.ROTARY_POS_IDS], [{0: n}, {0: n}]
+    if isinstance(graph, WindowVisionGraph):
+        layout = window_layout(h, w, vcfg.spatial_merge_size, vcfg.window_size, vcfg.patch_size)
+        args += tuple(torch.from_numpy(a) for a in (layout.gather, layout.mask, layout.scatter))
+        inputs += [names.WINDOW_GATHER, names.WINDOW_MASK, names.WINDOW_SCATTER]
+        windows = torch.export.Dim(names.NUM_WINDOWS)
+        dynamic += [{0: windows}, {0: windows}, {0: n}]
+    onnx_model = _quiet_export(graph, args, input_names=inputs, output_names=[names.IMAGE_EMBEDS],
+                               dynamic_shapes=tuple(dynamic), opset_version=opset,
+                               custom_translation_table=_table(variant))
     _import_domains(onnx_model)
     save_graph(onnx_model, path)
 

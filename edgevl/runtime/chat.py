@@ -42,12 +42,14 @@ class ChatSession:
     grids: list[tuple[int, int, int]] = field(default_factory=list)
     video_embeds: list[np.ndarray] = field(default_factory=list)   # per video, in conversation order
     video_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    video_seconds: list[float] = field(default_factory=list)      # per video: seconds per temporal patch
     cached_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # tokens whose KV is cached
     cache: object | None = None                                    # the pipeline's KV cache (kv_cache.py)
     last_prefill_tokens: int = 0
 
     def reset(self) -> None:
-        self.messages, self.image_embeds, self.grids, self.video_embeds, self.video_grids = [], [], [], [], []
+        self.messages, self.image_embeds, self.grids = [], [], []
+        self.video_embeds, self.video_grids, self.video_seconds = [], [], []
         self.cached_ids = np.zeros(0, np.int64)
         if self.cache is not None:
             self.cache.truncate(0)          # keep the buffers: an in-place cache is allocated once
@@ -64,7 +66,8 @@ class ChatSession:
         new_images, new_videos = self.pipe.image_patches(images), self.pipe.video_patches(videos)
         messages = self._with_system([*self.messages, user_message(text, len(new_images), len(new_videos))])
         grids = self.grids + [g for _, g in new_images]
-        video_grids = self.video_grids + [g for _, g in new_videos]
+        video_grids = self.video_grids + [g for _, g, _ in new_videos]
+        video_seconds = self.video_seconds + [s for _, _, s in new_videos]
         ids = self.pipe.tokenize_messages(messages, grids, video_grids)
         if len(ids) + 1 > self.pipe.max_context:   # checked before the (costly) vision encoder
             raise EdgevlError(f"the conversation is {len(ids)} tokens and the model's context is "
@@ -73,12 +76,12 @@ class ChatSession:
 
         t0 = time.perf_counter()
         image_embeds = self.image_embeds + [self.pipe.encode_image(pv, g) for pv, g in new_images]
-        video_embeds = self.video_embeds + [self.pipe.encode_image(pv, g) for pv, g in new_videos]
+        video_embeds = self.video_embeds + [self.pipe.encode_image(pv, g) for pv, g, _ in new_videos]
         vision_s = time.perf_counter() - t0
         keep = self._reuse_prefix(ids)
         embeds = self.pipe.embed(ids, image_embeds, video_embeds)[keep:]    # [S_new, H]
         mask = np.ones((1, len(ids)), np.int64)
-        position_ids, rope_deltas = self.pipe.positions(ids[None], mask, grids, video_grids)
+        position_ids, rope_deltas = self.pipe.positions(ids[None], mask, grids, video_grids, video_seconds)
         self.last_prefill_tokens = len(ids) - keep
         prompt = Prompt(embeds[None], ids[None], position_ids[:, :, keep:], rope_deltas,
                         np.array([len(ids) - keep]))
@@ -91,7 +94,7 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
         # Only now, after a successful turn: a failed turn (a bad video, a full context) changes no history.
         self.image_embeds, self.grids = image_embeds, grids
-        self.video_embeds, self.video_grids = video_embeds, video_grids
+        self.video_embeds, self.video_grids, self.video_seconds = video_embeds, video_grids, video_seconds
         return result
 
     def _with_system(self, messages: list[dict]) -> list[dict]:

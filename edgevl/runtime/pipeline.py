@@ -38,6 +38,7 @@ from edgevl.runtime.rope_index import mrope_position_ids, vision_rotary_position
 from edgevl.runtime.sampling import SamplingOptions
 from edgevl.runtime.template import ChatTemplate
 from edgevl.runtime.video import VideoClip, load_video, preprocess_video
+from edgevl.runtime.windows import window_layout
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -52,6 +53,7 @@ class PreparedPrompt:
     grids: list[tuple[int, int, int]]         # per image (t, h, w)
     video_pixel_values: list[np.ndarray] = field(default_factory=list)  # per video [t*h*w, C*T*P*P]
     video_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    video_seconds: list[float] = field(default_factory=list)   # per video: seconds per temporal patch
 
 
 @dataclass
@@ -113,20 +115,22 @@ class Pipeline:
         """A whole conversation in Hugging Face content format -> ids; images/videos fill its slots in order."""
         processed, processed_videos = self.image_patches(images), self.video_patches(videos)
         grids = [grid for _, grid in processed]
-        video_grids = [grid for _, grid in processed_videos]
+        video_grids = [grid for _, grid, _ in processed_videos]
         return PreparedPrompt(self.tokenize_messages(messages, grids, video_grids), [pv for pv, _ in processed],
-                              grids, [pv for pv, _ in processed_videos], video_grids)
+                              grids, [pv for pv, _, _ in processed_videos], video_grids,
+                              [seconds for _, _, seconds in processed_videos])
 
     def image_patches(self, images) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
         """Paths or PIL images -> (pixel_values, grid) per image."""
         return [preprocess_image(load_image(img), self.image_settings) for img in images]
 
-    def video_patches(self, videos) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
-        """Paths (sampled at 2 fps) or `VideoClip`s -> (pixel_values, grid) per video."""
+    def video_patches(self, videos) -> list[tuple[np.ndarray, tuple[int, int, int], float]]:
+        """Paths (sampled at 2 fps) or `VideoClip`s -> (pixel_values, grid, seconds per temporal patch) per video."""
         clips = [v if isinstance(v, VideoClip) else load_video(v, temporal_patch_size=self.video_temporal,
                                                               settings=self.video_settings)
                  for v in videos]
-        return [preprocess_video(c.frames, self.video_settings) for c in clips]
+        return [(*preprocess_video(c.frames, self.video_settings), self.video_temporal / c.sampled_fps)
+                for c in clips]
 
     @property
     def video_temporal(self) -> int:
@@ -141,13 +145,25 @@ class Pipeline:
         return self.tokenizer.encode_bounded(text, self.max_context)
 
     def encode_image(self, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
-        """[t*h*w, D] patches -> [t*h*w/merge^2, hidden] embeddings; each temporal patch attends alone."""
+        """[t*h*w, D] patches -> [t*h*w/merge^2, hidden] embeddings; each temporal patch attends alone.
+        Qwen2.5-VL: the patches go in window order with their windows, the embeddings come back in order."""
         t, h, w = grid
-        rotary = vision_rotary_position_ids((1, h, w), self.image_settings.merge_size)
+        merge = self.image_settings.merge_size
+        rotary = vision_rotary_position_ids((1, h, w), merge)
+        cfg = self.config
+        layout = (window_layout(h, w, merge, cfg.vision_window_size, cfg.patch_size) if cfg.vision_window_size
+                  else None)
         dtype = self.vision.input_metadata()[names.PIXEL_VALUES].dtype
-        frames = np.split(pixel_values.astype(dtype), t)
-        return np.concatenate([self.vision.infer({names.PIXEL_VALUES: f, names.ROTARY_POS_IDS: rotary})
-                               [names.IMAGE_EMBEDS] for f in frames])
+        out = []
+        for frame in np.split(pixel_values.astype(dtype), t):
+            if layout is None:
+                feed = {names.PIXEL_VALUES: frame, names.ROTARY_POS_IDS: rotary}
+            else:
+                feed = {names.PIXEL_VALUES: frame[layout.patch_order], names.ROTARY_POS_IDS: rotary[layout.patch_order],
+                        **layout.feed()}
+            embeds = self.vision.infer(feed)[names.IMAGE_EMBEDS]
+            out.append(embeds if layout is None else embeds[layout.restore])
+        return np.concatenate(out)
 
     def embed(self, input_ids: np.ndarray, image_embeds: list[np.ndarray],
               video_embeds: list[np.ndarray] = ()) -> np.ndarray:
@@ -194,7 +210,8 @@ class Pipeline:
         cache = self.new_cache(len(rows))
         ids, mask, embeds = self._pad(rows, row_embeds, longest, cache.padding)
         position_ids, rope_deltas = self.positions(ids, mask, [g for r in rows for g in r.grids],
-                                                   [g for r in rows for g in r.video_grids])
+                                                   [g for r in rows for g in r.video_grids],
+                                                   [s for r in rows for s in r.video_seconds])
         prompt = Prompt(embeds, ids, position_ids, rope_deltas, mask.sum(1))
         return self.decode(prompt, mask, cache, max_new_tokens, stop, on_text,
                            {"preprocess_s": preprocess_s, "vision_s": vision_s}, **sampling)
@@ -209,13 +226,16 @@ class Pipeline:
             raise EdgevlError(f"the prompt is {length} tokens long but the model's context is "
                               f"{self.max_context} tokens; shorten it or use smaller images or shorter videos.")
 
-    def positions(self, ids: np.ndarray, mask: np.ndarray, grids: list,
-                  video_grids: list = ()) -> tuple[np.ndarray, np.ndarray]:
-        """M-RoPE ids [3, B, S] and rope deltas [B, 1] for (padded) rows of token ids; mask: 1 = real token."""
+    def positions(self, ids: np.ndarray, mask: np.ndarray, grids: list, video_grids: list = (),
+                  video_seconds: list = ()) -> tuple[np.ndarray, np.ndarray]:
+        """M-RoPE ids [3, B, S] and rope deltas [B, 1] for (padded) rows of token ids; mask: 1 = real token.
+        video_seconds: per video, seconds per temporal patch (Qwen2.5-VL spaces video time ids by them)."""
         def as_array(g):
             return np.array(g, np.int64).reshape(-1, 3) if len(g) else None
+        tps = self.config.tokens_per_second
+        intervals = [np.float32(tps) * np.float32(s) for s in video_seconds] if tps is not None else None
         return mrope_position_ids(ids, mask, self.config.image_token_id, self.config.video_token_id,
-                                  as_array(grids), as_array(video_grids), self.config.spatial_merge_size)
+                                  as_array(grids), as_array(video_grids), self.config.spatial_merge_size, intervals)
 
     def new_cache(self, batch: int):
         """An empty KV cache of the kind the decoder graph has (kv_cache.py), for `batch` rows."""

@@ -57,14 +57,17 @@ def _runs(types: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(types[a]), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _vision_block(start: int, grid_thw, merge_size: int) -> np.ndarray:
+def _vision_block(start: int, grid_thw, merge_size: int, interval=None) -> np.ndarray:
     """3D ids of one image/video's merged tokens: int64 [3, t * (h/m) * (w/m)].
 
-    Each axis counts from `start`; the temporal id advances by 1 per temporal
-    patch (Qwen2-VL; no seconds-based spacing).
+    Each axis counts from `start`; the temporal id advances by 1 per temporal patch (Qwen2-VL), or by
+    `interval` (Qwen2.5-VL videos: tokens_per_second x seconds per temporal patch), truncated like
+    transformers' `(arange(t) * interval).long()` in float32.
     """
     t, h, w = (int(v) for v in grid_thw)
-    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h // merge_size), np.arange(w // merge_size), indexing="ij")
+    temporal = np.arange(t, dtype=np.int64) if interval is None else \
+        (np.arange(t, dtype=np.float32) * np.float32(interval)).astype(np.int64)
+    tt, hh, ww = np.meshgrid(temporal, np.arange(h // merge_size), np.arange(w // merge_size), indexing="ij")
     return np.stack([tt, hh, ww]).reshape(3, -1).astype(np.int64) + start
 
 
@@ -80,7 +83,7 @@ def _row_positions(types: np.ndarray, grids: dict, merge_size: int) -> np.ndarra
         grid = next(grids[kind], None)
         if grid is None:
             raise EdgevlError(f"The prompt has more {name} placeholder runs than {name} grids were given.")
-        block = _vision_block(current, grid, merge_size)
+        block = _vision_block(current, grid, merge_size, next(grids["intervals"]) if kind == VIDEO else None)
         if block.shape[1] != end - start:
             raise EdgevlError(
                 f"A {name} placeholder run has {end - start} tokens but its grid {tuple(int(v) for v in grid)} "
@@ -100,12 +103,14 @@ def mrope_position_ids(
     image_grid_thw: np.ndarray | None,
     video_grid_thw: np.ndarray | None,
     spatial_merge_size: int,
+    video_intervals=None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Prefill 3D rope ids, like `Qwen2VLModel.get_rope_index`.
+    """Prefill 3D rope ids, like `Qwen2VLModel.get_rope_index` (and Qwen2.5-VL's with `video_intervals`).
 
     input_ids: int64 [B, S]; attention_mask: [B, S] (nonzero = real token) or None.
     image_grid_thw: [n_images, 3], video_grid_thw: [n_videos, 3], consumed in
-    order across the whole batch.
+    order across the whole batch. video_intervals: per video, the temporal id step per temporal patch
+    (Qwen2.5-VL: tokens_per_second * second_per_grid_t, as float32); None: 1 (Qwen2-VL).
     Returns position_ids int64 [3, B, S] (padded positions are 0) and
     rope_deltas int64 [B, 1] = max id + 1 - number of real tokens.
     """
@@ -116,6 +121,7 @@ def mrope_position_ids(
     grids = {
         IMAGE: iter(np.asarray(image_grid_thw).reshape(-1, 3) if image_grid_thw is not None else ()),
         VIDEO: iter(np.asarray(video_grid_thw).reshape(-1, 3) if video_grid_thw is not None else ()),
+        "intervals": iter(video_intervals) if video_intervals is not None else iter(lambda: None, 0),
     }
     position_ids = np.zeros((3, batch, seq), dtype=np.int64)
     rope_deltas = np.zeros((batch, 1), dtype=np.int64)

@@ -5,6 +5,7 @@ symbolic dim, a (min, opt, max) range: an *optimization profile*. The manifest n
 every symbolic dim of both graphs,
 
     vision   pixel_values [num_patches, 1176]       rotary_pos_ids [num_patches, 2]
+             window_gather/window_mask [num_windows, slots]   (Qwen2.5-VL only)
     decoder  inputs_embeds [batch, sequence, H]     position_ids [3, batch, sequence]
              attention_mask [batch, total_sequence] past_key_values.{i}.* [batch, kv, past_sequence, D]
 
@@ -75,7 +76,12 @@ def dim_ranges(kind: str, limits: Limits, config: ModelConfig) -> list[tuple[str
     if kind == names.VISION:
         smallest = config.spatial_merge_size ** 2                 # one merged token
         top = max(limits.max_image_patches, smallest)
-        return [("image", {names.NUM_PATCHES: (smallest, min(OPT_PATCHES, top), top)})]
+        opt = min(OPT_PATCHES, top)
+        ranges = {names.NUM_PATCHES: (smallest, opt, top)}
+        if config.vision_window_size:                             # Qwen2.5-VL: one window per merged unit at most
+            slots = (config.vision_window_size // config.patch_size) ** 2
+            ranges[names.NUM_WINDOWS] = (1, max(1, -(-opt // slots)), top // smallest)
+        return [("image", ranges)]
     if kind == names.DECODER:
         if c < 2:
             raise EdgevlError("--max-context must be at least 2 (a prompt token and a new one).")

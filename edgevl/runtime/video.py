@@ -49,6 +49,11 @@ class VideoClip:
     total_frames: int
     indices: np.ndarray
 
+    @property
+    def sampled_fps(self) -> float:
+        """Frames kept per second of video (transformers' VideoMetadata.sampled_fps)."""
+        return len(self.indices) / self.total_frames * self.source_fps if self.total_frames else self.source_fps
+
 
 def video_settings(image: ImageProcessorSettings, d: dict | None) -> ImageProcessorSettings:
     """Pixel settings for video frames: the image ones with the video processor's pixel budget."""
