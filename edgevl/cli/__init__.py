@@ -5,6 +5,7 @@
     quantize  edgevl/cli/quantize.py    calibrated fp16 / int8 / w4a16 artifacts
     chat      edgevl/cli/chat.py        interactive multi-turn chat
     serve     edgevl/cli/serve.py       OpenAI-compatible HTTP server
+    triton    edgevl/cli/triton.py      a Triton Inference Server model repository
     bench     edgevl/cli/bench.py       per-stage latency against transformers
     build     edgevl/cli/build.py       TensorRT engines ahead of time
     doctor    edgevl/cli/doctor.py      what this machine can run
@@ -22,11 +23,11 @@ import sys
 import threading
 
 from edgevl import __version__
-from edgevl.cli import bench, build, chat, doctor, export, quantize, run, serve
+from edgevl.cli import bench, build, chat, doctor, export, quantize, run, serve, triton
 from edgevl.errors import EdgevlError
 
 EXIT_USER_ERROR = 2
-COMMANDS = (export, run, quantize, chat, serve, bench, build, doctor)
+COMMANDS = (export, run, quantize, chat, serve, triton, bench, build, doctor)
 
 
 def build_parser() -> argparse.ArgumentParser:
