@@ -301,3 +301,25 @@ def test_standard_graphs_at_opset_18_match_transformers(model_dir, hf, tmp_path,
     vision = onnx.load(str(out / "vision.onnx"), load_external_data=False)
     assert not {n.op_type for n in vision.graph.node} & {"Attention", "MultiHeadAttention"}
     _check_image_step(Pipeline.load(out, backend="ort-cpu"), hf, photos["chelsea_odd"])
+
+
+def test_tensorrt_runner_takes_the_window_graph(model_dir, tmp_path, photos):
+    """The TensorRT path over stand-in engines (tests/fake_trt.py): profiles bound num_windows, the buffers hold
+    the window inputs, and the tokens equal the ONNX Runtime run of the same graphs."""
+    from edgevl.artifact import load_artifact
+    from edgevl.export.exporter import export_model
+    from edgevl.runtime import sizing
+    from edgevl.runtime.pipeline import Pipeline
+    from tests.fake_trt import fake_trt_runners
+    out = export_model(str(model_dir), tmp_path / "std", variant="standard", log=lambda m: None)
+    art, pipe = load_artifact(out), Pipeline.load(out, backend="ort-cpu")
+    limits = sizing.Limits(max_context=512, max_image_patches=1024)
+    (profile,) = sizing.build_profiles("vision", art.manifest.graph("vision").inputs, limits, art.config)
+    assert profile.shapes["window_gather"] == ((1, 16), (64, 16), (256, 16))   # 16 slots: (56 / 14)^2
+    expected = pipe.generate("What is this?", images=[photos["chelsea_odd"]], max_new_tokens=6, do_sample=False)
+    runners, _ = fake_trt_runners(art, limits)
+    pipe.vision, pipe.decoder = runners["vision"], runners["decoder"]
+    got = pipe.generate("What is this?", images=[photos["chelsea_odd"]], max_new_tokens=6, do_sample=False)
+    assert got.token_ids == expected.token_ids
+    for runner in runners.values():
+        runner.deactivate()
