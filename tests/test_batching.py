@@ -28,8 +28,9 @@ LONG = "Describe a cat."          # the tiny model's greedy answer runs past 300
 def make_job(pipe, text, images=(), videos=(), max_new=12, stop=(), **sampling) -> Job:
     sampling.setdefault("do_sample", False)
     job = Job(lambda: pipe.prepare(text, images, videos), max_new, tuple(stop), sampling)
-    job.texts = []
+    job.texts, job.starts = [], []
     job.on_text = job.texts.append
+    job.on_start = lambda: job.starts.append(len(job.texts))     # how much text had come before it
     return job
 
 
@@ -44,6 +45,7 @@ def assert_same(job: Job, expected) -> None:
     assert got.text == expected.text == "".join(job.texts)
     assert got.finish_reason == expected.finish_reason
     assert got.prompt_token_ids == expected.prompt_token_ids
+    assert job.starts == [0]                                          # once, at the first token, before any text
 
 
 def _prompt_inputs(pipe, text):

@@ -188,6 +188,15 @@ def test_a_disconnected_streaming_client_frees_its_row(live):
     assert complete(live, body("Hi", max_tokens=2))["usage"]["completion_tokens"] == 2
 
 
+def test_a_non_streaming_client_that_goes_away_frees_its_row(live):
+    cancelled = value(live, "edgevl_requests_total", outcome="cancelled")
+    with pytest.raises(httpx.ReadTimeout):      # the client gives up after a second and closes the connection
+        httpx.post(f"{live}/v1/chat/completions", json=body(LONG, max_tokens=3000), timeout=1.0)
+    wait_until(lambda: value(live, "edgevl_requests_total", outcome="cancelled") == cancelled + 1,
+               "the cancelled request counted")
+    wait_until(lambda: value(live, "edgevl_batch_rows") == 0, "the row freed")
+
+
 def test_beyond_the_queue_is_a_429(slow_pipeline):
     with serve(slow_pipeline, max_batch=1, max_queue=1) as base:
         with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=120,

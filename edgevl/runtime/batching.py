@@ -79,7 +79,8 @@ class QueueFull(Exception):
 @dataclass(eq=False)
 class Job:
     """One request. `prepare` runs on the preparing thread (video decoding, preprocessing, tokens) and returns a
-    `PreparedPrompt`; `on_text(delta)` is called on the scheduler thread as text is generated; `future` ends with
+    `PreparedPrompt`; on the scheduler thread `on_start()` is called once its first token exists (everything
+    that can fail because of the request has run) and `on_text(delta)` as text is generated; `future` ends with
     the `Result`, or the request's exception (`RequestCancelled` once cancelled)."""
 
     prepare: Callable[[], object]
@@ -87,6 +88,7 @@ class Job:
     stop: tuple[str, ...] = ()
     sampling: dict = field(default_factory=dict)
     on_text: Callable[[str], None] | None = None
+    on_start: Callable[[], None] | None = None
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -403,6 +405,8 @@ class BatchScheduler:
         if n == 0:
             seq.timings["ttft_s"] = now - seq.job.submitted
             self.observer.first_token(now - seq.job.submitted)
+            if seq.job.on_start:
+                seq.job.on_start()
         else:
             self.observer.token_gap(now - seq.last_token_at)
         seq.last_token_at = now
@@ -512,8 +516,10 @@ class SerialScheduler:
             nonlocal tokens
             if job.cancelled:
                 raise RequestCancelled
-            if tokens == 0:
+            if tokens == 0:     # Pipeline.decode tells text, not tokens: the first text stands for the first token
                 self.observer.first_token(time.perf_counter() - job.submitted)
+                if job.on_start:
+                    job.on_start()
             tokens += 1
             if job.on_text:
                 job.on_text(delta)

@@ -7,7 +7,7 @@ run one at a time in arrival order. The event loop only parses, validates and st
 decoded and images preprocessed on the scheduler's preparing thread, before a reply starts.
 Every error is an OpenAI-style JSON body (`{"error": {"message", "type", "param", "code"}}`)
 with a 4xx code, unknown routes and wrong methods included; nothing a client sends can take the
-server down, and a streamed reply starts (200) only once the model has produced its first text,
+server down, and a streamed reply starts (200) only once the model has produced its first token,
 so every problem with a request is a real 4xx, never an error inside a 200.
 """
 
@@ -471,17 +471,21 @@ def _chunk(completion_id: str, model: str, delta: dict, finish_reason: str | Non
 
 
 class Stream:
-    """One streamed job: ("text", delta) events, then ("done", result) or ("error", e).
+    """One streamed job: ("start", None) at its first token, ("text", delta) events, then ("done", result)
+    or ("error", e).
 
     `first()` waits for the first event before the HTTP status is chosen: everything that can fail
     because of the request (decoding, preprocessing, the prompt's length, vision and prefill memory)
-    has run by then, so it is a 4xx; only a failure while decoding later tokens is reported in-band.
+    has run by the first token, so it is a 4xx; only a failure while decoding later tokens is reported
+    in-band. The reply (its role chunk) starts at the first token, so a client sees its time to first
+    token even when the first tokens are no text yet (half a UTF-8 character, a special token).
     A client that goes away cancels the job: its row is freed at the scheduler's next step.
     """
 
     def __init__(self, loop, scheduler, job: Job):
         self.loop, self.queue, self.job = loop, asyncio.Queue(), job
         job.on_text = lambda delta: self._put("text", delta)
+        job.on_start = lambda: self._put("start", None)
         job.future.add_done_callback(self._done)
         submit(scheduler, job)
 
@@ -509,7 +513,9 @@ class Stream:
             yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
             kind, value = first
             while True:
-                if kind == "text":
+                if kind == "start":
+                    pass
+                elif kind == "text":
                     yield _chunk(completion_id, model, {"content": value})
                 elif kind == "done":
                     reason = "length" if value.finish_reason == "length" else "stop"
