@@ -3,6 +3,7 @@
 #   make demo    build a tiny random Qwen2-VL, export it, run it on a real photograph
 #   make test    the whole test suite (CPU, a few minutes)
 #   make bench   edgevl vs transformers on this CPU -> benchmarks/results/cpu-<machine>.{json,md,png}
+#                (PRESET=qwen2.5-vl-3b-l4 make bench: the Qwen2.5-VL-3B-shaped model -> cpu-<preset>-<machine>.*)
 
 PYTHON ?= python3
 VENV   ?= .venv

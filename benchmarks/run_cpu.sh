@@ -10,7 +10,9 @@
 #   fast load fp32 again with --fast-load (no pre-packing of float weights) into cpu-<machine>-fast-load.*:
 #             the load-time / run-time trade-off (FAST_LOAD=0 skips it)
 #
-# Environment: PY (python with edgevl[export,bench]; default .venv/bin/python), RUNS (5), WARMUP (1),
+# Environment: PRESET (qwen2-vl-2b-l4; e.g. qwen2.5-vl-3b-l4, the Qwen2.5-VL-3B widths with 4 LLM layers and
+# 8 ViT blocks, into cpu-<preset>-<machine>.*), PY (python with edgevl[export,bench]; default .venv/bin/python),
+# RUNS (5), WARMUP (1),
 # NEW_TOKENS (32), THREADS (0 = each library's default), RECIPES ("int8 w4a16"; empty: fp32 only),
 # INTERLEAVE (1: alternate edgevl and transformers runs, for a shared machine; peak RSS is then both
 # models together). Takes ~5-10 minutes on 2 cores plus the first build/quantization; run it on a quiet
@@ -21,7 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-PRESET=qwen2-vl-2b-l4
+PRESET=${PRESET:-qwen2-vl-2b-l4}
 RUNS=${RUNS:-5}
 WARMUP=${WARMUP:-1}
 NEW_TOKENS=${NEW_TOKENS:-32}
@@ -54,6 +56,7 @@ fi
 
 MACHINE=$("$PY" -c "from edgevl.bench.machine import machine_info, machine_slug; print(machine_slug(machine_info()))")
 OUT=benchmarks/results/cpu-$MACHINE
+[ "$PRESET" = qwen2-vl-2b-l4 ] || OUT=benchmarks/results/cpu-$PRESET-$MACHINE
 mkdir -p benchmarks/results
 "$PY" -m edgevl bench --preset "$PRESET" "${QUANTIZED[@]}" \
     --image-size 448x448 --prompt "Describe this image." --new-tokens "$NEW_TOKENS" \
