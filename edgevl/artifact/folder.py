@@ -148,6 +148,17 @@ class GraphFile:
         return Path(self.spec.file).stem
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file holding an object, as a dict, or one sentence saying what is wrong with it (`what` it is)."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgevlError(f"{path} is not valid JSON ({type(e).__name__}); the {what} cannot be read.") from None
+    if not isinstance(data, dict):
+        raise EdgevlError(f"{path} must hold a JSON object (the {what}).")
+    return data
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A checked artifact folder: its path and typed manifest."""
@@ -175,13 +186,7 @@ class Artifact:
         path = self.file(name)
         if path.stat().st_size > max_bytes:
             raise EdgevlError(f"{path} is larger than {max_bytes} bytes; it is not a model's {name}.")
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EdgevlError(f"{path} is not valid JSON ({type(e).__name__}).") from None
-        if not isinstance(data, dict):
-            raise EdgevlError(f"{path} must hold a JSON object.")
-        return data
+        return read_json_object(path, f"model's {name}")
 
     def graph(self, kind: str, variant: str | None = None) -> GraphFile:
         spec = self.manifest.graph(kind, variant)

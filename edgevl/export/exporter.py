@@ -9,14 +9,13 @@ folder and renamed into place at the end.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
 from edgevl.artifact import names
-from edgevl.artifact.folder import staged_folder, write_manifest
+from edgevl.artifact.folder import read_json_object, staged_folder, write_manifest
 from edgevl.artifact.manifest import EmbeddingSpec, Manifest, ModelConfig, SourceModel
 from edgevl.artifact.onnx_files import describe_graph, tied_dense_table, write_npy
 from edgevl.errors import EdgevlError
@@ -57,22 +56,11 @@ def resolve_model_dir(model: str) -> Path:
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
-def read_json_file(path: Path, what: str) -> dict:
-    """A model folder's JSON file as a dict, or one sentence saying what is wrong with it."""
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgevlError(f"{path} is not valid JSON ({type(e).__name__}); the {what} cannot be read.") from None
-    if not isinstance(data, dict):
-        raise EdgevlError(f"{path} must hold a JSON object (the {what}).")
-    return data
-
-
 def read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise EdgevlError(f"{model_dir} has no config.json; it is not a Hugging Face model folder.")
-    config = read_json_file(path, "model config")
+    config = read_json_object(path, "model config")
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise EdgevlError(f"{model_dir} holds a '{config.get('model_type')}' model; edgevl exports "
                           f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2-VL, Qwen2.5-VL) models.")
@@ -113,7 +101,7 @@ def find_chat_template(model_dir: Path) -> str | None:
     for name in ("chat_template.json", "tokenizer_config.json"):
         path = model_dir / name
         if path.exists():
-            template = read_json_file(path, "tokenizer / template config").get("chat_template")
+            template = read_json_object(path, "tokenizer / template config").get("chat_template")
             if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
                 template = next((t["template"] for t in template if t.get("name") == "default"), None)
             if template:
@@ -180,13 +168,13 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int | 
     preprocessor = model_dir / "preprocessor_config.json"
     if not preprocessor.exists():
         raise EdgevlError(f"{model_dir} has no preprocessor_config.json (the image-processor settings).")
-    preprocessor_dict = read_json_file(preprocessor, "image-processor settings")
+    preprocessor_dict = read_json_object(preprocessor, "image-processor settings")
     settings = ImageProcessorSettings.from_dict(preprocessor_dict)
     # transformers' video processor reads video_preprocessor_config.json, else preprocessor_config.json.
     video_file = model_dir / "video_preprocessor_config.json"
-    frames = video_settings(settings, read_json_file(video_file, "video-processor settings") if video_file.exists()
+    frames = video_settings(settings, read_json_object(video_file, "video-processor settings") if video_file.exists()
                             else preprocessor_dict)
-    generation = read_json_file(model_dir / "generation_config.json", "generation config") \
+    generation = read_json_object(model_dir / "generation_config.json", "generation config") \
         if (model_dir / "generation_config.json").exists() else {}
 
     torch_dtype = DTYPES[dtype]
