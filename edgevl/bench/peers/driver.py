@@ -1,0 +1,150 @@
+"""What every peer shares: where it is set up, whether it is, running its tools, caching conversions.
+
+A peer lives under ~/.cache/edgevl/peers/<folder>/ ($EDGEVL_CACHE replaces ~/.cache/edgevl),
+put there by `make bench-peers` (benchmarks/setup_peers.sh): its own virtual environment, its
+tools, and `ready.json`, written last, naming the paths and versions. edgevl never imports a
+peer's packages: it runs the peer's tools, or a small driver script with the peer's Python, as
+subprocesses and reads what they print. Converted models are cached beside the tools, one
+folder per source model (keyed by its config, tokenizer and weight files), each file written
+to a temporary name and renamed, so an interrupted conversion is never mistaken for a done one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from edgevl.cache import cache_root
+from edgevl.errors import EdgevlError
+
+SETUP_COMMAND = "make bench-peers"
+
+
+def peers_root() -> Path:
+    return cache_root() / "peers"
+
+
+@dataclass
+class PeerSetup:
+    """A set-up peer: its folder and its ready.json (paths, versions)."""
+
+    name: str
+    root: Path
+    info: dict
+
+    def path(self, key: str) -> Path:
+        return Path(self.info["paths"][key])
+
+    @property
+    def versions(self) -> dict:
+        return dict(self.info.get("versions") or {})
+
+
+def load_setup(name: str, folder: str, required: tuple[str, ...]) -> PeerSetup:
+    """The peer's PeerSetup, or one sentence naming `make bench-peers` when it is not (fully) set up."""
+    root = peers_root() / folder
+    ready = root / "ready.json"
+    hint = f"run `{SETUP_COMMAND}` once (it sets up llama.cpp and OpenVINO under {peers_root()})"
+    if not ready.is_file():
+        raise EdgevlError(f"--reference {name} needs the {name} peer, which is not set up on this machine: {hint}.")
+    try:
+        info = json.loads(ready.read_text())
+        missing = [key for key in required if not Path(info["paths"][key]).exists()]
+    except (ValueError, KeyError, TypeError):
+        raise EdgevlError(f"the {name} peer's {ready} is unreadable: {hint} again.") from None
+    if missing:
+        raise EdgevlError(f"the {name} peer is incomplete ({', '.join(missing)} missing): {hint} again.")
+    return PeerSetup(name, root, info)
+
+
+@dataclass
+class ToolRun:
+    """One finished subprocess: exit status, output, wall time and the peak RSS the kernel recorded for it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    max_rss_bytes: int
+
+
+def run_tool(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> ToolRun:
+    """Run `cmd` to completion (stdin closed, output to temporary files); its own peak RSS comes
+    from wait4's rusage, its exit status as subprocess reports it (negative: killed by a signal)."""
+    import tempfile
+    import threading
+    with tempfile.TemporaryFile("w+", errors="replace") as out, tempfile.TemporaryFile("w+", errors="replace") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env={**os.environ, **(env or {})})
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            if timer:
+                timer.cancel()
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if timer and proc.returncode == -9 and wall >= timeout:
+            raise EdgevlError(f"{Path(str(cmd[0])).name} ran past {timeout:.0f} s and was stopped.")
+        out.seek(0)
+        err.seek(0)
+        return ToolRun(proc.returncode, out.read(), err.read(), wall, usage.ru_maxrss * 1024)
+
+
+def check(run: ToolRun, what: str) -> ToolRun:
+    """`run` if it succeeded, else one sentence with the last line it printed on stderr."""
+    if run.returncode != 0:
+        last = next((line.strip() for line in reversed(run.stderr.splitlines()) if line.strip()), "no output")
+        raise EdgevlError(f"{what} failed (exit status {run.returncode}): {last[:300]}")
+    return run
+
+
+def source_key(source: Path) -> str:
+    """A folder name for the conversions of one source model: its name and a hash of its config,
+    tokenizer and weight files (names, sizes, modification times)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(source).iterdir()):
+        if f.name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+            h.update(f.name.encode() + f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin"):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return "-".join([*Path(source).resolve().parts[-2:], h.hexdigest()[:12]])
+
+
+def build_file(path: Path, build: Callable[[Path], None], log: Callable[[str], None]) -> Path:
+    """`path`, made once by `build(tmp)` writing a temporary sibling that is renamed when complete."""
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    log(f"building {path} (once)")
+    try:
+        build(tmp)
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            if tmp.is_dir():
+                import shutil
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink()
+    return path
+
+
+def files_bytes(paths) -> int:
+    """Bytes of the given files and of every file under the given folders."""
+    total = 0
+    for p in map(Path, paths):
+        total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    return total

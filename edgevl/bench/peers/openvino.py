@@ -1,0 +1,138 @@
+"""OpenVINO GenAI as a peer: VLMPipeline on a folder from `optimum-cli export openvino`.
+
+Set up by `make bench-peers`: a venv with openvino, openvino-genai, openvino-tokenizers,
+optimum-intel, nncf and the transformers 4.x that optimum-intel's Qwen2-VL export takes. Per
+source model and precision, once (cached under ~/.cache/edgevl/peers/openvino/models/):
+
+    optimum-cli export openvino --model MODEL --task image-text-to-text --weight-format fp32|int8|int4
+
+A config.json written by transformers 5 keeps M-RoPE's sections only in `rope_parameters`;
+transformers 4 reads `rope_scaling`, so the export then reads a view of the model folder (links
+to its files, config.json with the transformers-4 keys added: `legacy_config`).
+
+Each weight format runs twice, with the CPU plugin's default precision (bf16 compute and a u8 KV
+cache where the CPU has bf16, as this machine's AVX-512 BF16) and with INFERENCE_PRECISION_HINT
+and KV_CACHE_PRECISION f32; the effective values are recorded. openvino_driver.py runs the
+pipeline in the peer's Python. VLMPipeline reports TTFT as one number (vision encoder and
+prefill are not timed apart), so vision, prefill and preprocess stay empty for this peer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from edgevl.bench.peers.driver import (
+    PeerSetup,
+    build_file,
+    check,
+    load_setup,
+    run_tool,
+    source_key,
+)
+from edgevl.errors import EdgevlError
+
+NAME = "openvino"
+REQUIRED = ("python", "optimum_cli")
+WEIGHT_FORMATS = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "w4a16": "int4"}
+HINTS = {"default": {}, "f32": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}}
+DRIVER = Path(__file__).with_name("openvino_driver.py")
+TIMEOUT_S = 3600
+
+
+def setup() -> PeerSetup:
+    return load_setup(NAME, "openvino", REQUIRED)
+
+
+def variants(precision: str) -> list[dict]:
+    fmt = WEIGHT_FORMATS.get(precision, "fp32")
+    return [{"label": f"{fmt}, {hint} precision", "weight_format": fmt, "hint": hint, "properties": props,
+             "settings": {"properties": props or "the CPU plugin's defaults"}} for hint, props in HINTS.items()]
+
+
+def legacy_config(config: dict) -> dict | None:
+    """config.json with the transformers-4 keys for M-RoPE (`rope_scaling` {type: mrope, mrope_section},
+    `rope_theta`) added at the top and in text_config, or None when they are already there."""
+    text = dict(config.get("text_config") or config)
+    if (text.get("rope_scaling") or config.get("rope_scaling") or {}).get("mrope_section"):
+        return None
+    rope = text.get("rope_parameters") or config.get("rope_parameters") or {}
+    if "mrope_section" not in rope:
+        return None
+    legacy = {"rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": list(rope["mrope_section"])},
+              "rope_theta": rope.get("rope_theta", text.get("rope_theta"))}
+    out = {**config, **legacy}
+    if "text_config" in config:
+        out["text_config"] = {**config["text_config"], **legacy}
+    return out
+
+
+def export_command(setup: PeerSetup, model: Path, out: Path, weight_format: str) -> list[str]:
+    return [setup.path("optimum_cli"), "export", "openvino", "--model", model, "--task", "image-text-to-text",
+            "--weight-format", weight_format, out]
+
+
+def model_folder(setup: PeerSetup, source: Path, weight_format: str, log: Callable[[str], None]) -> Path:
+    """The exported OpenVINO folder for `weight_format` (exported once and cached)."""
+    folder = setup.root / "models" / source_key(source)
+
+    def export(tmp: Path):
+        model = Path(source)
+        legacy = legacy_config(json.loads((model / "config.json").read_text()))
+        with tempfile.TemporaryDirectory(prefix="edgevl-ov-source-") as view:
+            if legacy is not None:
+                for f in model.iterdir():
+                    if f.name != "config.json":
+                        os.symlink(f.resolve(), Path(view) / f.name)
+                (Path(view) / "config.json").write_text(json.dumps(legacy, indent=1))
+                model = Path(view)
+            check(run_tool(export_command(setup, model, tmp, weight_format), TIMEOUT_S),
+                  f"optimum-cli export openvino --weight-format {weight_format}")
+    return build_file(folder / weight_format, export, log)
+
+
+def request(model: Path, variant: dict, image: Path, prompt: str, new_tokens: int, runs: int, warmup: int,
+            threads: int = 0) -> dict:
+    props = dict(variant["properties"])
+    if threads:
+        props["INFERENCE_NUM_THREADS"] = threads
+    return {"model": str(model), "device": "CPU", "properties": props, "image": str(image), "prompt": prompt,
+            "new_tokens": new_tokens, "runs": runs, "warmup": warmup}
+
+
+def parse_result(stdout: str) -> dict:
+    """The driver's last stdout line -> its JSON object."""
+    lines = [line for line in stdout.splitlines() if line.strip().startswith("{")]
+    try:
+        result = json.loads(lines[-1])
+        result["runs"], result["load_s"]
+    except (IndexError, ValueError, KeyError, TypeError):
+        raise EdgevlError("the OpenVINO driver printed no result.") from None
+    return result
+
+
+def stage_times(run: dict) -> dict:
+    """One driver run -> measure.run_once's shape: TTFT and decode only (see the module docstring)."""
+    return {"preprocess_ms": None, "vision_ms": None, "prefill_ms": None, "ttft_ms": run["ttft_ms"],
+            "e2e_ms": run["generate_ms"], "decode_ms": list(run["decode_ms"])}
+
+
+def measure(setup: PeerSetup, source: Path, variant: dict, image: Path, prompt: str, new_tokens: int,
+            runs: int, warmup: int, threads: int, tick, log) -> dict:
+    model = model_folder(setup, source, variant["weight_format"], log)
+    with tempfile.TemporaryDirectory(prefix="edgevl-ov-") as tmp:
+        req = Path(tmp) / "request.json"
+        req.write_text(json.dumps(request(model, variant, image, prompt, new_tokens, runs, warmup, threads)))
+        run = check(run_tool([setup.path("python"), DRIVER, req], TIMEOUT_S), "the OpenVINO VLMPipeline driver")
+    result = parse_result(run.stdout)
+    for _ in range(warmup + runs):      # one driver call ran them all
+        tick(f"{NAME} {variant['label']}")
+    variant["settings"]["effective"] = result.get("effective_properties")
+    return {"runs": [stage_times(r) for r in result["runs"]], "load_times": result["load_s"],
+            "peak_rss": result["peak_rss_bytes"], "rss_before": result["rss_before_bytes"], "files": [str(model)],
+            "prompt_tokens": result["runs"][-1]["prompt_tokens"] if result["runs"] else None,
+            "command": f"VLMPipeline({model.name}, 'CPU', {variant['properties'] or ''})", "per_step_decode": True,
+            "threads": threads or None}
