@@ -19,6 +19,7 @@ from edgevl.extras import requires
 STAGE_COLUMNS = (("preprocess_ms", "preproc ms"), ("vision_ms", "vision ms"), ("prefill_ms", "prefill ms"),
                  ("ttft_ms", "TTFT ms"), ("decode_ms_per_token", "decode ms/tok"), ("e2e_ms", "e2e ms"))
 MB = 1 << 20
+STAGE_COLUMNS_COMPARED = ("vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token")
 
 
 def fmt(value, unit: str = "") -> str:
@@ -55,6 +56,22 @@ def _sweep_label(row: dict, with_artifact: bool = True) -> str:
     return f"{artifact_label(row['artifact'])} {row['backend']}, {what}" if with_artifact else what
 
 
+def engine_label(side: dict) -> str:
+    """'edgevl', 'transformers', or a peer with its variant: 'llama.cpp Q8_0 (+F32 mmproj)'."""
+    return f"{side['engine']} {side['variant']}" if side.get("peer") else side["engine"]
+
+
+def _sides(row: dict) -> list[tuple[str, dict]]:
+    """(key, side) for every engine measured in a row: edgevl, transformers, then the peers."""
+    return [(k, row[k]) for k in ("edgevl", "reference") if row[k]] + [("peer", p) for p in row.get("peers") or []]
+
+
+def _ratio_line(row: dict, side: dict, name: str, gpu: bool, tokens: str = "") -> list[str]:
+    r = side["ratios"] if name != "hf" else row["ratios"]
+    return [""] * 5 + [f"edgevl/{name}", fmt(r["load_s"], "x"), *[fmt(r[s], "x") for s, _ in STAGE_COLUMNS], "",
+                       fmt(r["peak_rss_delta"], "x"), *([""] if gpu else []), "", "", tokens]
+
+
 def _gpu_mb(side: dict):
     gpu = side.get("gpu_memory") or {}
     return None if gpu.get("peak_mb") is None else gpu["peak_mb"] - (gpu.get("before_mb") or 0)
@@ -70,23 +87,22 @@ def summary_table(report: dict) -> tuple[list[str], list[list[str]]]:
     lines = []
     for row in report["rows"]:
         roof = row["roofline"]
-        for i, key in enumerate(("edgevl", "reference")):
-            side = row[key]
-            if side is None:
-                continue
-            over = roof["decode_over_floor"] if key == "edgevl" else roof.get("reference_decode_over_floor")
+        for i, (key, side) in enumerate(_sides(row)):
+            over = {"edgevl": roof["decode_over_floor"], "reference": roof.get("reference_decode_over_floor")}.get(key)
             cells = _config_cells(row) if i == 0 else [""] * 5
-            lines.append(cells + [side["engine"], fmt(side["load_s"]),
+            lines.append(cells + [engine_label(side), fmt(side["load_s"]),
                                   *[fmt(_median(side, s)) for s, _ in STAGE_COLUMNS], fmt(side["tokens_per_s"]),
                                   fmt(side["peak_rss_delta_bytes"] / MB) + (" (both)" if side["peak_rss_shared"] else ""),
                                   *([fmt(_gpu_mb(side))] if gpu else []),
                                   fmt(roof["floor_ms"]) if key == "edgevl" else "", fmt(over, "x"), ""])
-        if row["ratios"]:
-            r, m = row["ratios"], row["tokens_match"]
-            lines.append([""] * 5 + ["edgevl/hf", fmt(r["load_s"], "x"), *[fmt(r[s], "x") for s, _ in STAGE_COLUMNS],
-                                     "", fmt(r["peak_rss_delta"], "x"), *([""] if gpu else []), "", "",
-                                     f"{m['matching_prefix']}/{m['of']} same" +
-                                     ("" if m["same_prompt_ids"] else ", prompts differ")])
+            if key == "reference" and row["ratios"]:
+                m = row["tokens_match"]
+                lines.append(_ratio_line(row, side, "hf", gpu, f"{m['matching_prefix']}/{m['of']} same" +
+                                         ("" if m["same_prompt_ids"] else ", prompts differ")))
+            elif key == "peer":
+                same = side["prompt_tokens"] == row["edgevl"]["prompt_tokens"]
+                lines.append(_ratio_line(row, side, side["peer"], gpu,
+                                         "" if same else f"prompt {side['prompt_tokens']} tokens"))
     return headers, lines
 
 
@@ -95,10 +111,7 @@ def detail_table(report: dict) -> tuple[list[str], list[list[str]]]:
                *[label for _, label in STAGE_COLUMNS], "threads", "others' cores"]
     lines = []
     for row in report["rows"]:
-        for i, key in enumerate(("edgevl", "reference")):
-            side = row[key]
-            if side is None:
-                continue
+        for i, (_, side) in enumerate(_sides(row)):
             cells = []
             for stage, _ in STAGE_COLUMNS:
                 s = side["stages"].get(stage)
@@ -106,7 +119,7 @@ def detail_table(report: dict) -> tuple[list[str], list[list[str]]]:
             load = side.get("load")
             load_cell = f"{fmt(load['median'])} / {fmt(load['p90'])} / {fmt(load['min'])}" if load else "—"
             lines.append((_config_cells(row) if i == 0 else [""] * 5) + [
-                side["engine"], load_cell, *cells, str(side["threads"] or "default"),
+                engine_label(side), load_cell, *cells, str(side["threads"] or "default"),
                 fmt(side["other_processes_cores"])])
     return headers, lines
 
@@ -131,6 +144,43 @@ def compute_table(report: dict) -> tuple[list[str], list[list[str]]]:
                           fmt(rate / 1e9) if rate else "—",
                           f"{of * 100:.0f} % {c[f'{key}_{stage}_gemm_rate']}" if of else "—"]
             lines.append((_config_cells(row) if i == 0 else [""] * 5) + [row[key]["engine"], *cells])
+    return headers, lines
+
+
+def _bytes(n) -> str:
+    return "—" if not n else f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _probe_at(report: dict, row: dict, key: str, side: dict) -> tuple[int, float] | None:
+    """The decode ms/token a context probe measured for this engine at the longest context probed."""
+    for probe in report.get("context_probes") or []:
+        if probe["engine"] != side["engine"]:
+            continue
+        if key == "edgevl" and (probe["artifact"], probe["backend"]) != (row["artifact"]["name"], row["backend"]):
+            continue
+        if key == "peer" and probe["backend"] != side["variant"]:
+            continue
+        points = median_by_key(probe["points"])
+        return points[-1] if points else None
+    return None
+
+
+def comparison_table(report: dict) -> tuple[list[str], list[list[str]]]:
+    """Every engine of every row side by side (medians): the table a reader compares engines with."""
+    contexts = sorted({c for probe in report.get("context_probes") or [] for c, _ in probe["points"]})
+    headers = ["workload", "engine, precision", "load s", "vision ms", "prefill ms", "TTFT ms", "decode ms/tok",
+               *([f"decode at {contexts[-1]}"] if contexts else []), "on disk"]
+    lines = []
+    for row in report["rows"]:
+        for i, (key, side) in enumerate(_sides(row)):
+            ref_dtype = "fp32" if row["artifact"].get("recipe") else row["artifact"].get("dtype")
+            name = {"edgevl": f"edgevl {artifact_label(row['artifact'])} {row['backend']}",
+                    "reference": f"transformers {ref_dtype}"}.get(key, engine_label(side))
+            at = _probe_at(report, row, key, side)
+            disk = row["artifact"].get("on_disk_bytes") if key == "edgevl" else side.get("on_disk_bytes")
+            lines.append([_sweep_label(row, with_artifact=False) if i == 0 else "", name, fmt(side["load_s"]),
+                          *[fmt(_median(side, s)) for s in STAGE_COLUMNS_COMPARED],
+                          *([fmt(at[1]) if at and at[0] == contexts[-1] else "—"] if contexts else []), _bytes(disk)])
     return headers, lines
 
 
@@ -177,6 +227,10 @@ def header_lines(report: dict) -> list[str]:
     if gemm.get("fp32_flops_per_s"):
         lines.append(f"matrix-multiply rate (measured here): fp32 {gemm['fp32_flops_per_s'] / 1e9:.0f}, int8 "
                      f"{gemm['int8_flops_per_s'] / 1e9:.0f} GFLOP/s — {gemm['method']}")
+    for name, info in (report.get("peers") or {}).items():
+        v = info.get("versions") or {}
+        lines.append(f"peer {name}: " + ", ".join(f"{k} {val}" for k, val in v.items())
+                     + (f"; {info['build']}" if info.get("build") else "") + f" (own environment under {info['root']})")
     lines += [f"note: {n}" for n in report.get("notes", [])]
     return lines
 
@@ -199,6 +253,12 @@ FOOTNOTES = [
     "cores that other processes kept busy during the runs, on average (/proc/stat).",
     "edgevl/hf: edgevl time / transformers time (below 1× = edgevl faster); tokens: greedy tokens equal to "
     "transformers' (a leading run of N of M).",
+    "peers (--reference llama.cpp / openvino) run the same source model, image, prompt text and new-token count "
+    "through their own tools as subprocesses, at the precision matching the artifact; edgevl/PEER = edgevl time / "
+    "peer time. A stage a peer does not time separately is — (OpenVINO's VLMPipeline reports TTFT only; neither "
+    "peer times image preprocessing, so their TTFT starts after the image file is read). llama.cpp: one "
+    "llama-mtmd-cli process per run, its own log's timings (decode: the run's mean per token); load: the tool's "
+    "model + mmproj loading; peak RSS: the whole peer process.",
 ]
 
 
@@ -209,6 +269,9 @@ def render_text(report: dict, markdown: bool = False) -> str:
         parts += [f"- {line}" for line in header_lines(report)]
     else:
         parts += header_lines(report)
+    if any(row.get("peers") for row in report["rows"]):
+        parts += ["", "## engines side by side (medians)" if markdown else "engines side by side (medians)", "",
+                  render_table(*comparison_table(report), markdown=markdown)]
     parts += ["", "## summary (medians)" if markdown else "summary (medians)",
               "", render_table(*summary_table(report), markdown=markdown), "",
               "## per stage: median / p90 / min (ms; load s)" if markdown else "per stage: median / p90 / min (ms; load s)",
@@ -253,11 +316,11 @@ def write_plot(report: dict, path: str | Path) -> None:
     floors = {}
     for i, row in enumerate(report["rows"]):
         c = colors[i % len(colors)]
-        for key, style in (("edgevl", "-"), ("reference", "--")):
-            side = row[key]
-            if side and side["decode_by_context"]:
+        for key, side in _sides(row):
+            if side["decode_by_context"]:
                 what = _sweep_label(row, with_artifact=key == "edgevl")
-                ax1.plot(*zip(*side["decode_by_context"]), style, color=c, label=f"{side['engine']}: {what}")
+                ax1.plot(*zip(*side["decode_by_context"]), {"edgevl": "-", "reference": "--"}.get(key, "-."),
+                         color=c, label=f"{engine_label(side)}: {what}")
         floors.setdefault(row["artifact"]["path"], (row, c))
     for row, c in floors.values():
         roof = row["roofline"]
@@ -270,13 +333,13 @@ def write_plot(report: dict, path: str | Path) -> None:
         pts = median_by_key(probe["points"])
         ax1.plot(*zip(*pts), "o-" if probe["engine"] == "edgevl" else "s--", color=colors[(j + 3) % len(colors)],
                  label=f"{probe['engine']} synthetic cache: {probe['artifact']} {probe['backend']}", alpha=0.7)
-    ax1.set_xlabel("context length (tokens attended); solid edgevl, dashed transformers, dotted floor")
+    ax1.set_xlabel("context length (tokens attended); solid edgevl, dashed transformers, dash-dot peers, dotted floor")
     ax1.set_ylabel("decode ms / token")
     ax1.set_title("decode latency vs context length")
     ax1.set_ylim(bottom=0)
     ax1.legend(fontsize=7)
-    bars = [(f"{side['engine']}: " + _sweep_label(row, with_artifact=side is row["edgevl"]), side, i)
-            for i, row in enumerate(report["rows"]) for side in (row["edgevl"], row["reference"]) if side]
+    bars = [(f"{engine_label(side)}: " + _sweep_label(row, with_artifact=side is row["edgevl"]), side, i)
+            for i, row in enumerate(report["rows"]) for _, side in _sides(row)]
     width = 0.8 / max(len(bars), 1)
     for k, (label, side, i) in enumerate(bars):
         vals = [_median(side, s) or 0 for s, _ in STAGE_COLUMNS]

@@ -3,10 +3,11 @@
 Order (one process): every user error first, then the machine description and memory
 bandwidth (nothing loaded yet), then every artifact x backend (load once, every workload,
 unload), then the transformers reference once per (source model, dtype) for every
-workload, reusing the exact prompt texts edgevl ran, and the bandwidth once more. With
---interleave both engines are loaded together and their runs alternate instead. Rows are
-artifact x backend x image x prompt length x new tokens; each row carries its reference
-numbers, ratios and roofline.
+workload, reusing the exact prompt texts edgevl ran, then the peers (llama.cpp, OpenVINO:
+edgevl.bench.peers, as subprocesses) on the same source model, image and prompt text, and the
+bandwidth once more. With --interleave edgevl and transformers are loaded together and their
+runs alternate instead. Rows are artifact x backend x image x prompt length x new tokens; each
+row carries its reference and peer numbers, ratios and roofline.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class BenchConfig:
     new_tokens: list[int] = field(default_factory=lambda: [32])
     runs: int = 5
     warmup: int = 1
-    reference: str | None = None
+    reference: list[str] = field(default_factory=list)      # "hf" and/or peers: "llama.cpp", "openvino"
     reference_model: str | None = None
     decode_contexts: list[int] = field(default_factory=list)
     interleave: bool = False                                 # alternate edgevl and transformers runs
@@ -79,9 +80,11 @@ def check_config(cfg: BenchConfig) -> None:
         raise EdgevlError("--prompt-tokens must be positive.")
     if any(c < 2 for c in cfg.decode_contexts):
         raise EdgevlError("--decode-contexts must be at least 2.")
-    if cfg.reference not in (None, "hf"):
-        raise EdgevlError(f"--reference takes 'hf', not {cfg.reference!r}.")
-    if cfg.interleave and cfg.reference is None:
+    from edgevl.bench.peers import NAMES
+    cfg.reference = [cfg.reference] if isinstance(cfg.reference, str) else list(dict.fromkeys(cfg.reference or []))
+    if bad := [r for r in cfg.reference if r not in ("hf", *NAMES)]:
+        raise EdgevlError(f"--reference takes hf, {', '.join(NAMES)}, not {bad[0]!r}.")
+    if cfg.interleave and "hf" not in cfg.reference:
         raise EdgevlError("--interleave alternates edgevl and transformers runs; it needs --reference hf.")
     for path in cfg.images:
         if not Path(path).is_file():
@@ -107,7 +110,8 @@ def _artifact_info(artifact, cfg: BenchConfig) -> dict:
             "dtype": m.dtype, "precision": {**{n: g.precision for n, g in m.graphs.items()},
                                             "embeddings": m.embeddings.precision},
             "quantization": m.quantization.to_json() if m.quantization else None,
-            "recipe": m.quantization.recipe if m.quantization else None}
+            "recipe": m.quantization.recipe if m.quantization else None,
+            "on_disk_bytes": sum(f.stat().st_size for f in artifact.path.rglob("*") if f.is_file())}
 
 
 def _roofline(artifact, weights: dict, side: SideResult, new_tokens: int, bandwidth: float) -> dict:
@@ -193,6 +197,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
     from edgevl.runtime.backends import get_backend
 
     check_config(cfg)      # every user error before anything slow
+    from edgevl.bench import peers
+    found = peers.setups([r for r in cfg.reference if r != "hf"])   # a peer not set up: one sentence, now
     for backend in cfg.backends:
         get_backend(backend)
     artifacts = [load_artifact(p, verify=cfg.verify) for p in cfg.artifacts]
@@ -200,7 +206,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
         if size.lower() not in ("none", "0", "text"):
             parse_size(size)
     sources = {}           # artifact path -> (source model folder, dtype) of its transformers reference
-    if cfg.reference == "hf":
+    if cfg.reference:
         from edgevl.bench.reference import reference_dtype, resolve_source
         sources = {str(a.path): (str(resolve_source(a.manifest, cfg.reference_model)), reference_dtype(a.manifest))
                    for a in artifacts}
@@ -215,8 +221,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
         workloads = [Workload(label, path, pt, nt) for (label, path), pt, nt in
                      itertools.product(_images(cfg, Path(tmp)), cfg.prompt_tokens, cfg.new_tokens)]
         sides = len(artifacts) * len(cfg.backends) * (2 if cfg.interleave else 1) \
-            + (0 if cfg.interleave else len(set(sources.values())))
-        progress = _Progress((cfg.warmup + cfg.runs) * len(workloads) * sides, cfg.progress)
+            + (0 if cfg.interleave or "hf" not in cfg.reference else len(set(sources.values())))
+        progress = _Progress((cfg.warmup + cfg.runs) * len(workloads) * sides
+                             + len(workloads) * peers.runs_per_workload(found, artifacts, cfg), cfg.progress)
         texts: dict = {}   # (source, workload key) -> the prompt text edgevl ran, reused by the reference
         grids = {(str(a.path), w.key): compute.image_grid(w.image_path, a.manifest.image_processor)
                  for a in artifacts for w in workloads if w.image_path is not None}
@@ -226,7 +233,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
                 results, references = _run_interleaved(cfg, artifacts, workloads, sources, texts, probes, progress)
             else:
                 results = _run_edgevl(cfg, artifacts, workloads, sources, texts, probes, progress)
-                references = _run_reference(cfg, workloads, sources, texts, probes, progress)
+                references = _run_reference(cfg, workloads, sources, texts, probes, progress) \
+                    if "hf" in cfg.reference else {}
+            peer_sides = peers.run_peers(cfg, found, artifacts, workloads, sources, texts, probes, progress.tick, log)
         finally:
             progress.close()
     gc.collect()
@@ -238,7 +247,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
 
     weights = {str(a.path): graph_weight_bytes(a.graph(names.DECODER)) for a in artifacts}
     rows = [_row(artifact, backend, w, results, references, sources, weights[str(artifact.path)],
-                 bandwidth["bytes_per_s"], gemm, grids.get((str(artifact.path), w.key)), cfg)
+                 bandwidth["bytes_per_s"], gemm, grids.get((str(artifact.path), w.key)), cfg, peer_sides)
             for artifact, backend in itertools.product(artifacts, cfg.backends) for w in workloads]
     load = machine.pop("load_average_at_start")
     return {"schema": SCHEMA, "created_unix": started, "duration_s": time.time() - started, "machine": machine,
@@ -249,7 +258,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
                          "reference": cfg.reference, "decoding": "greedy argmax, EOS ignored",
                          "backends": cfg.backends, "decode_contexts": cfg.decode_contexts,
                          "interleave": cfg.interleave},
-            "notes": cfg.notes, "rows": rows, "context_probes": probes}
+            "notes": cfg.notes, "peers": peers.report_info(found), "rows": rows, "context_probes": probes}
 
 
 def _prompt_text(cfg, engine: EdgevlEngine, source: str, w: Workload, texts: dict) -> str:
@@ -336,7 +345,9 @@ def _run_interleaved(cfg, artifacts, workloads, sources, texts, probes, progress
 
 
 def _row(artifact, backend, w: Workload, results, references, sources, weights: dict, bandwidth: float,
-         gemm: dict, grid: tuple | None, cfg) -> dict:
+         gemm: dict, grid: tuple | None, cfg, peer_sides: dict) -> dict:
+    from edgevl.bench.peers import precision
+    peer_key = (sources.get(str(artifact.path), ("",))[0], precision(artifact.manifest), w.key)
     ours = results[(str(artifact.path), backend, w.key)]
     ref = references.get((str(artifact.path), backend, w.key)) or \
         (references.get((*sources[str(artifact.path)], w.key)) if sources else None)
@@ -350,6 +361,7 @@ def _row(artifact, backend, w: Workload, results, references, sources, weights: 
             "workload": {"image": w.image_label or "none", "prompt_tokens": ours.prompt_len,
                          "prompt_tokens_target": w.prompt_tokens, "new_tokens": w.new_tokens},
             "edgevl": ours_j, "reference": ref_j, "ratios": _ratios(ours_j, ref_j),
+            "peers": [{**p, "ratios": _ratios(ours_j, p)} for p in peer_sides.get(peer_key, [])],
             "tokens_match": _match(ours, ref, ref is not None and ref.prompt_len == ours.prompt_len),
             "roofline": roof, "compute": _compute(artifact, grid, ours, ours_j, ref_j, gemm)}
 

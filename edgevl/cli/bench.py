@@ -18,8 +18,9 @@ def add_parser(sub) -> None:
                     "floor set by the measured memory bandwidth, and the vision and prefill FLOP rates against "
                     "the matrix-multiply rate measured in the same run. Several OUT folders, backends, image sizes, "
                     "prompt lengths and token counts are swept into one table. --reference hf runs transformers "
-                    "on the source model in the same process and prints each stage's ratio. Decoding is greedy "
-                    "and ignores EOS, so every run generates exactly --new-tokens tokens.")
+                    "on the source model in the same process and prints each stage's ratio; --reference llama.cpp "
+                    "and openvino do the same with those engines' own tools (set up by `make bench-peers`). "
+                    "Decoding is greedy and ignores EOS, so every run generates exactly --new-tokens tokens.")
     p.add_argument("artifacts", nargs="*", metavar="OUT",
                    help="export folders to measure (`edgevl export` / `edgevl quantize` output); optional with "
                         "--preset. Put them first: options that take several values swallow what follows")
@@ -41,12 +42,17 @@ def add_parser(sub) -> None:
     p.add_argument("--runs", type=int, default=5, metavar="N", help="measured runs per sweep point (default: 5)")
     p.add_argument("--warmup", type=int, default=1, metavar="N",
                    help="discarded warm-up runs before them (default: 1)")
-    p.add_argument("--reference", choices=["hf"],
-                   help="'hf': also run transformers (eager PyTorch, same dtype, sdpa attention) on the source "
-                        "model recorded in the manifest and print edgevl/transformers per stage")
+    p.add_argument("--reference", nargs="+", action="extend", default=[], choices=["hf", "llama.cpp", "openvino"],
+                   metavar="ENGINE",
+                   help="also measure other engines on the source model recorded in the manifest, with the same "
+                        "image and prompt, and print edgevl/ENGINE per stage: 'hf' transformers (eager PyTorch, same "
+                        "dtype, sdpa attention, in this process); 'llama.cpp' (llama-mtmd-cli on GGUF + mmproj at the "
+                        "matching precision: F32, Q8_0, Q4_0) and 'openvino' (OpenVINO GenAI VLMPipeline at fp32/int8/"
+                        "int4, default and f32 precision hints), each from its own environment set up once by "
+                        "`make bench-peers`, run as subprocesses; several may be given")
     p.add_argument("--interleave", action="store_true",
-                   help="with --reference hf: keep both models loaded and alternate their runs, so a shared "
-                        "machine whose load drifts treats them alike (peak RSS is then both models together)")
+                   help="with --reference hf: keep edgevl and transformers loaded and alternate their runs, so a "
+                        "shared machine whose load drifts treats them alike (peak RSS is then both models together)")
     p.add_argument("--reference-model", metavar="PATH",
                    help="model folder for --reference hf when the manifest's source model is not available here")
     p.add_argument("--decode-contexts", action="extend", nargs="+", type=int, default=[], metavar="N",
