@@ -4,13 +4,17 @@
 #   make test    the whole test suite (CPU, a few minutes)
 #   make bench   edgevl vs transformers on this CPU -> benchmarks/results/cpu-<machine>.{json,md,png}
 #                (PRESET=qwen2.5-vl-3b-l4 make bench: the Qwen2.5-VL-3B-shaped model -> cpu-<preset>-<machine>.*)
+#   make bench-peers    set up llama.cpp (built from source) and OpenVINO GenAI, each in its own environment
+#                       under ~/.cache/edgevl/peers/ (once; never in .venv)
+#   make bench-compare  edgevl vs transformers, llama.cpp and OpenVINO on this CPU, one run
+#                       -> benchmarks/results/compare-cpu-<machine>.{json,md,png}
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ART    := artifacts
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-peers bench-compare clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +45,12 @@ test: setup
 
 bench: setup
 	PY=$(PY) bash benchmarks/run_cpu.sh
+
+bench-peers:
+	PYTHON=$(PYTHON) bash benchmarks/setup_peers.sh
+
+bench-compare: setup bench-peers
+	PY=$(PY) bash benchmarks/run_compare.sh
 
 clean:
 	rm -rf $(ART) .pytest_cache
