@@ -22,11 +22,12 @@ Inputs (max_batch_size 0: one conversation per request; a scalar is a [1] tensor
 Sampling follows `edgevl serve`: temperature 0 is greedy; temperature, top_p or top_k given turn sampling on
 (the others at OpenAI's defaults, top_k off); nothing given keeps the model's generation_config.json.
 
-Outputs, in every response:
+Outputs, in every response (streaming: the last three are "", [] and 0 until the last response):
 
-    text_output         BYTES [1]    the new text (streaming: this response's delta; the final one is "")
-    finish_reason       BYTES [1]    "" until the last response, then "eos", "stop" (a stop string) or "length"
-    token_ids           INT64 [-1]   empty until the last response, then every generated token id
+    text_output         BYTES [1]    the new text: a streamed response's delta (the last one's is ""), or the
+                                     whole text in a single response
+    finish_reason       BYTES [1]    "eos", "stop" (a stop string) or "length"
+    token_ids           INT64 [-1]   every generated token id
     prompt_tokens       INT64 [1]    the prompt's length in tokens
 """
 
