@@ -138,6 +138,14 @@ def test_openvino_variants_requests_and_export_command(tmp_path):
                    "--weight-format", "int4", "out"]
 
 
+def test_weight_compression_is_read_from_the_export(tmp_path):
+    config = {"dtype": "int4", "quantization_config": {"quantization_configs": {"lm_model": {
+        "bits": 4, "group_size": 128, "sym": False, "ratio": 1.0, "dataset": None}}}}
+    (tmp_path / "openvino_config.json").write_text(json.dumps(config))
+    assert openvino.weight_compression(tmp_path) == {"bits": 4, "group_size": 128, "sym": False, "ratio": 1.0}
+    assert openvino.weight_compression(tmp_path / "fp32") is None
+
+
 def test_transformers_5_config_gets_the_transformers_4_rope_keys():
     config = {"model_type": "qwen2_vl", "text_config": {"hidden_size": 8, "rope_parameters": {
         "mrope_section": [16, 24, 24], "rope_theta": 1e6, "rope_type": "default"}}}

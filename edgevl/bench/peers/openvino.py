@@ -94,6 +94,16 @@ def model_folder(setup: PeerSetup, source: Path, weight_format: str, log: Callab
     return build_file(folder / weight_format, export, log)
 
 
+def weight_compression(model: Path) -> dict | None:
+    """What optimum-intel recorded of its weight compression (bits, group size, symmetry, ratio), if any."""
+    try:
+        config = json.loads((Path(model) / "openvino_config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return None
+    lm = (config.get("quantization_configs") or {}).get("lm_model") or config
+    return {k: lm.get(k) for k in ("bits", "group_size", "sym", "ratio")} if lm.get("bits") else None
+
+
 def request(model: Path, variant: dict, image: Path, prompt: str, new_tokens: int, runs: int, warmup: int,
             threads: int = 0) -> dict:
     props = dict(variant["properties"])
@@ -131,6 +141,7 @@ def measure(setup: PeerSetup, source: Path, variant: dict, image: Path, prompt: 
     for _ in range(warmup + runs):      # one driver call ran them all
         tick(f"{NAME} {variant['label']}")
     variant["settings"]["effective"] = result.get("effective_properties")
+    variant["settings"]["weight_compression"] = weight_compression(model)
     return {"runs": [stage_times(r) for r in result["runs"]], "load_times": result["load_s"],
             "peak_rss": result["peak_rss_bytes"], "rss_before": result["rss_before_bytes"], "files": [str(model)],
             "prompt_tokens": result["runs"][-1]["prompt_tokens"] if result["runs"] else None,
