@@ -157,9 +157,11 @@ def reference(tiny_artifact, photos):
 
 @pytest.fixture(scope="module")
 def repo(tiny_artifact, tmp_path_factory) -> Path:
-    """A decoupled model `tiny` and a unary model `tiny-unary` in one repository (two `edgevl triton` runs)."""
+    """A decoupled model `tiny` (2 instances) and a unary model `tiny-unary` (copied artifact) in one repository
+    (two `edgevl triton` runs)."""
     base = tmp_path_factory.mktemp("triton")
-    code, _, err = edgevl("triton", tiny_artifact, "-o", base / "repo", "--model-name", "tiny", "--max-batch", "4")
+    code, _, err = edgevl("triton", tiny_artifact, "-o", base / "repo", "--model-name", "tiny", "--max-batch", "4",
+                          "--instances", "2")
     assert code == 0, err
     code, _, err = edgevl("triton", tiny_artifact, "-o", base / "unary", "--model-name", "tiny-unary", "--unary",
                           "--copy", "--max-tokens", "12")
@@ -180,7 +182,7 @@ def test_repository_layout_and_config(repo, tiny_artifact):
     assert names == [t.name for t in protocol.INPUTS]
     assert [t["name"][0] for t in config["input"] if not t.get("optional")] == ["messages"]
     assert [t["name"][0] for t in config["output"]] == ["text_output", "finish_reason", "token_ids", "prompt_tokens"]
-    assert config["instance_group"] == [{"count": [1], "kind": ["KIND_CPU"]}]
+    assert config["instance_group"] == [{"count": [2], "kind": ["KIND_CPU"]}]
     params = parameters_of(config)
     assert params["artifact"] == str(Path(tiny_artifact).resolve())
     assert params["verify"] == "true" and params["backend"] == "ort-cpu" and params["max_batch"] == "4"
@@ -656,7 +658,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def triton(repo, tmp_path_factory):
-    """tritonserver on loopback ports serving `repo`; yields (http_url, grpc_url, process)."""
+    """tritonserver on loopback ports serving `repo`; yields (http_url, grpc_url, process, log file)."""
     reason = missing_for_live_server()
     if reason:
         pytest.skip(f"no real Triton server here: {reason}")
@@ -697,7 +699,7 @@ def triton(repo, tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail(f"tritonserver not ready in 90 s:\n{(work / 'tritonserver.log').read_text()[-4000:]}")
             time.sleep(0.2)
-        yield f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc
+        yield f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", proc, work / "tritonserver.log"
     finally:
         client.close()
         proc.terminate()
@@ -784,6 +786,11 @@ def test_live_models_ready_with_their_config(triton):
         _models_ready_with_their_config(client)
 
 
+    log = triton[3].read_text()
+    for instance in ("tiny_0_0", "tiny_0_1", "tiny-unary_0_0"):    # --instances 2: two stub processes
+        assert f"{instance}: " in log and "on ort-cpu" in log, instance
+
+
 def _models_ready_with_their_config(client):
     assert client.is_server_live() and client.is_model_ready("tiny") and client.is_model_ready("tiny-unary")
     config = client.get_model_config("tiny")
@@ -857,8 +864,9 @@ def _bad_requests(triton, client, reference):
         inputs = http_inputs([])
         inputs[0].set_data_from_numpy(np.array([b"{oops"], dtype=object))
         client.infer("tiny-unary", inputs)
-    with pytest.raises(InferenceServerException, match="temperature must be"):
+    with pytest.raises(InferenceServerException, match="temperature must be") as refused:
         client.infer("tiny-unary", http_inputs([{"role": "user", "content": "hi"}], temperature=5.0))
+    assert refused.value.status() == "400"                   # INVALID_ARG
     with pytest.raises(InferenceServerException, match="unexpected inference input 'stream'"):
         client.infer("tiny-unary", http_inputs([{"role": "user", "content": "hi"}], stream=False))
     with pytest.raises(InferenceServerException, match="decoupled"):
