@@ -299,8 +299,14 @@ def test_failed_write_leaves_nothing(tiny_artifact, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []          # neither REPO nor a hidden partial folder
 
 
+def test_every_option_has_help():
+    from edgevl.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["triton"]
+    for action in sub._actions:
+        assert action.help, f"triton {action.option_strings or action.dest} has no help"
+
+
 def test_help_explains():
-    code = None
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
         main(["triton", "--help"])
