@@ -82,8 +82,12 @@ def run(args) -> int:
         print(f"warning: binding to {args.host} exposes the server beyond this machine; it has no "
               f"authentication.", file=sys.stderr)
     app = create_app(pipe, name, limits)
-    batching = (f"continuous batching, up to {limits.max_batch} requests at once" if app.state.scheduler.max_batch > 1
-                else "one request at a time (FIFO)")
+    if app.state.scheduler.max_batch > 1:
+        batching = f"continuous batching, up to {limits.max_batch} requests at once"
+    elif limits.max_batch > 1:   # the standard variant's concat cache has no rows to batch in
+        batching = "one request at a time (a --variant standard decoder; a --variant ort export batches requests)"
+    else:
+        batching = "one request at a time"
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (backend {pipe.backend.name}; {batching}, "
           f"{limits.max_queue} more queued)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
