@@ -178,13 +178,15 @@ def provider_names(providers) -> list[str]:
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
-def session_options(threads: int = 0, prepack: bool = True, optimization_level: str = "all"):
+def session_options(threads: int = 0, prepack: bool = True, optimization_level: str = "all", arena: bool = True):
     """onnxruntime.SessionOptions as edgevl makes every session: `threads` intra-op threads (0 = ORT's
-    default), errors-only logging, optional weight pre-packing, the graph optimization level."""
+    default), errors-only logging, optional weight pre-packing, the graph optimization level, and whether
+    CPU tensors come from onnxruntime's memory arena (off: from malloc, returned after each call)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3  # errors only: the function-inlining notices are noise to users
     if not prepack:
         # CPU kernels re-pack weights when a session is created (2b-l4 decoder: ~2 s); skipping it
@@ -204,8 +206,10 @@ class SessionFromOnnx:
     """
 
     def __init__(self, path: str | os.PathLike, providers=("CPUExecutionProvider",), intra_op_threads: int = 0,
-                 optimization_level: str = "all", prepack: bool = True, disabled_optimizers: tuple[str, ...] = ()):
+                 optimization_level: str = "all", prepack: bool = True, disabled_optimizers: tuple[str, ...] = (),
+                 arena: bool = True):
         self.path = Path(path)
+        self.arena = arena
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
         self.optimization_level = optimization_level
@@ -215,7 +219,7 @@ class SessionFromOnnx:
     def __call__(self):
         import onnxruntime as ort
 
-        options = session_options(self.intra_op_threads, self.prepack, self.optimization_level)
+        options = session_options(self.intra_op_threads, self.prepack, self.optimization_level, self.arena)
         missing = [p for p in provider_names(self.providers) if p not in ort.get_available_providers()]
         if missing:
             raise EdgevlError(f"onnxruntime {ort.__version__} here has no {', '.join(missing)} "
