@@ -160,9 +160,15 @@ def test_transformers_5_config_gets_the_transformers_4_rope_keys():
 
 # ----------------------------------------------------------------------------- shared driver code
 def test_run_tool_reports_status_output_and_peak_rss():
-    run = driver.run_tool([sys.executable, "-c", "import sys; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]);"
-                           " print('out'); print('first\\nlast words', file=sys.stderr); sys.exit(3)"])
+    run = driver.run_tool([sys.executable, "-c", "import sys, time; b = bytearray(300 << 20); b[::4096] = b'x' * "
+                           "len(b[::4096]); time.sleep(0.2); print('out'); print('first\\nlast words', file=sys.stderr);"
+                           " sys.exit(3)"])
     assert (run.returncode, run.stdout) == (3, "out\n") and run.max_rss_bytes > 300 << 20 and run.wall_s > 0
+    ballast = bytearray(600 << 20)          # a big parent (edgevl with models loaded) ...
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    small = driver.run_tool([sys.executable, "-c", "import time; time.sleep(0.2)"])
+    assert 0 < small.max_rss_bytes < 200 << 20          # ... is not counted as its child's memory
+    del ballast
     with pytest.raises(EdgevlError, match=r"the tool failed \(exit status 3\): last words"):
         driver.check(run, "the tool")
     with pytest.raises(EdgevlError, match="ran past 1 s"):

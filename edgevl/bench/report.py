@@ -258,7 +258,7 @@ FOOTNOTES = [
     "peer time. A stage a peer does not time separately is — (OpenVINO's VLMPipeline reports TTFT only; neither "
     "peer times image preprocessing, so their TTFT starts after the image file is read). llama.cpp: one "
     "llama-mtmd-cli process per run, its own log's timings (decode: the run's mean per token); load: the tool's "
-    "model + mmproj loading; peak RSS: the whole peer process.",
+    "model + mmproj loading; peak RSS: the whole peer process (llama.cpp: its VmHWM, polled).",
 ]
 
 

@@ -65,7 +65,7 @@ def load_setup(name: str, folder: str, required: tuple[str, ...]) -> PeerSetup:
 
 @dataclass
 class ToolRun:
-    """One finished subprocess: exit status, output, wall time and the peak RSS the kernel recorded for it."""
+    """One finished subprocess: exit status, output, wall time and its peak RSS (0: not measurable here)."""
 
     returncode: int
     stdout: str
@@ -74,30 +74,45 @@ class ToolRun:
     max_rss_bytes: int
 
 
-def run_tool(cmd: list[str], timeout: float | None = None, env: dict | None = None) -> ToolRun:
-    """Run `cmd` to completion (stdin closed, output to temporary files); its own peak RSS comes
-    from wait4's rusage, its exit status as subprocess reports it (negative: killed by a signal)."""
+def _hwm_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def run_tool(cmd: list[str], timeout: float | None = None, env: dict | None = None,
+             poll_s: float = 0.02) -> ToolRun:
+    """Run `cmd` to completion (stdin closed, output to temporary files). Its peak RSS is its VmHWM, read
+    every `poll_s` while it runs: wait4's ru_maxrss would not do, Linux carries the parent's high-water mark
+    (this process, models loaded) into a forked child across exec."""
     import tempfile
     import threading
     with tempfile.TemporaryFile("w+", errors="replace") as out, tempfile.TemporaryFile("w+", errors="replace") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                 env={**os.environ, **(env or {})})
-        timer = threading.Timer(timeout, proc.kill) if timeout else None
-        if timer:
-            timer.start()
+        peak, done = [0], threading.Event()
+
+        def watch():
+            while not done.is_set():
+                peak[0] = max(peak[0], _hwm_bytes(proc.pid))
+                done.wait(poll_s)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise EdgevlError(f"{Path(str(cmd[0])).name} ran past {timeout:.0f} s and was stopped.") from None
         finally:
-            if timer:
-                timer.cancel()
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if timer and proc.returncode == -9 and wall >= timeout:
-            raise EdgevlError(f"{Path(str(cmd[0])).name} ran past {timeout:.0f} s and was stopped.")
+            done.set()
+            watcher.join()
         out.seek(0)
         err.seek(0)
-        return ToolRun(proc.returncode, out.read(), err.read(), wall, usage.ru_maxrss * 1024)
+        return ToolRun(proc.returncode, out.read(), err.read(), time.perf_counter() - t0, peak[0])
 
 
 def check(run: ToolRun, what: str) -> ToolRun:
