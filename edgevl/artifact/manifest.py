@@ -7,24 +7,27 @@
       image_processor ImageProcessorSettings (pixels identical to transformers')
       video_processor ImageProcessorSettings for video frames (their own pixel budget)
       graphs          name -> GraphSpec (kind, file, data files, precision, custom ops, variant, I/O)
-      embeddings      EmbeddingSpec (file, dtype, shape)
+      embeddings      EmbeddingSpec (dense or block-quantized table, or the tied lm_head's weight)
       quantization    Quantization | None (recipe, its options, calibration, report, gate)
       versions        package versions that made it
       files           relative path -> sha256 of every file of the folder but manifest.json
 
 The exporter and `edgevl quantize` build a Manifest (quantize derives its own from the source's with
 `dataclasses.replace`); everything else reads one through `Manifest.from_json`, which checks every
-field and answers a bad one with one sentence naming it (`ManifestError`). Paths are only strings
+field (through `fields.Fields`) and answers a bad one with one sentence naming it (`ManifestError`). Paths are only strings
 here; `edgevl.artifact.folder` resolves them inside the artifact folder.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from edgevl.artifact import names
+from edgevl.artifact.fields import Fields as _Fields
+from edgevl.artifact.fields import ManifestError
+from edgevl.artifact.fields import check as _check
+from edgevl.artifact.fields import is_int as _is_int
 from edgevl.errors import EdgevlError
 from edgevl.runtime.image_processing import ImageProcessorSettings
 
@@ -34,113 +37,6 @@ FORMAT_VERSION = 2
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool", "float64")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 VARIANTS = names.VARIANTS
-
-
-class ManifestError(EdgevlError):
-    """A manifest field is missing, has the wrong type or an impossible value."""
-
-
-# ----------------------------------------------------------------------------- field reading
-class _Fields:
-    """Typed reads from one JSON object of the manifest; every error names the field's path."""
-
-    def __init__(self, data: Any, where: str):
-        if not isinstance(data, dict):
-            raise ManifestError(f"manifest field '{where}' must be an object, not {_kind(data)}.")
-        self.data, self.where = data, where
-
-    def path(self, key) -> str:
-        return f"{self.where}.{key}" if self.where else str(key)
-
-    def has(self, key: str) -> bool:
-        return self.data.get(key) is not None
-
-    def raw(self, key: str, default=...):
-        if key not in self.data or self.data[key] is None:
-            if default is ...:
-                raise ManifestError(f"manifest field '{self.path(key)}' is missing.")
-            return default
-        return self.data[key]
-
-    def str(self, key: str, default=..., choices: tuple[str, ...] | None = None) -> str:
-        value = self.raw(key, default)
-        if value is default and default is not ...:
-            return value
-        _check(isinstance(value, str) and value != "", self.path(key), "a non-empty string", value)
-        if choices and value not in choices:
-            raise ManifestError(f"manifest field '{self.path(key)}' is {value!r}; expected one of "
-                                f"{', '.join(choices)}.")
-        return value
-
-    def int(self, key: str, default=..., minimum: int | None = None) -> int:
-        value = self.raw(key, default)
-        if value is default and default is not ...:
-            return value
-        _check(_is_int(value), self.path(key), "an integer", value)
-        if minimum is not None and value < minimum:
-            raise ManifestError(f"manifest field '{self.path(key)}' is {value}; it must be at least {minimum}.")
-        return value
-
-    def float(self, key: str, default=...) -> float:
-        value = self.raw(key, default)
-        if value is default and default is not ...:
-            return value
-        _check((_is_int(value) or isinstance(value, float)) and math.isfinite(value), self.path(key),
-               "a finite number", value)
-        return float(value)
-
-    def bool(self, key: str, default=...) -> bool:
-        value = self.raw(key, default)
-        if value is default and default is not ...:
-            return value
-        _check(isinstance(value, bool), self.path(key), "true or false", value)
-        return value
-
-    def ints(self, key: str, default=..., minimum: int | None = None) -> tuple[int, ...]:
-        value = self.raw(key, default)
-        if value is default and default is not ...:
-            return value
-        _check(isinstance(value, list) and all(_is_int(v) for v in value), self.path(key), "a list of integers",
-               value)
-        if minimum is not None and any(v < minimum for v in value):
-            raise ManifestError(f"manifest field '{self.path(key)}' holds a value below {minimum}.")
-        return tuple(value)
-
-    def strs(self, key: str, default=...) -> tuple[str, ...]:
-        value = self.raw(key, default)
-        if value is default and default is not ...:
-            return value
-        _check(isinstance(value, list) and all(isinstance(v, str) and v for v in value), self.path(key),
-               "a list of non-empty strings", value)
-        return tuple(value)
-
-    def list(self, key: str) -> list:
-        value = self.raw(key)
-        _check(isinstance(value, list), self.path(key), "a list", value)
-        return value
-
-    def obj(self, key: str, default=...) -> "_Fields":
-        value = self.raw(key, {} if default is not ... else ...)
-        return _Fields(value, self.path(key))
-
-    def json(self, key: str) -> dict:
-        """A free-form object (informational; its contents are not part of the contract)."""
-        return dict(self.obj(key, default={}).data)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _kind(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
-
-
-def _check(ok: bool, where: str, expected: str, value) -> None:
-    if not ok:
-        shown = repr(value) if len(repr(value)) <= 40 else _kind(value)
-        raise ManifestError(f"manifest field '{where}' must be {expected}, not {shown}.")
 
 
 # ----------------------------------------------------------------------------- the parts
