@@ -11,16 +11,9 @@ import pytest
 
 from edgevl.artifact import names
 from edgevl.errors import EdgevlError
-from edgevl.runtime.batching import (
-    BatchScheduler,
-    Job,
-    Observer,
-    QueueFull,
-    RequestCancelled,
-    SerialScheduler,
-    make_scheduler,
-)
+from edgevl.runtime.batching import BatchScheduler, make_scheduler
 from edgevl.runtime.generate import decode_one_token, decoder_step
+from edgevl.runtime.jobs import Job, Observer, QueueFull, RequestCancelled, SerialScheduler
 
 LONG = "Describe a cat."          # the tiny model's greedy answer runs past 300 tokens without EOS
 

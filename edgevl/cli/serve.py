@@ -9,7 +9,7 @@ from pathlib import Path
 from edgevl.cli.flags import add_artifact_flags, add_backend_flags, load_pipeline
 from edgevl.errors import EdgevlError
 from edgevl.extras import requires
-from edgevl.runtime.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
+from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 
 
 def add_parser(sub) -> None:

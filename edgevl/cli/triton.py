@@ -8,7 +8,7 @@ from pathlib import Path
 
 from edgevl.cli.flags import add_artifact_flags, add_backend_flags, backend_options, logger
 from edgevl.errors import EdgevlError
-from edgevl.runtime.batching import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
+from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 
 MAX_INSTANCES = 256
 MAX_BATCH = 256

@@ -29,8 +29,9 @@ The scheduler needs the in-place decoder (the `ort` variant: one preallocated bu
 arrival order) for the standard variant's concat cache. Both bound the work they hold: at most `max_batch`
 running and `max_queue` more accepted (`QueueFull` beyond).
 
-`Observer` is what they report (the server turns it into Prometheus metrics, serve/metrics.py); the runtime
-itself imports nothing of the server.
+`Job`, `Observer`, `QueueFull`, the defaults and `SerialScheduler` live in jobs.py: what a scheduler takes and
+reports, whichever one runs. The server turns the Observer's events into Prometheus metrics (serve/metrics.py);
+the runtime itself imports nothing of the server.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,72 +48,29 @@ import numpy as np
 from edgevl.artifact import names
 from edgevl.errors import EdgevlError
 from edgevl.runtime.generate import decode_one_token, decoder_step
+from edgevl.runtime.jobs import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PREFILL_CHUNK,
+    Job,
+    Observer,
+    QueueFull,
+    RequestCancelled,
+    SerialScheduler,
+    check_sizes,
+)
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.pipeline import Result
 from edgevl.runtime.prompt import StreamDecoder
 from edgevl.runtime.runners import to_host
 from edgevl.runtime.sampling import SamplingOptions, next_tokens
 
-DEFAULT_MAX_BATCH = 8
-DEFAULT_MAX_QUEUE = 32
-DEFAULT_PREFILL_CHUNK = 256
 # Calls with more than one row run an even number of them (decode steps get a pad row, prefill chunks are even):
 # onnxruntime's CPU MatMulNBits (w4a16, 8-bit) computes rows two at a time and an odd last row with its one-row
 # kernel, whose logits differ slightly (greedy tokens of the 2b-l4 w4a16 split from a batch-1 run within 2-40
 # tokens); rows computed in pairs are bit-identical at any batch size. So a request's tokens do not depend on
 # how many others share its steps. (fp32 graphs are bit-identical either way; GPUs are not measured yet.)
 ROW_MULTIPLE = 2
-
-
-class RequestCancelled(Exception):
-    """The job's client went away (`Job.cancel`) or the scheduler closed before the job finished."""
-
-
-class QueueFull(Exception):
-    """Refused at `submit`: `max_batch` jobs are running and `max_queue` more are waiting."""
-
-    def __init__(self, running: int, waiting: int, max_batch: int, max_queue: int):
-        super().__init__(f"{running} running, {waiting} waiting")
-        self.running, self.waiting, self.max_batch, self.max_queue = running, waiting, max_batch, max_queue
-
-
-@dataclass(eq=False)
-class Job:
-    """One request. `prepare` runs on the preparing thread (video decoding, preprocessing, tokens) and returns a
-    `PreparedPrompt`; on the scheduler thread `on_start()` is called once its first token exists (everything
-    that can fail because of the request has run) and `on_text(delta)` as text is generated; `future` ends with
-    the `Result`, or the request's exception (`RequestCancelled` once cancelled)."""
-
-    prepare: Callable[[], object]
-    max_new_tokens: int = 128
-    stop: tuple[str, ...] = ()
-    sampling: dict = field(default_factory=dict)
-    on_text: Callable[[str], None] | None = None
-    on_start: Callable[[], None] | None = None
-    future: Future = field(default_factory=Future)
-    submitted: float = field(default_factory=time.perf_counter)
-    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
-
-    def cancel(self) -> None:
-        """The client went away: the job leaves at the scheduler's next step (its row is freed)."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-
-class Observer:
-    """What a scheduler reports, each as it happens; these defaults ignore it (serve/metrics.py counts it)."""
-
-    def queue_length(self, waiting: int) -> None: ...                      # accepted, not yet in a row
-    def batch_rows(self, rows: int) -> None: ...                           # jobs holding a row
-    def decode_step(self, rows: int, seconds: float) -> None: ...          # rows decoded together, the step's time
-    def tokens(self, count: int) -> None: ...                              # tokens generated
-    def first_token(self, seconds: float) -> None: ...                     # submit -> first token
-    def token_gap(self, seconds: float) -> None: ...                       # between two tokens of one job
-    def finished(self, outcome: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None: ...
-    def rejected(self) -> None: ...                                        # QueueFull
 
 
 # ----------------------------------------------------------------------------- per-row pieces
@@ -190,7 +148,7 @@ class BatchScheduler:
         if pipe.decoder_spec.kv_cache != names.IN_PLACE:
             raise EdgevlError("continuous batching needs the in-place decoder of an `--variant ort` export; this "
                               "artifact's decoder grows a concat cache (use the FIFO server for it).")
-        _check_sizes(max_batch, max_queue)
+        check_sizes(max_batch, max_queue)
         if prefill_chunk < 1:
             raise EdgevlError(f"--prefill-chunk must be at least 1, not {prefill_chunk}.")
         self.pipe, self.max_batch, self.max_queue = pipe, max_batch, max_queue
@@ -458,118 +416,11 @@ class BatchScheduler:
         self.observer.batch_rows(self.running)
 
 
-# ----------------------------------------------------------------------------- one at a time
-class SerialScheduler:
-    """One job at a time in arrival order through `Pipeline.generate_prepared` (any decoder, the standard
-    variant's concat cache too): the same Job, Observer and queue bound as BatchScheduler, one row."""
-
-    max_batch = 1
-
-    def __init__(self, pipe, max_queue: int = DEFAULT_MAX_QUEUE, observer: Observer | None = None):
-        _check_sizes(1, max_queue)
-        self.pipe, self.max_queue = pipe, max_queue
-        self.observer = observer or Observer()
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="edgevl-generate")
-        self.jobs: set[Job] = set()
-        self.active: Job | None = None
-        self.lock = threading.RLock()
-        self.closed = False
-
-    @property
-    def running(self) -> int:
-        return int(self.active is not None)
-
-    @property
-    def queue_length(self) -> int:
-        return len(self.jobs) - self.running
-
-    def check_room(self) -> None:
-        with self.lock:
-            if len(self.jobs) >= 1 + self.max_queue:
-                self.observer.rejected()
-                raise QueueFull(self.running, len(self.jobs) - self.running, 1, self.max_queue)
-
-    def submit(self, job: Job) -> Job:
-        with self.lock:
-            if self.closed:
-                raise RequestCancelled("the scheduler is closed")
-            self.check_room()
-            self.jobs.add(job)
-            self._report()
-        self.worker.submit(self._run, job)
-        return job
-
-    def close(self) -> None:
-        with self.lock:
-            self.closed = True
-        self.worker.shutdown(wait=False, cancel_futures=True)
-        for job in list(self.jobs):
-            self._end(job, None, RequestCancelled("the server is shutting down"), "cancelled")
-
-    def _run(self, job: Job) -> None:
-        with self.lock:
-            self.active = job
-            self._report()
-        tokens = 0
-
-        def on_text(_row, delta: str) -> None:
-            nonlocal tokens
-            if job.cancelled:
-                raise RequestCancelled
-            if tokens == 0:     # Pipeline.decode tells text, not tokens: the first text stands for the first token
-                self.observer.first_token(time.perf_counter() - job.submitted)
-                if job.on_start:
-                    job.on_start()
-            tokens += 1
-            if job.on_text:
-                job.on_text(delta)
-        try:
-            if job.cancelled:
-                raise RequestCancelled
-            prompt = job.prepare()
-            result = self.pipe.generate_prepared([prompt], job.max_new_tokens, job.stop, on_text, **job.sampling)[0]
-        except RequestCancelled as e:
-            self._end(job, None, e, "cancelled")
-        except BaseException as e:  # noqa: BLE001 - the request's failure, told to its client
-            self._end(job, None, e, "failed")
-        else:
-            for gap in result.timings.get("decode_s_per_token", ()):
-                self.observer.token_gap(gap)
-            self.observer.tokens(len(result.token_ids))
-            self._end(job, result, None, "completed")
-
-    def _end(self, job: Job, result, error, outcome: str) -> None:
-        with self.lock:
-            if job not in self.jobs:
-                return
-            self.jobs.discard(job)
-            if self.active is job:
-                self.active = None
-            self._report()
-        self.observer.finished(outcome, len(result.prompt_token_ids) if result else 0,
-                               len(result.token_ids) if result else 0, time.perf_counter() - job.submitted)
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
-
-    def _report(self) -> None:
-        self.observer.queue_length(self.queue_length)
-        self.observer.batch_rows(self.running)
-
-
 def _even(n: int, up: bool = False) -> int:
     """n rounded to a multiple of ROW_MULTIPLE (up, or down but at least ROW_MULTIPLE)."""
     if up:
         return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
     return max(ROW_MULTIPLE, n - n % ROW_MULTIPLE)
-
-
-def _check_sizes(max_batch: int, max_queue: int) -> None:
-    if max_batch < 1:
-        raise EdgevlError(f"--max-batch must be at least 1, not {max_batch}.")
-    if max_queue < 0:
-        raise EdgevlError(f"--max-queue must be at least 0, not {max_queue}.")
 
 
 def make_scheduler(pipe, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,

@@ -34,16 +34,16 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.batching import (
+from edgevl.runtime.batching import make_scheduler
+from edgevl.runtime.image_processing import ImageTooLarge, load_image
+from edgevl.runtime.jobs import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PREFILL_CHUNK,
     Job,
     QueueFull,
     RequestCancelled,
-    make_scheduler,
 )
-from edgevl.runtime.image_processing import ImageTooLarge, load_image
 from edgevl.runtime.sampling import SamplingOptions
 from edgevl.runtime.video import MAX_FRAMES, VideoClip, VideoTooLarge, load_video
 from edgevl.serve.metrics import ServerMetrics

@@ -1,4 +1,4 @@
-"""`/metrics`: the scheduler's events (runtime/batching.Observer) as Prometheus metrics, via prometheus-client.
+"""`/metrics`: the scheduler's events (runtime/jobs.Observer) as Prometheus metrics, via prometheus-client.
 
     edgevl_requests_total{outcome}               completed | cancelled (client went away) | failed | rejected (429)
     edgevl_queue_length                          accepted, waiting for a batch row (being prepared included)
@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 
-from edgevl.runtime.batching import Observer
+from edgevl.runtime.jobs import Observer
 
 OUTCOMES = ("completed", "cancelled", "failed", "rejected")
 WINDOW_S = 10.0

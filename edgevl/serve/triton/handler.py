@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.batching import (
+from edgevl.runtime.batching import make_scheduler
+from edgevl.runtime.jobs import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PREFILL_CHUNK,
     Job,
     QueueFull,
     RequestCancelled,
-    make_scheduler,
 )
 from edgevl.serve.triton.protocol import Limits, Request, RequestError, decode_videos, inputs, parse_request
 
