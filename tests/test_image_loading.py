@@ -50,7 +50,7 @@ def test_load_image_matches_transformers_load_image(rotated_jpeg):
 
 
 def test_same_pixels_through_run_serve_and_the_python_api(rotated_jpeg, pipeline):
-    from edgevl.serve.app import ServerLimits, decode_image
+    from edgevl.serve.requests import ServerLimits, decode_image
 
     by_path = pipeline.prepare("What is this?", images=[rotated_jpeg])                       # edgevl run
     url = "data:image/jpeg;base64," + base64.b64encode(rotated_jpeg.read_bytes()).decode()

@@ -240,10 +240,11 @@ def test_undecodable_video_is_a_400(server):
 
 
 def test_video_without_pyav_names_the_extra(monkeypatch):
-    from edgevl.serve import app
+    from edgevl.serve import requests
+    from edgevl.serve.errors import ApiError
     from edgevl.serve.schemas import ChatCompletionRequest
-    monkeypatch.setattr(app, "_have_pyav", lambda: False)
+    monkeypatch.setattr(requests, "_have_pyav", lambda: False)
     request = ChatCompletionRequest(model="tiny", messages=video_message("x", "data:video/mp4;base64,AAAA"))
-    with pytest.raises(app.ApiError) as e:
-        app.to_hf_messages(request, app.ServerLimits())
+    with pytest.raises(ApiError) as e:
+        requests.to_hf_messages(request, requests.ServerLimits())
     assert e.value.status == 400 and "pip install 'edgevl[video]'" in e.value.message
