@@ -214,11 +214,11 @@ def header_lines(report: dict) -> list[str]:
              + ("; edgevl with --fast-load (no weight pre-packing)" if s.get("fast_load") else "")
              + f"; decoding: {s['decoding']}"]
     if load.get("start"):
-        lines.append(f"load average (1 min) at start {load['start'][0]:.2f}, at end {load['end'][0]:.2f} on "
-                     f"{m['logical_cores']} cores" + (" — other processes were running, numbers are noisy"
-                                                       if max(load["start"][0], load["end"][0]) > 0.25 else ""))
-    others = [side["other_processes_cores"] for row in report["rows"] for side in (row["edgevl"], row["reference"])
-              if side and side["other_processes_cores"] is not None]
+        lines.append(f"load average (1 min) at start {load['start'][0]:.2f}, at end {load['end'][0]:.2f} (this run's "
+                     f"own processes included) on {m['logical_cores']} cores"
+                     + (" — other processes were running, numbers are noisy" if load["start"][0] > 0.25 else ""))
+    others = [side["other_processes_cores"] for row in report["rows"] for _, side in _sides(row)
+              if side["other_processes_cores"] is not None]
     if others and max(others) > 0.2:
         lines.append(f"warning: other processes kept up to {max(others):.2f} of {m['logical_cores']} cores busy "
                      f"during the runs (column others' cores); multi-threaded numbers, torch's above all, suffer "
