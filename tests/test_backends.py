@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -275,6 +276,66 @@ def test_ort_cpu_backend_is_the_plain_session(art):
     plain = ort.InferenceSession(str(art.graph_path("decoder")), providers=["CPUExecutionProvider"])
     expected = dict(zip([o.name for o in plain.get_outputs()], plain.run(None, feed)))
     assert compare_outputs(runner.infer(feed), expected, atol=0.0)["ok"]
+
+
+def test_ort_cpu_vision_shrinks_its_arena_only_when_the_image_size_changes(art, monkeypatch):
+    """The vision runner keeps onnxruntime's arena for repeated sizes (malloc per call is slower) and asks for
+    arena shrinkage after a call with new shapes (so a large photo's blocks are not held); outputs unchanged."""
+    from edgevl.runtime.rope_index import vision_rotary_position_ids
+    runner = backends.get_backend("ort-cpu", backends.BackendOptions(threads=1)).make_runner(art.graph("vision"))
+    decoder = backends.get_backend("ort-cpu", backends.BackendOptions(threads=1)).make_runner(art.graph("decoder"))
+    assert runner.shrink_on_new_shapes and not decoder.shrink_on_new_shapes
+    runner.activate()
+    patch_dim = runner.input_metadata()["pixel_values"].shape[1]
+    rng = np.random.default_rng(0)
+
+    def feed(h, w):
+        return {"pixel_values": rng.standard_normal((h * w, patch_dim)).astype(np.float32),
+                "rotary_pos_ids": vision_rotary_position_ids((1, h, w), 2)}
+
+    sent = []
+    real_run = runner.session.run
+    monkeypatch.setattr(runner.session, "run", lambda names, f, options=None: sent.append(options) or
+                        real_run(names, f, options))
+    small, large = feed(4, 4), feed(8, 12)
+    first = runner.infer(small)
+    runner.infer(small)
+    again = runner.infer(large)
+    runner.infer(large)
+    back = runner.infer(small)
+    shrunk = [o is not None and o.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+              for o in sent]
+    assert shrunk == [False, False, True, False, True]
+    assert np.array_equal(first["image_embeds"], back["image_embeds"]) and again["image_embeds"].shape[0] == 24
+
+
+def test_one_shared_thread_pool_gives_the_same_tokens_and_the_cli_uses_it(tiny_artifact, tmp_path):
+    """share_thread_pool() (what run/chat/serve/bench call) puts every session on one pool: same greedy tokens as
+    per-session pools; `edgevl run` works with it; sessions made afterwards need no pool of their own."""
+    script = tmp_path / "pool.py"
+    script.write_text(f"""
+import sys
+from edgevl.runtime import runners
+from edgevl.runtime.pipeline import Pipeline
+def tokens():
+    pipe = Pipeline.load({str(tiny_artifact)!r}, verify=False)
+    return pipe.generate("Describe the image.", max_new_tokens=8, do_sample=False).token_ids
+alone = tokens()
+assert runners.share_thread_pool(0) and runners.share_thread_pool(3)       # the first call sized it
+assert not runners.session_options(2).use_per_session_threads
+print("same" if tokens() == alone else f"different: {{alone}}")
+""")
+    env = {**os.environ, "EDGEVL_SHARED_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr[-2000:]
+    run = subprocess.run([sys.executable, "-m", "edgevl", "run", str(tiny_artifact), "--prompt", "hi",
+                          "--max-new-tokens", "4", "--threads", "1"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    off = subprocess.run([sys.executable, "-c", "from edgevl.runtime import runners; "
+                          "print(runners.share_thread_pool(), runners.session_options().use_per_session_threads)"],
+                         capture_output=True, text=True, env={**os.environ, "EDGEVL_SHARED_THREADS": "0"}, timeout=120)
+    assert off.stdout.split() == ["False", "True"], off.stderr[-2000:]
 
 
 def _tokens(pipe, photo):
