@@ -5,11 +5,17 @@ Everything is built once per session in a temp folder (tens of seconds on 2 core
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# `edgevl run/chat/serve/bench` put the whole process on one onnxruntime thread pool, for good; onnxruntime then
+# refuses the per-session pools its quantizers make. The suite calls those commands in its own process, so
+# it opts out here; tests/test_backends.py checks the shared pool in subprocesses.
+os.environ["EDGEVL_SHARED_THREADS"] = "0"
 
 
 @pytest.fixture(scope="session")

@@ -99,8 +99,11 @@ def run(args) -> int:
     if args.bandwidth_mib < 1:
         raise EdgevlError("--bandwidth-mib must be at least 1.")
 
+    from edgevl.runtime.runners import share_thread_pool
     log = logger("bench")
-    result = run_bench(config_from_args(args, log), log=log)
+    config = config_from_args(args, log)            # checks --threads first
+    share_thread_pool(args.threads)     # as run / chat / serve do (bench never runs onnxruntime's quantizers)
+    result = run_bench(config, log=log)
     sys.stdout.write(rep.render_text(result))
     for path, write in ((args.json, rep.write_json), (args.plot, rep.write_plot),
                         (args.markdown, lambda r, p: Path(p).write_text(rep.render_text(r, markdown=True)))):

@@ -124,4 +124,7 @@ def sampling_from_args(args) -> dict:
 def load_pipeline(args):
     """The artifact named by OUT on the backend the flags ask for."""
     from edgevl.runtime.pipeline import Pipeline
-    return Pipeline.load(args.artifact, backend=backend_from_args(args), verify=not args.no_verify)
+    from edgevl.runtime.runners import share_thread_pool
+    backend = backend_from_args(args)            # checks --threads first
+    share_thread_pool(args.threads)
+    return Pipeline.load(args.artifact, backend=backend, verify=not args.no_verify)
