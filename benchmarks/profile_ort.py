@@ -44,17 +44,21 @@ def vision_feed(pipe, size: str) -> dict:
             "rotary_pos_ids": vision_rotary_position_ids((1, gh, gw), pipe.image_settings.merge_size)}
 
 
-def decoder_feed(pipe, prompt_tokens: int | None, decode_context: int | None) -> dict:
+def decoder_feed(pipe, runner, prompt_tokens: int | None, decode_context: int | None) -> tuple[dict, dict]:
+    """(feed, bindings) for one prefill of `prompt_tokens` or one decode step at `decode_context`, with the
+    KV cache the graph has (the runtime's own: an in-place buffer bound as past and present, or a concat past)."""
+    from edgevl.runtime.kv_cache import make_cache
     cfg, rng = pipe.config, np.random.default_rng(0)
-    layers, heads, dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
     seq, past = (1, decode_context - 1) if decode_context else (prompt_tokens, 0)
+    kind = pipe.artifact.manifest.graph("decoder").kv_cache
+    cache = make_cache(kind, runner, cfg, 1, past + seq, pipe.dtype)
+    if past:
+        cache.fill_random(past, rng)
     feed = {"inputs_embeds": rng.standard_normal((1, seq, cfg.hidden_size), np.float32).astype(pipe.dtype) * 0.02,
             "position_ids": np.broadcast_to(np.arange(past, past + seq), (3, 1, seq)).astype(np.int64).copy(),
-            "attention_mask": np.ones((1, past + seq), np.int64)}
-    for i in range(layers):
-        for kind in ("key", "value"):
-            feed[f"past_key_values.{i}.{kind}"] = rng.standard_normal((1, heads, past, dim), np.float32).astype(pipe.dtype)
-    return feed
+            "attention_mask": np.ones((1, past + seq), np.int64), **cache.feed(np.array([seq]), seq)}
+    inputs = set(runner.input_metadata())
+    return {k: v for k, v in feed.items() if k in inputs}, cache.bindings()
 
 
 def summarize_profile(profile: Path, runs: int, top: int) -> str:
@@ -96,19 +100,21 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     from edgevl.runtime.pipeline import Pipeline
+    from edgevl.runtime.runners import OnnxrtRunner
     pipe = Pipeline.load(args.artifact, verify=False)
-    feed = vision_feed(pipe, args.image_size) if args.graph == "vision" else \
-        decoder_feed(pipe, args.prompt_tokens, args.decode_context)
     with tempfile.TemporaryDirectory() as tmp:
-        session = make_session(pipe.artifact.graph_path(args.graph), args.threads, Path(tmp))
+        runner = OnnxrtRunner(lambda: make_session(pipe.artifact.graph_path(args.graph), args.threads, Path(tmp)))
+        runner.activate()
+        feed, bindings = (vision_feed(pipe, args.image_size), {}) if args.graph == "vision" else \
+            decoder_feed(pipe, runner, args.prompt_tokens, args.decode_context)
         times = []
         for i in range(args.warmup + args.runs):
             t0 = time.perf_counter()
-            session.run(None, feed)
+            runner.infer(feed, bindings)        # the cache's lengths are not advanced: every run is the same call
             if i >= args.warmup:
                 times.append((time.perf_counter() - t0) * 1e3)
-        profile = Path(session.end_profiling())
-        shapes = {k: list(v.shape) for k, v in feed.items() if not k.startswith("past_key_values")}
+        profile = Path(runner.session.end_profiling())
+        shapes = {k: list(np.shape(v)) for k, v in feed.items() if not k.startswith("past_key_values")}
         print(f"{args.artifact.name} {args.graph} {shapes}; threads {args.threads or 'default'}; "
               f"wall per run (perf_counter, profiling on): {', '.join(f'{t:.1f}' for t in times)} ms")
         print(summarize_profile(profile, args.runs, args.top))
