@@ -71,7 +71,9 @@ def test_a_row_view_writes_its_row_of_the_batch_cache(pipeline, by_pointer):
     view = batch.rows(0, 3, by_pointer)
     got = decode_one_token(pipeline.decoder, view, pipeline.embeddings, tokens,
                            np.array([[0], [0], [deltas[0, 0]]]))
-    np.testing.assert_array_equal(got[names.LOGITS][2:], want[names.LOGITS])
+    # not bit-equal: a one-row decode step on ort-cpu takes the grouped path (runtime/grouped_decode.py), a
+    # three-row one the exported node; the same sums in another order
+    np.testing.assert_allclose(got[names.LOGITS][2:], want[names.LOGITS], rtol=1e-5, atol=1e-5)
     assert batch.lengths.tolist() == [1, 1, n + 1, 0]     # written through the view
     assert batch.rows(0, 3, by_pointer) is view            # the same addresses every step
 

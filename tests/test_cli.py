@@ -153,7 +153,8 @@ def test_runtime_works_without_torch_and_transformers(tiny_artifact, photos):
         pipe = Pipeline.load({str(tiny_artifact)!r})
         r = pipe.generate("Describe.", images=[{str(photos["coffee"])!r}], max_new_tokens=5, do_sample=False)
         assert len(r.token_ids) >= 1, r
-        heavy = [m for m in ("torch", "transformers", "onnx", "onnxscript") if sys.modules.get(m) is not None]
+        # onnx (a runtime dependency) is allowed: ort-cpu edits the in-place decoder's graph when loading it
+        heavy = [m for m in ("torch", "transformers", "onnxscript") if sys.modules.get(m) is not None]
         assert not heavy, heavy
         print("ok", r.token_ids)
     """)

@@ -149,9 +149,27 @@ def make_ort_cpu(graph: GraphFile, opts: BackendOptions) -> Runner:
     # blocks and fragment (2b-l4, four large photos of different sizes: 971 MB held), malloc instead costs 14 %
     # of a 448x448 int8 encode (221 vs 196 ms). So the arena stays, and is shrunk after a call whose input
     # shapes are new (148 MB held; 196 ms per repeated size). Measured on a 2-core EPYC.
-    return OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads,
-                                        prepack=prepack, disabled_optimizers=_disabled_optimizers(graph)),
-                        name=f"ort-cpu:{graph.name}", shrink_on_new_shapes=graph.spec.kind == names.VISION)
+    transform, spare = _grouped_decode(graph)
+    runner = OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads,
+                                          prepack=prepack, disabled_optimizers=_disabled_optimizers(graph),
+                                          transform=transform),
+                          name=f"ort-cpu:{graph.name}", shrink_on_new_shapes=graph.spec.kind == names.VISION)
+    runner.kv_spare_positions = spare
+    return runner
+
+
+def _grouped_decode(graph: GraphFile):
+    """(graph transform, spare KV positions) for an in-place decoder on the CPU: its decode steps read each KV
+    head once (runtime/grouped_decode.py); (None, 0) for other graphs or without the onnx package."""
+    if graph.spec.kind != names.DECODER or graph.spec.kv_cache != names.IN_PLACE:
+        return None, 0
+    try:
+        import onnx
+    except ImportError:
+        return None, 0
+    from edgevl.runtime import grouped_decode
+    spare = grouped_decode.spare_positions(onnx.load(str(graph.path), load_external_data=False))
+    return (grouped_decode.rewrite, spare) if spare else (None, 0)
 
 
 def make_ort_cuda(graph: GraphFile, opts: BackendOptions) -> Runner:
