@@ -13,18 +13,26 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ART    := artifacts
+PYTRITON := .cache/pytriton
 
 .PHONY: setup demo test bench bench-peers bench-compare clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed $(PYTRITON)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# The CPU build of torch (on disk here); an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[export,quantize,bench,serve,video,dev]'
+	$(PY) -m pip install --quiet -e '.[export,quantize,bench,serve,video,triton,dev]'
 	touch $@
+
+# A real tritonserver for tests/test_triton.py's live tests: the nvidia-pytriton wheel bundles one (CPU-only
+# here) and pins numpy<2, so it goes beside the venv, not into it. Optional: if it cannot be installed the
+# live tests skip and say why.
+$(PYTRITON)/.installed: | $(VENV)/.installed
+	$(PY) -m pip install --quiet --target $(PYTRITON) nvidia-pytriton==0.7.0 \
+		&& touch $@ || echo "nvidia-pytriton not installed: tests/test_triton.py's live server tests will skip"
 
 $(ART)/tiny-model/config.json: | setup
 	$(PY) -m edgevl.synthetic.random_model $(ART)/tiny-model --preset tiny --seed 0

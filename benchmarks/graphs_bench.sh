@@ -36,8 +36,10 @@ if [ "$(git -C "$NEW_DIR" rev-parse HEAD 2>/dev/null)" != "$(git rev-parse "$NEW
   git worktree add -f --detach "$NEW_DIR" "$NEW_COMMIT" >&2
 fi
 log "new edgevl: $(git -C "$NEW_DIR" rev-parse --short HEAD) in $NEW_DIR; old edgevl: $OLD_COMMIT in $OLD_DIR"
-new() { EDGEVL_CACHE=$CACHE PYTHONPATH=$NEW_DIR "$PY" "$@"; }
-old() { EDGEVL_CACHE=$OLD_CACHE PYTHONPATH=$OLD_DIR "$PY" "$@"; }
+# -P: without it `python -m` / `-c` put the current folder (this checkout) first on sys.path, ahead of
+# PYTHONPATH, and both sides would run the checkout's edgevl.
+new() { EDGEVL_CACHE=$CACHE PYTHONPATH=$NEW_DIR "$PY" -P "$@"; }
+old() { EDGEVL_CACHE=$OLD_CACHE PYTHONPATH=$OLD_DIR "$PY" -P "$@"; }
 MACHINE=$(new -c "from edgevl.bench.machine import machine_info, machine_slug; print(machine_slug(machine_info()))")
 OUT=benchmarks/results/graphs-$MACHINE
 mkdir -p benchmarks/results

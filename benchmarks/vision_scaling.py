@@ -76,7 +76,8 @@ def measure(engine: str, artifact: str, image: Path, runs: int, warmup: int, sou
         env["PYTHONPATH"] = pythonpath
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", CHILD, engine, artifact, str(image), str(runs), str(warmup),
+        # -P: no current folder first on sys.path, so PYTHONPATH's edgevl wins over the checkout this runs in
+        proc = subprocess.run([sys.executable, "-P", "-c", CHILD, engine, artifact, str(image), str(runs), str(warmup),
                                source], capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"did not finish within {timeout:.0f} s"}
