@@ -41,18 +41,26 @@ def _candidates(model) -> list:
     return found
 
 
+def _grouping(model) -> tuple[list, int]:
+    """(the candidate nodes, query heads per KV head) when every candidate has the same grouping and the cache
+    input says its head_dim; ([], 1) otherwise: nothing to rewrite."""
+    nodes = _candidates(model)
+    groups = {_attrs(n)["num_heads"] // _attrs(n)["kv_num_heads"] for n in nodes}
+    if len(groups) != 1 or not _cache_input(model)[1]:
+        return [], 1
+    return nodes, groups.pop()
+
+
 def spare_positions(model) -> int:
     """Cache positions past the last real token that the rewritten graph writes: g - 1 (0: no rewrite)."""
-    nodes = _candidates(model)
-    if not nodes:
-        return 0
-    a = _attrs(nodes[0])
-    return a["num_heads"] // a["kv_num_heads"] - 1
+    return _grouping(model)[1] - 1
 
 
 def _cache_input(model):
-    """(element type, head_dim) of the graph's first past key input."""
-    past = next(i for i in model.graph.input if i.name == names.kv_names(1)[0][0])
+    """(element type, head_dim) of the graph's first past key input; head_dim 0 when unknown (or no cache)."""
+    past = next((i for i in model.graph.input if i.name == names.kv_names(1)[0][0]), None)
+    if past is None or len(past.type.tensor_type.shape.dim) != 4:
+        return 0, 0
     tensor = past.type.tensor_type
     return tensor.elem_type, tensor.shape.dim[3].dim_value
 
@@ -159,15 +167,14 @@ def _wrapped(node, index: int, cond: str, g: int, head_dim: int, elem: int):
 
 def rewrite(model) -> int:
     """Wrap every candidate node (see module doc) in the If, in place; returns spare_positions (0: unchanged)."""
-    nodes = _candidates(model)
-    g = spare_positions(model) + 1
-    elem, head_dim = _cache_input(model)
-    if not nodes or not head_dim or any(_attrs(n)["num_heads"] // _attrs(n)["kv_num_heads"] != g for n in nodes):
+    nodes, g = _grouping(model)
+    if not nodes:
         return 0
+    elem, head_dim = _cache_input(model)
     prepare, cond = _step_inputs(g, elem)
-    graph, body = model.graph, list(model.graph.node)
-    del graph.node[:]
-    graph.node.extend(prepare)
+    body = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(prepare)
     for node in body:
-        graph.node.append(_wrapped(node, nodes.index(node), cond, g, head_dim, elem) if node in nodes else node)
+        model.graph.node.append(_wrapped(node, nodes.index(node), cond, g, head_dim, elem) if node in nodes else node)
     return g - 1
