@@ -26,21 +26,7 @@ THREADS=${THREADS:-0}
 RECIPES=${RECIPES-int8 w4a16}
 read -r -a REFS <<< "${REFERENCES:-hf llama.cpp openvino}"
 
-FP32=$("$PY" -c "import sys; from edgevl.bench.preset_cache import ensure_preset
-print(ensure_preset('$PRESET', log=lambda m: print('[bench]', m, file=sys.stderr, flush=True)))")
-QUANTIZED=()
-for recipe in $RECIPES; do
-    out="$(dirname "$FP32")/export-$recipe"
-    if [ ! -f "$out/manifest.json" ]; then
-        echo "[bench] edgevl quantize $recipe -> $out" >&2
-        # --force: random weights have razor-thin logit margins; latency is the point here (see run_cpu.sh)
-        "$PY" -m edgevl quantize "$FP32" -o "$out" --recipe "$recipe" --force >&2 \
-            || { echo "[bench] edgevl quantize --recipe $recipe failed: skipping $recipe" >&2; continue; }
-    fi
-    QUANTIZED+=("$out")
-done
-
-MACHINE=$("$PY" -c "from edgevl.bench.machine import machine_info, machine_slug; print(machine_slug(machine_info()))")
+source benchmarks/preset_artifacts.sh
 OUT=benchmarks/results/compare-cpu-$MACHINE
 [ "$PRESET" = qwen2-vl-2b-l4 ] || OUT=benchmarks/results/compare-cpu-$PRESET-$MACHINE
 mkdir -p benchmarks/results
