@@ -146,9 +146,10 @@ def make_ort_cpu(graph: GraphFile, opts: BackendOptions) -> Runner:
     # (2b-l4, 2-core EPYC, without it: int8 decode 18 -> 39 ms/token, int4 MatMulNBits 15 -> 2177).
     prepack = opts.prepack or not graph.spec.float_weights
     # The vision graph's activations vary with every image size: onnxruntime's arena would keep each size's
-    # blocks and fragment (2b-l4, four large photos of different sizes: 971 MB held), malloc instead costs 14 %
-    # of a 448x448 int8 encode (221 vs 196 ms). So the arena stays, and is shrunk after a call whose input
-    # shapes are new (148 MB held; 196 ms per repeated size). Measured on a 2-core EPYC.
+    # blocks and fragment (2b-l4, four large photos of different sizes: 971 MB held; one 2016x1512 photo:
+    # 1.75 GB), malloc instead costs 14 % of a 448x448 int8 encode (221 vs 196 ms). So the arena stays, and is
+    # shrunk after a call whose input shapes are new (121 MB / 87 MB held; repeated sizes at the arena's
+    # speed). Measured on a 2-core EPYC.
     transform, spare = _grouped_decode(graph)
     runner = OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads,
                                           prepack=prepack, disabled_optimizers=_disabled_optimizers(graph),

@@ -353,7 +353,8 @@ class OnnxrtRunner:
         self.session = None
         # Memory-arena policy for graphs whose activation sizes change from call to call (the vision
         # encoder): keep the arena while the input shapes repeat, and give its free blocks back to the
-        # system at the end of a call whose shapes differ from the previous call's.
+        # system at the end of a call whose shapes differ from the previous call's (the first call too,
+        # so one large photo does not leave its working memory held while the decoder runs).
         self.shrink_on_new_shapes = shrink_on_new_shapes
         self._last_shapes: tuple | None = None
         self._meta: dict[str, TensorMeta] | None = None
@@ -395,7 +396,7 @@ class OnnxrtRunner:
         if not self.shrink_on_new_shapes:
             return None
         shapes = tuple(sorted((name, tuple(np.shape(v))) for name, v in feed.items()))
-        changed, self._last_shapes = self._last_shapes is not None and shapes != self._last_shapes, shapes
+        changed, self._last_shapes = shapes != self._last_shapes, shapes
         if not changed:
             return None
         import onnxruntime as ort
