@@ -151,12 +151,11 @@ def make_ort_cpu(graph: GraphFile, opts: BackendOptions) -> Runner:
     # shrunk after a call whose input shapes are new (121 MB / 87 MB held; repeated sizes at the arena's
     # speed). Measured on a 2-core EPYC.
     transform, spare = _grouped_decode(graph)
-    runner = OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads,
-                                          prepack=prepack, disabled_optimizers=_disabled_optimizers(graph),
-                                          transform=transform),
-                          name=f"ort-cpu:{graph.name}", shrink_on_new_shapes=graph.spec.kind == names.VISION)
-    runner.kv_spare_positions = spare
-    return runner
+    return OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads,
+                                        prepack=prepack, disabled_optimizers=_disabled_optimizers(graph),
+                                        transform=transform),
+                        name=f"ort-cpu:{graph.name}", shrink_on_new_shapes=graph.spec.kind == names.VISION,
+                        kv_spare_positions=spare)
 
 
 def _grouped_decode(graph: GraphFile):

@@ -203,8 +203,9 @@ def share_thread_pool(threads: int = 0) -> bool:
 
 def session_options(threads: int = 0, prepack: bool = True, optimization_level: str = "all", arena: bool = True):
     """onnxruntime.SessionOptions as edgevl makes every session: `threads` intra-op threads (0 = ORT's
-    default; after share_thread_pool(), the process's one pool instead), errors-only logging, optional weight pre-packing, the graph optimization level, and whether
-    CPU tensors come from onnxruntime's memory arena (off: from malloc, returned after each call)."""
+    default; after share_thread_pool(), the process's one pool instead), errors-only logging, optional weight
+    pre-packing, the graph optimization level, and whether CPU tensors come from onnxruntime's memory arena
+    (off: from malloc, returned after each call)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -305,7 +306,8 @@ class SessionFromOnnx:
 def release_maps(keep: list) -> None:
     """Drop the pages of the weight maps from memory once onnxruntime has made its packed copies: what a session
     still reads from them (weights it does not pre-pack) comes back from the page cache on first use, as it
-    does when onnxruntime maps the file itself (2B fp32 decoder: peak RSS 15.4 -> 9 GB)."""
+    does when onnxruntime maps the file itself (full 2B fp32 decoder: peak RSS 15.4 -> 9.4 GB, 9.0 GB when
+    onnxruntime loads the file itself)."""
     import mmap
     for m in keep[0]:
         m.madvise(mmap.MADV_DONTNEED)
@@ -347,8 +349,10 @@ class OnnxrtRunner:
     static_decode = False          # decode steps at fixed addresses (CUDA graphs): see OrtIoBindingRunner
     kv_spare_positions = 0         # cache positions past the last token a call may write (grouped_decode.py)
 
-    def __init__(self, build_session: Callable, name: str = "onnxrt", shrink_on_new_shapes: bool = False):
+    def __init__(self, build_session: Callable, name: str = "onnxrt", shrink_on_new_shapes: bool = False,
+                 kv_spare_positions: int = 0):
         self.build_session = build_session
+        self.kv_spare_positions = kv_spare_positions
         self.name = name
         self.session = None
         # Memory-arena policy for graphs whose activation sizes change from call to call (the vision
