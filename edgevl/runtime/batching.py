@@ -54,8 +54,8 @@ from edgevl.runtime.jobs import (
     DEFAULT_PREFILL_CHUNK,
     Job,
     Observer,
-    QueueFull,
     RequestCancelled,
+    SchedulerBase,
     SerialScheduler,
     check_sizes,
 )
@@ -137,7 +137,7 @@ class Sequence:
 
 
 # ----------------------------------------------------------------------------- the batch scheduler
-class BatchScheduler:
+class BatchScheduler(SchedulerBase):
     """Continuous batching over the in-place KV cache (see the module docstring).
 
     start=False: no threads; `submit` prepares at once and the caller runs `step()` (deterministic tests).
@@ -171,23 +171,9 @@ class BatchScheduler:
             self._thread.start()
 
     # -- the client side (any thread)
-    def check_room(self) -> None:
-        """QueueFull (counted as a rejection) when max_batch + max_queue jobs are held: a server asks before it
-        decodes a request's images; `submit` checks again."""
-        with self.lock:
-            if len(self.jobs) >= self.max_batch + self.max_queue:
-                running = self.running
-                self.observer.rejected()
-                raise QueueFull(running, len(self.jobs) - running, self.max_batch, self.max_queue)
-
     def submit(self, job: Job) -> Job:
         """Accept `job` (QueueFull when max_batch + max_queue jobs are already held) and prepare it."""
-        with self.lock:
-            if self.closed:
-                raise RequestCancelled("the scheduler is closed")
-            self.check_room()
-            self.jobs.add(job)
-            self._report()
+        self._accept(job)
         if self._prepare is None:
             self._prepare_job(job)
         else:
@@ -197,10 +183,6 @@ class BatchScheduler:
     @property
     def running(self) -> int:
         return sum(s is not None for s in self.rows)
-
-    @property
-    def queue_length(self) -> int:
-        return len(self.jobs) - self.running
 
     def close(self) -> None:
         """Stop the loop; every job not finished ends with RequestCancelled."""
@@ -404,16 +386,7 @@ class BatchScheduler:
                 return
             self.jobs.discard(job)
             self._report()
-        prompt_tokens = len(result.prompt_token_ids) if result is not None else 0
-        self.observer.finished(outcome, prompt_tokens, completion_tokens, time.perf_counter() - job.submitted)
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
-
-    def _report(self) -> None:
-        self.observer.queue_length(self.queue_length)
-        self.observer.batch_rows(self.running)
+        self._settle(job, result, error, outcome, completion_tokens)
 
 
 def _even(n: int, up: bool = False) -> int:

@@ -1,5 +1,6 @@
 """What a scheduler takes and reports, whichever runs: `Job`, `Observer`, `QueueFull`, `RequestCancelled`, the
-server's default sizes, and `SerialScheduler` (one request at a time, any decoder). The continuous-batching
+server's default sizes, `SchedulerBase` (accepting a job under the queue bound, reporting, settling it) and
+`SerialScheduler` (one request at a time, any decoder). The continuous-batching
 scheduler is batching.py; `batching.make_scheduler` picks one of the two for a pipeline.
 """
 
@@ -69,7 +70,50 @@ class Observer:
     def rejected(self) -> None: ...                                        # QueueFull
 
 
-class SerialScheduler:
+class SchedulerBase:
+    """What every scheduler does the same way: admit jobs up to max_batch + max_queue held, report the queue,
+    settle a finished job. A scheduler sets `max_batch`, `max_queue`, `observer`, `jobs` (accepted, not
+    finished), a re-entrant `lock` and `closed`, and says how many jobs are `running`."""
+
+    running: int
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.jobs) - self.running
+
+    def check_room(self) -> None:
+        """QueueFull (counted as a rejection) when max_batch + max_queue jobs are held: a server asks before it
+        decodes a request's images; `submit` checks again."""
+        with self.lock:
+            if len(self.jobs) >= self.max_batch + self.max_queue:
+                running = self.running
+                self.observer.rejected()
+                raise QueueFull(running, len(self.jobs) - running, self.max_batch, self.max_queue)
+
+    def _accept(self, job: Job) -> None:
+        """Accept `job` (RequestCancelled once closed, QueueFull when full)."""
+        with self.lock:
+            if self.closed:
+                raise RequestCancelled("the scheduler is closed")
+            self.check_room()
+            self.jobs.add(job)
+            self._report()
+
+    def _settle(self, job: Job, result, error: BaseException | None, outcome: str, completion_tokens: int) -> None:
+        """Count a job that has left `jobs` and end its future with `result` or `error`."""
+        prompt_tokens = len(result.prompt_token_ids) if result is not None else 0
+        self.observer.finished(outcome, prompt_tokens, completion_tokens, time.perf_counter() - job.submitted)
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)
+
+    def _report(self) -> None:
+        self.observer.queue_length(self.queue_length)
+        self.observer.batch_rows(self.running)
+
+
+class SerialScheduler(SchedulerBase):
     """One job at a time in arrival order through `Pipeline.generate_prepared` (any decoder, the standard
     variant's concat cache too): the same Job, Observer and queue bound as BatchScheduler, one row."""
 
@@ -89,23 +133,8 @@ class SerialScheduler:
     def running(self) -> int:
         return int(self.active is not None)
 
-    @property
-    def queue_length(self) -> int:
-        return len(self.jobs) - self.running
-
-    def check_room(self) -> None:
-        with self.lock:
-            if len(self.jobs) >= 1 + self.max_queue:
-                self.observer.rejected()
-                raise QueueFull(self.running, len(self.jobs) - self.running, 1, self.max_queue)
-
     def submit(self, job: Job) -> Job:
-        with self.lock:
-            if self.closed:
-                raise RequestCancelled("the scheduler is closed")
-            self.check_room()
-            self.jobs.add(job)
-            self._report()
+        self._accept(job)
         self.worker.submit(self._run, job)
         return job
 
@@ -156,16 +185,7 @@ class SerialScheduler:
             if self.active is job:
                 self.active = None
             self._report()
-        self.observer.finished(outcome, len(result.prompt_token_ids) if result else 0,
-                               len(result.token_ids) if result else 0, time.perf_counter() - job.submitted)
-        if error is not None:
-            job.future.set_exception(error)
-        else:
-            job.future.set_result(result)
-
-    def _report(self) -> None:
-        self.observer.queue_length(self.queue_length)
-        self.observer.batch_rows(self.running)
+        self._settle(job, result, error, outcome, len(result.token_ids) if result is not None else 0)
 
 
 def check_sizes(max_batch: int, max_queue: int) -> None:
