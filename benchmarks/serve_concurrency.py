@@ -175,7 +175,7 @@ def summarize(rounds: list[dict]) -> dict:
 
 def markdown(report: dict) -> str:
     info = report["machine"]
-    lines = [f"# edgevl serve: concurrent streaming clients, FIFO vs continuous batching",
+    lines = ["# edgevl serve: concurrent streaming clients, FIFO vs continuous batching",
              "",
              f"- machine: {info['cpu_model']}, {info['logical_cores']} logical cores, "
              f"{(info['ram_bytes'] or 0) / 2**30:.1f} GiB RAM, no GPU; onnxruntime {info['versions'].get('onnxruntime')}",
@@ -250,8 +250,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = ap.parse_args(argv)
 
+    with tempfile.TemporaryDirectory(prefix="edgevl-serve-bench-") as tmp:
+        report = measure(args, synthetic_image(448, 448, Path(tmp)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"serve-cpu-{machine_slug(report['machine'])}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+def measure(args, image: Path) -> dict:
+    """Every workload x client count, FIFO and batching rounds alternating; the report without its files."""
     info = machine_info()
-    image = synthetic_image(448, 448, Path(tempfile.mkdtemp(prefix="edgevl-serve-bench-")))
     report = {"machine": info, "artifact": args.artifact.name, "threads": args.threads, "rounds": args.rounds,
               "max_batch": args.max_batch, "clients": args.clients, "rounds_raw": [], "summary": {},
               "identical": {}, "targets": {}}
@@ -292,12 +303,7 @@ def main(argv=None) -> int:
             f, b = cells["fifo"][top], cells["batching"][top]
             report["targets"][workload] = {"ratio": b["tokens_per_s"] / f["tokens_per_s"],
                                            "worst_ttft_s": b["ttft_max_s"], "fifo_median_ttft_s": f["ttft_median_s"]}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"serve-cpu-{machine_slug(info)}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
+    return report
 
 
 if __name__ == "__main__":
