@@ -207,8 +207,9 @@ def test_beyond_the_queue_is_a_429(slow_pipeline):
                 queued = pool.submit(complete, base, body("Hi", max_tokens=2))
                 wait_until(lambda: value(base, "edgevl_queue_length") == 1, "a request queued")
                 for stream in (False, True):
-                    error = assert_error_shape(httpx.post(f"{base}/v1/chat/completions", timeout=60,
-                                                          json=body("Hi", stream=stream)), 429)
+                    reply = httpx.post(f"{base}/v1/chat/completions", timeout=60, json=body("Hi", stream=stream))
+                    error = assert_error_shape(reply, 429)
+                    assert reply.headers["retry-after"] == "1"          # what OpenAI clients back off by
                     assert error["message"] == ("the server is busy (1 running, 1 waiting: --max-batch 1, "
                                                 "--max-queue 1); retry later.")
                     assert one_sentence(error["message"]) and error["code"] == "rate_limit_exceeded"

@@ -56,7 +56,7 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
     app.add_middleware(RequestBodyLimit, max_bytes=limits.max_request_bytes)
 
     def reply(exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.message, exc.kind, exc.code, exc.param), exc.status)
+        return JSONResponse(error_body(exc.message, exc.kind, exc.code, exc.param), exc.status, headers=exc.headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_, exc: ApiError):
@@ -140,6 +140,9 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
     return app
 
 
+RETRY_AFTER_S = 1     # a 429's Retry-After: a row frees up within a generation; clients back off from there
+
+
 def submit(scheduler, job: Job) -> None:
     """Hand `job` to the scheduler; a full queue is a 429 in the OpenAI error shape, before any work."""
     busy(lambda: scheduler.submit(job))
@@ -152,7 +155,7 @@ def busy(call) -> None:
     except QueueFull as e:
         raise ApiError(429, f"the server is busy ({e.running} running, {e.waiting} waiting: --max-batch "
                             f"{e.max_batch}, --max-queue {e.max_queue}); retry later.", code="rate_limit_exceeded",
-                       kind="requests") from None
+                       kind="requests", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except RequestCancelled:
         raise ApiError(503, "the server is shutting down.", kind="server_error") from None
 

@@ -15,9 +15,10 @@ from edgevl.runtime.image_processing import ImageTooLarge
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error",
-                 param: str | None = None):
+                 param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
+        self.headers = headers or {}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
