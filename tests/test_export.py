@@ -72,6 +72,24 @@ def test_decoder_keeps_mrope_custom_op_and_passes_checker(variant, tiny_artifact
         assert not any(n.op_type == "Softmax" for n in model.graph.node)
 
 
+@pytest.mark.parametrize("graph", ["decoder", "vision"])
+def test_onnxruntime_fuses_the_norms_and_shares_the_rotary_token_index(graph, tiny_artifact, hf_model, tmp_path):
+    """What onnxruntime makes of the ort graphs at load: every decoder RMSNorm one SimplifiedLayerNormalization
+    (none left as Sqrt + Reciprocal), and the rotary token index computed once per graph, not per q/k node."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(tiny_artifact / f"{graph}.onnx"), options, providers=["CPUExecutionProvider"])
+    nodes = onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node
+    count = {op: sum(n.op_type == op for n in nodes) for op in ("SimplifiedLayerNormalization", "Reciprocal",
+                                                                 "RotaryEmbedding", "Range")}
+    rotary_ranges = 1 if graph == "vision" else 2          # the decoder has one more: its rows' last tokens
+    assert count["RotaryEmbedding"] >= 4 and count["Range"] <= rotary_ranges
+    if graph == "decoder":
+        layers = hf_model.config.text_config.num_hidden_layers
+        assert count["SimplifiedLayerNormalization"] == 2 * layers + 1 and count["Reciprocal"] == 0
+
+
 def _single_node_model(opset: int = 18) -> onnx.ModelProto:
     """A model holding only edgevl.MRoPE, to run the function body on its own."""
     h = onnx.helper

@@ -85,9 +85,13 @@ class WindowVisionGraph(VisionGraph):
         windows = (window_gather, window_mask, window_scatter)
         for i, blk in enumerate(self.blocks):
             attend = self._attention if i in self.full else self._window_attention
-            h = h + attend(blk.attn, blk.norm1(h), cos, sin, *([] if i in self.full else windows))
-            h = h + blk.mlp(blk.norm2(h))
+            h = h + attend(blk.attn, self._norm(blk.norm1, h), cos, sin, *([] if i in self.full else windows))
+            h = h + blk.mlp(self._norm(blk.norm2, h))
         return self.merger(h)
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-VL's block norms are RMSNorms: through ops.rms_norm, as in the decoders."""
+        return self.ops.rms_norm(x, norm.weight, float(norm.variance_epsilon))
 
     def _window_attention(self, attn, x, cos, sin, gather, mask, scatter):
         q, k, v = attn.qkv(x)[None].chunk(3, dim=-1)                               # [1, N, E] each
@@ -127,8 +131,12 @@ class _Decoder(nn.Module):
 
     def head(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """last hidden state per row [B, H] -> logits [B, vocab] and their argmax [B]."""
-        logits = self.lm_head(self.norm(last))
+        logits = self.lm_head(self._norm(self.norm, last))
         return logits, logits.argmax(-1)
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's RMSNorm through ops.rms_norm (one fusable pattern or op per variant)."""
+        return self.ops.rms_norm(x, norm.weight, float(norm.variance_epsilon))
 
 
 class InPlaceDecoder(_Decoder):
@@ -146,12 +154,12 @@ class InPlaceDecoder(_Decoder):
         h, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            q, k, v = self.qkv(attn, layer.input_layernorm(h), cos, sin)
+            q, k, v = self.qkv(attn, self._norm(layer.input_layernorm, h), cos, sin)
             out, key, value = self.ops.attention_in_place(q, k, v, past_key_values[2 * i], past_key_values[2 * i + 1],
                                                  seqlens_k, total_sequence_length, self.num_heads,
                                                  self.num_kv_heads, float(attn.scaling))
             h = h + attn.o_proj(out)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
             presents += [key, value]
         # The last real token of each row: right-padded prompts end at seqlens_k, a chunk after a cache at S - 1.
         last = torch.minimum(seqlens_k.to(torch.int64), torch.tensor(h.shape[1] - 1))
@@ -185,9 +193,6 @@ class ConcatDecoder(_Decoder):
             presents += [key, value]
         logits = self.lm_head(self._norm(self.norm, h[:, -1, :]))
         return (logits, logits.argmax(-1), *presents)
-
-    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.rms_norm(x, norm.weight, float(norm.variance_epsilon))
 
     @staticmethod
     def _additive_mask(attention_mask, seq: int, past_len, dtype) -> torch.Tensor:

@@ -6,7 +6,8 @@
     window_attention(q, k, v, mask, ..)  MultiHeadAttention + key mask       Attention-23 + bool mask (Qwen2.5-VL)
     attention_in_place(q, k, v, cache)   com.microsoft.GroupQueryAttention   -
     attention_concat(q, k, v, mask, ..)  -                                   Concat + Attention-23 (4-D, one output)
-    rms_norm(x, weight, eps)             (the checkpoint's own module)       RMSNormalization-23
+    rms_norm(x, weight, eps)             x / sqrt(mean(x^2) + eps) * weight  RMSNormalization-23
+                                         (fused by onnxruntime at load)
 
 Each op is a reference function (what the ONNX op computes, written out) wrapped by a torch custom op
 with a fake for tracing; `translations(variant)` is the table handed to torch.onnx.export. Standard graphs
@@ -228,8 +229,10 @@ def _(x, weight, eps):
 
 # ----------------------------------------------------------------------------- ONNX translations
 def _rotary_ort(x, cos, sin, num_heads):
-    # Per-token tables as the op's "cache": row b*S + s belongs to token (b, s).
-    shape = op.Shape(x)
+    # Per-token tables as the op's "cache": row b*S + s belongs to token (b, s). The token index comes from the
+    # tables' shape, not x's: every rotary node of a graph then computes it from the same tensor and the
+    # optimizers merge those subgraphs into one (from x's shape, q and k of every layer each built their own).
+    shape = op.Shape(cos)
     tokens = op.Mul(op.Slice(shape, [0], [1]), op.Slice(shape, [1], [2]))
     position_ids = op.Reshape(op.Range(op.Constant(value_int=0), op.Squeeze(tokens, [0]), op.Constant(value_int=1)),
                               op.Slice(shape, [0], [2]))
@@ -294,6 +297,16 @@ def _concat_standard(q, k, v, bias, past_key, past_value, num_heads, kv_heads, s
     return _from_heads(y), present_k, present_v
 
 
+def _rms_norm_ort(x, weight, eps):
+    # x / sqrt(mean(x^2) + eps) * weight in float32: the pattern onnxruntime fuses into one
+    # SimplifiedLayerNormalization kernel when it loads the graph. torch traces rsqrt as Sqrt + Reciprocal + Mul,
+    # which it does not fuse (seven nodes per norm, 57 norms in the 2B's decoder).
+    xf = op.Cast(x, to=onnx.TensorProto.FLOAT)
+    variance = op.ReduceMean(op.Pow(xf, op.Constant(value_float=2.0)), op.Constant(value_ints=[-1]), keepdims=1)
+    normed = op.Div(xf, op.Sqrt(op.Add(variance, op.Constant(value_float=eps))))
+    return op.Mul(weight, op.CastLike(normed, x))
+
+
 def _rms_norm_standard(x, weight, eps):
     return op23.RMSNormalization(x, weight, axis=-1, epsilon=eps, stash_type=1)
 
@@ -311,7 +324,7 @@ class Ops:
     window_attention: Callable
     attention_in_place: Callable | None
     attention_concat: Callable | None
-    rms_norm: Callable | None        # None: the checkpoint's own RMSNorm module, traced as it is
+    rms_norm: Callable
 
 
 FUSED = Ops(rotary, attention, window_attention, attention_in_place, attention_concat, rms_norm)
@@ -330,7 +343,8 @@ def translations(variant: str) -> dict:
     ops = torch.ops.edgevl
     if variant == "ort":
         return {ops.rotary.default: _rotary_ort, ops.attention.default: _attention_ort,
-                ops.window_attention.default: _window_ort, ops.attention_in_place.default: _in_place_ort}
+                ops.window_attention.default: _window_ort, ops.attention_in_place.default: _in_place_ort,
+                ops.rms_norm.default: _rms_norm_ort}
     if variant == "standard":
         return {ops.rotary.default: _rotary_standard, ops.attention.default: _attention_standard,
                 ops.window_attention.default: _window_standard, ops.attention_concat.default: _concat_standard,
