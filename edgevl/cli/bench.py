@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", metavar="NAME",
                    help="also measure a random-weight model of a real architecture (e.g. qwen2-vl-2b, "
                         "qwen2-vl-2b-l4), built and exported once under ~/.cache/edgevl/presets/NAME "
-                        "($EDGEVL_CACHE); random weights make text meaningless but latency real")
+                        "($EDGEVL_CACHE; exported again when edgevl's exporter has changed since); random "
+                        "weights make text meaningless but latency real")
     p.add_argument("--image", action="extend", nargs="+", default=[], metavar="PATH",
                    help="image file(s); each is a separate sweep point with one image in the prompt")
     p.add_argument("--image-size", action="extend", nargs="+", default=[], metavar="WxH",
