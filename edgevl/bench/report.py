@@ -197,6 +197,11 @@ def render_table(headers: list[str], lines: list[list[str]], markdown: bool = Fa
     return "\n".join([fmt_line(headers), "  ".join("-" * w for w in widths), *map(fmt_line, lines)]).rstrip()
 
 
+def _streams(b: dict) -> str:
+    """The multi-stream read figure, when the report has one (reports of older edgevls do not)."""
+    return f" {b['read_streams_bytes_per_s'] / 1e9:.1f} (as streams)" if "read_streams_bytes_per_s" in b else ""
+
+
 def header_lines(report: dict) -> list[str]:
     m, bw, s = report["machine"], report["bandwidth"], report["settings"]
     gpus = ", ".join(g["name"] for g in m["gpus"]) or "no GPU"
@@ -207,7 +212,8 @@ def header_lines(report: dict) -> list[str]:
     lines = [f"machine: {m['cpu_model']}, {m['logical_cores']} logical cores, {ram}, {gpus}; {versions}",
              "memory bandwidth (measured here, start / end of the run): " + " / ".join(
                  f"read {b['read_1thread_bytes_per_s'] / 1e9:.1f} (1 thread) {b['read_all_threads_bytes_per_s'] / 1e9:.1f}"
-                 f" ({b['threads']} threads), copy {b['copy_bytes_per_s'] / 1e9:.1f}" for b in (bw["start"], bw["end"]))
+                 f" ({b['threads']} threads)" + _streams(b) + f", copy {b['copy_bytes_per_s'] / 1e9:.1f}"
+                 for b in (bw["start"], bw["end"]))
              + f" GB/s; the roofline uses the best, {bw['bytes_per_s'] / 1e9:.1f} GB/s — {bw['start']['method']}",
              f"runs: {s['runs']} measured after {s['warmup']} warm-up"
              + ("; edgevl and transformers runs interleaved" if s.get("interleave") else "")
