@@ -77,6 +77,13 @@ def test_roofline_arithmetic():
     assert stats.bandwidth(1e9, 0.05) == 2e10 and stats.bandwidth(1, 0) == math.inf
 
 
+def test_the_four_stream_read_reads_every_pair_of_sub_chunks():
+    from edgevl.bench.machine import STREAMS, _read_as_streams
+    chunk = np.arange(4 * 1000, dtype=np.float64)
+    parts = np.array_split(chunk, STREAMS)
+    assert _read_as_streams(chunk) == float(parts[0] @ parts[1] + parts[2] @ parts[3])
+
+
 # ----------------------------------------------------------------------------- pieces
 @pytest.fixture(scope="module")
 def tiny_2_5_dir(tmp_path_factory):
@@ -274,6 +281,10 @@ def test_bench_with_reference_on_the_tiny_model(tiny_artifact, tmp_path, capsys)
     assert {"edgevl", "numpy", "onnxruntime", "torch", "transformers"} <= set(m["versions"])
     bw = report["bandwidth"]
     assert bw["bytes_per_s"] == max(bw["start"]["best_bytes_per_s"], bw["end"]["best_bytes_per_s"]) > 1e8
+    for probe in (bw["start"], bw["end"]):     # the best of the one-stream sums, the four-stream read and the copy
+        reads = [probe[k] for k in ("read_1thread_bytes_per_s", "read_all_threads_bytes_per_s",
+                                    "read_streams_bytes_per_s")]
+        assert min(reads) > 0 and probe["best_bytes_per_s"] == max(*reads, probe["copy_bytes_per_s"])
     assert len(report["rows"]) == 2
     for row in report["rows"]:
         assert len(row["artifact"]["manifest_sha256"]) == 64 and row["artifact"]["dtype"] == "fp32"
