@@ -216,6 +216,34 @@ def test_fp16_keeps_range_overflow_nodes_fp32(tiny_artifact, tmp_path):
     assert ops["LayerNormalization"] == {"fp32": 5} and ops["Gemm"].get("fp32", 0) >= 1
 
 
+def _prefill_logits(folder, embeds: np.ndarray) -> np.ndarray:
+    """The decoder's logits for one row of `embeds` [1, S, H], straight through onnxruntime (in-place cache)."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(folder / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    float_type = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
+    seq = embeds.shape[1]
+    feed = {"inputs_embeds": embeds, "position_ids": np.broadcast_to(np.arange(seq), (3, 1, seq)).copy(),
+            "seqlens_k": np.array([seq - 1], np.int32), "total_sequence_length": np.array(seq, np.int32)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feed[i.name] = np.zeros((1, i.shape[1], 16, i.shape[3]), float_type[i.type])
+        elif i.name == "inputs_embeds":
+            feed[i.name] = embeds.astype(float_type[i.type])
+    return sess.run(["logits"], feed)[0][0].astype(np.float64)
+
+
+def test_fp16_norms_survive_hidden_states_past_fp16s_square_range(quantized, tiny_artifact):
+    """Real checkpoints carry outlier activations of hundreds to thousands, whose squares overflow fp16 (65504):
+    an fp16 artifact's RMSNorms must square in float32 (the norm pattern stays fp32 in the converted graph, and
+    onnxruntime fuses it into SimplifiedLayerNormalization, float32 inside), or these rows turn into garbage."""
+    from edgevl.artifact import load_artifact
+    hidden = load_artifact(tiny_artifact).config.hidden_size
+    embeds = np.random.default_rng(0).standard_normal((1, 3, hidden)).astype(np.float32) * 1000   # |x| up to ~3000
+    fp32, fp16 = _prefill_logits(tiny_artifact, embeds), _prefill_logits(quantized["fp16"][0], embeds)
+    assert np.isfinite(fp16).all()
+    assert fp16 @ fp32 / (np.linalg.norm(fp16) * np.linalg.norm(fp32)) > 0.999
+
+
 def test_user_errors(tiny_artifact, quantized, tmp_path):
     with pytest.raises(EdgevlError, match="does not exist"):
         quantize(tiny_artifact, tmp_path / "a", "int8", calib=str(tmp_path / "nope"))
