@@ -13,7 +13,8 @@ What the numbers answer (the notes on issues 11, 13 and 15 quote them):
              transposed ([D, T]).
 
 Each cell is the median of --reps runs after 2 warm-ups, --threads intra-op threads; "floor" is the bytes
-read over --bandwidth (default 43 GB/s, what `edgevl bench` measured on the AMD EPYC VM these notes name).
+read over --bandwidth (default 43 GB/s: the one-stream figure `edgevl bench` measured on the AMD EPYC VM
+these notes name; its probe now also reads four streams per thread and gets ~50 GB/s there).
 """
 
 from __future__ import annotations

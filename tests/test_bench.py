@@ -251,10 +251,13 @@ def test_preset_is_built_once_and_reused(tiny_artifact, tmp_path, monkeypatch):
     quantized, images = first.parent / "export-w4a16", first.parent / "vision-scaling-images"
     shutil.copytree(first, quantized)
     images.mkdir()
+    other_dtype = first.parent / "export-fp16"                 # another dtype's export, current: kept
+    shutil.copytree(first, other_dtype)
+    shutil.copy(first.parent / "export-fp32.exporter", first.parent / "export-fp16.exporter")
     (first.parent / "export-fp32.exporter").write_text("0123456789abcdef\n")
     said = []
     assert ensure_preset("tiny", log=said.append) == first and (first / "manifest.json").exists()
-    assert calls[2:] == [("export", "fp32")] and not quantized.exists() and images.is_dir()
+    assert calls[2:] == [("export", "fp32")] and not quantized.exists() and images.is_dir() and other_dtype.is_dir()
     assert said[0] == ("the cached tiny export was made by other exporter code: exporting again (removed "
                        "export-w4a16, made from it)")
     assert ensure_preset("tiny", log=lambda msg: None) == first and len(calls) == 3

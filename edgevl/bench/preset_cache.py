@@ -53,10 +53,12 @@ def _current(export_dir: Path) -> bool:
 
 
 def _remove_derived(base: Path, keep: Path) -> list[str]:
-    """Delete the preset's artifact folders other than `keep` (quantized from a stale export); their names."""
+    """Delete the preset's artifact folders, made from a stale export, except `keep` and any export that is
+    current (another dtype's, stamped by this exporter); their names."""
     gone = []
     for folder in sorted(base.iterdir()):
-        if folder != keep and folder.is_dir() and folder.name.startswith(("export-", "quantize-bench-")):
+        if (folder != keep and folder.is_dir() and folder.name.startswith(("export-", "quantize-bench-"))
+                and not _current(folder)):
             shutil.rmtree(folder)
             _stamp(folder).unlink(missing_ok=True)
             gone.append(folder.name)
