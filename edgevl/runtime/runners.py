@@ -201,11 +201,11 @@ def share_thread_pool(threads: int = 0) -> bool:
     return True
 
 
-def session_options(threads: int = 0, prepack: bool = True, optimization_level: str = "all", arena: bool = True):
+def session_options(threads: int = 0, prepack: bool = True, optimization_level: str = "all"):
     """onnxruntime.SessionOptions as edgevl makes every session: `threads` intra-op threads (0 = ORT's
     default; after share_thread_pool(), the process's one pool instead), errors-only logging, optional weight
-    pre-packing, the graph optimization level, and whether CPU tensors come from onnxruntime's memory arena
-    (off: from malloc, returned after each call)."""
+    pre-packing and the graph optimization level. CPU tensors come from onnxruntime's memory arena (a runner
+    may shrink it after a call: OnnxrtRunner's shrink_on_new_shapes)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -213,7 +213,6 @@ def session_options(threads: int = 0, prepack: bool = True, optimization_level: 
         options.intra_op_num_threads = threads
     else:                       # share_thread_pool() sized the one pool; sessions cannot have their own
         options.use_per_session_threads = False
-    options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3  # errors only: the function-inlining notices are noise to users
     if not prepack:
         # CPU kernels re-pack weights when a session is created (2b-l4 decoder: ~2 s); skipping it
@@ -234,12 +233,11 @@ class SessionFromOnnx:
 
     def __init__(self, path: str | os.PathLike, providers=("CPUExecutionProvider",), intra_op_threads: int = 0,
                  optimization_level: str = "all", prepack: bool = True, disabled_optimizers: tuple[str, ...] = (),
-                 arena: bool = True, transform: Callable | None = None):
+                 transform: Callable | None = None):
         self.path = Path(path)
         # transform(ModelProto) -> None edits the graph (not its weights) before the session is made: the
         # file on disk is not changed, its external weights are memory-mapped and handed over as they are.
         self.transform = transform
-        self.arena = arena
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
         self.optimization_level = optimization_level
@@ -249,7 +247,7 @@ class SessionFromOnnx:
     def __call__(self):
         import onnxruntime as ort
 
-        options = session_options(self.intra_op_threads, self.prepack, self.optimization_level, self.arena)
+        options = session_options(self.intra_op_threads, self.prepack, self.optimization_level)
         missing = [p for p in provider_names(self.providers) if p not in ort.get_available_providers()]
         if missing:
             raise EdgevlError(f"onnxruntime {ort.__version__} here has no {', '.join(missing)} "
