@@ -219,17 +219,18 @@ def test_fp16_keeps_range_overflow_nodes_fp32(tiny_artifact, tmp_path):
 def _prefill_logits(folder, embeds: np.ndarray) -> np.ndarray:
     """The decoder's logits for one row of `embeds` [1, S, H], straight through onnxruntime (in-place cache)."""
     import onnxruntime as ort
+
+    from edgevl.artifact import names
     sess = ort.InferenceSession(str(folder / "decoder.onnx"), providers=["CPUExecutionProvider"])
-    float_type = {"tensor(float16)": np.float16, "tensor(float)": np.float32}
+    types = {i.name: {"tensor(float16)": np.float16, "tensor(float)": np.float32}.get(i.type) for i in sess.get_inputs()}
     seq = embeds.shape[1]
-    feed = {"inputs_embeds": embeds, "position_ids": np.broadcast_to(np.arange(seq), (3, 1, seq)).copy(),
-            "seqlens_k": np.array([seq - 1], np.int32), "total_sequence_length": np.array(seq, np.int32)}
+    feed = {names.INPUTS_EMBEDS: embeds.astype(types[names.INPUTS_EMBEDS]),
+            names.POSITION_IDS: np.broadcast_to(np.arange(seq), (3, 1, seq)).copy(),
+            names.SEQLENS_K: np.array([seq - 1], np.int32), names.TOTAL_SEQUENCE_LENGTH: np.array(seq, np.int32)}
     for i in sess.get_inputs():
-        if i.name.startswith("past_key_values"):
-            feed[i.name] = np.zeros((1, i.shape[1], 16, i.shape[3]), float_type[i.type])
-        elif i.name == "inputs_embeds":
-            feed[i.name] = embeds.astype(float_type[i.type])
-    return sess.run(["logits"], feed)[0][0].astype(np.float64)
+        if i.name not in feed:                                                  # the KV cache buffers
+            feed[i.name] = np.zeros((1, i.shape[1], 16, i.shape[3]), types[i.name])
+    return sess.run([names.LOGITS], feed)[0][0].astype(np.float64)
 
 
 def test_fp16_norms_survive_hidden_states_past_fp16s_square_range(quantized, tiny_artifact):
