@@ -4,6 +4,7 @@ user gets when a peer is not set up. The peers themselves run in the benchmark, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -124,6 +125,22 @@ def test_openvino_driver_output_is_parsed_into_ttft_and_decode():
         openvino.parse_result("Traceback (most recent call last):\n")
 
 
+def test_openvino_driver_turns_the_pipelines_prefix_cache_off():
+    """VLMPipeline's CPU default reuses the previous generate()'s KV cache for a matching prefix: every
+    benchmark run after the first would skip its prefill. The driver passes a scheduler config without it."""
+    spec = importlib.util.spec_from_file_location("openvino_driver", openvino.DRIVER)
+    openvino_driver = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(openvino_driver)
+    genai = types.SimpleNamespace(SchedulerConfig=lambda: types.SimpleNamespace(
+        max_num_batched_tokens=256, enable_prefix_caching=True))
+    props = openvino_driver.pipeline_properties(genai, {"properties": {"KV_CACHE_PRECISION": "f32"},
+                                                        "prefix_caching": False})
+    scheduler = props.pop("scheduler_config")
+    assert props == {"KV_CACHE_PRECISION": "f32"}
+    assert scheduler.enable_prefix_caching is False and scheduler.max_num_batched_tokens == sys.maxsize
+    assert "scheduler_config" not in openvino_driver.pipeline_properties(genai, {"prefix_caching": True})
+
+
 def test_openvino_variants_requests_and_export_command(tmp_path):
     hints = {v["hint"]: v["properties"] for v in openvino.variants("int8")}
     assert hints == {"default": {}, "f32": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}}
@@ -132,6 +149,7 @@ def test_openvino_variants_requests_and_export_command(tmp_path):
     req = openvino.request(Path("m"), f32, Path("i.png"), "Describe.", 32, runs=5, warmup=1, threads=2)
     assert req["properties"] == {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", "INFERENCE_NUM_THREADS": 2}
     assert (req["new_tokens"], req["runs"], req["warmup"], req["prompt"]) == (32, 5, 1, "Describe.")
+    assert req["prefix_caching"] is False and f32["settings"]["prefix_caching"].startswith("off")
     assert "INFERENCE_NUM_THREADS" not in openvino.request(Path("m"), f32, Path("i"), "p", 2, 1, 0)["properties"]
     cmd = list(map(str, openvino.export_command(fake_setup(tmp_path, "openvino"), Path("src"), Path("out"), "int4")))
     assert cmd == ["/peer/optimum_cli", "export", "openvino", "--model", "src", "--task", "image-text-to-text",
