@@ -2,6 +2,8 @@
 
     python benchmarks/kernel_probe.py matmul      # 4-bit MatMulNBits vs int8 DynamicQuantizeMatMul, 1..289 rows
     python benchmarks/kernel_probe.py attention   # one decode step's attention over a 16k fp32 cache, 28 layers
+    python benchmarks/kernel_probe.py blocks      # 4-bit MatMulNBits' block size: 1 row and 289 rows
+    python benchmarks/kernel_probe.py dtypes      # which float types the CPU EP's MatMul runs, and how fast
 
 What the numbers answer (the notes on issues 11, 13 and 15 quote them):
   matmul     how a weight-only 4-bit matmul's cost grows with the rows it multiplies (1 row: a decode step;
@@ -11,6 +13,10 @@ What the numbers answer (the notes on issues 11, 13 and 15 quote them):
              that onnxruntime's ops allow, against reading the cache once: GroupQueryAttention itself, and
              standard MatMul / Softmax with the keys as the streamed operand and the values as is or stored
              transposed ([D, T]).
+  blocks     what `edgevl quantize --block-size` buys: the same 40 matrices as 4-bit blocks of 32..512 (with
+             zero points, int8 compute as the w4a16 recipe builds them), at 1 row and at 289 rows.
+  dtypes     whether onnxruntime's CPU EP has a MatMul for bfloat16 and float16 (a bf16 recipe needs one) and
+             the rate of those it has, on the vision MLP's [1024, 1280] x [1280, 5120].
 
 Each cell is the median of --reps runs after 2 warm-ups, --threads intra-op threads; "floor" is the bytes
 read over --bandwidth (default 43 GB/s: the one-stream figure `edgevl bench` measured on the AMD EPYC VM
@@ -50,11 +56,11 @@ def median_ms(sess, feed: dict, reps: int) -> float:
     return float(np.median(times)) * 1e3
 
 
-def matmul_graph(kind: str, rng, block: int = 128):
+def matmul_graph(kind: str, rng, block: int = 128, matrices: int = MATRICES):
     """MATRICES independent matmuls of one input A [M, K]: 4-bit MatMulNBits (int8 compute) or int8 weights."""
     from onnx import TensorProto, helper, numpy_helper
     nodes, weights, outputs = [], [], []
-    for i in range(MATRICES):
+    for i in range(matrices):
         if kind == "int4":
             blocks = K // block
             weights += [numpy_helper.from_array(rng.integers(0, 256, (N, blocks, block // 2), dtype=np.uint8), f"B{i}"),
@@ -85,6 +91,42 @@ def probe_matmul(args) -> None:
         floor = MATRICES * K * N * bytes_per_weight[kind] / args.bandwidth * 1e3
         print(f"  {kind} (floor {floor:.2f} ms): " + ", ".join(f"M={m} {c:.2f} ({c / base:.2f}x)"
                                                               for m, c in zip(rows, cells)), flush=True)
+
+
+def probe_blocks(args) -> None:
+    rng = np.random.default_rng(0)
+    print(f"{MATRICES} matrices [{K}, {N}] as 4-bit MatMulNBits (zero points, accuracy_level 4), {args.threads} "
+          f"threads; ms per call, GB/s of weights read at 1 row, GFLOP/s at 289 rows")
+    for block in (32, 64, 128, 256, 512):
+        sess = session(matmul_graph("int4", rng, block), args.threads)
+        one = median_ms(sess, {"A": rng.standard_normal((1, K)).astype(np.float32)}, args.reps)
+        many = median_ms(sess, {"A": rng.standard_normal((289, K)).astype(np.float32)}, max(3, args.reps // 5))
+        weight_bytes = MATRICES * K * N * (0.5 + 4 / block + 0.5 / block)
+        print(f"  block {block:>3}: M=1 {one:.2f} ms ({weight_bytes / one / 1e6:.1f} GB/s), "
+              f"M=289 {many:.1f} ms ({MATRICES * 2 * 289 * K * N / many / 1e6:.0f} GFLOP/s)", flush=True)
+        del sess
+
+
+def probe_dtypes(args) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    m, k, n = 1024, 1280, 5120
+    print(f"onnxruntime CPU MatMul [{m}, {k}] x [{k}, {n}] (weights constant), {args.threads} threads")
+    for name, proto, dtype in (("float32", TensorProto.FLOAT, np.float32), ("float16", TensorProto.FLOAT16, np.float16),
+                               ("bfloat16", TensorProto.BFLOAT16, None)):
+        w = rng.standard_normal((k, n)).astype(np.float32)
+        weight = numpy_helper.from_array(w.astype(dtype), "W") if dtype else \
+            helper.make_tensor("W", proto, [k, n], (w.view(np.uint32) >> 16).astype(np.uint16).tobytes(), raw=True)
+        graph = helper.make_graph([helper.make_node("MatMul", ["A", "W"], ["Y"])], name,
+                                  [helper.make_tensor_value_info("A", proto, [m, k])],
+                                  [helper.make_tensor_value_info("Y", proto, [m, n])], [weight])
+        try:
+            sess = session(graph, args.threads)
+        except Exception as e:     # onnxruntime's NOT_IMPLEMENTED: no kernel for this type on this EP
+            print(f"  {name}: no kernel ({str(e).splitlines()[0][:120]})")
+            continue
+        ms = median_ms(sess, {"A": rng.standard_normal((m, k)).astype(dtype)}, args.reps)
+        print(f"  {name}: {ms:.1f} ms ({2 * m * k * n / ms / 1e6:.0f} GFLOP/s)", flush=True)
 
 
 def attention_graphs(tokens: int):
@@ -168,13 +210,13 @@ def probe_attention(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=["matmul", "attention"])
+    ap.add_argument("probe", choices=["matmul", "attention", "blocks", "dtypes"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--context", type=int, default=16384, help="attention: cache positions")
     ap.add_argument("--bandwidth", type=float, default=43e9, help="bytes/s for the floors")
     args = ap.parse_args(argv)
-    (probe_matmul if args.probe == "matmul" else probe_attention)(args)
+    {"matmul": probe_matmul, "attention": probe_attention, "blocks": probe_blocks, "dtypes": probe_dtypes}[args.probe](args)
     return 0
 
 
