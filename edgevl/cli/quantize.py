@@ -76,7 +76,8 @@ def add_parser(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=8, metavar="N",
                    help="greedy tokens generated per held-out sample for agreement and latency (default: 8)")
     p.add_argument("--block-size", type=int, default=128, metavar="B",
-                   help="w4a16: weight rows per 4-bit scale, a power of two >= 16 (default: 128)")
+                   help="w4a16: weight rows per 4-bit scale, a power of two >= 16 (default: 128; 256 makes a "
+                        "CPU prefill ~13%% faster for a coarser quantization: benchmarks/kernel_probe.py blocks)")
     p.add_argument("--w4-algorithm", choices=W4_ALGORITHMS, default="rtn",
                    help="w4a16: round-to-nearest (default), HQQ (needs torch), GPTQ (uses the calibration data; "
                         "refused where onnxruntime's GPTQ gives the same weights as rtn, as in 1.32) or AWQ "
