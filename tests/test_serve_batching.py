@@ -242,3 +242,21 @@ def test_metrics_count_what_happened(slow_pipeline):
         assert m[("edgevl_decode_step_rows_count", ())] == completion - 3   # alone: one step per later token
         assert m[("edgevl_generation_tokens_per_second", ())] > 0
         assert m[("edgevl_queue_length", ())] == 0 and m[("edgevl_batch_rows", ())] == 0
+
+
+def test_prefix_cache_reports_the_reused_tokens_of_a_resent_conversation(pipeline, photos):
+    """`--prefix-cache`: a chat resending its history (image included) reuses the cached positions and says how
+    many in usage.prompt_tokens_details.cached_tokens, as OpenAI's API does; without it the field is 0."""
+    first = body("What is in this picture?", photos["coffee"], max_tokens=6)
+    with serve(pipeline, max_batch=2, max_queue=2, prefix_cache=True) as base:
+        one = complete(base, first)
+        history = [*first["messages"], {"role": "assistant", "content": one["choices"][0]["message"]["content"]},
+                   {"role": "user", "content": "And the colour?"}]
+        two = complete(base, {**first, "messages": history})
+        assert value(base, "edgevl_prompt_tokens_cached_total") == two["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert one["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert two["usage"]["prompt_tokens_details"]["cached_tokens"] >= one["usage"]["prompt_tokens"]
+    with serve(pipeline, max_batch=2, max_queue=2) as base:
+        fresh = complete(base, {**first, "messages": history})
+    assert fresh["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert fresh["choices"][0]["message"]["content"] == two["choices"][0]["message"]["content"]

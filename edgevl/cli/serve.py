@@ -48,6 +48,13 @@ def add_parser(sub) -> None:
                         help=f"while other requests decode, a joining prompt is prefilled N tokens per decode step "
                              f"(an even number: N-1 for an odd N), so a long prompt does not stall them (default: "
                              f"{DEFAULT_PREFILL_CHUNK})")
+    limits.add_argument("--prefix-cache", action="store_true",
+                        help="keep each finished request's KV cache in its row: a later request that starts with "
+                             "the same tokens and images (a chat resending its history) prefills only the rest "
+                             "and skips those images' vision calls (usage.prompt_tokens_details.cached_tokens). "
+                             "Needs an `--variant ort` export. Off by default: the reused positions can differ in the "
+                             "last bits from a fresh prefill's (int8 artifacts: the new positions quantize with "
+                             "other activation scales), so tokens can differ from the request's own run")
     add_backend_flags(p, max_batch=DEFAULT_MAX_BATCH)
     p.set_defaults(func=run)
 
@@ -77,7 +84,8 @@ def run(args) -> int:
     limits = ServerLimits(max_request_bytes=int(args.max_request_mb * mib), max_image_pixels=args.max_image_pixels,
                           allow_local_files=args.allow_local_files, max_video_bytes=int(args.max_video_mb * mib),
                           max_video_frames=args.max_video_frames, max_batch=args.max_batch,
-                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                          prefix_cache=args.prefix_cache)
     if not _is_loopback(args.host):
         print(f"warning: binding to {args.host} exposes the server beyond this machine; it has no "
               f"authentication.", file=sys.stderr)
@@ -88,8 +96,9 @@ def run(args) -> int:
         batching = "one request at a time (a --variant standard decoder; a --variant ort export batches requests)"
     else:
         batching = "one request at a time"
+    cache = ", prefix cache on" if limits.prefix_cache else ""
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (backend {pipe.backend.name}; {batching}, "
-          f"{limits.max_queue} more queued)", file=sys.stderr)
+          f"{limits.max_queue} more queued{cache})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -18,7 +18,13 @@ Each step of the loop (`BatchScheduler.step`):
      its length (the position is overwritten when it is really written), so rows never move and nothing is
      copied.
 
-A request's tokens are those it gets alone: its prefill is its own batch-1 calls on its row, the decoder treats
+With `prefix_cache` a finished request's row keeps its KV cache (prefix_cache.py): a later request whose prompt
+starts the same way (a chat resending its history with the same images) takes that row, skips the vision calls
+and the prefill of the shared positions, and reports them as `cached_tokens`. Off by default: the kept
+positions were computed by other calls (decode steps, other chunks) than a fresh prefill would make, so
+logits can differ in the last bits from the request's own run (as with the CLI chat's reuse).
+
+A request's tokens are those it gets alone (without `prefix_cache`): its prefill is its own batch-1 calls on its row, the decoder treats
 the rows of a batch independently (on onnxruntime's CPU EP a row's logits are bit-identical at any even batch
 size and any even chunking, fp32 at any size; the tests and the benchmark check it), and it samples with its
 own `SamplingOptions` (its own numpy Generator, seeded per request). Stop strings and streaming are per request
@@ -61,6 +67,7 @@ from edgevl.runtime.jobs import (
 )
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.pipeline import Result
+from edgevl.runtime.prefix_cache import RowPrefixes, cached_vision, prompt_key
 from edgevl.runtime.prompt import StreamDecoder
 from edgevl.runtime.runners import to_host
 from edgevl.runtime.sampling import SamplingOptions, next_tokens
@@ -121,6 +128,7 @@ class Sequence:
     context: np.ndarray                             # [S + max_new_tokens]: prompt ids, then generated ids
     vision: list = field(default_factory=list)      # vision_calls still to run
     vision_out: dict = field(default_factory=dict)  # kind -> per image/video, its calls' embeddings
+    key: np.ndarray | None = None                   # prefix_cache.prompt_key of the prompt (with prefix_cache)
     embeds: np.ndarray | None = None                # [S, H] once vision is done
     position_ids: np.ndarray | None = None          # [3, 1, S]
     rope_deltas: np.ndarray | None = None           # [1, 1]
@@ -144,7 +152,8 @@ class BatchScheduler(SchedulerBase):
     """
 
     def __init__(self, pipe, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, observer: Observer | None = None, start: bool = True):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, observer: Observer | None = None, start: bool = True,
+                 prefix_cache: bool = False):
         if pipe.decoder_spec.kv_cache != names.IN_PLACE:
             raise EdgevlError("continuous batching needs the in-place decoder of an `--variant ort` export; this "
                               "artifact's decoder grows a concat cache (use the FIFO server for it).")
@@ -158,6 +167,7 @@ class BatchScheduler(SchedulerBase):
         rows = max_batch if max_batch == 1 else _even(max_batch, up=True)
         self.cache = make_cache(names.IN_PLACE, pipe.decoder, pipe.config, rows, pipe.max_context, pipe.dtype)
         self.rows: list[Sequence | None] = [None] * max_batch
+        self.prefixes = RowPrefixes(max_batch) if prefix_cache else None
         self.waiting: deque = deque()               # (job, prompt), prepared, oldest first
         self.jobs: set[Job] = set()                 # accepted and not finished
         self.lock = threading.Condition()
@@ -202,10 +212,11 @@ class BatchScheduler(SchedulerBase):
         try:
             prompt = job.prepare()
             self.pipe.check_context(len(prompt.input_ids))
+            key = self._vision_args(prompt_key, prompt) if self.prefixes else None
         except BaseException as e:  # noqa: BLE001 - the request's own failure, told to its client
             return self._end(job, error=e, outcome="failed")
         with self.lock:
-            self.waiting.append((job, prompt))
+            self.waiting.append((job, prompt, key))
             self.lock.notify_all()
 
     # -- the scheduler thread
@@ -247,31 +258,45 @@ class BatchScheduler(SchedulerBase):
     def _admit(self) -> None:
         with self.lock:
             while self.waiting and None in self.rows:
-                job, prompt = self.waiting.popleft()
+                job, prompt, key = self.waiting.popleft()
                 if job.cancelled:
                     self._end(job, error=RequestCancelled(), outcome="cancelled")
                     continue
-                row = self.rows.index(None)
+                free = [r for r, s in enumerate(self.rows) if s is None]
+                row, keep = self.prefixes.best(free, key) if self.prefixes else (free[0], 0)
                 try:
-                    self.rows[row] = self._sequence(job, prompt, row)
+                    self.rows[row] = self._sequence(job, prompt, row, keep, key)
                 except Exception as e:  # noqa: BLE001 - invalid sampling values: the request's failure
                     self._end(job, error=e, outcome="failed")
             self._report()
 
-    def _sequence(self, job: Job, prompt, row: int) -> Sequence:
+    def _sequence(self, job: Job, prompt, row: int, keep: int = 0, key: np.ndarray | None = None) -> Sequence:
+        """The job on `row`, whose first `keep` positions already hold its prompt's KV (prefix_cache)."""
         opts = self.pipe.sampling_options(**job.sampling)
         length = len(prompt.input_ids)
         max_new = max(1, min(job.max_new_tokens, self.pipe.max_context - length))
         context = np.zeros(length + max_new, np.int64)
         context[:length] = prompt.input_ids
-        self.cache.lengths[row] = 0
-        calls = vision_calls(prompt)
+        self.cache.lengths[row] = keep
         out = {"image": [[] for _ in prompt.grids], "video": [[] for _ in prompt.video_grids]}
+        cached = self._vision_args(cached_vision, prompt, keep) if keep else set()
+        for kind, index in cached:      # in the cache already: zeros stand in for rows no call will read
+            grid = (prompt.grids if kind == "image" else prompt.video_grids)[index]
+            out[kind][index] = [np.zeros((int(np.prod(grid)) // self.pipe.image_settings.merge_size ** 2,
+                                          self.pipe.config.hidden_size), np.float32)]
+        calls = [c for c in vision_calls(prompt) if (c[0], c[1]) not in cached]
         now = time.perf_counter()
         seq = Sequence(job, row, prompt, opts, StreamDecoder(self.pipe.tokenizer, tuple(job.stop)), max_new,
-                       context, calls, out, joined=now)
-        seq.timings["queue_s"] = now - job.submitted
+                       context, calls, out, key=key, prefilled=keep, joined=now)
+        seq.timings["queue_s"], seq.timings["cached_tokens"] = now - job.submitted, keep
+        if keep:
+            self.observer.cached_tokens(keep)
         return seq
+
+    def _vision_args(self, fn, prompt, *args):
+        """fn(prompt, *args, image_token_id, video_token_id, merge) for this model (prefix_cache helpers)."""
+        cfg = self.pipe.config
+        return fn(prompt, *args, cfg.image_token_id, cfg.video_token_id, self.pipe.image_settings.merge_size)
 
     def _guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
         """Run `work`; if it raises, the rows it was for end with that error (the others go on)."""
@@ -372,11 +397,18 @@ class BatchScheduler(SchedulerBase):
         self._release(seq, result=result, outcome="completed")
 
     def _release(self, seq: Sequence, result=None, error: BaseException | None = None, outcome: str = "") -> None:
-        """Free the row (its positions are simply overwritten by the next job) and end the job."""
+        """Free the row and end the job. Its positions are overwritten by the next job on the row; with
+        prefix_cache a completed job's row keeps its length and remembers what its cache holds."""
         with self.lock:
             if self.rows[seq.row] is seq:
                 self.rows[seq.row] = None
-                self.cache.lengths[seq.row] = 0
+                if self.prefixes is not None and error is None:
+                    held = int(self.cache.lengths[seq.row])     # prompt + every generated token fed back
+                    self.prefixes.remember(seq.row, np.concatenate([seq.key, seq.tokens])[:held])
+                else:
+                    self.cache.lengths[seq.row] = 0
+                    if self.prefixes is not None:
+                        self.prefixes.forget(seq.row)
         self._end(seq.job, result, error, outcome, len(seq.tokens))
 
     def _end(self, job: Job, result=None, error: BaseException | None = None, outcome: str = "",
@@ -397,9 +429,13 @@ def _even(n: int, up: bool = False) -> int:
 
 
 def make_scheduler(pipe, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
-                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, observer: Observer | None = None):
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, observer: Observer | None = None,
+                   prefix_cache: bool = False):
     """BatchScheduler for a pipeline with the in-place decoder; SerialScheduler (FIFO) for anything else."""
     spec = getattr(pipe, "decoder_spec", None)
     if spec is not None and spec.kv_cache == names.IN_PLACE:
-        return BatchScheduler(pipe, max_batch, max_queue, prefill_chunk, observer)
+        return BatchScheduler(pipe, max_batch, max_queue, prefill_chunk, observer, prefix_cache=prefix_cache)
+    if prefix_cache:
+        raise EdgevlError("--prefix-cache keeps KV rows of the in-place decoder of an `--variant ort` export; this "
+                          "artifact's decoder grows a concat cache.")
     return SerialScheduler(pipe, max_queue, observer)

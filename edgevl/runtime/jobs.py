@@ -64,6 +64,7 @@ class Observer:
     def batch_rows(self, rows: int) -> None: ...                           # jobs holding a row
     def decode_step(self, rows: int, seconds: float) -> None: ...          # rows decoded together, the step's time
     def tokens(self, count: int) -> None: ...                              # tokens generated
+    def cached_tokens(self, count: int) -> None: ...                       # prompt tokens taken from a row's cache
     def first_token(self, seconds: float) -> None: ...                     # submit -> first token
     def token_gap(self, seconds: float) -> None: ...                       # between two tokens of one job
     def finished(self, outcome: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None: ...

@@ -44,7 +44,8 @@ DISCONNECT_POLL_S = 0.25       # how often a non-streaming request checks that i
 # ----------------------------------------------------------------------------- app
 def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> FastAPI:
     metrics = ServerMetrics(limits.max_batch)
-    scheduler = make_scheduler(pipe, limits.max_batch, limits.max_queue, limits.prefill_chunk, metrics)
+    scheduler = make_scheduler(pipe, limits.max_batch, limits.max_queue, limits.prefill_chunk, metrics,
+                               limits.prefix_cache)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -182,7 +183,8 @@ def completion_body(completion_id: str, model: str, result) -> dict:
         "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                      "finish_reason": "length" if result.finish_reason == "length" else "stop"}],
         "usage": {"prompt_tokens": len(result.prompt_token_ids), "completion_tokens": len(result.token_ids),
-                  "total_tokens": len(result.prompt_token_ids) + len(result.token_ids)},
+                  "total_tokens": len(result.prompt_token_ids) + len(result.token_ids),
+                  "prompt_tokens_details": {"cached_tokens": int(result.timings.get("cached_tokens", 0))}},
     }
 
 

@@ -48,6 +48,8 @@ class ServerMetrics(Observer):
         self.step_seconds = Histogram("edgevl_decode_step_seconds", "Time of one decode step of the batch.",
                                       buckets=LATENCY_BUCKETS, registry=r)
         self.prompt_tokens = Counter("edgevl_prompt_tokens", "Prompt tokens of completed requests.", registry=r)
+        self.cached = Counter("edgevl_prompt_tokens_cached", "Prompt tokens whose KV came from a row's prefix cache "
+                              "(--prefix-cache) instead of a prefill.", registry=r)
         self.generated = Counter("edgevl_generation_tokens", "Tokens generated.", registry=r)
         self.ttft = Histogram("edgevl_time_to_first_token_seconds", "From a request's acceptance to its first token.",
                               buckets=TTFT_BUCKETS, registry=r)
@@ -84,6 +86,9 @@ class ServerMetrics(Observer):
 
     def token_gap(self, seconds: float) -> None:
         self.tpot.observe(seconds)
+
+    def cached_tokens(self, count: int) -> None:
+        self.cached.inc(count)
 
     def finished(self, outcome: str, prompt_tokens: int, completion_tokens: int, seconds: float) -> None:
         self.requests.labels(outcome).inc()

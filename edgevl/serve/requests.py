@@ -38,6 +38,7 @@ class ServerLimits:
     max_batch: int = DEFAULT_MAX_BATCH             # requests decoded together (KV-cache rows), `--max-batch`
     max_queue: int = DEFAULT_MAX_QUEUE             # more requests accepted while the rows are busy; then 429
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK     # prompt tokens per prefill call while other rows decode
+    prefix_cache: bool = False                     # finished rows keep their KV for prompts that share it
 
 
 def read_url(url: str, kind: str, limits: ServerLimits) -> bytes | Path:
