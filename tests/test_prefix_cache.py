@@ -15,7 +15,11 @@ from edgevl.runtime.prefix_cache import RowPrefixes, cached_vision, common_prefi
 
 def keys_of(pipe, prompt):
     cfg = pipe.config
-    return prompt_key(prompt, cfg.image_token_id, cfg.video_token_id, pipe.image_settings.merge_size)
+    return prompt_key(prompt, cfg.image_token_id, cfg.video_token_id, merges(pipe))
+
+
+def merges(pipe):
+    return pipe.image_settings.merge_size, pipe.video_settings.merge_size
 
 
 def user(text, images=0):
@@ -58,7 +62,7 @@ def test_cached_vision_is_the_images_wholly_inside_the_kept_prefix(pipeline, pho
     cfg, merge = pipeline.config, pipeline.image_settings.merge_size
     pads = np.flatnonzero(p.input_ids == cfg.image_token_id)
     first_end = int(np.prod(p.grids[0])) // merge ** 2
-    inside = lambda keep: cached_vision(p, keep, cfg.image_token_id, cfg.video_token_id, merge)   # noqa: E731
+    inside = lambda keep: cached_vision(p, keep, cfg.image_token_id, cfg.video_token_id, merges(pipeline))  # noqa: E731
     assert inside(int(pads[0])) == set()
     assert inside(int(pads[first_end - 1])) == set()                    # its last pad is not kept yet
     assert inside(int(pads[first_end - 1]) + 1) == {("image", 0)}

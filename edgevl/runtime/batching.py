@@ -22,13 +22,15 @@ With `prefix_cache` a finished request's row keeps its KV cache (prefix_cache.py
 starts the same way (a chat resending its history with the same images) takes that row, skips the vision calls
 and the prefill of the shared positions, and reports them as `cached_tokens`. Off by default: the kept
 positions were computed by other calls (decode steps, other chunks) than a fresh prefill would make, so
-logits can differ in the last bits from the request's own run (as with the CLI chat's reuse).
+logits can differ in the last bits from the request's own run (int8 artifacts: more, one activation scale per
+call), as with the CLI chat's reuse.
 
-A request's tokens are those it gets alone (without `prefix_cache`): its prefill is its own batch-1 calls on its row, the decoder treats
-the rows of a batch independently (on onnxruntime's CPU EP a row's logits are bit-identical at any even batch
-size and any even chunking, fp32 at any size; the tests and the benchmark check it), and it samples with its
-own `SamplingOptions` (its own numpy Generator, seeded per request). Stop strings and streaming are per request
-(`StreamDecoder`), as in `Pipeline.decode`, whose finish reasons and token lists these match.
+Without `prefix_cache` a request's tokens are those it gets alone: its prefill is its own batch-1 calls on its
+row, the decoder treats the rows of a batch independently (on onnxruntime's CPU EP a row's logits are
+bit-identical at any even batch size and any even chunking, fp32 at any size; the tests and the benchmark check
+it), and it samples with its own `SamplingOptions` (its own numpy Generator, seeded per request). Stop strings
+and streaming are per request (`StreamDecoder`), as in `Pipeline.decode`, whose finish reasons and token lists
+these match.
 
 The scheduler needs the in-place decoder (the `ort` variant: one preallocated buffer per layer with rows);
 `make_scheduler` falls back to `SerialScheduler` (one request at a time through `Pipeline.generate_prepared`,
@@ -168,7 +170,7 @@ class BatchScheduler(SchedulerBase):
         self.cache = make_cache(names.IN_PLACE, pipe.decoder, pipe.config, rows, pipe.max_context, pipe.dtype)
         self.rows: list[Sequence | None] = [None] * max_batch
         self.prefixes = RowPrefixes(max_batch) if prefix_cache else None
-        self.waiting: deque = deque()               # (job, prompt), prepared, oldest first
+        self.waiting: deque = deque()               # (job, prompt, prefix key or None), prepared, oldest first
         self.jobs: set[Job] = set()                 # accepted and not finished
         self.lock = threading.Condition()
         self.closed = False
@@ -282,8 +284,8 @@ class BatchScheduler(SchedulerBase):
         cached = self._vision_args(cached_vision, prompt, keep) if keep else set()
         for kind, index in cached:      # in the cache already: zeros stand in for rows no call will read
             grid = (prompt.grids if kind == "image" else prompt.video_grids)[index]
-            out[kind][index] = [np.zeros((int(np.prod(grid)) // self.pipe.image_settings.merge_size ** 2,
-                                          self.pipe.config.hidden_size), np.float32)]
+            merge = self._merges()[kind == "video"]
+            out[kind][index] = [np.zeros((int(np.prod(grid)) // merge ** 2, self.pipe.config.hidden_size), np.float32)]
         calls = [c for c in vision_calls(prompt) if (c[0], c[1]) not in cached]
         now = time.perf_counter()
         seq = Sequence(job, row, prompt, opts, StreamDecoder(self.pipe.tokenizer, tuple(job.stop)), max_new,
@@ -293,10 +295,13 @@ class BatchScheduler(SchedulerBase):
             self.observer.cached_tokens(keep)
         return seq
 
+    def _merges(self) -> tuple[int, int]:
+        return self.pipe.image_settings.merge_size, self.pipe.video_settings.merge_size
+
     def _vision_args(self, fn, prompt, *args):
-        """fn(prompt, *args, image_token_id, video_token_id, merge) for this model (prefix_cache helpers)."""
+        """fn(prompt, *args, image_token_id, video_token_id, (image, video) merge sizes): prefix_cache helpers."""
         cfg = self.pipe.config
-        return fn(prompt, *args, cfg.image_token_id, cfg.video_token_id, self.pipe.image_settings.merge_size)
+        return fn(prompt, *args, cfg.image_token_id, cfg.video_token_id, self._merges())
 
     def _guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
         """Run `work`; if it raises, the rows it was for end with that error (the others go on)."""
