@@ -96,6 +96,20 @@ def test_a_repeated_image_request_reuses_the_row_and_skips_the_vision_call(pipel
     assert b.token_ids == a.token_ids and b.text == a.text
 
 
+def test_a_repeated_video_request_skips_all_its_temporal_patches(pipeline, video_file, counted_vision):
+    scheduler = BatchScheduler(pipeline, max_batch=2, max_queue=4, start=False, prefix_cache=True)
+    ask = lambda: pipeline.prepare("What happens?", videos=[video_file])      # noqa: E731
+    first = scheduler.submit(job_for(ask))
+    scheduler.run_until_idle()
+    calls = len(counted_vision)
+    assert calls >= 2                                                    # one call per temporal patch
+    second = scheduler.submit(job_for(ask))
+    scheduler.run_until_idle()
+    a, b = first.future.result(timeout=0), second.future.result(timeout=0)
+    assert len(counted_vision) == calls and b.timings["cached_tokens"] == len(a.prompt_token_ids) - 1
+    assert b.token_ids == a.token_ids
+
+
 def test_a_chat_resending_its_history_prefills_only_the_new_turn(pipeline, photos, counted_vision):
     """Turn 2 = turn 1's messages + the reply + a new question, as an OpenAI client sends it: the shared
     positions come from the cache; the answer equals a fresh server's (prefix cache off)."""
