@@ -69,7 +69,7 @@ def test_cached_vision_is_the_images_wholly_inside_the_kept_prefix(pipeline, pho
     assert inside(len(p.input_ids)) == {("image", 0), ("image", 1)}
 
 
-def test_best_row_takes_the_longest_prefix_the_lowest_on_ties_and_leaves_one_token():
+def test_best_row_reuses_what_is_worth_it_keeps_one_token_and_spares_other_conversations():
     rows = RowPrefixes(4)
     rows.remember(1, np.array([5, 6, 7, 8]))
     rows.remember(3, np.array([5, 6, 9]))
@@ -78,7 +78,10 @@ def test_best_row_takes_the_longest_prefix_the_lowest_on_ties_and_leaves_one_tok
     assert rows.best([0, 2, 3], np.array([5, 6, 9, 9])) == (3, 3)
     assert rows.best([0, 2], np.array([1, 2])) == (0, 0)                # nothing shared: the lowest free row
     rows.forget(1)
-    assert rows.best([1, 3], np.array([5, 6, 7])) == (3, 2)
+    assert rows.best([1, 3], np.array([5, 6, 7])) == (3, 2)            # keeps 2, throws 1 away
+    rows.remember(0, np.arange(1, 11))                                    # another conversation, 10 positions
+    assert rows.best([0, 1], np.array([1, 2, 99, 98])) == (1, 0)         # shares 2 of 10: an empty row instead
+    assert rows.best([0], np.array([1, 2, 99, 98])) == (0, 2)            # no empty row: the longest prefix
 
 
 # ----------------------------------------------------------------------------- the scheduler

@@ -72,16 +72,25 @@ class RowPrefixes:
         self.keys = [np.zeros(0, np.int64) for _ in range(rows)]
 
     def best(self, free: list[int], key: np.ndarray) -> tuple[int, int]:
-        """The free row sharing the longest prefix with `key` (the lowest such row on a tie: decode steps span
-        rows 0..the highest busy one) and how many positions of it to keep: at most len(key) - 1, since the
-        prompt's last token must be prefilled again for its logits."""
+        """The free row for a prompt with `key`, and how many of its positions to keep (at most len(key) - 1:
+        the prompt's last token is prefilled again for its logits).
+
+        A row is worth reusing when it keeps at least as many positions as it throws away (a chat's next turn
+        keeps everything; an edited last message most of it); the longest such prefix wins, the lowest row on a
+        tie (decode steps span rows 0..the highest busy one). Otherwise an empty row, so that a new
+        conversation sharing only a system prompt does not evict another one's cache; only when every free row
+        holds a cache, the one sharing the longest prefix."""
         limit = len(key) - 1
-        best_row, best_keep = free[0], -1
-        for row in free:
-            keep = min(common_prefix(self.keys[row], key), limit)
-            if keep > best_keep:
-                best_row, best_keep = row, keep
-        return best_row, max(best_keep, 0)
+        scored = [(min(common_prefix(self.keys[row], key), limit), row) for row in free]
+        worth = [(keep, row) for keep, row in scored if keep > 0 and keep >= len(self.keys[row]) - keep]
+        if worth:
+            keep, row = max(worth, key=lambda kr: (kr[0], -kr[1]))
+            return row, keep
+        empty = [row for row in free if len(self.keys[row]) == 0]
+        if empty:
+            return empty[0], 0
+        keep, row = max(scored, key=lambda kr: (kr[0], -kr[1]))
+        return row, keep
 
     def remember(self, row: int, key: np.ndarray) -> None:
         self.keys[row] = np.asarray(key, np.int64)
