@@ -120,9 +120,21 @@ def test_openvino_driver_output_is_parsed_into_ttft_and_decode():
     assert len(result["runs"]) == 2 and result["effective_properties"]["INFERENCE_PRECISION_HINT"] == "bf16"
     stages = openvino.stage_times(result["runs"][0])
     assert stages["ttft_ms"] == result["runs"][0]["ttft_ms"] and len(stages["decode_ms"]) == 31
-    assert stages["vision_ms"] is stages["prefill_ms"] is stages["preprocess_ms"] is None   # not timed apart
+    assert stages["vision_ms"] is stages["prefill_ms"] is stages["preprocess_ms"] is None   # an older genai
     with pytest.raises(EdgevlError, match="printed no result"):
         openvino.parse_result("Traceback (most recent call last):\n")
+
+
+def test_openvino_ttft_is_split_into_vision_and_prefill_where_genai_times_them():
+    """openvino-genai 2026.4's VLMPerfMetrics: tokenization and the embeddings' preparation inside TTFT; the rest
+    is the prefill (captured from the real driver on 2b-l4 fp32, f32 hints, prefix cache off)."""
+    result = openvino.parse_result((DATA / "openvino-driver-2026.4-split.stdout.txt").read_text())
+    assert result["prefix_caching"] is False
+    for run in result["runs"]:
+        stages = openvino.stage_times(run)
+        assert stages["vision_ms"] == run["prepare_embeddings_ms"]
+        assert stages["prefill_ms"] == pytest.approx(run["ttft_ms"] - run["prepare_embeddings_ms"] - run["tokenization_ms"])
+        assert stages["prefill_ms"] > 150          # a whole prompt's prefill, not a cached one (~50 ms)
 
 
 def test_openvino_driver_turns_the_pipelines_prefix_cache_off():

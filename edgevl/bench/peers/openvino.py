@@ -13,8 +13,10 @@ to its files, config.json with the transformers-4 keys added: `legacy_config`).
 Each weight format runs twice, with the CPU plugin's default precision (bf16 compute and a u8 KV
 cache where the CPU has bf16, as this machine's AVX-512 BF16) and with INFERENCE_PRECISION_HINT
 and KV_CACHE_PRECISION f32; the effective values are recorded. openvino_driver.py runs the
-pipeline in the peer's Python. VLMPipeline reports TTFT as one number (vision encoder and
-prefill are not timed apart), so vision, prefill and preprocess stay empty for this peer.
+pipeline in the peer's Python. VLMPipeline's TTFT is split where openvino-genai's VLMPerfMetrics
+has it (2026.x): vision = the embeddings' preparation (image preprocessing, the vision models, the
+merge with the text embeddings), prefill = the rest of TTFT after it and the tokenization;
+preprocess stays empty (OpenVINO times it inside vision).
 
 VLMPipeline's own default on a CPU keeps a prefix cache across generate() calls: the benchmark's
 repeated image and prompt would hit it from the second run on and TTFT would leave the prefill
@@ -133,8 +135,12 @@ def parse_result(stdout: str) -> dict:
 
 
 def stage_times(run: dict) -> dict:
-    """One driver run -> measure.run_once's shape: TTFT and decode only (see the module docstring)."""
-    return {"preprocess_ms": None, "vision_ms": None, "prefill_ms": None, "ttft_ms": run["ttft_ms"],
+    """One driver run -> measure.run_once's shape. vision: VLMPerfMetrics' embeddings preparation (image
+    preprocessing, both vision models and the merge: OpenVINO times preprocessing inside it); prefill: the rest
+    of TTFT after it and the tokenization; both None where the genai version does not report the split."""
+    prepare = run.get("prepare_embeddings_ms")
+    prefill = run["ttft_ms"] - prepare - run.get("tokenization_ms", 0.0) if prepare is not None else None
+    return {"preprocess_ms": None, "vision_ms": prepare, "prefill_ms": prefill, "ttft_ms": run["ttft_ms"],
             "e2e_ms": run["generate_ms"], "decode_ms": list(run["decode_ms"])}
 
 
