@@ -60,6 +60,7 @@ class BackendOptions:
     precision: str = "graph"               # graph | fp16 | int8 (engines; see trt.BuildOptions)
     cache_dir: Path | None = None          # engine cache (default $EDGEVL_CACHE or ~/.cache/edgevl)
     cuda_graph: bool = False               # ort-cuda: decode steps captured and replayed as CUDA graphs
+    int8_prefill: bool = False             # ort-cpu: a 4-bit decoder's prompts on int8 copies (int8_prefill.py)
     log: Callable[[str], None] = field(default=lambda msg: None, compare=False)
 
     def __post_init__(self):
@@ -151,11 +152,32 @@ def make_ort_cpu(graph: GraphFile, opts: BackendOptions) -> Runner:
     # shrunk after a call whose input shapes are new (121 MB / 87 MB held; repeated sizes at the arena's
     # speed). Measured on a 2-core EPYC.
     transform, spare = _grouped_decode(graph)
-    return OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",), intra_op_threads=opts.threads,
-                                        prepack=prepack, disabled_optimizers=_disabled_optimizers(graph),
-                                        transform=transform),
-                        name=f"ort-cpu:{graph.name}", shrink_on_new_shapes=graph.spec.kind == names.VISION,
-                        kv_spare_positions=spare)
+    runner = OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",),
+                                          intra_op_threads=opts.threads, prepack=prepack,
+                                          disabled_optimizers=_disabled_optimizers(graph), transform=transform),
+                          name=f"ort-cpu:{graph.name}", shrink_on_new_shapes=graph.spec.kind == names.VISION,
+                          kv_spare_positions=spare)
+    return _with_int8_prefill(runner, graph, opts) if opts.int8_prefill else runner
+
+
+def _with_int8_prefill(runner, graph: GraphFile, opts: BackendOptions):
+    """`runner` with its prompt calls on an int8 copy of a 4-bit decoder (runtime/int8_prefill.py); as it is
+    for graphs without 4-bit matmuls (the vision encoder, fp32 / int8 decoders)."""
+    if graph.spec.kind != names.DECODER or graph.spec.kv_cache != names.IN_PLACE:
+        return runner
+    import onnx
+
+    from edgevl.runtime import int8_prefill
+    vocab = graph.config.vocab_size
+    if not int8_prefill.candidates(onnx.load(str(graph.path), load_external_data=False), vocab):
+        opts.log(f"--int8-prefill: {graph.name} has no 4-bit matmuls; its prompts run as exported")
+        return runner
+    prefill = OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",),
+                                           intra_op_threads=opts.threads, prepack=True,
+                                           disabled_optimizers=_disabled_optimizers(graph),
+                                           transform=int8_prefill.prefill_rewrite(graph.path.parent, vocab)),
+                           name=f"ort-cpu:{graph.name}:int8-prefill", kv_spare_positions=runner.kv_spare_positions)
+    return int8_prefill.PrefillSplitRunner(runner, prefill)
 
 
 def _grouped_decode(graph: GraphFile):

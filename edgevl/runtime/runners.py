@@ -235,8 +235,9 @@ class SessionFromOnnx:
                  optimization_level: str = "all", prepack: bool = True, disabled_optimizers: tuple[str, ...] = (),
                  transform: Callable | None = None):
         self.path = Path(path)
-        # transform(ModelProto) -> None edits the graph (not its weights) before the session is made: the
-        # file on disk is not changed, its external weights are memory-mapped and handed over as they are.
+        # transform(ModelProto) edits the graph before the session is made: the file on disk is not changed,
+        # its external weights are memory-mapped and handed over as they are. It may return {name: array} of
+        # new weights, handed over the same way (int8_prefill.py).
         self.transform = transform
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
@@ -282,10 +283,18 @@ class SessionFromOnnx:
         from edgevl.artifact.folder import inside
 
         model = onnx.load(str(self.path), load_external_data=False)
-        self.transform(model)
+        result = self.transform(model)
+        added = result if isinstance(result, dict) else {}      # new weights, when it made any
         maps, names_, values = {}, [], []
+        if added:       # the arrays' memory goes; onnxruntime reads their copies in a file it can drop
+            maps[None], views = _file_backed(added)
+            for name, view in views.items():
+                model.graph.initializer.append(_declared(name, view))
+                names_.append(name)
+                values.append(ort.OrtValue.ortvalue_from_numpy(view))
+            added = set(added)                      # names only from here
         for tensor in model.graph.initializer:
-            if not uses_external_data(tensor):
+            if not uses_external_data(tensor) or tensor.name in added:
                 continue
             info = {e.key: e.value for e in tensor.external_data}
             if info["location"] not in maps:
@@ -299,6 +308,36 @@ class SessionFromOnnx:
         if names_:
             options.add_external_initializers(names_, values)
         return model.SerializeToString(), [list(maps.values()), values]
+
+
+_ALIGN = 64
+
+
+def _file_backed(arrays: dict[str, np.ndarray]):
+    """(map, {name: read-only view}): the arrays written one after another (64-byte aligned) to an unlinked
+    temporary file and mapped. Once onnxruntime has packed them, release_maps drops their pages as it does the
+    artifact's own weights' (anonymous memory could not be given back without losing it)."""
+    import mmap
+    import tempfile
+    offsets = {}
+    with tempfile.TemporaryFile(prefix="edgevl-weights-") as f:
+        for name, array in arrays.items():
+            f.write(b"\0" * (-f.tell() % _ALIGN))
+            offsets[name] = f.tell()
+            f.write(np.ascontiguousarray(array).tobytes())
+        f.flush()
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)     # the map keeps the file alive
+    views = {name: np.frombuffer(mapped, a.dtype, a.size, offsets[name]).reshape(a.shape) for name, a in arrays.items()}
+    return mapped, views
+
+
+def _declared(name: str, array: np.ndarray):
+    """An initializer that only names, types and shapes `array`: its data comes as an external initializer."""
+    import onnx
+    tensor = onnx.TensorProto(name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="edgevl-memory")
+    return tensor
 
 
 def release_maps(keep: list) -> None:

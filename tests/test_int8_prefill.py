@@ -1,0 +1,121 @@
+"""`--int8-prefill` (runtime/int8_prefill.py): a w4a16 decoder's prompts on int8 copies of its 4-bit weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgevl.runtime.backends import BackendOptions
+from edgevl.runtime.int8_prefill import PrefillSplitRunner, dequantize_4bit, per_channel_int8
+
+
+def _matmul_nbits(k, n, block, packed, scales, zero_points):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    inits = [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")]
+    inputs = ["A", "B", "S"]
+    if zero_points is not None:
+        inits.append(numpy_helper.from_array(zero_points, "Z"))
+        inputs.append("Z")
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=block)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("k,block,with_zero_points", [(64, 16, True), (96, 32, False), (80, 32, True)])
+def test_dequantized_weights_are_what_onnxruntimes_matmulnbits_multiplies(k, block, with_zero_points):
+    rng, n = np.random.default_rng(k), 24
+    blocks = -(-k // block)
+    packed = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
+    scales = (rng.random(n * blocks, dtype=np.float32) + 0.1) * 0.05
+    zero_points = rng.integers(0, 256, n * -(-blocks // 2), dtype=np.uint8) if with_zero_points else None
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    expected = _matmul_nbits(k, n, block, packed, scales, zero_points).run(None, {"A": a})[0]
+    w = dequantize_4bit(packed, scales, zero_points, k, n, block)
+    assert w.shape == (k, n)
+    np.testing.assert_allclose(a @ w, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_per_channel_int8_rounds_each_column_to_half_a_step():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 10)).astype(np.float32) * np.linspace(0.01, 3, 10, dtype=np.float32)
+    w[:, 3] = 0.0                                                        # an all-zero column keeps a usable scale
+    q, scale = per_channel_int8(w)
+    assert q.dtype == np.int8 and scale.shape == (10,) and np.abs(q).max() <= 127
+    assert (np.abs(q * scale - w) <= scale / 2 + 1e-7).all() and scale[3] == 1.0
+
+
+@pytest.fixture(scope="module")
+def w4a16(tiny_artifact, tmp_path_factory):
+    from edgevl.calibrate.options import QuantizeOptions
+    from edgevl.calibrate.quantize import quantize as run_quantize
+    folder = tmp_path_factory.mktemp("int8-prefill") / "w4a16"
+    run_quantize(tiny_artifact, folder, QuantizeOptions("w4a16", samples=4, eval_samples=2, new_tokens=4, calib_steps=3,
+                                                        progress=False, block_size=32, force=True),
+                 None, log=lambda msg: None, table=lambda text: None)
+    return folder
+
+
+def test_prompts_go_to_the_int8_session_and_decode_steps_to_the_4bit_one(w4a16, photos):
+    from edgevl.runtime.pipeline import Pipeline
+    plain = Pipeline.load(w4a16, backend="ort-cpu")
+    split = Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=True))
+    assert isinstance(split.decoder, PrefillSplitRunner) and not isinstance(plain.decoder, PrefillSplitRunner)
+    calls = []
+    for side in ("prefill", "decode"):
+        runner = getattr(split.decoder, side)
+        infer = runner.infer
+        runner.infer = lambda feed, bindings=None, infer=infer, side=side: (calls.append(side), infer(feed, bindings))[1]
+    ask = dict(images=[photos["coffee"]], max_new_tokens=6, do_sample=False)
+    got, expected = split.generate("What is this?", **ask), plain.generate("What is this?", **ask)
+    assert calls == ["prefill"] + ["decode"] * (len(got.token_ids) - 1)
+    assert got.token_ids[0] == expected.token_ids[0]    # later tokens may part: the KV is the int8 prefill's
+
+
+def _kl(p_logits, q_logits) -> float:
+    p, q = (np.exp(x - x.max()) / np.exp(x - x.max()).sum() for x in (p_logits, q_logits))
+    return float((p * (np.log(p) - np.log(q))).sum())
+
+
+def test_the_int8_prefill_is_as_far_from_fp32_as_the_4bit_graph_is(w4a16, tiny_artifact):
+    """Against the fp32 export's prefill logits, the int8 prefill (4-bit weights rounded once more, activations
+    quantized per call) stays as close as the 4-bit graph itself: its extra rounding is small next to 4 bits'."""
+    from edgevl.artifact import names
+    from edgevl.runtime.generate import decoder_step
+    from edgevl.runtime.pipeline import Pipeline
+    pipes = {"fp32": Pipeline.load(tiny_artifact, backend="ort-cpu"), "w4a16": Pipeline.load(w4a16, backend="ort-cpu"),
+             "split": Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=True))}
+    base = pipes["fp32"]
+    ids = base.prepare("Describe a cat in one long sentence, please. " * 8).input_ids
+    embeds = base.embed(ids, [], [])[None]
+    positions, _ = base.positions(ids[None], np.ones((1, len(ids)), np.int64), [], [])
+    logits = {}
+    for name, pipe in pipes.items():
+        cache = pipe.new_cache(1)
+        logits[name] = np.asarray(decoder_step(pipe.decoder, cache, embeds, positions, np.array([len(ids)]))[names.LOGITS])[0]
+        assert cache.lengths.tolist() == [len(ids)]                      # the cache the decode session reads
+    plain, split = _kl(logits["fp32"], logits["w4a16"]), _kl(logits["fp32"], logits["split"])
+    assert split <= 1.25 * plain + 1e-3, (split, plain)
+    assert not np.array_equal(logits["split"], logits["w4a16"])          # the int8 session did compute it
+
+
+def test_the_batch_scheduler_serves_with_int8_prefill(w4a16):
+    from edgevl.runtime.batching import BatchScheduler
+    from edgevl.runtime.jobs import Job
+    from edgevl.runtime.pipeline import Pipeline
+    pipe = Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=True))
+    scheduler = BatchScheduler(pipe, max_batch=2, max_queue=2, prefill_chunk=8, start=False)
+    jobs = [scheduler.submit(Job(lambda t=t: pipe.prepare(t), 5, (), {"do_sample": False}))
+            for t in ("Describe a cat.", "Hi")]
+    scheduler.run_until_idle()
+    assert all(1 <= len(j.future.result(timeout=0).token_ids) <= 5 for j in jobs)
+
+
+def test_graphs_without_4bit_matmuls_run_as_exported(tiny_artifact):
+    from edgevl.runtime.pipeline import Pipeline
+    notes = []
+    pipe = Pipeline.load(tiny_artifact, backend="ort-cpu", options=BackendOptions(int8_prefill=True, log=notes.append))
+    assert not isinstance(pipe.decoder, PrefillSplitRunner)
+    assert any("no 4-bit matmuls" in n for n in notes)
