@@ -261,8 +261,9 @@ FOOTNOTES = [
     "transformers' (a leading run of N of M).",
     "peers (--reference llama.cpp / openvino) run the same source model, image, prompt text and new-token count "
     "through their own tools as subprocesses, at the precision matching the artifact; edgevl/PEER = edgevl time / "
-    "peer time. A stage a peer does not time separately is — (OpenVINO's VLMPipeline reports TTFT only; neither "
-    "peer times image preprocessing, so their TTFT starts after the image file is read). llama.cpp: one "
+    "peer time. A stage a peer does not time separately is — (neither peer times image preprocessing, so their "
+    "TTFT starts after the image file is read). OpenVINO: vision = VLMPerfMetrics' embeddings preparation (its "
+    "image preprocessing included), prefill = the rest of its TTFT, every run without its prefix cache. llama.cpp: one "
     "llama-mtmd-cli process per run, its own log's timings (decode: the run's mean per token); load: the tool's "
     "model + mmproj loading; peak RSS: the whole peer process (llama.cpp: its VmHWM, polled).",
 ]

@@ -15,7 +15,8 @@ Each peer module (llama_cpp, openvino) provides
     probe(...) (optional)            decode ms/token at context lengths
 and this module turns their numbers into rows shaped like the edgevl and transformers sides
 (suite.side_json), plus the peer's name, variant, settings, files and their size on disk. Stages a
-peer does not time separately are None (OpenVINO: TTFT only; neither times image preprocessing).
+peer does not time separately are None (neither times image preprocessing; OpenVINO before genai 2026: TTFT
+only).
 """
 
 from __future__ import annotations
