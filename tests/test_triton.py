@@ -222,6 +222,18 @@ def test_gpu_backends_write_gpu_instance_groups(tiny_artifact, tiny_artifact_sta
     assert read_config(next((tmp_path / "d").iterdir()))["instance_group"][0]["gpus"] == [3]
 
 
+def test_int8_prefill_reaches_the_model_settings(tiny_artifact, tmp_path):
+    from edgevl.serve.triton.handler import ModelSettings, model_parameters
+    code, _, err = edgevl("triton", tiny_artifact, "-o", tmp_path / "r", "--int8-prefill")
+    assert code == 0, err
+    model = next((tmp_path / "r").iterdir())
+    params = parameters_of(read_config(model))
+    assert params["int8_prefill"] == "true"
+    settings = ModelSettings.from_parameters(model_parameters({"parameters": {k: {"string_value": v}
+                                                                              for k, v in params.items()}}), model / "1")
+    assert settings.int8_prefill is True
+
+
 def test_copy_is_verified_and_self_contained(repo, tiny_artifact):
     from edgevl.artifact.folder import load_artifact
     copied = repo / "tiny-unary" / "1" / "artifact"

@@ -61,6 +61,7 @@ class ModelSettings:
     engine_cache: str | None = None
     cuda_graph: bool = False
     fast_load: bool = False
+    int8_prefill: bool = False
     limits: Limits = field(default_factory=Limits)
 
     @classmethod
@@ -110,7 +111,7 @@ class ModelSettings:
                    prefill_chunk=integer("prefill_chunk", DEFAULT_PREFILL_CHUNK, 1),
                    max_image_patches=integer("max_image_patches", None, 1), precision=text("precision", "graph"),
                    engine_cache=text("engine_cache"), cuda_graph=flag("cuda_graph", False),
-                   fast_load=flag("fast_load", False), limits=limits)
+                   fast_load=flag("fast_load", False), int8_prefill=flag("int8_prefill", False), limits=limits)
 
 
 def model_parameters(model_config: dict) -> dict[str, str]:
@@ -142,7 +143,7 @@ class EdgevlTritonModel:
         options = BackendOptions(threads=s.threads, prepack=not s.fast_load, device_id=device, max_batch=s.max_batch,
                                  max_context=s.max_context, max_image_patches=s.max_image_patches,
                                  precision=s.precision, cache_dir=Path(s.engine_cache) if s.engine_cache else None,
-                                 cuda_graph=s.cuda_graph, log=self.log)
+                                 cuda_graph=s.cuda_graph, int8_prefill=s.int8_prefill, log=self.log)
         self.pipe = Pipeline.load(s.artifact, backend=get_backend(s.backend, options), verify=s.verify)
         self.scheduler = make_scheduler(self.pipe, s.max_batch, s.max_queue, s.prefill_chunk)
         kind = type(self.scheduler).__name__
