@@ -284,17 +284,18 @@ class SessionFromOnnx:
 
         model = onnx.load(str(self.path), load_external_data=False)
         result = self.transform(model)
-        added = result if isinstance(result, dict) else {}      # new weights, when it made any
+        new = result if isinstance(result, dict) else {}        # new weights, when it made any
         maps, names_, values = {}, [], []
-        if added:       # the arrays' memory goes; onnxruntime reads their copies in a file it can drop
-            maps[None], views = _file_backed(added)
+        if new:         # the arrays' memory goes; onnxruntime reads their copies in a file it can drop
+            maps[None], views = _file_backed(new)
             for name, view in views.items():
                 model.graph.initializer.append(_declared(name, view))
                 names_.append(name)
                 values.append(ort.OrtValue.ortvalue_from_numpy(view))
-            added = set(added)                      # names only from here
+        new_names = set(new)
+        del result, new
         for tensor in model.graph.initializer:
-            if not uses_external_data(tensor) or tensor.name in added:
+            if not uses_external_data(tensor) or tensor.name in new_names:
                 continue
             info = {e.key: e.value for e in tensor.external_data}
             if info["location"] not in maps:
