@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# edgevl and OpenVINO GenAI in alternating rounds, for stages whose single-run rankings this VM's memory-bandwidth
+# noise decides (fp32 decode moves 30-50 % between runs for every engine): each round runs `edgevl bench` on an
+# artifact, then the OpenVINO peer's driver (prefix cache off, as in the bench) on the matching export, 3 runs each
+# after a warm-up, same synthetic 448x448 image and prompt; prints per-round and median decode ms/token and TTFT.
+#
+#   bash benchmarks/paired_openvino.sh ARTIFACT OPENVINO_MODEL_FOLDER [ROUNDS] [HINTS_JSON]
+#
+# OPENVINO_MODEL_FOLDER: a folder `make bench-compare` converted (~/.cache/edgevl/peers/openvino/models/<src>/<fmt>);
+# HINTS_JSON: its plugin properties (default: the f32 hints, '{"INFERENCE_PRECISION_HINT": "f32", ...}').
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ART=$1; OVM=$2; ROUNDS=${3:-4}
+HINTS=${4:-'{"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}'}
+PY=${PY:-.venv/bin/python}
+OVPY=${OVPY:-$HOME/.cache/edgevl/peers/openvino/venv/bin/python}
+TMP=$(mktemp -d /tmp/edgevl-paired-XXXXXX)
+trap 'rm -rf "$TMP"' EXIT
+IMG=$("$PY" -c "from pathlib import Path; from edgevl.bench.measure import synthetic_image; print(synthetic_image(448, 448, Path('$TMP')))")
+cat > "$TMP/request.json" <<JSON
+{"model": "$OVM", "device": "CPU", "properties": $HINTS, "image": "$IMG", "prompt": "Describe this image.",
+ "new_tokens": 32, "runs": 3, "warmup": 1, "prefix_caching": false}
+JSON
+for i in $(seq "$ROUNDS"); do
+  "$PY" -m edgevl bench "$ART" --image "$IMG" --prompt "Describe this image." --new-tokens 32 --runs 3 --warmup 1 \
+      --no-progress --json "$TMP/edgevl-$i.json" > /dev/null
+  "$OVPY" edgevl/bench/peers/openvino_driver.py "$TMP/request.json" 2> /dev/null | tail -1 > "$TMP/openvino-$i.json"
+done
+"$PY" - "$TMP" "$ROUNDS" <<'PY'
+import json, statistics as st, sys
+tmp, rounds = sys.argv[1], int(sys.argv[2])
+rows = []
+for i in range(1, rounds + 1):
+    e = json.load(open(f"{tmp}/edgevl-{i}.json"))["rows"][0]["edgevl"]["stages"]
+    o = json.load(open(f"{tmp}/openvino-{i}.json"))
+    rows.append((e["decode_ms_per_token"]["median"], e["ttft_ms"]["median"],
+                 st.median(d for r in o["runs"] for d in r["decode_ms"]), st.median(r["ttft_ms"] for r in o["runs"])))
+    print(f"round {i}: edgevl decode {rows[-1][0]:.1f} ms/token, TTFT {rows[-1][1]:.0f} ms | "
+          f"OpenVINO decode {rows[-1][2]:.1f} ms/token, TTFT {rows[-1][3]:.0f} ms")
+ed, et, od, ot = (st.median(col) for col in zip(*rows))
+print(f"medians: edgevl decode {ed:.1f}, TTFT {et:.0f} | OpenVINO decode {od:.1f}, TTFT {ot:.0f} | "
+      f"edgevl/OpenVINO decode {ed / od:.2f}x, TTFT {et / ot:.2f}x")
+PY
