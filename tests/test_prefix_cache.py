@@ -10,16 +10,17 @@ from PIL import Image
 from edgevl.errors import EdgevlError
 from edgevl.runtime.batching import BatchScheduler, make_scheduler
 from edgevl.runtime.jobs import Job
-from edgevl.runtime.prefix_cache import RowPrefixes, cached_vision, common_prefix, prompt_key
+from edgevl.runtime.prefix_cache import PadTokens, RowPrefixes, cached_vision, common_prefix, prompt_key
+
+
+def pads_of(pipe) -> PadTokens:
+    cfg = pipe.config
+    return PadTokens(cfg.image_token_id, cfg.video_token_id, pipe.image_settings.merge_size,
+                     pipe.video_settings.merge_size)
 
 
 def keys_of(pipe, prompt):
-    cfg = pipe.config
-    return prompt_key(prompt, cfg.image_token_id, cfg.video_token_id, merges(pipe))
-
-
-def merges(pipe):
-    return pipe.image_settings.merge_size, pipe.video_settings.merge_size
+    return prompt_key(prompt, pads_of(pipe))
 
 
 def user(text, images=0):
@@ -62,11 +63,12 @@ def test_cached_vision_is_the_images_wholly_inside_the_kept_prefix(pipeline, pho
     cfg, merge = pipeline.config, pipeline.image_settings.merge_size
     pads = np.flatnonzero(p.input_ids == cfg.image_token_id)
     first_end = int(np.prod(p.grids[0])) // merge ** 2
-    inside = lambda keep: cached_vision(p, keep, cfg.image_token_id, cfg.video_token_id, merges(pipeline))  # noqa: E731
+    inside = lambda keep: set(cached_vision(p, keep, pads_of(pipeline)))   # noqa: E731
     assert inside(int(pads[0])) == set()
     assert inside(int(pads[first_end - 1])) == set()                    # its last pad is not kept yet
     assert inside(int(pads[first_end - 1]) + 1) == {("image", 0)}
     assert inside(len(p.input_ids)) == {("image", 0), ("image", 1)}
+    assert cached_vision(p, len(p.input_ids), pads_of(pipeline))[("image", 0)] == first_end      # its pad count
 
 
 def test_best_row_reuses_what_is_worth_it_keeps_one_token_and_spares_other_conversations():

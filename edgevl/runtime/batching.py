@@ -69,7 +69,7 @@ from edgevl.runtime.jobs import (
 )
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.pipeline import Result
-from edgevl.runtime.prefix_cache import RowPrefixes, cached_vision, prompt_key
+from edgevl.runtime.prefix_cache import PadTokens, RowPrefixes, cached_vision, prompt_key
 from edgevl.runtime.prompt import StreamDecoder
 from edgevl.runtime.runners import to_host
 from edgevl.runtime.sampling import SamplingOptions, next_tokens
@@ -170,6 +170,8 @@ class BatchScheduler(SchedulerBase):
         self.cache = make_cache(names.IN_PLACE, pipe.decoder, pipe.config, rows, pipe.max_context, pipe.dtype)
         self.rows: list[Sequence | None] = [None] * max_batch
         self.prefixes = RowPrefixes(max_batch) if prefix_cache else None
+        self.pads = PadTokens(pipe.config.image_token_id, pipe.config.video_token_id,
+                              pipe.image_settings.merge_size, pipe.video_settings.merge_size)
         self.waiting: deque = deque()               # (job, prompt, prefix key or None), prepared, oldest first
         self.jobs: set[Job] = set()                 # accepted and not finished
         self.lock = threading.Condition()
@@ -214,7 +216,7 @@ class BatchScheduler(SchedulerBase):
         try:
             prompt = job.prepare()
             self.pipe.check_context(len(prompt.input_ids))
-            key = self._vision_args(prompt_key, prompt) if self.prefixes else None
+            key = prompt_key(prompt, self.pads) if self.prefixes else None
         except BaseException as e:  # noqa: BLE001 - the request's own failure, told to its client
             return self._end(job, error=e, outcome="failed")
         with self.lock:
@@ -281,11 +283,9 @@ class BatchScheduler(SchedulerBase):
         context[:length] = prompt.input_ids
         self.cache.lengths[row] = keep
         out = {"image": [[] for _ in prompt.grids], "video": [[] for _ in prompt.video_grids]}
-        cached = self._vision_args(cached_vision, prompt, keep) if keep else set()
-        for kind, index in cached:      # in the cache already: zeros stand in for rows no call will read
-            grid = (prompt.grids if kind == "image" else prompt.video_grids)[index]
-            merge = self._merges()[kind == "video"]
-            out[kind][index] = [np.zeros((int(np.prod(grid)) // merge ** 2, self.pipe.config.hidden_size), np.float32)]
+        cached = cached_vision(prompt, keep, self.pads) if keep else {}
+        for (kind, index), count in cached.items():     # in the cache already: zeros stand in for rows no call reads
+            out[kind][index] = [np.zeros((count, self.pipe.config.hidden_size), np.float32)]
         calls = [c for c in vision_calls(prompt) if (c[0], c[1]) not in cached]
         now = time.perf_counter()
         seq = Sequence(job, row, prompt, opts, StreamDecoder(self.pipe.tokenizer, tuple(job.stop)), max_new,
@@ -294,14 +294,6 @@ class BatchScheduler(SchedulerBase):
         if keep:
             self.observer.cached_tokens(keep)
         return seq
-
-    def _merges(self) -> tuple[int, int]:
-        return self.pipe.image_settings.merge_size, self.pipe.video_settings.merge_size
-
-    def _vision_args(self, fn, prompt, *args):
-        """fn(prompt, *args, image_token_id, video_token_id, (image, video) merge sizes): prefix_cache helpers."""
-        cfg = self.pipe.config
-        return fn(prompt, *args, cfg.image_token_id, cfg.video_token_id, self._merges())
 
     def _guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
         """Run `work`; if it raises, the rows it was for end with that error (the others go on)."""

@@ -7,7 +7,7 @@ pad tokens. A prompt's *key* is its token ids with each vision pad replaced by a
 the image's (or video's) preprocessed patches and the pad's index inside it, so two different photos never
 share a prefix past their first pad. A row's key covers exactly the positions its cache holds.
 
-    key = prompt_key(prompt, image_token_id, video_token_id, merges)  # the preparing thread: hashes patches
+    key = prompt_key(prompt, pads)                                     # the preparing thread: hashes patches
     row, keep = rows.best(free_rows, key)                              # the scheduler, admitting
     rows.remember(row, key_of_what_the_row_now_holds)                  # the scheduler, releasing
 """
@@ -15,6 +15,7 @@ share a prefix past their first pad. A row's key covers exactly the positions it
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,13 +29,23 @@ def vision_digest(pixels: np.ndarray, grid: tuple[int, int, int]) -> int:
     return int.from_bytes(h.digest(), "little") >> (64 - _DIGEST_BITS)
 
 
-def _pads(prompt, image_token_id: int, video_token_id: int, merges: tuple[int, int]):
-    """(kind, index, pixels, grid, pad positions) for each image, then each video, in prompt order per kind;
-    `merges`: the (image, video) spatial merge sizes (one pad per merge x merge patches)."""
+@dataclass(frozen=True)
+class PadTokens:
+    """How a model's prompts hold vision: the pad token of each kind and its spatial merge size (one pad per
+    merge x merge patches)."""
+
+    image_token_id: int
+    video_token_id: int
+    image_merge: int
+    video_merge: int
+
+
+def _pads(prompt, pads: PadTokens):
+    """(kind, index, pixels, grid, pad positions) for each image, then each video, in prompt order per kind."""
     ids = np.asarray(prompt.input_ids)
     for kind, token, pixels, grids, merge in (
-            ("image", image_token_id, prompt.pixel_values, prompt.grids, merges[0]),
-            ("video", video_token_id, prompt.video_pixel_values, prompt.video_grids, merges[1])):
+            ("image", pads.image_token_id, prompt.pixel_values, prompt.grids, pads.image_merge),
+            ("video", pads.video_token_id, prompt.video_pixel_values, prompt.video_grids, pads.video_merge)):
         where, start = np.flatnonzero(ids == token), 0
         for i, (pv, grid) in enumerate(zip(pixels, grids)):
             n = int(np.prod(grid)) // (merge * merge)
@@ -42,19 +53,18 @@ def _pads(prompt, image_token_id: int, video_token_id: int, merges: tuple[int, i
             start += n
 
 
-def prompt_key(prompt, image_token_id: int, video_token_id: int, merges: tuple[int, int]) -> np.ndarray:
+def prompt_key(prompt, pads: PadTokens) -> np.ndarray:
     """The prompt's token ids [S] with its vision pads made unique per image/video content (module docstring)."""
     key = np.asarray(prompt.input_ids, np.int64).copy()
-    for _, _, pv, grid, where in _pads(prompt, image_token_id, video_token_id, merges):
+    for _, _, pv, grid, where in _pads(prompt, pads):
         key[where] = -(1 + (vision_digest(pv, grid) << 24) + np.arange(len(where), dtype=np.int64))
     return key
 
 
-def cached_vision(prompt, keep: int, image_token_id: int, video_token_id: int,
-                  merges: tuple[int, int]) -> set[tuple[str, int]]:
-    """(kind, index) of the images and videos whose every pad lies in the first `keep` positions: their
-    embeddings are already in the cache, so the vision encoder need not run for them."""
-    return {(kind, i) for kind, i, _, _, where in _pads(prompt, image_token_id, video_token_id, merges)
+def cached_vision(prompt, keep: int, pads: PadTokens) -> dict[tuple[str, int], int]:
+    """{(kind, index): pad count} of the images and videos whose every pad lies in the first `keep` positions:
+    their embeddings are already in the cache, so the vision encoder need not run for them."""
+    return {(kind, i): len(where) for kind, i, _, _, where in _pads(prompt, pads)
             if len(where) and int(where[-1]) < keep}
 
 
