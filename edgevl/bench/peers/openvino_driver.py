@@ -7,14 +7,15 @@ REQUEST: {"model": folder, "device": "CPU", "properties": {...}, "image": path, 
 default) the pipeline gets the scheduler VLMPipeline picks by itself on a CPU (continuous batching, no
 limit on batched tokens) with its prefix cache off: otherwise each run after the first finds the
 previous run's KV cache for the same image and prompt and prefills only the last token (measured on
-the 2b-l4 fp32 export: 53-79 ms instead of ~290 ms), and TTFT would not include the prefill. The pipeline is created W + R times (the last one kept;
-each creation timed after reading the folder's files into the page cache, the first W discarded),
-then generate() runs W + R times, greedy with ignore_eos, the image read once beforehand.
-Reported per measured run, from the pipeline's own perf metrics: TTFT (tokenization, the vision
-encoder, the embedding merge and the prefill together), inside it the embeddings' preparation and
-the first language-model call where this genai version times them, every later token's duration, the generate() duration and the prompt and generated
-token counts. Also: the peak RSS of this process during the runs, its RSS before loading, and the
-CPU plugin's effective precision properties (what a property not given defaults to here).
+the 2b-l4 fp32 export: 53-79 ms instead of ~290 ms), and TTFT would not include the prefill.
+The pipeline is created W + R times (the last one kept; each creation timed after reading the
+folder's files into the page cache, the first W discarded), then generate() runs W + R times, greedy
+with ignore_eos, the image read once beforehand. Reported per measured run, from the pipeline's own
+perf metrics: TTFT (tokenization, the vision encoder, the embedding merge and the prefill together),
+inside it the tokenization and the embeddings' preparation where this genai version times them,
+every later token's duration, the generate() duration and the prompt and generated token counts.
+Also: the peak RSS of this process during the runs, its RSS before loading, and the CPU plugin's
+effective precision properties (what a property not given defaults to here).
 """
 
 from __future__ import annotations
