@@ -306,3 +306,96 @@ def test_peer_rows_in_the_report(tiny_artifact, tmp_path, monkeypatch, capsys):
     assert "| image 56x56, " in md and "| llama.cpp F32 (+F32 mmproj) |" in md
     write_plot(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG")
+
+
+# ----------------------------------------------------------------------------- a peer that crashes
+def _fake_mtmd_cli(tmp_path: Path) -> Path:
+    """A stand-in llama-mtmd-cli that dies of SIGSEGV unless told --no-repack (what the real one did on an Intel
+    Xeon with AMX), else prints the captured log; every call is counted in calls.txt."""
+    log = tmp_path / "log.txt"
+    log.write_text(MTMD_LOG)
+    tool = tmp_path / "mtmd_cli"
+    tool.write_text(f"""#!/bin/sh
+echo "$@" >> {tmp_path}/calls.txt
+case " $* " in *" --no-repack "*) cat {log} >&2; exit 0;; esac
+kill -SEGV $$
+""")
+    tool.chmod(0o755)
+    return tool
+
+
+def test_llama_cpp_crash_with_repacking_is_run_again_without_it_and_remembered(tmp_path, monkeypatch):
+    setup = driver.PeerSetup("llama.cpp", tmp_path, {"paths": {"mtmd_cli": str(_fake_mtmd_cli(tmp_path)),
+                                                               "bench": "llama-bench"}})
+    monkeypatch.setattr(llama_cpp, "model_files", lambda *a: (tmp_path / "m.gguf", tmp_path / "mm.gguf"))
+    variant = llama_cpp.variants("int8")[0]
+    logs = []
+
+    def measure():
+        return llama_cpp.measure(setup, tmp_path, variant, tmp_path / "i.png", "hi", 4, runs=2, warmup=1, threads=2,
+                                 tick=lambda label: None, log=logs.append)
+    out = measure()
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    # the first call crashed with repacking on; it and the later runs ran with --no-repack
+    assert len(calls) == 4 and "--no-repack" not in calls[0] and all("--no-repack" in c for c in calls[1:])
+    assert len(out["runs"]) == 2 and out["command"].endswith("--no-repack")
+    assert out["settings"]["repack"].startswith("off (--no-repack): with repacking llama-mtmd-cli was killed by SIGSEGV")
+    assert any("SIGSEGV" in line for line in logs)
+    measure()                                   # remembered for this CPU: no crashing first try any more
+    assert len((tmp_path / "calls.txt").read_text().splitlines()) == 4 + 3
+    assert llama_cpp.repack_setting(setup)[0] is False
+    bench = llama_cpp.bench_command(setup, Path("m.gguf"), [512], repack=False)
+    assert bench[-2:] == ["--repack", "0"]
+
+
+def test_llama_cpp_failure_that_is_not_a_crash_is_not_retried(tmp_path, monkeypatch):
+    tool = tmp_path / "mtmd_cli"
+    tool.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/calls.txt\necho 'error: bad model file' >&2\nexit 1\n")
+    tool.chmod(0o755)
+    setup = driver.PeerSetup("llama.cpp", tmp_path, {"paths": {"mtmd_cli": str(tool)}})
+    monkeypatch.setattr(llama_cpp, "model_files", lambda *a: (tmp_path / "m.gguf", tmp_path / "mm.gguf"))
+    with pytest.raises(EdgevlError, match=r"llama-mtmd-cli failed \(exit status 1\): error: bad model file"):
+        llama_cpp.measure(setup, tmp_path, llama_cpp.variants("fp32")[0], tmp_path / "i.png", "hi", 4, runs=1,
+                          warmup=0, threads=0, tick=lambda label: None, log=lambda msg: None)
+    assert len((tmp_path / "calls.txt").read_text().splitlines()) == 1
+    assert llama_cpp.repack_setting(setup) == (True, llama_cpp.REPACK_ON)
+
+
+def test_a_failing_peer_leaves_its_row_marked_and_the_report_is_written(tiny_artifact, tmp_path, monkeypatch):
+    """One peer fails (its tool crashed), the other measures: run_bench finishes, the failed configuration is in the
+    row with its reason and settings, the measured one has its numbers, and every rendering shows both."""
+    from edgevl.bench import peers
+    from edgevl.bench.report import render_text, write_plot
+    from edgevl.bench.suite import BenchConfig, run_bench
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"\0" * 10)
+
+    def crashing(*args, **kwargs):
+        raise EdgevlError("llama-mtmd-cli failed (exit status -11): no output")
+
+    def working(setup, source, variant, image, prompt, new_tokens, runs, warmup, threads, tick, log):
+        return {"runs": [llama_cpp.stage_times(llama_cpp.parse_output(MTMD_LOG))] * runs, "load_times": [1.0] * runs,
+                "peak_rss": 1 << 20, "files": [str(gguf)], "command": "ov", "prompt_tokens": 289,
+                "settings": {"effective": "f32"}}
+    modules = {"llama.cpp": types.SimpleNamespace(setup=lambda: fake_setup(tmp_path), variants=llama_cpp.variants,
+                                                  measure=crashing),
+               "openvino": types.SimpleNamespace(setup=lambda: fake_setup(tmp_path, "openvino"),
+                                                 variants=lambda p: [{"label": "fp32, f32 precision", "settings": {}}],
+                                                 measure=working)}
+    monkeypatch.setattr(peers, "module", modules.__getitem__)
+    logs = []
+    report = run_bench(BenchConfig(artifacts=[tiny_artifact], image_sizes=["56x56"], new_tokens=[2], runs=1, warmup=0,
+                                   reference=["llama.cpp", "openvino"], bandwidth_mib=8, progress=False), log=logs.append)
+    (row,) = report["rows"]
+    assert [p["peer"] for p in row["peers"]] == ["openvino"] and row["peers"][0]["settings"] == {"effective": "f32"}
+    (failed,) = row["peer_failures"]
+    assert failed["peer"] == "llama.cpp" and "exit status -11" in failed["failed"]
+    assert failed["settings"]["kv_cache"].startswith("f16")
+    assert any("failed, its row is marked" in line for line in logs)
+    json.dumps(report)
+    for markdown in (False, True):
+        text = render_text(report, markdown=markdown)
+        assert "llama.cpp F32 (+F32 mmproj)" in text and "failed" in text
+        assert "FAILED: llama-mtmd-cli failed (exit status -11)" in text and "ran with effective f32" in text
+    write_plot(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes().startswith(b"\x89PNG")

@@ -181,7 +181,24 @@ def comparison_table(report: dict) -> tuple[list[str], list[list[str]]]:
             lines.append([_sweep_label(row, with_artifact=False) if i == 0 else "", name, fmt(side["load_s"]),
                           *[fmt(_median(side, s)) for s in STAGE_COLUMNS_COMPARED],
                           *([fmt(at[1]) if at and at[0] == contexts[-1] else "—"] if contexts else []), _bytes(disk)])
+        for failed in row.get("peer_failures") or []:      # a peer that did not run keeps its row, marked
+            lines.append(["", engine_label(failed), "failed", *["—"] * (len(headers) - 3)])
     return headers, lines
+
+
+def peer_lines(report: dict) -> list[str]:
+    """Each peer configuration once: the settings it ran with, or why it did not run."""
+    seen, lines = set(), []
+    for row in report["rows"]:
+        for side in [*(row.get("peers") or []), *(row.get("peer_failures") or [])]:
+            label = engine_label(side)
+            if label in seen:
+                continue
+            seen.add(label)
+            settings = "; ".join(f"{k} {v}" for k, v in (side.get("settings") or {}).items()) or "its defaults"
+            status = f"FAILED: {side['failed']} (tried with {settings})" if "failed" in side else f"ran with {settings}"
+            lines.append(f"{label}: {status}")
+    return lines
 
 
 def render_table(headers: list[str], lines: list[list[str]], markdown: bool = False) -> str:
@@ -276,9 +293,11 @@ def render_text(report: dict, markdown: bool = False) -> str:
         parts += [f"- {line}" for line in header_lines(report)]
     else:
         parts += header_lines(report)
-    if any(row.get("peers") for row in report["rows"]):
+    if any(row.get("peers") or row.get("peer_failures") for row in report["rows"]):
         parts += ["", "## engines side by side (medians)" if markdown else "engines side by side (medians)", "",
-                  render_table(*comparison_table(report), markdown=markdown)]
+                  render_table(*comparison_table(report), markdown=markdown), "",
+                  "## peer settings" if markdown else "peer settings", "",
+                  *[f"- {line}" if markdown else f"* {line}" for line in peer_lines(report)]]
     parts += ["", "## summary (medians)" if markdown else "summary (medians)",
               "", render_table(*summary_table(report), markdown=markdown), "",
               "## per stage: median / p90 / min (ms; load s)" if markdown else "per stage: median / p90 / min (ms; load s)",

@@ -346,8 +346,9 @@ def _run_interleaved(cfg, artifacts, workloads, sources, texts, probes, progress
 
 def _row(artifact, backend, w: Workload, results, references, sources, weights: dict, bandwidth: float,
          gemm: dict, grid: tuple | None, cfg, peer_sides: dict) -> dict:
-    from edgevl.bench.peers import precision
+    from edgevl.bench.peers import precision, split_failures
     peer_key = (sources.get(str(artifact.path), ("",))[0], precision(artifact.manifest), w.key)
+    measured, failed = split_failures(peer_sides.get(peer_key, []))
     ours = results[(str(artifact.path), backend, w.key)]
     ref = references.get((str(artifact.path), backend, w.key)) or \
         (references.get((*sources[str(artifact.path)], w.key)) if sources else None)
@@ -361,7 +362,7 @@ def _row(artifact, backend, w: Workload, results, references, sources, weights: 
             "workload": {"image": w.image_label or "none", "prompt_tokens": ours.prompt_len,
                          "prompt_tokens_target": w.prompt_tokens, "new_tokens": w.new_tokens},
             "edgevl": ours_j, "reference": ref_j, "ratios": _ratios(ours_j, ref_j),
-            "peers": [{**p, "ratios": _ratios(ours_j, p)} for p in peer_sides.get(peer_key, [])],
+            "peers": [{**p, "ratios": _ratios(ours_j, p)} for p in measured], "peer_failures": failed,
             "tokens_match": _match(ours, ref, ref is not None and ref.prompt_len == ours.prompt_len),
             "roofline": roof, "compute": _compute(artifact, grid, ours, ours_j, ref_j, gemm)}
 

@@ -25,6 +25,7 @@ import importlib
 from pathlib import Path
 
 from edgevl.bench.peers.driver import PeerSetup, files_bytes
+from edgevl.errors import EdgevlError
 
 MODULES = {"llama.cpp": "edgevl.bench.peers.llama_cpp", "openvino": "edgevl.bench.peers.openvino"}
 NAMES = tuple(MODULES)
@@ -56,7 +57,8 @@ def peer_json(name: str, variant: dict, raw: dict, new_tokens: int, other_cores:
     out = side_json(side, new_tokens)
     if not raw.get("per_step_decode"):
         out["decode_by_context"] = []        # one mean per run: no per-step curve to draw
-    out.update({"peer": name, "variant": variant["label"], "settings": variant.get("settings") or {},
+    settings = {**(variant.get("settings") or {}), **(raw.get("settings") or {})}   # what the run really used
+    out.update({"peer": name, "variant": variant["label"], "settings": settings,
                 "files": raw["files"], "on_disk_bytes": files_bytes(raw["files"]), "command": raw.get("command"),
                 "per_step_decode": bool(raw.get("per_step_decode")),
                 "exposes": [k for k, v in out["stages"].items() if v is not None]})
@@ -83,16 +85,40 @@ def run_peers(cfg, found: dict[str, PeerSetup], artifacts, workloads, sources: d
                 for w in workloads:
                     if w.image_path is None:      # the peers' tools are driven with one image
                         continue
-                    with CpuContention() as cpu:
-                        raw = peer.measure(setup, Path(source), variant, w.image_path, texts[(source, w.key)],
-                                           w.new_tokens, cfg.runs, cfg.warmup, cfg.options.threads, tick, log)
-                    results.setdefault((source, prec, w.key), []).append(
-                        peer_json(name, variant, raw, w.new_tokens, cpu.other_cores))
+                    try:
+                        with CpuContention() as cpu:
+                            raw = peer.measure(setup, Path(source), variant, w.image_path, texts[(source, w.key)],
+                                               w.new_tokens, cfg.runs, cfg.warmup, cfg.options.threads, tick, log)
+                        side = peer_json(name, variant, raw, w.new_tokens, cpu.other_cores)
+                    except PEER_FAILURES as e:
+                        log(f"{name} {variant['label']} failed, its row is marked and the comparison goes on: {e}")
+                        side = failure_json(name, variant, e)
+                    results.setdefault((source, prec, w.key), []).append(side)
                 if cfg.decode_contexts and hasattr(peer, "probe"):
+                    try:
+                        points = peer.probe(setup, Path(source), variant, cfg.decode_contexts, cfg.options.threads, log)
+                    except PEER_FAILURES as e:
+                        log(f"{name} {variant['label']}: its decode-vs-context probe failed: {e}")
+                        points = []
                     probes.append({"artifact": f"source {Path(source).name}", "backend": variant["label"],
-                                   "engine": name, "points": peer.probe(setup, Path(source), variant,
-                                                                        cfg.decode_contexts, cfg.options.threads, log)})
+                                   "engine": name, "points": points})
     return results
+
+
+# What a peer's run may fail with (a crashing tool, a conversion the peer's converter refuses, a file it could not
+# write): its row is marked with the reason and the rest of the comparison is measured and written.
+PEER_FAILURES = (EdgevlError, OSError)
+
+
+def failure_json(name: str, variant: dict, error: BaseException) -> dict:
+    """A peer variant that did not run: what identifies it, the settings it was tried with, and why."""
+    return {"engine": name, "peer": name, "variant": variant["label"], "settings": variant.get("settings") or {},
+            "failed": str(error) or type(error).__name__}
+
+
+def split_failures(sides: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(peers that were measured, peers that failed)."""
+    return [s for s in sides if "failed" not in s], [s for s in sides if "failed" in s]
 
 
 def runs_per_workload(found: dict[str, PeerSetup], artifacts, cfg) -> int:

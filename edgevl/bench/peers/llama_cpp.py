@@ -98,10 +98,78 @@ def model_files(setup: PeerSetup, source: Path, variant: dict, log: Callable[[st
 
 
 def command(setup: PeerSetup, llm: Path, mmproj: Path, image: Path, prompt: str, new_tokens: int,
-            threads: int = 0) -> list[str]:
+            threads: int = 0, repack: bool = True) -> list[str]:
     return [setup.path("mtmd_cli"), "-m", llm, "--mmproj", mmproj, "--image", image, "-p", prompt,
             "-n", str(new_tokens), "--temp", "0", "--ignore-eos", "--jinja", "--perf", "-lv", "4",
-            "--log-colors", "off", *(["-t", str(threads)] if threads else [])]
+            "--log-colors", "off", *(["-t", str(threads)] if threads else []), *([] if repack else ["--no-repack"])]
+
+
+# ----------------------------------------------------------------------------- weight repacking
+# ggml repacks weights at load for the CPU's fastest kernels (its "extra buffer types"; on CPUs with AMX, built with
+# GGML_NATIVE, the AMX buffer). On an Intel Xeon with AMX, llama-mtmd-cli and llama-bench crashed with SIGSEGV in
+# warm-up on Q8_0 and Q4_0 with it on (issue 24); --no-repack (llama-bench: --repack 0) runs, at a cost. A tool
+# killed by a signal with repacking on is run again with it off, and the choice is remembered for this CPU in the
+# peer's folder, so later runs and the decode probe start with the configuration that runs.
+REPACK_FILE = "repack.json"
+REPACK_ON = "on (llama.cpp's default)"
+
+
+def cpu_signature() -> str:
+    """The CPU's model name and feature flags (/proc/cpuinfo's first processor), hashed: what repacking depends on."""
+    import hashlib
+    try:
+        text = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        import platform
+        text = platform.processor() or platform.machine()
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+    return hashlib.sha256(f"{fields.get('model name')}|{fields.get('flags')}".encode()).hexdigest()[:16]
+
+
+def repack_setting(setup: PeerSetup) -> tuple[bool, str]:
+    """(repack weights?, the setting as the report names it) for this CPU."""
+    try:
+        known = json.loads((setup.root / REPACK_FILE).read_text())
+    except (OSError, ValueError):
+        return True, REPACK_ON
+    if isinstance(known, dict) and known.get("cpu") == cpu_signature() and known.get("repack") is False:
+        return False, str(known.get("why"))
+    return True, REPACK_ON
+
+
+def remember_no_repack(setup: PeerSetup, why: str) -> None:
+    path = setup.root / REPACK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps({"cpu": cpu_signature(), "repack": False, "why": why}) + "\n")
+    tmp.replace(path)
+
+
+def killed_by(run) -> str | None:
+    """The signal's name when the tool was killed by one (SIGSEGV...), else None."""
+    if run.returncode >= 0:
+        return None
+    import signal
+    try:
+        return signal.Signals(-run.returncode).name
+    except ValueError:
+        return f"signal {-run.returncode}"
+
+
+def run_with_repack_fallback(setup: PeerSetup, make_cmd: Callable[[bool], list], what: str, log) -> tuple:
+    """Run make_cmd(repack) with this CPU's repack setting; when the tool is killed by a signal with repacking
+    on, once more with it off (and remember that). -> (the successful ToolRun, its command, the repack setting)."""
+    repack, setting = repack_setting(setup)
+    cmd = make_cmd(repack)
+    run = run_tool(cmd, TIMEOUT_S)
+    signal_name = killed_by(run) if repack else None
+    if signal_name:
+        setting = f"off (--no-repack): with repacking {what} was killed by {signal_name} on this CPU"
+        log(f"llama.cpp: {what} was killed by {signal_name} with weight repacking on; running it with --no-repack")
+        remember_no_repack(setup, setting)
+        cmd = make_cmd(False)
+        run = run_tool(cmd, TIMEOUT_S)
+    return check(run, what), cmd, setting
 
 
 _STAMP = r"(\d+)\.(\d+)\.(\d+)\.(\d+)"
@@ -142,9 +210,10 @@ def stage_times(parsed: dict) -> dict:
             "e2e_ms": ttft + parsed["eval_ms"], "decode_ms": decode}
 
 
-def bench_command(setup: PeerSetup, llm: Path, contexts: list[int], threads: int = 0, tokens: int = 16) -> list[str]:
+def bench_command(setup: PeerSetup, llm: Path, contexts: list[int], threads: int = 0, tokens: int = 16,
+                  repack: bool = True) -> list[str]:
     return [setup.path("bench"), "-m", llm, "-p", "0", "-n", str(tokens), "-d", ",".join(map(str, contexts)),
-            "-r", "3", "-o", "json", *(["-t", str(threads)] if threads else [])]
+            "-r", "3", "-o", "json", *(["-t", str(threads)] if threads else []), *([] if repack else ["--repack", "0"])]
 
 
 def parse_bench(stdout: str) -> list[tuple[int, float]]:
@@ -160,12 +229,15 @@ def measure(setup: PeerSetup, source: Path, variant: dict, image: Path, prompt: 
             runs: int, warmup: int, threads: int, tick, log) -> dict:
     """warm-up + measured llama-mtmd-cli runs -> {"runs": [stage dicts], "load_times", "peak_rss", ...}."""
     llm, mmproj = model_files(setup, source, variant, log)
-    cmd = command(setup, llm, mmproj, image, prompt, new_tokens, threads)
     out = {"runs": [], "load_times": [], "peak_rss": 0, "files": [str(llm), str(mmproj)],
-           "command": " ".join(map(str, cmd)), "per_step_decode": False, "threads": threads or None}
+           "per_step_decode": False, "threads": threads or None}
+
+    def make_cmd(repack: bool) -> list:
+        return command(setup, llm, mmproj, image, prompt, new_tokens, threads, repack)
     for i in range(warmup + runs):
         tick(f"{NAME} {variant['llm']} {'warm-up' if i < warmup else 'run'}")
-        run = check(run_tool(cmd, TIMEOUT_S), "llama-mtmd-cli")
+        run, cmd, repack = run_with_repack_fallback(setup, make_cmd, "llama-mtmd-cli", log)
+        out["command"], out["settings"] = " ".join(map(str, cmd)), {"repack": repack, "threads": threads or "default"}
         parsed = parse_output(run.stderr)
         if i >= warmup:
             out["runs"].append(stage_times(parsed))
@@ -177,4 +249,6 @@ def measure(setup: PeerSetup, source: Path, variant: dict, image: Path, prompt: 
 
 def probe(setup: PeerSetup, source: Path, variant: dict, contexts: list[int], threads: int, log) -> list:
     llm, _ = model_files(setup, source, variant, log)
-    return parse_bench(check(run_tool(bench_command(setup, llm, contexts, threads), TIMEOUT_S), "llama-bench").stdout)
+    run, _, _ = run_with_repack_fallback(setup, lambda repack: bench_command(setup, llm, contexts, threads,
+                                                                            repack=repack), "llama-bench", log)
+    return parse_bench(run.stdout)
