@@ -264,7 +264,8 @@ def test_peer_rows_in_the_report(tiny_artifact, tmp_path, monkeypatch, capsys):
     """run_bench with a stand-in llama.cpp module (its measurements from the captured log): the peer is
     given edgevl's prompt text and image, and its row has side_json's keys, ratios and its identity."""
     from edgevl.bench import peers
-    from edgevl.bench.report import render_text, write_plot
+    from edgevl.bench.plot import write_plot
+    from edgevl.bench.report import render_text
     from edgevl.bench.suite import BenchConfig, run_bench
     seen = []
     gguf = tmp_path / "m.gguf"
@@ -365,7 +366,8 @@ def test_a_failing_peer_leaves_its_row_marked_and_the_report_is_written(tiny_art
     """One peer fails (its tool crashed), the other measures: run_bench finishes, the failed configuration is in the
     row with its reason and settings, the measured one has its numbers, and every rendering shows both."""
     from edgevl.bench import peers
-    from edgevl.bench.report import render_text, write_plot
+    from edgevl.bench.plot import write_plot
+    from edgevl.bench.report import render_text
     from edgevl.bench.suite import BenchConfig, run_bench
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"\0" * 10)

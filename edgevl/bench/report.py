@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 
 from edgevl.bench.stats import median_by_key
-from edgevl.extras import requires
 
 STAGE_COLUMNS = (("preprocess_ms", "preproc ms"), ("vision_ms", "vision ms"), ("prefill_ms", "prefill ms"),
                  ("ttft_ms", "TTFT ms"), ("decode_ms_per_token", "decode ms/tok"), ("e2e_ms", "e2e ms"))
@@ -325,62 +324,3 @@ def render_text(report: dict, markdown: bool = False) -> str:
 def write_json(report: dict, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(report, indent=1) + "\n")
-
-
-def write_plot(report: dict, path: str | Path) -> None:
-    """PNG: decode ms/token vs context length (measured steps, synthetic-cache probes, roofline floor) and
-    per-stage bars (median ms, log scale) for every engine and sweep row."""
-    with requires("bench", "--plot"):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 6))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    probes = report.get("context_probes") or []
-    xs_all = [p[0] for row in report["rows"] for key in ("edgevl", "reference") if row[key]
-              for p in row[key]["decode_by_context"]] + [c for probe in probes for c, _ in probe["points"]]
-    floors = {}
-    for i, row in enumerate(report["rows"]):
-        c = colors[i % len(colors)]
-        for key, side in _sides(row):
-            if side["decode_by_context"]:
-                what = _sweep_label(row, with_artifact=key == "edgevl")
-                ax1.plot(*zip(*side["decode_by_context"]), {"edgevl": "-", "reference": "--"}.get(key, "-."),
-                         color=c, label=f"{engine_label(side)}: {what}")
-        floors.setdefault(row["artifact"]["path"], (row, c))
-    for row, c in floors.values():
-        roof = row["roofline"]
-        if roof["floor_ms"] and xs_all:
-            xs = [min(xs_all), max(xs_all)]
-            base, bw = roof["weight_bytes"] + roof["embedding_row_bytes"], roof["bandwidth_bytes_per_s"]
-            ax1.plot(xs, [(base + roof["kv_per_token_bytes"] * x) / bw * 1e3 for x in xs], ":", color=c,
-                     label=f"floor (weights + KV at read bandwidth): {artifact_label(row['artifact'])}")
-    for j, probe in enumerate(probes):
-        pts = median_by_key(probe["points"])
-        ax1.plot(*zip(*pts), "o-" if probe["engine"] == "edgevl" else "s--", color=colors[(j + 3) % len(colors)],
-                 label=f"{probe['engine']} synthetic cache: {probe['artifact']} {probe['backend']}", alpha=0.7)
-    ax1.set_xlabel("context length (tokens attended); solid edgevl, dashed transformers, dash-dot peers, dotted floor")
-    ax1.set_ylabel("decode ms / token")
-    ax1.set_title("decode latency vs context length")
-    ax1.set_ylim(bottom=0)
-    ax1.legend(fontsize=7)
-    bars = [(f"{engine_label(side)}: " + _sweep_label(row, with_artifact=side is row["edgevl"]), side, i)
-            for i, row in enumerate(report["rows"]) for _, side in _sides(row)]
-    width = 0.8 / max(len(bars), 1)
-    for k, (label, side, i) in enumerate(bars):
-        vals = [_median(side, s) or 0 for s, _ in STAGE_COLUMNS]
-        ax2.bar([x + k * width for x in range(len(STAGE_COLUMNS))], vals, width, label=label,
-                color=colors[i % len(colors)], edgecolor="black", linewidth=0.4,
-                hatch="//" if side["engine"] != "edgevl" else None, alpha=1.0 if side["engine"] == "edgevl" else 0.6)
-    ax2.set_xticks([x + width * (len(bars) - 1) / 2 for x in range(len(STAGE_COLUMNS))],
-                   [lbl for _, lbl in STAGE_COLUMNS])
-    ax2.set_yscale("log")
-    ax2.set_ylabel("ms (median)")
-    ax2.set_title("per-stage latency")
-    ax2.legend(fontsize=7)
-    fig.suptitle("; ".join(["edgevl bench — " + report["machine"]["cpu_model"], *report.get("notes", [])])[:160],
-                 fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from edgevl.cli.flags import add_backend_flags, backend_options, logger
+from edgevl.artifact.folder import refuse_overlap
+from edgevl.cli.flags import add_backend_flags, backend_options, logger, whole
 from edgevl.errors import EdgevlError
+
+MAX_BANDWIDTH_MIB = 1 << 16     # the bandwidth buffer (and its copy) is allocated: at most 64 GiB
 
 
 def add_parser(sub) -> None:
@@ -35,13 +38,13 @@ def add_parser(sub) -> None:
                    help="synthetic photo-like image(s) of these sizes, e.g. 224x224 448x448 1344x756; 'none' "
                         "for a text-only prompt (default: 448x448 when no --image is given)")
     p.add_argument("--prompt", help="the user's text before any filler (default: 'Describe this image in detail.')")
-    p.add_argument("--prompt-tokens", action="extend", nargs="+", type=int, metavar="N",
+    p.add_argument("--prompt-tokens", action="extend", nargs="+", type=whole(1), metavar="N",
                    help="total prompt length(s) in tokens, chat template and image tokens included; the text is "
                         "padded with filler to reach it (default: the prompt as is)")
-    p.add_argument("--new-tokens", action="extend", nargs="+", type=int, metavar="N",
+    p.add_argument("--new-tokens", action="extend", nargs="+", type=whole(1), metavar="N",
                    help="tokens to generate per run, EOS ignored (default: 32)")
-    p.add_argument("--runs", type=int, default=5, metavar="N", help="measured runs per sweep point (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, metavar="N",
+    p.add_argument("--runs", type=whole(1), default=5, metavar="N", help="measured runs per sweep point (default: 5)")
+    p.add_argument("--warmup", type=whole(0), default=1, metavar="N",
                    help="discarded warm-up runs before them (default: 1)")
     p.add_argument("--reference", nargs="+", action="extend", default=[], choices=["hf", "llama.cpp", "openvino"],
                    metavar="ENGINE",
@@ -56,14 +59,14 @@ def add_parser(sub) -> None:
                         "shared machine whose load drifts treats them alike (peak RSS is then both models together)")
     p.add_argument("--reference-model", metavar="PATH",
                    help="model folder for --reference hf when the manifest's source model is not available here")
-    p.add_argument("--decode-contexts", action="extend", nargs="+", type=int, default=[], metavar="N",
+    p.add_argument("--decode-contexts", action="extend", nargs="+", type=whole(1), default=[], metavar="N",
                    help="also time decode steps on a synthetic KV cache at these context lengths "
                         "(e.g. 512 1024 2048 4096)")
     p.add_argument("--json", metavar="PATH", help="write the full report (machine, settings, every run) as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
     p.add_argument("--plot", metavar="PATH",
                    help="write a PNG: decode latency vs context length and per-stage bars (needs matplotlib)")
-    p.add_argument("--bandwidth-mib", type=int, default=512, metavar="N",
+    p.add_argument("--bandwidth-mib", type=whole(1, MAX_BANDWIDTH_MIB), default=512, metavar="N",
                    help="buffer size of the memory-bandwidth measurement in MiB (default: 512)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifacts' files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -91,22 +94,32 @@ def config_from_args(args, log=lambda msg: None):
         progress=False if args.no_progress else None)
 
 
+def _check_reports(args, artifacts) -> None:
+    """--json / --markdown / --plot never overwrite or write into what bench reads."""
+    inputs = ([("the artifact", Path(a)) for a in artifacts] + [("the image", Path(i)) for i in args.image]
+              + ([("the reference model", Path(args.reference_model))] if args.reference_model else []))
+    for path in (args.json, args.markdown, args.plot):
+        if path:
+            refuse_overlap(Path(path), inputs, what="the report")
+
+
 def run(args) -> int:
     from edgevl.bench import report as rep
+    from edgevl.bench.plot import write_plot
     from edgevl.bench.suite import run_bench
 
     if not args.artifacts and not args.preset:
         raise EdgevlError("give at least one export folder OUT or --preset NAME.")
-    if args.bandwidth_mib < 1:
-        raise EdgevlError("--bandwidth-mib must be at least 1.")
 
     from edgevl.runtime.runners import share_thread_pool
     log = logger("bench")
+    _check_reports(args, args.artifacts)            # before any work
     config = config_from_args(args, log)            # checks --threads first
+    _check_reports(args, config.artifacts)          # a --preset's export too
     share_thread_pool(args.threads)     # as run / chat / serve do (bench never runs onnxruntime's quantizers)
     result = run_bench(config, log=log)
     sys.stdout.write(rep.render_text(result))
-    for path, write in ((args.json, rep.write_json), (args.plot, rep.write_plot),
+    for path, write in ((args.json, rep.write_json), (args.plot, write_plot),
                         (args.markdown, lambda r, p: Path(p).write_text(rep.render_text(r, markdown=True)))):
         if path:
             write(result, path)
