@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from edgevl.bench.stats import DTYPE_BITS, median_by_key, summarize, tensor_bytes
+from edgevl.bench.stats import DTYPE_BITS, median_by_key, summarize, tensor_bytes, tokens_per_second
 from edgevl.errors import EdgevlError
 
 DEFAULT_PROMPT = "Describe this image in detail."
@@ -332,3 +332,22 @@ def graph_weight_bytes(graph) -> dict:
             name = _ONNX_DTYPE_NAMES.get(name, name)
             total += tensor_bytes(t.dims, name) if name in DTYPE_BITS else 0
     return {"bytes": total, "tensors": len(tensors), "method": "onnx initializers + Constant tensors"}
+
+
+def side_json(side: SideResult | None, new_tokens: int) -> dict | None:
+    """One engine's side of a report row: its stage summaries, throughput, memory and runs (None stays None)."""
+    if side is None:
+        return None
+    stages = side.stages()
+    decode = (stages["decode_ms_per_token"] or {}).get("median")
+    e2e = (stages["e2e_ms"] or {}).get("median")
+    return {"engine": side.engine, "load_s": side.load_s, "load": summarize(side.load_times),
+            "prompt_tokens": side.prompt_len, "stages": stages,
+            "tokens_per_s": tokens_per_second(decode),
+            "e2e_tokens_per_s": new_tokens / (e2e / 1e3) if e2e else None,
+            "decode_by_context": [list(p) for p in side.decode_by_context()],
+            "peak_rss_bytes": side.peak_rss, "rss_before_load_bytes": side.rss_before,
+            "peak_rss_delta_bytes": side.peak_rss - side.rss_before, "peak_rss_shared": side.rss_shared,
+            "gpu_memory": side.gpu,
+            "threads": side.threads, "other_processes_cores": side.other_cores,
+            "tokens": side.tokens, "runs": side.runs}

@@ -38,6 +38,7 @@ from edgevl.bench.measure import (
     measure_workload,
     parse_size,
     probe_contexts,
+    side_json,
     synthetic_image,
 )
 from edgevl.errors import EdgevlError
@@ -128,24 +129,6 @@ def _roofline(artifact, weights: dict, side: SideResult, new_tokens: int, bandwi
             "bytes_per_token": total, "bandwidth_bytes_per_s": bandwidth, "floor_ms": floor,
             "weights_only_floor_ms": stats.floor_ms(weights["bytes"] + emb_row, bandwidth),
             "kv_per_token_bytes": cfg.kv_cache_bytes(1, 1, itemsize)}
-
-
-def side_json(side: SideResult | None, new_tokens: int) -> dict | None:
-    if side is None:
-        return None
-    stages = side.stages()
-    decode = (stages["decode_ms_per_token"] or {}).get("median")
-    e2e = (stages["e2e_ms"] or {}).get("median")
-    return {"engine": side.engine, "load_s": side.load_s, "load": stats.summarize(side.load_times),
-            "prompt_tokens": side.prompt_len, "stages": stages,
-            "tokens_per_s": stats.tokens_per_second(decode),
-            "e2e_tokens_per_s": new_tokens / (e2e / 1e3) if e2e else None,
-            "decode_by_context": [list(p) for p in side.decode_by_context()],
-            "peak_rss_bytes": side.peak_rss, "rss_before_load_bytes": side.rss_before,
-            "peak_rss_delta_bytes": side.peak_rss - side.rss_before, "peak_rss_shared": side.rss_shared,
-            "gpu_memory": side.gpu,
-            "threads": side.threads, "other_processes_cores": side.other_cores,
-            "tokens": side.tokens, "runs": side.runs}
 
 
 def _ratios(ours: dict, ref: dict | None) -> dict | None:

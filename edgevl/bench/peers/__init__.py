@@ -14,7 +14,7 @@ Each peer module (llama_cpp, openvino) provides
                                          "peak_rss", "files", "command", "per_step_decode", ...}
     probe(...) (optional)            decode ms/token at context lengths
 and this module turns their numbers into rows shaped like the edgevl and transformers sides
-(suite.side_json), plus the peer's name, variant, settings, files and their size on disk. Stages a
+(measure.side_json), plus the peer's name, variant, settings, files and their size on disk. Stages a
 peer does not time separately are None (neither times image preprocessing; OpenVINO before genai 2026: TTFT
 only).
 """
@@ -46,10 +46,9 @@ def precision(manifest) -> str:
 
 
 def peer_json(name: str, variant: dict, raw: dict, new_tokens: int, other_cores: float | None) -> dict:
-    """A peer's measurements -> the same keys as suite.side_json, plus what identifies the peer."""
+    """A peer's measurements -> the same keys as measure.side_json, plus what identifies the peer."""
     from edgevl.bench import stats
-    from edgevl.bench.measure import SideResult
-    from edgevl.bench.suite import side_json
+    from edgevl.bench.measure import SideResult, side_json
     loads = [t for t in raw["load_times"] if t is not None]
     side = SideResult(name, stats.summarize(loads)["median"] if loads else None, raw.get("prompt_tokens") or 0,
                       runs=raw["runs"], rss_before=raw.get("rss_before", 0), peak_rss=raw["peak_rss"],
