@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -85,28 +86,90 @@ def files_digest(hashes: dict[str, str], files: tuple[str, ...]) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
+def _real_paths(path: Path) -> set[Path]:
+    """Where `path` really is: itself with symlinks resolved, and for a folder also where its symlinked entries
+    lead (a Hugging Face cache snapshot's files are links into its blobs folder)."""
+    path = Path(path)
+    found = {path.resolve()}
+    if path.is_dir():
+        found |= {entry.resolve() for entry in path.iterdir() if entry.is_symlink()}
+    return found
+
+
+def refuse_overlap(out: Path, inputs: Iterable[tuple[str, Path]], what: str = "the output") -> None:
+    """EdgevlError when `out` is, contains or lies inside one of `inputs` ((description, path) pairs), comparing
+    real paths: no command may delete or change what it reads, --force or not. `what` names the output."""
+    target = Path(out).resolve()
+    for description, path in inputs:
+        for real in sorted(_real_paths(path)):
+            if target == real:
+                relation = "is"
+            elif real in target.parents:
+                relation = "is inside"
+            elif target in real.parents:
+                relation = "contains"
+            else:
+                continue
+            seen = "" if real == Path(path).resolve() else f" ({real} is part of it)"
+            raise EdgevlError(f"{what} {target} {relation} {description} {path}{seen}; a command never replaces or "
+                              f"writes into what it reads, so choose a path outside it.")
+
+
+def check_output(out: Path, force: bool, inputs: Iterable[tuple[str, Path]] = (), what: str = "the output") -> Path:
+    """The checks a writer makes before any work: `out` overlaps none of its inputs, and exists only with
+    `force`. Returns `out` resolved."""
+    refuse_overlap(out, inputs, what)
+    out = Path(out).resolve()
+    if (out.exists() or out.is_symlink()) and not force:
+        raise EdgevlError(f"{out} already exists; pass --force to replace it.")
+    return out
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def os_reason(e: OSError) -> str:
+    """An OSError in words: its reason and the file it was about."""
+    reason = e.strerror or str(e) or type(e).__name__
+    files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)     # a copy or rename names both ends
+    return f"{reason} ({files})" if files else reason
+
+
 @contextmanager
-def staged_folder(out: Path, force: bool = False):
+def staged_folder(out: Path, force: bool = False, inputs: Iterable[tuple[str, Path]] = ()):
     """Yield a temporary sibling folder; move it to `out` only if the block succeeds.
 
-    An interrupted or failed write never leaves a half-valid `out`. With `force`,
-    an existing `out` is replaced (after the new one is complete).
+    An interrupted or failed write never leaves a half-valid `out`. With `force`, an existing `out` (a folder
+    or a file) is replaced after the new one is complete; an `out` that overlaps one of `inputs` is refused
+    (check_output). An OSError while writing (a full disk, a read-only or forbidden folder) is one sentence
+    naming `out` and the reason, with nothing left behind.
     """
-    out = Path(out).resolve()
-    if out.exists() and not force:
-        raise EdgevlError(f"{out} already exists; pass --force to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    out = check_output(out, force, inputs)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise EdgevlError(f"{out} could not be written: {os_reason(e)}.") from None
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private; an artifact folder is an ordinary folder
-        if out.exists():
+        if out.exists() or out.is_symlink():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                tmp.rename(out)
+            except OSError:
+                old.rename(out)       # the previous `out` stays as it was
+                raise
+            _remove(old)
         else:
             tmp.rename(out)
+    except OSError as e:
+        raise EdgevlError(f"{out} could not be written: {os_reason(e)}; no partial output was left.") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

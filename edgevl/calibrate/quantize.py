@@ -15,6 +15,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from edgevl.artifact import names
 from edgevl.artifact.folder import (
     MANIFEST,
     Artifact,
+    check_output,
     load_artifact,
+    os_reason,
     sha256_file,
     staged_folder,
     write_manifest,
@@ -61,7 +64,7 @@ def _progress(enabled: bool, desc: str):
     return lambda items: tqdm(items, desc=desc, unit="sample", leave=False)
 
 
-def _check_source(src: Artifact, out: Path, force: bool) -> None:
+def _check_source(src: Artifact) -> None:
     if src.manifest.quantization:
         raise EdgevlError(f"{src.path} is already quantized ({src.manifest.quantization.recipe}); "
                           f"quantize the fp32 export instead.")
@@ -69,10 +72,24 @@ def _check_source(src: Artifact, out: Path, force: bool) -> None:
               src.manifest.graph(names.DECODER).input(names.INPUTS_EMBEDS)]
     if any(t.dtype != "float32" for t in inputs):
         raise EdgevlError(f"{src.path} is not an fp32 export; quantize the output of `edgevl export --dtype fp32`.")
-    if out == src.path.resolve():
-        raise EdgevlError("OUT_Q must be a new folder, not the source artifact itself.")
-    if out.exists() and not force:
-        raise EdgevlError(f"{out} already exists; pass --force to replace it.")
+
+
+@contextmanager
+def _work_folder():
+    """A temporary folder for the captured feeds and candidate graphs, removed at the end; an OSError while it is
+    written (a full or read-only $TMPDIR) is one sentence naming it."""
+    where = tempfile.gettempdir()
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgevl-quantize-") as tmp:
+            yield Path(tmp)
+    except OSError as e:
+        raise EdgevlError(f"the work folder of `edgevl quantize` in {where} ($TMPDIR) could not be written: "
+                          f"{os_reason(e)}.") from None
+
+
+def _inputs(artifact, opts: QuantizeOptions) -> list[tuple[str, Path]]:
+    """What quantize reads: the artifact and the calibration data."""
+    return [("the artifact", Path(artifact))] + ([("the calibration data", Path(opts.calib))] if opts.calib else [])
 
 
 def quantize(artifact, output, opts: QuantizeOptions, backend: Backend | None = None, log=print,
@@ -89,16 +106,18 @@ def quantize(artifact, output, opts: QuantizeOptions, backend: Backend | None = 
     handler.check(opts)                                   # fail before the (long) capture, not after
     max_drop = handler.default_max_drop if opts.max_drop is None else opts.max_drop
     backend = backend or get_backend("ort-cpu")
+    inputs = _inputs(artifact, opts)
+    out = check_output(Path(output), opts.force, inputs)   # before any work: never replace or write into an input
     src = load_artifact(artifact)
-    out = Path(output).resolve()
-    _check_source(src, out, opts.force)
+    _check_source(src)
 
     pool, source = data.load_samples(opts.calib, opts.samples + opts.eval_samples, opts.seed)
+    inputs += [("a calibration image", Path(image)) for s in pool for image in s.images if isinstance(image, str)]
+    check_output(out, opts.force, inputs)                 # a .jsonl's images are inputs too
     calib_set, eval_set = data.split_samples(pool, opts.samples, opts.eval_samples, opts.seed)
     from edgevl.runtime.pipeline import Pipeline
 
-    with tempfile.TemporaryDirectory(prefix="edgevl-quantize-") as tmp:
-        work = Path(tmp)
+    with _work_folder() as work:
         fp32 = Pipeline(src, backend=backend)
         log(f"capturing {len(calib_set)} calibration and {len(eval_set)} held-out samples ({source})")
         calib_store, eval_store = data.FeedStore(work / "calib"), data.FeedStore(work / "eval")
@@ -118,7 +137,7 @@ def quantize(artifact, output, opts: QuantizeOptions, backend: Backend | None = 
             kept_higher_precision={g: [{k: v for k, v in kept.items() if k != "nodes"} for kept in r.kept]
                                    for g, r in results.items()},
             source_manifest_sha256=sha256_file(src.path / MANIFEST), source_path=str(src.path))
-        with staged_folder(out, force=opts.force) as staged:
+        with staged_folder(out, force=opts.force, inputs=inputs) as staged:
             embeddings = _write_artifact(src, staged, results, quantization, opts)
             log("loading the quantized artifact through the runtime and measuring it on held-out samples")
             quant = Pipeline.load(staged, backend=backend)       # verifies every hash, like any user would

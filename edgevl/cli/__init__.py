@@ -10,28 +10,29 @@
     build     edgevl/cli/build.py       TensorRT engines ahead of time
     doctor    edgevl/cli/doctor.py      what this machine can run
 
-Each module has `add_parser(subparsers)` and `run(args)`. User-facing problems (EdgevlError) print one
-sentence and exit 2; `--debug` shows the traceback. SIGTERM ends a command like Ctrl-C does, so staged
-output folders are cleaned up either way.
+Each module has `add_parser(subparsers)` and `run(args)`. User-facing problems (EdgevlError, a flag value out of
+its range: flags.py, an OSError such as a full disk) print one sentence and exit 2; `--debug` shows the
+traceback. SIGTERM ends a command like Ctrl-C does, so staged output folders are cleaned up either way.
 """
 
 from __future__ import annotations
 
-import argparse
 import signal
 import sys
 import threading
 
 from edgevl import __version__
+from edgevl.artifact.folder import os_reason
 from edgevl.cli import bench, build, chat, doctor, export, quantize, run, serve, triton
+from edgevl.cli.flags import Parser
 from edgevl.errors import EdgevlError
 
 EXIT_USER_ERROR = 2
 COMMANDS = (export, run, quantize, chat, serve, triton, bench, build, doctor)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="edgevl", description="Qwen2-VL from a Hugging Face checkpoint to verified ONNX inference.")
     parser.add_argument("--version", action="version", version=f"edgevl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -47,7 +48,12 @@ def _terminate(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:     # a bad flag: its one sentence is printed (--help and --version exit 0)
+        if e.code == EXIT_USER_ERROR:
+            return EXIT_USER_ERROR
+        raise
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
@@ -56,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"edgevl {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:   # the machine, not the code: a full disk, a read-only or forbidden path
+        if args.debug:
+            raise
+        print(f"edgevl {args.command}: error: {os_reason(e)}.", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

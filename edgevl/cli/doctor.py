@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from edgevl.cli.flags import MAX_BATCH, whole
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -13,9 +15,10 @@ def add_parser(sub) -> None:
                     "with the reason for each one that will not. Safe on machines without a GPU.")
     p.add_argument("artifact", metavar="OUT", nargs="?",
                    help="optional export folder: also print the memory it needs (weights, KV cache)")
-    p.add_argument("--max-context", type=int, metavar="N",
+    p.add_argument("--max-context", type=whole(1), metavar="N",
                    help="KV-cache size for the memory estimate (default 4096, at most the model's context)")
-    p.add_argument("--max-batch", type=int, metavar="N", help="batch size for the memory estimate (default 1)")
+    p.add_argument("--max-batch", type=whole(1, MAX_BATCH), metavar="N",
+                   help="batch size for the memory estimate (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     p.set_defaults(func=run)
 

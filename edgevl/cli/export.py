@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from edgevl.cli.flags import whole
 from edgevl.extras import requires
 
 
@@ -24,7 +25,7 @@ def add_parser(sub) -> None:
                    help="ort: onnxruntime's fused ops (GroupQueryAttention over an in-place KV cache, "
                         "MultiHeadAttention), for ort-cpu and ort-cuda; standard: ONNX-standard ops only, for "
                         "TensorRT (trt, ort-trt) and other runtimes (default: ort; see docs/graphs.md)")
-    p.add_argument("--opset", type=int, default=None, metavar="N",
+    p.add_argument("--opset", type=whole(18, 24), default=None, metavar="N",
                    help="ONNX opset of the default domain, 18..24 (default: 18 for ort, 23 for standard; standard "
                         "below 23 spells attention, rotary and RMSNorm in primitive ops, for TensorRT < 10.15)")
     p.add_argument("--force", action="store_true", help="replace OUT if it already exists")

@@ -11,7 +11,7 @@ from edgevl.calibrate.options import (
     RECIPE_NAMES,
     W4_ALGORITHMS,
 )
-from edgevl.cli.flags import add_backend_flags, backend_from_args, logger
+from edgevl.cli.flags import add_backend_flags, backend_from_args, logger, real, whole
 from edgevl.extras import requires
 
 RECIPE_HELP = """recipes:
@@ -56,9 +56,9 @@ def add_parser(sub) -> None:
                    help="calibration data: a folder of images, or a .jsonl file with one {\"image\": path or "
                         "\"images\": [paths], \"prompt\": text} per line (default: scikit-image's sample "
                         "photographs at varied sizes with varied prompts)")
-    p.add_argument("--samples", type=int, default=16, metavar="N",
+    p.add_argument("--samples", type=whole(1), default=16, metavar="N",
                    help="calibration samples (default: 16); held-out samples are split off first, seeded")
-    p.add_argument("--eval-samples", type=int, default=4, metavar="M",
+    p.add_argument("--eval-samples", type=whole(1), default=4, metavar="M",
                    help="held-out samples for the report and the gate (default: 4)")
     p.add_argument("--method", choices=CALIBRATION_METHODS, default="minmax",
                    help="how static int8 activation ranges are calibrated (default: minmax)")
@@ -67,15 +67,16 @@ def add_parser(sub) -> None:
                         "quantization TensorRT builds from; pick it for trt/ort-trt), dynamic = ranges computed per "
                         "call (onnxruntime's fast int8 path on CPUs), auto = build both, keep the faster one whose "
                         "calibration drop is within half of --max-drop, else the more accurate (default)")
-    p.add_argument("--max-drop", type=float, metavar="X",
+    p.add_argument("--max-drop", type=real(0, 1), metavar="X",
                    help="largest allowed drop of a graph's score below fp32's 1.0 (vision: cosine similarity, "
                         "decoder: top-1 agreement); default per recipe: fp16 0.01, int8 0.05, w4a16 0.10")
     p.add_argument("--force", action="store_true",
                    help="replace OUT_Q if it exists, and write it even when a graph fails the gate")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in samples and of the split (default: 0)")
-    p.add_argument("--new-tokens", type=int, default=8, metavar="N",
+    p.add_argument("--seed", type=whole(0), default=0,
+                   help="seed of the built-in samples and of the split (default: 0)")
+    p.add_argument("--new-tokens", type=whole(1), default=8, metavar="N",
                    help="greedy tokens generated per held-out sample for agreement and latency (default: 8)")
-    p.add_argument("--block-size", type=int, default=128, metavar="B",
+    p.add_argument("--block-size", type=whole(16), default=128, metavar="B",
                    help="w4a16: weight rows per 4-bit scale, a power of two >= 16 (default: 128; 256 makes a "
                         "CPU prefill ~13%% faster for a coarser quantization: benchmarks/kernel_probe.py blocks)")
     p.add_argument("--w4-algorithm", choices=W4_ALGORITHMS, default="rtn",

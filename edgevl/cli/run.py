@@ -10,7 +10,9 @@ from edgevl.cli.flags import (
     add_backend_flags,
     add_generation_flags,
     load_pipeline,
+    real,
     sampling_from_args,
+    whole,
 )
 
 
@@ -25,9 +27,9 @@ def add_parser(sub) -> None:
                    help="an image file; repeat for several images in one prompt (in order)")
     p.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="a video file (needs the video extra, PyAV); repeatable; images come first in the message")
-    p.add_argument("--fps", type=float, default=2.0,
+    p.add_argument("--fps", type=real(0, above=True), default=2.0,
                    help="frames per second sampled from each video (default: 2, as Qwen2-VL was trained)")
-    p.add_argument("--max-frames", type=int, default=768, metavar="N",
+    p.add_argument("--max-frames", type=whole(2), default=768, metavar="N",
                    help="at most N frames per video (default: 768); bounds the number of video tokens")
     p.add_argument("--prompt", required=True, help="the user's message")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",

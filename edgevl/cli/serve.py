@@ -6,8 +6,15 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from edgevl.cli.flags import add_artifact_flags, add_backend_flags, load_pipeline
-from edgevl.errors import EdgevlError
+from edgevl.cli.flags import (
+    MAX_MIB,
+    MAX_QUEUE,
+    add_artifact_flags,
+    add_backend_flags,
+    load_pipeline,
+    real,
+    whole,
+)
 from edgevl.extras import requires
 from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 
@@ -24,27 +31,27 @@ def add_parser(sub) -> None:
     add_artifact_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    p.add_argument("--port", type=whole(1, 65535), default=8000, help="TCP port (default: 8000)")
     p.add_argument("--model-name", default=None,
                    help="model id clients must send (default: the artifact folder's name)")
     limits = p.add_argument_group("limits")
     limits.add_argument("--allow-local-files", action="store_true",
                         help="accept image_url and video_url values that are paths on this machine (off by default: "
                              "clients could read any image or video file the server can)")
-    limits.add_argument("--max-request-mb", type=float, default=32.0,
+    limits.add_argument("--max-request-mb", type=real(0, MAX_MIB, above=True), default=32.0,
                         help="largest request body in MiB (default: 32)")
-    limits.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+    limits.add_argument("--max-image-pixels", type=whole(1), default=4096 * 4096,
                         help="largest image or video frame accepted, in pixels (default: 16777216 = 4096x4096)")
-    limits.add_argument("--max-video-mb", type=float, default=24.0,
+    limits.add_argument("--max-video-mb", type=real(0, MAX_MIB, above=True), default=24.0,
                         help="largest video in a data URL, in MiB after base64 decoding (default: 24, what a "
                              "32 MiB request can carry; video needs the video extra, PyAV)")
-    limits.add_argument("--max-video-frames", type=int, default=768, metavar="N",
+    limits.add_argument("--max-video-frames", type=whole(2), default=768, metavar="N",
                         help="at most N frames sampled (at 2 fps) per video (default: 768); bounds memory and "
                              "the number of video tokens")
-    limits.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+    limits.add_argument("--max-queue", type=whole(0, MAX_QUEUE), default=DEFAULT_MAX_QUEUE, metavar="N",
                         help=f"requests accepted beyond the --max-batch running ones; more get HTTP 429 "
                              f"(default: {DEFAULT_MAX_QUEUE})")
-    limits.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+    limits.add_argument("--prefill-chunk", type=whole(1), default=DEFAULT_PREFILL_CHUNK, metavar="N",
                         help=f"while other requests decode, a joining prompt is prefilled N tokens per decode step "
                              f"(an even number: N-1 for an odd N), so a long prompt does not stall them (default: "
                              f"{DEFAULT_PREFILL_CHUNK})")
@@ -66,18 +73,6 @@ def run(args) -> int:
 
         from edgevl.serve.app import ServerLimits, create_app
 
-    if args.max_video_frames < 2:   # Qwen2-VL sees a video as pairs of frames
-        raise EdgevlError("--max-video-frames must be at least 2.")
-    if not 0 < args.port < 65536:
-        raise EdgevlError(f"--port must be between 1 and 65535, not {args.port}.")
-    if args.max_request_mb <= 0 or args.max_video_mb <= 0 or args.max_image_pixels < 1:
-        raise EdgevlError("--max-request-mb, --max-video-mb and --max-image-pixels must be positive.")
-    if args.max_batch < 1 or args.max_batch > MAX_BATCH:
-        raise EdgevlError(f"--max-batch must be from 1 to {MAX_BATCH}, not {args.max_batch}.")
-    if not 0 <= args.max_queue <= MAX_QUEUE:
-        raise EdgevlError(f"--max-queue must be from 0 to {MAX_QUEUE}, not {args.max_queue}.")
-    if args.prefill_chunk < 1:
-        raise EdgevlError(f"--prefill-chunk must be at least 1, not {args.prefill_chunk}.")
     pipe = load_pipeline(args)
     name = args.model_name or Path(args.artifact).resolve().name
     mib = 1024 * 1024
@@ -101,10 +96,6 @@ def run(args) -> int:
           f"{limits.max_queue} more queued{cache})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
-
-
-MAX_BATCH = 256          # KV-cache rows: memory is rows x --max-context positions
-MAX_QUEUE = 100_000
 
 
 def _is_loopback(host: str) -> bool:

@@ -6,13 +6,20 @@ import os
 import sys
 from pathlib import Path
 
-from edgevl.cli.flags import add_artifact_flags, add_backend_flags, backend_options, logger
+from edgevl.cli.flags import (
+    MAX_MIB,
+    MAX_QUEUE,
+    add_artifact_flags,
+    add_backend_flags,
+    backend_options,
+    logger,
+    real,
+    whole,
+)
 from edgevl.errors import EdgevlError
 from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 
 MAX_INSTANCES = 256
-MAX_BATCH = 256
-MAX_QUEUE = 100_000
 
 
 def add_parser(sub) -> None:
@@ -33,7 +40,7 @@ def add_parser(sub) -> None:
                    help="the model repository folder to write (written whole, atomically; see --force)")
     p.add_argument("--model-name", default=None, metavar="NAME",
                    help="the Triton model name clients call (default: the artifact folder's name)")
-    p.add_argument("--instances", type=int, default=1, metavar="N",
+    p.add_argument("--instances", type=whole(1, MAX_INSTANCES), default=1, metavar="N",
                    help="model instances (instance_group count; per GPU for GPU backends): each is a process with "
                         "its own copy of the model (default: 1)")
     p.add_argument("--gpus", default=None, metavar="LIST",
@@ -52,19 +59,19 @@ def add_parser(sub) -> None:
                         "(the NGC container after `pip install edgevl`)")
     p.add_argument("--force", action="store_true", help="replace REPO if it exists")
     limits = p.add_argument_group("request limits")
-    limits.add_argument("--max-tokens", type=int, default=256, metavar="N",
+    limits.add_argument("--max-tokens", type=whole(1), default=256, metavar="N",
                         help="new tokens for a request that sends no max_tokens (default: 256)")
-    limits.add_argument("--max-image-pixels", type=int, default=4096 * 4096, metavar="N",
+    limits.add_argument("--max-image-pixels", type=whole(1), default=4096 * 4096, metavar="N",
                         help="largest image or video frame accepted, in pixels (default: 16777216 = 4096x4096)")
-    limits.add_argument("--max-video-mb", type=float, default=24.0, metavar="MB",
+    limits.add_argument("--max-video-mb", type=real(0, MAX_MIB, above=True), default=24.0, metavar="MB",
                         help="largest video in a data URL, in MiB after base64 decoding (default: 24; video needs "
                              "PyAV in Triton's Python)")
-    limits.add_argument("--max-video-frames", type=int, default=768, metavar="N",
+    limits.add_argument("--max-video-frames", type=whole(2), default=768, metavar="N",
                         help="at most N frames sampled (at 2 fps) per video (default: 768)")
-    limits.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
+    limits.add_argument("--max-queue", type=whole(0, MAX_QUEUE), default=DEFAULT_MAX_QUEUE, metavar="N",
                         help=f"requests an instance accepts beyond its --max-batch running ones; more get an "
                              f"UNAVAILABLE error (default: {DEFAULT_MAX_QUEUE})")
-    limits.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+    limits.add_argument("--prefill-chunk", type=whole(1), default=DEFAULT_PREFILL_CHUNK, metavar="N",
                         help=f"while other requests decode, a joining prompt is prefilled N tokens per decode step "
                              f"(default: {DEFAULT_PREFILL_CHUNK})")
     add_backend_flags(p, backend_help="execution backend inside Triton (default: ort-cpu); ort-cpu instances are "
@@ -117,8 +124,6 @@ def run(args) -> int:
     log = logger("triton")
     backend = args.backend or "ort-cpu"
     gpu = instance_kind(backend) == "KIND_GPU"
-    if not 1 <= args.instances <= MAX_INSTANCES:
-        raise EdgevlError(f"--instances must be from 1 to {MAX_INSTANCES}, not {args.instances}.")
     gpus = parse_gpus(args.gpus) if args.gpus is not None else ()
     if args.device != 0:
         if gpus:
@@ -126,20 +131,6 @@ def run(args) -> int:
         gpus = (args.device,)
     if gpus and not gpu:
         raise EdgevlError(f"backend {backend} runs on the CPU; --gpus and --device need ort-cuda, trt or ort-trt.")
-    if args.device < 0:
-        raise EdgevlError(f"--device must be a GPU index >= 0, not {args.device}.")
-    if args.max_tokens < 1:
-        raise EdgevlError(f"--max-tokens must be at least 1, not {args.max_tokens}.")
-    if args.max_image_pixels < 1 or not args.max_video_mb > 0:
-        raise EdgevlError("--max-image-pixels and --max-video-mb must be positive.")
-    if args.max_video_frames < 2:   # Qwen2-VL sees a video as pairs of frames
-        raise EdgevlError("--max-video-frames must be at least 2.")
-    if not 1 <= args.max_batch <= MAX_BATCH:
-        raise EdgevlError(f"--max-batch must be from 1 to {MAX_BATCH}, not {args.max_batch}.")
-    if not 0 <= args.max_queue <= MAX_QUEUE:
-        raise EdgevlError(f"--max-queue must be from 0 to {MAX_QUEUE}, not {args.max_queue}.")
-    if args.prefill_chunk < 1:
-        raise EdgevlError(f"--prefill-chunk must be at least 1, not {args.prefill_chunk}.")
     validate_threads(args.threads, "--threads")
     backend_options(args)           # the shared checks of --max-context, --max-image-patches, ...
     name = check_model_name(args.model_name or Path(args.artifact).resolve().name)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from edgevl.artifact import names
-from edgevl.artifact.folder import read_json_object, staged_folder, write_manifest
+from edgevl.artifact.folder import check_output, read_json_object, staged_folder, write_manifest
 from edgevl.artifact.manifest import EmbeddingSpec, Manifest, ModelConfig, SourceModel
 from edgevl.artifact.onnx_files import describe_graph, tied_dense_table, write_npy
 from edgevl.errors import EdgevlError
@@ -164,6 +164,8 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int | 
     if not lowest <= opset <= MAX_OPSET:
         raise EdgevlError(f"--opset must be between {lowest} and {MAX_OPSET} for the {variant} variant, not {opset}.")
     model_dir = resolve_model_dir(model)
+    inputs = [("the checkpoint", model_dir)]
+    check_output(Path(out), force, inputs)          # before any work: never replace or write into the checkpoint
     model_type = read_config(model_dir)["model_type"]
     preprocessor = model_dir / "preprocessor_config.json"
     if not preprocessor.exists():
@@ -180,7 +182,7 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int | 
     torch_dtype = DTYPES[dtype]
     log(f"loading {model} ({dtype})")
     hf_model = load_model(model_dir, torch_dtype, model_type)
-    with staged_folder(Path(out), force=force) as tmp, torch.no_grad():
+    with staged_folder(Path(out), force=force, inputs=inputs) as tmp, torch.no_grad():
         copy_side_files(model_dir, tmp)
         log(f"exporting vision encoder ({variant} ops) -> vision.onnx")
         export_vision(hf_model, tmp / "vision.onnx", torch_dtype, opset, variant)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgevl import __version__
-from edgevl.artifact.folder import MANIFEST, load_artifact, staged_folder
+from edgevl.artifact.folder import MANIFEST, check_output, load_artifact, staged_folder
 from edgevl.errors import EdgevlError
 from edgevl.serve.triton.protocol import OUTPUTS, TensorDecl, inputs
 
@@ -125,10 +125,6 @@ def render_config(spec: ModelSpec) -> str:
 
 
 # ----------------------------------------------------------------------------- the repository
-def _overlaps(a: Path, b: Path) -> bool:
-    return a == b or a in b.parents or b in a.parents
-
-
 def write_repository(artifact: str | Path, out: str | Path, spec: ModelSpec, copy: bool = False, verify: bool = True,
                      force: bool = False, log=lambda msg: None) -> Path:
     """Write REPO (`out`) with one model serving `artifact`; returns the model folder.
@@ -139,15 +135,13 @@ def write_repository(artifact: str | Path, out: str | Path, spec: ModelSpec, cop
 
     check_model_name(spec.name)
     source = Path(artifact).resolve()
-    target = Path(out).resolve()
-    if _overlaps(source, target):
-        raise EdgevlError(f"the repository {target} and the artifact {source} overlap; write the repository to "
-                          f"another folder.")
+    inputs = [("the artifact", Path(artifact))]
+    target = check_output(Path(out), force, inputs, what="the repository")   # before any work
     loaded = load_artifact(source, verify=verify)
     if spec.backend not in BACKENDS:
         raise EdgevlError(f"unknown backend {spec.backend!r}; choose one of {', '.join(BACKENDS)}.")
     Backend(BACKENDS[spec.backend]).graphs(loaded)     # the artifact's variant runs on this backend
-    with staged_folder(target, force=force) as tmp:
+    with staged_folder(target, force=force, inputs=inputs) as tmp:
         model_dir = tmp / spec.name
         version = model_dir / VERSION
         version.mkdir(parents=True)
