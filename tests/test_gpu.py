@@ -52,9 +52,11 @@ def tiny_artifact_fp16(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cuda_pipeline(tiny_artifact):
+def cuda_pipeline(tiny_artifact_fp16):
+    """ort-cuda runs fp16 artifacts: onnxruntime's CUDA GroupQueryAttention has no float32 kernel, and ort-cuda
+    refuses an fp32 decoder rather than run its attention on the CPU (runtime/ort_placement.py)."""
     from edgevl.runtime.pipeline import Pipeline
-    return Pipeline.load(tiny_artifact, backend="ort-cuda")
+    return Pipeline.load(tiny_artifact_fp16, backend="ort-cuda")
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +78,46 @@ def prefill_logits(pipe, image) -> np.ndarray:
     return to_host(outputs["logits"]).astype(np.float64)
 
 
-# ----------------------------------------------------------------------------- fp32: exact
+FP16_MARGIN = 0.1     # a top-2 logit gap fp16 (~0.01 off on this model's logits) may flip
+
+
+def hf_steps(hf_model, ids, extra, new_tokens: int) -> tuple[list[int], list[float]]:
+    """transformers' greedy tokens and, per step, the gap between its two best logits."""
+    import torch
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                mm_token_type_ids=(ids == hf_model.config.image_token_id).int(),
+                                max_new_tokens=new_tokens, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True, **extra)
+    gaps = [float(np.diff(np.sort(s[0].float().numpy())[-2:])[0]) for s in out.scores]
+    return out.sequences[0, ids.shape[1]:].tolist(), gaps
+
+
+# ----------------------------------------------------------------------------- fp16 on CUDA vs transformers fp32
 @pytest.mark.parametrize("names", [["astronaut"], [], ["astronaut", "coffee"]], ids=["image", "text", "two_images"])
-def test_ort_cuda_greedy_tokens_equal_transformers(names, cuda_pipeline, hf_model, hf_inputs, photos):
+def test_ort_cuda_fp16_greedy_tokens_follow_transformers(names, cuda_pipeline, hf_model, hf_inputs, photos):
+    """Equal to transformers' fp32 tokens up to EOS, or up to a step whose two best logits are closer than fp16
+    can tell apart (random weights have such near-ties; there the paths may part)."""
     paths = [photos[n] for n in names]
     ids, extra = hf_inputs(PROMPT, paths)
     ours = cuda_pipeline.generate(PROMPT, images=paths, max_new_tokens=24, do_sample=False)
     assert ours.prompt_token_ids == ids[0].tolist()
-    assert ours.token_ids == strip_after_eos(hf_generate(hf_model, ids, extra)[0].tolist(),
-                                              cuda_pipeline.config.eos_token_id)
+    ref, gaps = hf_steps(hf_model, ids, extra, 24)
+    ref = strip_after_eos(ref, cuda_pipeline.config.eos_token_id)
+    same = next((i for i, (a, b) in enumerate(zip(ours.token_ids, ref)) if a != b), min(len(ours.token_ids), len(ref)))
+    if same < len(ref):
+        assert gaps[same] < FP16_MARGIN, f"tokens part at step {same} where transformers' top-2 gap is {gaps[same]}"
+
+
+def test_ort_cuda_refuses_an_fp32_decoder(tiny_artifact):
+    from edgevl.errors import EdgevlError
+    from edgevl.runtime.pipeline import Pipeline
+    with pytest.raises(EdgevlError, match="GroupQueryAttention on float"):
+        Pipeline.load(tiny_artifact, backend="ort-cuda")
 
 
 def test_kv_cache_stays_on_the_gpu(cuda_pipeline):
-    """The in-place cache: buffers allocated on the GPU once, bound as past and present, written there."""
+    """The in-place cache: buffers allocated (zeroed) on the GPU once, bound as past and present, written there."""
     from edgevl.runtime.generate import decoder_step
     from edgevl.runtime.runners import to_host
     cfg = cuda_pipeline.config
@@ -96,6 +125,7 @@ def test_kv_cache_stays_on_the_gpu(cuda_pipeline):
     addresses = {k: v.data_ptr() for k, v in cache.buffers.items()}
     for buffer in cache.buffers.values():
         assert buffer.array is None and buffer.ortvalue.device_name().lower() == "cuda"
+        assert not buffer.numpy().any()
     embeds = np.zeros((1, 5, cfg.hidden_size), np.float32)
     first = decoder_step(cuda_pipeline.decoder, cache, embeds, np.tile(np.arange(5), (3, 1, 1)), np.array([5]))
     assert to_host(first["logits"]).shape == (1, cfg.vocab_size)
@@ -104,18 +134,26 @@ def test_kv_cache_stays_on_the_gpu(cuda_pipeline):
     assert {k: v.data_ptr() for k, v in cache.buffers.items()} == addresses
 
 
-def test_cuda_graph_decode_gives_the_same_tokens(tiny_artifact, cuda_pipeline, photos):
+def test_cuda_graph_decode_gives_the_same_tokens(tiny_artifact_fp16, cuda_pipeline, photos):
     from edgevl.runtime.backends import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
-    graphed = Pipeline.load(tiny_artifact, backend="ort-cuda", options=BackendOptions(cuda_graph=True))
+    graphed = Pipeline.load(tiny_artifact_fp16, backend="ort-cuda", options=BackendOptions(cuda_graph=True))
     kwargs = dict(images=[photos["astronaut"]], max_new_tokens=16, do_sample=False)
     assert graphed.generate(PROMPT, **kwargs).token_ids == cuda_pipeline.generate(PROMPT, **kwargs).token_ids
 
 
-def test_ort_cuda_graphs_match_ort_cpu(cuda_pipeline, cpu_pipeline, photos):
-    """Both graphs on CUDA vs the CPU runtime (fp32, TF32 off): within 1e-4."""
-    ours, ref = prefill_logits(cuda_pipeline, photos["coffee"]), prefill_logits(cpu_pipeline, photos["coffee"])
-    assert float(np.abs(ours - ref).max()) <= 1e-4
+def test_ort_cuda_fp32_vision_matches_ort_cpu(tiny_artifact):
+    """The fp32 vision graph (MultiHeadAttention has fp32 CUDA kernels) on CUDA vs the CPU EP, TF32 off: 1e-4."""
+    from edgevl.artifact import load_artifact, names
+    from edgevl.runtime.backends import get_backend
+    from edgevl.runtime.rope_index import vision_rotary_position_ids
+    graph = load_artifact(tiny_artifact).graph(names.VISION)
+    (cuda,) = get_backend("ort-cuda").load([graph])
+    (cpu,) = get_backend("ort-cpu").load([graph])
+    feed = {names.PIXEL_VALUES: np.random.default_rng(0).standard_normal((64, 1176)).astype(np.float32),
+            names.ROTARY_POS_IDS: vision_rotary_position_ids((1, 8, 8), 2)}
+    ours, ref = cuda.infer(feed)[names.IMAGE_EMBEDS], cpu.infer(feed)[names.IMAGE_EMBEDS]
+    assert float(np.abs(np.asarray(ours, np.float64) - ref).max()) <= 1e-4
 
 
 # ----------------------------------------------------------------------------- fp16: close

@@ -161,9 +161,19 @@ class InPlaceDecoder(_Decoder):
             h = h + attn.o_proj(out)
             h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
             presents += [key, value]
-        # The last real token of each row: right-padded prompts end at seqlens_k, a chunk after a cache at S - 1.
-        last = torch.minimum(seqlens_k.to(torch.int64), torch.tensor(h.shape[1] - 1))
-        return (*self.head(h[torch.arange(h.shape[0]), last]), *presents)
+        return (*self.head(self._last_tokens(h, position_ids, seqlens_k)), *presents)
+
+    @staticmethod
+    def _last_tokens(h: torch.Tensor, position_ids: torch.Tensor, seqlens_k: torch.Tensor) -> torch.Tensor:
+        """[B, S, H] -> [B, H]: each row's last real token (right-padded prompts end at seqlens_k, a chunk after a
+        cache at S - 1). The index comes from data, not from the graph's shapes: positions 0..S-1 are a CumSum
+        over ones shaped like a row of position_ids. onnxruntime computes shape arithmetic on the host, and a host
+        value feeding a GPU node is a copy (a Memcpy node) that rules out CUDA graphs on ort-cuda
+        (tests/test_ort_cuda_placement.py checks the exported graphs)."""
+        ones = position_ids[0] * 0 + 1                                               # [B, S] int64, on the device
+        positions = torch.cumsum(ones, dim=1) - 1                                    # 0 .. S-1 per row
+        last = torch.minimum(seqlens_k.to(torch.int64), positions[:, -1])            # [B]
+        return torch.gather(h, 1, last[:, None, None].expand(-1, 1, h.shape[-1]))[:, 0]
 
 
 class ConcatDecoder(_Decoder):

@@ -29,7 +29,7 @@ from edgevl.artifact.folder import Artifact, GraphFile
 from edgevl.artifact.manifest import ModelConfig
 from edgevl.cache import cache_root
 from edgevl.errors import EdgevlError
-from edgevl.runtime import probe
+from edgevl.runtime import ort_placement, probe
 from edgevl.runtime.runners import (
     OnnxrtRunner,
     OrtIoBindingRunner,
@@ -195,13 +195,28 @@ def _grouped_decode(graph: GraphFile):
 
 
 def make_ort_cuda(graph: GraphFile, opts: BackendOptions) -> Runner:
+    """ONNX Runtime's CUDA EP, after checking the graph against its kernels (runtime/ort_placement.py): a node with
+    no CUDA kernel for its types is refused in one sentence instead of running on the CPU."""
+    placement = ort_placement.check_for_cuda(graph.path, str(graph.path.parent), graph.spec.precision)
     # --cuda-graph: only for the in-place decoder, whose decode steps have fixed shapes and addresses
     # (static KV buffers, inputs copied into fixed buffers, total_sequence_length = max_context).
     graphed = opts.cuda_graph and graph.spec.kv_cache == names.IN_PLACE
+    if placement.crossings:
+        where = placement.crossings[0]
+        text = (f"{graph.name} copies {where.value} {'to the GPU' if where.to_device else 'to the host'} for "
+                f"{where.op} at every step ({len(placement.crossings)} such copies)")
+        if graphed:
+            raise EdgevlError(f"--cuda-graph: {text}, and onnxruntime captures no graph with copies; re-export the "
+                              f"artifact with this edgevl.")
+        opts.log(f"ort-cuda: {text}")
     cuda = {**_cuda_options(opts), **({"enable_cuda_graph": "1"} if graphed else {})}
-    providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+    # Nothing predicted on the CPU: let onnxruntime refuse a session that would put a node there after all (the
+    # entry refuses harmless shape arithmetic on the CPU too, hence only then; and the CPU EP must not be named).
+    strict = not placement.cpu_nodes
+    providers = [("CUDAExecutionProvider", cuda)] + ([] if strict else ["CPUExecutionProvider"])
+    entries = (("session.disable_cpu_ep_fallback", "1"),) if strict else ()
     return OrtIoBindingRunner(SessionFromOnnx(graph.path, providers=providers, intra_op_threads=opts.threads,
-                                              disabled_optimizers=_disabled_optimizers(graph)),
+                                              disabled_optimizers=_disabled_optimizers(graph), config_entries=entries),
                               name=f"ort-cuda:{graph.name}", device="cuda", device_id=opts.device_id,
                               static_decode=graphed)
 

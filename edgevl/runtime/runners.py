@@ -229,12 +229,16 @@ class SessionFromOnnx:
     """Loader: builds an onnxruntime.InferenceSession for one graph.
 
     `providers` is ONNX Runtime's list: names or (name, provider-options) pairs, first preferred.
+    `config_entries`: extra (key, value) session config entries, e.g. ("session.disable_cpu_ep_fallback", "1"),
+    with which onnxruntime refuses to make a session that would run a node on the CPU (ort-cuda sets it where
+    ort_placement predicts no such node; the CPU EP must then not be named in `providers`).
     """
 
     def __init__(self, path: str | os.PathLike, providers=("CPUExecutionProvider",), intra_op_threads: int = 0,
                  optimization_level: str = "all", prepack: bool = True, disabled_optimizers: tuple[str, ...] = (),
-                 transform: Callable | None = None):
+                 transform: Callable | None = None, config_entries: tuple[tuple[str, str], ...] = ()):
         self.path = Path(path)
+        self.config_entries = tuple(config_entries)
         # transform(ModelProto) edits the graph before the session is made: the file on disk is not changed,
         # its external weights are memory-mapped and handed over as they are. It may return {name: array} of
         # new weights, handed over the same way (int8_prefill.py).
@@ -249,6 +253,8 @@ class SessionFromOnnx:
         import onnxruntime as ort
 
         options = session_options(self.intra_op_threads, self.prepack, self.optimization_level)
+        for key, value in self.config_entries:
+            options.add_session_config_entry(key, value)
         missing = [p for p in provider_names(self.providers) if p not in ort.get_available_providers()]
         if missing:
             raise EdgevlError(f"onnxruntime {ort.__version__} here has no {', '.join(missing)} "
@@ -258,7 +264,7 @@ class SessionFromOnnx:
             session = ort.InferenceSession(model, options, providers=self.providers,
                                            disabled_optimizers=list(self.disabled_optimizers) or None)
         except Exception as e:  # a corrupt or foreign graph: one sentence, not an ORT stack
-            raise EdgevlError(f"onnxruntime could not load {self.path.name}: {str(e).splitlines()[0]}") from None
+            raise EdgevlError(_load_failure(self.path.name, str(e))) from None
         # ORT quietly drops a provider whose libraries fail to load (CUDA, cuDNN, TensorRT): never run
         # on the CPU while the user asked for a GPU.
         dropped = [p for p in provider_names(self.providers) if p not in session.get_providers()]
@@ -309,6 +315,14 @@ class SessionFromOnnx:
         if names_:
             options.add_external_initializers(names_, values)
         return model.SerializeToString(), [list(maps.values()), values]
+
+
+def _load_failure(name: str, message: str) -> str:
+    """The sentence for an onnxruntime session that could not be made."""
+    if "fallback to CPU EP has been explicitly disabled" in message:
+        return (f"onnxruntime would run some nodes of {name} on the CPU (no kernel on the GPU for their types), "
+                f"which this backend does not allow; `edgevl doctor` names what each backend needs.")
+    return f"onnxruntime could not load {name}: {message.splitlines()[0] if message else 'no reason given'}"
 
 
 _ALIGN = 64
@@ -503,11 +517,13 @@ class OrtIoBindingRunner(OnnxrtRunner):
         self._static: dict[tuple, OrtBuffer] = {}
 
     def allocate(self, shape: tuple[int, ...], dtype) -> OrtBuffer:
+        """A zeroed buffer on the device (copied from host zeros: ortvalue_from_shape_and_type would hand back
+        whatever the allocator's block held, and a NaN there times a zero attention weight is still NaN)."""
         import onnxruntime as ort
         if self.device == "cpu":
             return super().allocate(shape, dtype)
-        return OrtBuffer(ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(dtype), self.device,
-                                                                   self.device_id), device_id=self.device_id)
+        zeros = np.zeros(shape, dtype)          # calloc'd: reading it maps the zero page, commits no memory
+        return OrtBuffer(ort.OrtValue.ortvalue_from_numpy(zeros, self.device, self.device_id), device_id=self.device_id)
 
     def deactivate(self) -> None:
         super().deactivate()
