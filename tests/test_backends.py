@@ -137,22 +137,23 @@ def test_graph_digest_and_build_options_key(art, tmp_path):
 # ----------------------------------------------------------------------------- profiles and sizes
 def test_decoder_profiles_from_the_manifest(art):
     limits = sizing.Limits(max_batch=2, max_context=256)
-    decode, prefill = sizing.build_profiles("decoder", art.manifest.graph("decoder").inputs, limits, art.config)
+    decode, prefill, extend = sizing.build_profiles("decoder", art.manifest.graph("decoder").inputs, limits, art.config)
     hidden, kv, hd = art.config.hidden_size, art.config.num_key_value_heads, art.config.head_dim
-    assert (decode.name, prefill.name) == ("decode", "prefill")
+    assert (decode.name, prefill.name, extend.name) == ("decode", "prefill", "extend")
     assert decode.shapes["inputs_embeds"] == ((1, 1, hidden), (1, 1, hidden), (2, 1, hidden))
     assert decode.shapes["past_key_values.1.value"] == ((1, kv, 1, hd), (1, kv, 128, hd), (2, kv, 255, hd))
     assert decode.shapes["attention_mask"] == ((1, 2), (1, 129), (2, 256))
     assert prefill.shapes["position_ids"] == ((3, 1, 1), (3, 1, 256), (3, 2, 256))
-    assert prefill.shapes["past_key_values.0.key"][0] == (1, kv, 0, hd)       # prefill starts from an empty cache
+    assert prefill.shapes["past_key_values.0.key"][2] == (2, kv, 0, hd)       # prefill starts from an empty cache
+    assert extend.shapes["attention_mask"] == ((1, 3), (1, 192), (2, 256))    # 64 new tokens after 128 cached
     assert len(decode.shapes) == 3 + 4 * art.config.num_hidden_layers // 2
     # a decode step, a prompt, and a prompt too long for the engines
     step = {"inputs_embeds": (1, 1, hidden), "attention_mask": (1, 41), "past_key_values.0.key": (1, kv, 40, hd)}
     prompt = {"inputs_embeds": (1, 40, hidden), "attention_mask": (1, 40), "past_key_values.0.key": (1, kv, 0, hd)}
-    assert sizing.select_profile([decode, prefill], step) == 0
-    assert sizing.select_profile([decode, prefill], prompt) == 1
+    assert sizing.select_profile([decode, prefill, extend], step) == 0
+    assert sizing.select_profile([decode, prefill, extend], prompt) == 1
     with pytest.raises(EdgevlError, match=r"attention_mask has shape \[1, 300\].*--max-context"):
-        sizing.select_profile([decode, prefill], {**prompt, "attention_mask": (1, 300)})
+        sizing.select_profile([decode, prefill, extend], {**prompt, "attention_mask": (1, 300)})
 
 
 def test_vision_profile_and_ort_trt_strings(art):
@@ -166,7 +167,7 @@ def test_vision_profile_and_ort_trt_strings(art):
                     "trt_profile_max_shapes": "pixel_values:2048x1176,rotary_pos_ids:2048x2"}
     provider = backends.ort_trt_provider_options(art.graph("decoder"), backends.BackendOptions(max_context=64))
     assert provider["trt_fp16_enable"] is False and provider["trt_int8_enable"] is False
-    assert provider["trt_profile_max_shapes"].count("inputs_embeds:") == 2              # decode + prefill
+    assert provider["trt_profile_max_shapes"].count("inputs_embeds:") == 3              # decode, prefill, extend
     assert "past_key_values.0.key:1x2x0x16" in provider["trt_profile_min_shapes"]
 
 
@@ -210,7 +211,7 @@ def test_engine_backends_wiring_without_tensorrt(monkeypatch, art, tmp_path):
     assert "attention_mask:1x128" in trt_opts["trt_profile_max_shapes"]
     assert backends.make_ort_trt(art.graph("vision"), opts).build_session.path == art.graph_path("vision")
     cache, profiles, max_bytes = backends.trt_engine_loader(art.graph("decoder"), opts)
-    assert cache.path.parent == tmp_path / "trt" and [p.name for p in profiles] == ["decode", "prefill"]
+    assert cache.path.parent == tmp_path / "trt" and [p.name for p in profiles] == ["decode", "prefill", "extend"]
     assert max_bytes["logits"] == art.config.vocab_size * 4
     other, _, _ = backends.trt_engine_loader(art.graph("decoder"), dataclasses.replace(opts, max_context=256))
     assert other.path != cache.path

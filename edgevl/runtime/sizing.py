@@ -11,9 +11,11 @@ every symbolic dim of both graphs,
 
 so one table (`dim_ranges`) turns the user's limits (max batch, max context = KV-cache
 size, max image patches) into ranges per dim, and every input's profile follows from its
-dims. The decoder gets two profiles: "decode" (one new token, opt at a half-full cache) and
-"prefill" (a whole prompt, empty cache); a runner picks the first profile that holds the
-shapes of a call (`select_profile`). Nothing here imports onnxruntime or tensorrt.
+dims. The decoder gets three profiles: "decode" (one new token, opt at a half-full cache),
+"prefill" (a whole prompt, empty cache) and "extend" (a few new tokens after a cache: a chat's
+next turn); a runner picks the first profile that holds the shapes of a call (`select_profile`).
+Every profile's min, opt and max are shapes the graphs run (tests/test_sizing.py runs them).
+Nothing here imports onnxruntime or tensorrt.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ DEFAULT_ENGINE_CONTEXT = 4096      # KV positions an engine is built for unless 
 DEFAULT_MAX_IMAGE_PATCHES = 4096   # 14x14-pixel patches per vision call: 896x896 pixels; 448x448 is 1024
 OPT_PROMPT = 512                   # prefill length the prefill profile is tuned for (one 448x448 image + text)
 OPT_PATCHES = 1024                 # vision profile tuned for a 448x448 image
+EXTEND_OPT = 64                    # new tokens the extend profile is tuned for (a chat's next question)
 
 
 @dataclass(frozen=True)
@@ -71,12 +74,14 @@ class Profile:
 
 def dim_ranges(kind: str, limits: Limits, config: ModelConfig) -> list[tuple[str, dict[str, Range]]]:
     """Per profile of a graph of `kind` (names.VISION | names.DECODER): its name and (min, opt, max) per
-    symbolic dim."""
+    symbolic dim. Each of the min, opt and max corners is a shape the graph runs (TensorRT checks all three
+    against the network when it builds): the decoder's past + sequence == total at every corner, the vision
+    encoder's patch counts whole merged tokens."""
     b, c = limits.max_batch, limits.max_context
     if kind == names.VISION:
         smallest = config.spatial_merge_size ** 2                 # one merged token
-        top = max(limits.max_image_patches, smallest)
-        opt = min(OPT_PATCHES, top)
+        top = max(limits.max_image_patches // smallest * smallest, smallest)
+        opt = min(OPT_PATCHES, top) // smallest * smallest
         ranges = {names.NUM_PATCHES: (smallest, opt, top)}
         if config.vision_window_size:                             # Qwen2.5-VL: one window per merged unit at most
             slots = (config.vision_window_size // config.patch_size) ** 2
@@ -85,16 +90,31 @@ def dim_ranges(kind: str, limits: Limits, config: ModelConfig) -> list[tuple[str
     if kind == names.DECODER:
         if c < 2:
             raise EdgevlError("--max-context must be at least 2 (a prompt token and a new one).")
-        half = max(1, c // 2)
-        prompt = min(OPT_PROMPT, c)
-        batch = (1, 1, b)
-        return [
-            ("decode", {names.BATCH: batch, names.SEQUENCE: (1, 1, 1), names.PAST_SEQUENCE: (1, half, c - 1),
-                        names.TOTAL_SEQUENCE: (2, half + 1, c)}),
-            ("prefill", {names.BATCH: batch, names.SEQUENCE: (1, prompt, c), names.PAST_SEQUENCE: (0, 0, c - 1),
-                         names.TOTAL_SEQUENCE: (1, prompt, c)}),
-        ]
+        return [(name, _decoder_dims(b, past, sequence)) for name, past, sequence in _decoder_profiles(c)]
     raise EdgevlError(f"no profile rules for a graph of kind {kind!r}.")
+
+
+def _decoder_profiles(c: int) -> list[tuple[str, Range, Range]]:
+    """(name, past range, sequence range) of the decoder's profiles for a KV cache of c positions:
+
+    decode   one new token after 1 .. c-1 cached ones (tuned for a half-full cache)
+    prefill  a prompt of 1 .. c tokens into an empty cache (tuned for OPT_PROMPT)
+    extend   2 .. c/4 new tokens after 1 .. 3c/4 cached ones: a chat's next turn, a prompt after a reused prefix
+             (tuned for EXTEND_OPT tokens after a half-full cache); only where c >= 8
+    A profile is a box whose max corner must itself be runnable (past + sequence <= c), so no single box holds
+    every (past, sequence) with past + sequence <= c; a call outside the three is refused by select_profile."""
+    half, prompt = max(1, c // 2), min(OPT_PROMPT, c)
+    profiles = [("decode", (1, half, c - 1), (1, 1, 1)), ("prefill", (0, 0, 0), (1, prompt, c))]
+    chunk = c // 4
+    if chunk >= 2:
+        profiles.append(("extend", (1, min(half, c - chunk), c - chunk), (2, min(EXTEND_OPT, chunk), chunk)))
+    return profiles
+
+
+def _decoder_dims(batch: int, past: Range, sequence: Range) -> dict[str, Range]:
+    total = tuple(p + s for p, s in zip(past, sequence))
+    return {names.BATCH: (1, 1, batch), names.SEQUENCE: sequence, names.PAST_SEQUENCE: past,
+            names.TOTAL_SEQUENCE: total}
 
 
 def build_profiles(kind: str, inputs: tuple[TensorSpec, ...], limits: Limits, config: ModelConfig) -> list[Profile]:
@@ -146,7 +166,9 @@ def select_profile(profiles: list[Profile], shapes: dict[str, tuple[int, ...]]) 
         if top and any(s > t for s, t in zip(shape, top)):
             raise EdgevlError(f"{name} has shape {list(shape)} but the engines were built for at most {list(top)}; "
                               f"rebuild with a larger --max-context / --max-batch / --max-image-patches.")
-    raise EdgevlError(f"no optimization profile holds the input shapes {shapes}.")
+    listed = ", ".join(f"{name} {list(shape)}" for name, shape in shapes.items())
+    raise EdgevlError(f"no optimization profile of the engines ({', '.join(p.name for p in profiles)}) holds a call "
+                      f"with {listed}; docs/jetson.md says which calls each profile takes.")
 
 
 def _within(shape, rng) -> bool:
