@@ -5,6 +5,9 @@
 * `mrope_position_ids`: 3D (temporal, height, width) ids for the language
   model prefill (`Qwen2VLModel.get_rope_index`) and the per-row deltas that
   continue them during decoding.
+* `qwen3_vl_mrope_position_ids`: the same for Qwen3-VL (`Qwen3VLModel.get_rope_index`): every video split
+  into its temporal patches (t = 1 each, separated in the prompt by their timestamps). Qwen3-VL's interleaved
+  M-RoPE (`mrope_interleaved`) changes only how the rotary tables pick t/h/w frequencies, not these ids.
 * `text_position_ids`: the ids of tokens generated after the prefill, from each row's real
   length (what the generation loop uses, for left- and right-padded caches alike);
   `decode_position_ids` is the same in transformers' terms (cache length and mask).
@@ -132,6 +135,33 @@ def mrope_position_ids(
         position_ids[:, b, keep[b]] = positions
         rope_deltas[b, 0] = positions.max() + 1 - positions.shape[1]
     return position_ids, rope_deltas
+
+
+def split_temporal_patches(video_grid_thw: np.ndarray | None) -> np.ndarray | None:
+    """Each (t, h, w) video grid as t grids (1, h, w), in order: how Qwen3-VL's get_rope_index sees videos."""
+    if video_grid_thw is None:
+        return None
+    grids = np.asarray(video_grid_thw, dtype=np.int64).reshape(-1, 3)
+    split = np.repeat(grids, grids[:, 0], axis=0)
+    split[:, 0] = 1
+    return split
+
+
+def qwen3_vl_mrope_position_ids(
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None,
+    image_token_id: int,
+    video_token_id: int,
+    image_grid_thw: np.ndarray | None,
+    video_grid_thw: np.ndarray | None,
+    spatial_merge_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill 3D rope ids like `Qwen3VLModel.get_rope_index`: `mrope_position_ids` with every video's temporal
+    patches as separate (1, h, w) grids. The prompt must carry each temporal patch as its own run of video pads
+    (qwen3_vl_prompt.video_prompt puts a timestamp and vision_end/vision_start between them); there is no
+    tokens_per_second scaling. Same arguments and returns as `mrope_position_ids`."""
+    return mrope_position_ids(input_ids, attention_mask, image_token_id, video_token_id, image_grid_thw,
+                              split_temporal_patches(video_grid_thw), spatial_merge_size)
 
 
 def text_position_ids(real_lengths: np.ndarray, rope_deltas: np.ndarray, seq_len: int = 1) -> np.ndarray:
