@@ -20,7 +20,7 @@ from edgevl.artifact.manifest import EmbeddingSpec, Manifest, ModelConfig, Sourc
 from edgevl.artifact.onnx_files import describe_graph, tied_dense_table, write_npy
 from edgevl.errors import EdgevlError
 from edgevl.export.modules import KV_CACHE
-from edgevl.export.ops import FUSED_STANDARD_OPSET, VARIANT_OPSET
+from edgevl.export.ops import FUSED_STANDARD_OPSET, VARIANT_OPSET, in_place_problem
 from edgevl.export.trace import export_decoder, export_vision
 from edgevl.runtime.image_processing import ImageProcessorSettings
 from edgevl.runtime.probe import package_versions
@@ -51,6 +51,20 @@ def resolve_model_dir(model: str) -> Path:
     except Exception as e:  # offline, unknown repo, bad id: all one sentence for the user
         raise EdgevlError(f"{model} is not a local folder and could not be fetched from the hub "
                           f"({type(e).__name__}).") from None
+
+
+def check_in_place_heads(model_dir: Path) -> None:
+    """EdgevlError (the reason and the variant that works) when the decoder's head size is one the ort variant's
+    GroupQueryAttention does not take: refused here, not at every run inside onnxruntime."""
+    from transformers import AutoConfig
+    try:
+        text = AutoConfig.from_pretrained(model_dir).get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError):
+        return                                      # a config transformers cannot read: load_model says why
+    problem = in_place_problem(head_dim)
+    if problem:
+        raise EdgevlError(f"{model_dir}: {problem}.")
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -167,6 +181,8 @@ def export_model(model: str, out: str | Path, dtype: str = "fp32", opset: int | 
     inputs = [("the checkpoint", model_dir)]
     check_output(Path(out), force, inputs)          # before any work: never replace or write into the checkpoint
     model_type = read_config(model_dir)["model_type"]
+    if variant == "ort":
+        check_in_place_heads(model_dir)             # before the weights load
     preprocessor = model_dir / "preprocessor_config.json"
     if not preprocessor.exists():
         raise EdgevlError(f"{model_dir} has no preprocessor_config.json (the image-processor settings).")

@@ -312,6 +312,19 @@ def _rms_norm_standard(x, weight, eps):
 
 
 VARIANT_OPSET = {"ort": 18, "standard": 18}   # the lowest default-domain opset each variant's graphs take
+# onnxruntime's GroupQueryAttention (the ort variant's in-place KV cache) takes head sizes that are multiples of 8
+# only: its CPU and CUDA kernels share the input check (contrib_ops/cpu/bert/group_query_attention_helper.h,
+# "head_size must be a multiple of 8"), which fails at the first run, not at load.
+GQA_HEAD_MULTIPLE = 8
+
+
+def in_place_problem(head_dim: int) -> str | None:
+    """Why the ort variant's decoder cannot hold heads of `head_dim` values, or None."""
+    if head_dim % GQA_HEAD_MULTIPLE:
+        return (f"the decoder's head size is {head_dim}, and onnxruntime's GroupQueryAttention (the ort variant's "
+                f"in-place KV cache, on the CPU and CUDA) takes multiples of {GQA_HEAD_MULTIPLE} only; export with "
+                f"--variant standard, whose attention takes any head size")
+    return None
 FUSED_STANDARD_OPSET = 23    # Attention, RotaryEmbedding, RMSNormalization exist from here (TensorRT >= 10.15)
 
 
