@@ -29,7 +29,7 @@ from edgevl.artifact.folder import Artifact, GraphFile
 from edgevl.artifact.manifest import ModelConfig
 from edgevl.cache import cache_root
 from edgevl.errors import EdgevlError
-from edgevl.runtime import ort_placement, probe
+from edgevl.runtime import ort_placement, packages, probe
 from edgevl.runtime.runners import (
     OnnxrtRunner,
     OrtIoBindingRunner,
@@ -78,13 +78,23 @@ class BackendOptions:
 
 
 # ----------------------------------------------------------------------------- availability
-def _ort_provider(provider: str, package: str) -> list[str]:
+# Each missing piece is named with the package (and version) that supplies it here (runtime/packages.py).
+def _ort_provider(provider: str) -> list[str]:
     version, providers = probe.onnxruntime_info()
     if version is None:
-        return ["onnxruntime is not installed"]
+        return ["onnxruntime is not installed (pip install onnxruntime)"]
     if provider not in providers:
-        return [f"onnxruntime {version} here has no {provider} (install {package})"]
+        gpu = packages.onnxruntime_gpu(probe.jetson_model() is not None, probe.cuda_driver()[1])
+        return [f"onnxruntime {version} here has no {provider} ({gpu})"]
     return []
+
+
+def _provider_libraries(name: str) -> list[str]:
+    """The NVIDIA libraries onnxruntime's provider library was linked against that do not load here."""
+    lib = probe.provider_library(name)
+    if lib.path is None or not lib.missing:
+        return []
+    return [packages.provider_libraries(lib, probe.onnxruntime_info()[0], probe.jetson_model() is not None)]
 
 
 def _gpu() -> list[str]:
@@ -97,18 +107,19 @@ def _verdict(missing: list[str]) -> tuple[bool, str]:
 
 
 def available_ort_cpu() -> tuple[bool, str]:
-    return _verdict(_ort_provider("CPUExecutionProvider", "onnxruntime"))
+    return _verdict(_ort_provider("CPUExecutionProvider"))
 
 
 def available_ort_cuda() -> tuple[bool, str]:
-    return _verdict(_ort_provider("CUDAExecutionProvider", "onnxruntime-gpu; on Jetson NVIDIA's wheel") + _gpu())
+    missing = _ort_provider("CUDAExecutionProvider")
+    return _verdict(missing + (_provider_libraries("cuda") if not missing else []) + _gpu())
 
 
 def available_ort_trt() -> tuple[bool, str]:
-    missing = _ort_provider("TensorrtExecutionProvider", "onnxruntime-gpu; on Jetson NVIDIA's wheel") + _gpu()
-    if probe.libnvinfer_name() is None:
-        missing.append("TensorRT's libnvinfer.so.10 is not on the library path (JetPack has it; on x86_64 "
-                       "pip install tensorrt and add its libs to LD_LIBRARY_PATH)")
+    """The TensorRT EP loads the TensorRT its provider library was linked against (onnxruntime-gpu 1.31.1:
+    libnvinfer.so.10, so TensorRT 10.x for CUDA 13; an installed 11.x does not count)."""
+    missing = _ort_provider("TensorrtExecutionProvider")
+    missing += (_provider_libraries("tensorrt") if not missing else []) + _gpu()
     if not probe.module_available("onnx"):
         missing.append("the onnx package is missing (pip install onnx; it inlines edgevl.MRoPE)")
     return _verdict(missing)
@@ -116,14 +127,15 @@ def available_ort_trt() -> tuple[bool, str]:
 
 def available_trt() -> tuple[bool, str]:
     missing = []
+    jetson, driver = probe.jetson_model() is not None, probe.cuda_driver()[1]
     version = probe.tensorrt_version() if probe.module_available("tensorrt") else None
     if version is None:
-        missing.append("TensorRT's Python package is missing (JetPack: python3-libnvinfer; x86_64: pip install "
-                       "tensorrt)")
+        missing.append(f"TensorRT's Python package is missing ({packages.tensorrt_python(jetson, driver)})")
     elif int(version.split(".")[0]) < 10:
-        missing.append(f"TensorRT {version} is too old (the trt backend needs TensorRT 10 or newer)")
+        missing.append(f"TensorRT {version} is too old (the trt backend needs TensorRT 10 or newer: "
+                       f"{packages.tensorrt_python(jetson, driver)})")
     if probe.cuda_python_module() is None:
-        missing.append("cuda-python is missing (pip install cuda-python)")
+        missing.append(f"cuda-python is missing ({packages.cuda_python(jetson, probe.cuda_runtime_version(), driver)})")
     return _verdict(missing + _gpu())
 
 

@@ -55,7 +55,7 @@ import numpy as np
 
 from edgevl.artifact import names
 from edgevl.errors import EdgevlError
-from edgevl.runtime.generate import decode_one_token, decoder_step
+from edgevl.runtime.generate import HostOutputs, choose_row, decode_one_token, decoder_step
 from edgevl.runtime.jobs import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
@@ -72,7 +72,7 @@ from edgevl.runtime.pipeline import Result
 from edgevl.runtime.prefix_cache import PadTokens, RowPrefixes, cached_vision, prompt_key
 from edgevl.runtime.prompt import StreamDecoder
 from edgevl.runtime.runners import to_host
-from edgevl.runtime.sampling import SamplingOptions, next_tokens
+from edgevl.runtime.sampling import SamplingOptions
 
 # Calls with more than one row run an even number of them (decode steps get a pad row, prefill chunks are even):
 # onnxruntime's CPU MatMulNBits (w4a16, 8-bit) computes rows two at a time and an odd last row with its one-row
@@ -83,32 +83,10 @@ ROW_MULTIPLE = 2
 
 
 # ----------------------------------------------------------------------------- per-row pieces
-class HostOutputs:
-    """A decoder call's outputs, each brought to the host once, when a row first asks for it."""
-
-    def __init__(self, outputs: dict):
-        self.outputs, self.host = outputs, {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.outputs
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.host:
-            self.host[name] = to_host(self.outputs[name])
-        return self.host[name]
-
-
-def choose_row(outputs: HostOutputs, index: int, context: np.ndarray, opts: SamplingOptions) -> int:
-    """Row `index`'s next token, as generate.choose picks it for a batch of one: the graph's argmax when decoding
-    is plain greedy, else sampled from its logits with its own options (context [T]: prompt + generated)."""
-    if not opts.do_sample and opts.repetition_penalty == 1.0 and names.NEXT_TOKEN in outputs:
-        return int(outputs[names.NEXT_TOKEN][index])
-    return int(next_tokens(outputs[names.LOGITS][index:index + 1], context[None], opts)[0])
-
-
 def vision_calls(prompt) -> list[tuple[str, int, np.ndarray, tuple[int, int, int]]]:
     """The vision encoder calls a prompt needs, one per image and per temporal patch of a video, as
     Pipeline.encode_image makes them: (kind, index of the image or video, its patches, grid (1, h, w))."""
+    guide: object = None                            # runtime.guide.Guide: logprobs, bias, penalties, grammar
     calls = []
     for kind, pixels, grids in (("image", prompt.pixel_values, prompt.grids),
                                 ("video", prompt.video_pixel_values, prompt.video_grids)):
@@ -172,7 +150,7 @@ class BatchScheduler(SchedulerBase):
         self.prefixes = RowPrefixes(max_batch) if prefix_cache else None
         self.pads = PadTokens(pipe.config.image_token_id, pipe.config.video_token_id,
                               pipe.image_settings.merge_size, pipe.video_settings.merge_size)
-        self.waiting: deque = deque()               # (job, prompt, prefix key or None), prepared, oldest first
+        self.waiting: deque = deque()               # (job, prompt, prefix key or None, guide), prepared, oldest first
         self.jobs: set[Job] = set()                 # accepted and not finished
         self.lock = threading.Condition()
         self.closed = False
@@ -196,6 +174,7 @@ class BatchScheduler(SchedulerBase):
 
     @property
     def running(self) -> int:
+            guide = self.pipe.guide(job.output)     # a grammar compiles here, not on the scheduler thread
         return sum(s is not None for s in self.rows)
 
     def close(self) -> None:
@@ -220,7 +199,7 @@ class BatchScheduler(SchedulerBase):
         except BaseException as e:  # noqa: BLE001 - the request's own failure, told to its client
             return self._end(job, error=e, outcome="failed")
         with self.lock:
-            self.waiting.append((job, prompt, key))
+            self.waiting.append((job, prompt, key, guide))
             self.lock.notify_all()
 
     # -- the scheduler thread
@@ -262,19 +241,20 @@ class BatchScheduler(SchedulerBase):
     def _admit(self) -> None:
         with self.lock:
             while self.waiting and None in self.rows:
-                job, prompt, key = self.waiting.popleft()
+                job, prompt, key, guide = self.waiting.popleft()
                 if job.cancelled:
                     self._end(job, error=RequestCancelled(), outcome="cancelled")
                     continue
                 free = [r for r, s in enumerate(self.rows) if s is None]
                 row, keep = self.prefixes.best(free, key) if self.prefixes else (free[0], 0)
                 try:
-                    self.rows[row] = self._sequence(job, prompt, row, keep, key)
+                    self.rows[row] = self._sequence(job, prompt, row, keep, key, guide)
                 except Exception as e:  # noqa: BLE001 - invalid sampling values: the request's failure
                     self._end(job, error=e, outcome="failed")
             self._report()
 
-    def _sequence(self, job: Job, prompt, row: int, keep: int = 0, key: np.ndarray | None = None) -> Sequence:
+    def _sequence(self, job: Job, prompt, row: int, keep: int = 0, key: np.ndarray | None = None,
+                  guide=None) -> Sequence:
         """The job on `row`, whose first `keep` positions already hold its prompt's KV (prefix_cache)."""
         opts = self.pipe.sampling_options(**job.sampling)
         length = len(prompt.input_ids)
@@ -289,7 +269,7 @@ class BatchScheduler(SchedulerBase):
         calls = [c for c in vision_calls(prompt) if (c[0], c[1]) not in cached]
         now = time.perf_counter()
         seq = Sequence(job, row, prompt, opts, StreamDecoder(self.pipe.tokenizer, tuple(job.stop)), max_new,
-                       context, calls, out, key=key, prefilled=keep, joined=now)
+                       context, calls, out, key=key, guide=guide, prefilled=keep, joined=now)
         seq.timings["queue_s"], seq.timings["cached_tokens"] = now - job.submitted, keep
         if keep:
             self.observer.cached_tokens(keep)
@@ -360,7 +340,9 @@ class BatchScheduler(SchedulerBase):
     def _take(self, seq: Sequence, outputs: HostOutputs, index: int) -> None:
         """Choose the row's next token; stream its text; finish the job on EOS, a stop string or its length."""
         n = len(seq.tokens)
-        token = choose_row(outputs, index, seq.context[:seq.length + n], seq.opts)
+        context = seq.context[:seq.length + n]
+        token = (seq.guide.choose(outputs, index, context, seq.opts) if seq.guide is not None
+                 else choose_row(outputs, index, context, seq.opts))
         seq.tokens.append(token)
         seq.context[seq.length + n] = token
         now = time.perf_counter()
@@ -369,14 +351,23 @@ class BatchScheduler(SchedulerBase):
             self.observer.first_token(now - seq.job.submitted)
             if seq.job.on_start:
                 seq.job.on_start()
+    @staticmethod
+    def _tell(seq: Sequence, delta: str) -> None:
+        """Hand newly printed text to the job, after the logprobs of the tokens it holds."""
+        if seq.guide is not None and seq.job.on_logprobs:
+            entries = seq.guide.released(seq.stream)
+            if entries:
+                seq.job.on_logprobs(entries)
+        if delta and seq.job.on_text:
+            seq.job.on_text(delta)
+
         else:
             self.observer.token_gap(now - seq.last_token_at)
         seq.last_token_at = now
         halt = token in self.eos
         if not halt:
             delta = seq.stream.push(token)
-            if delta and seq.job.on_text:
-                seq.job.on_text(delta)
+            self._tell(seq, delta)
             halt = seq.stream.stopped
         if halt or len(seq.tokens) >= seq.max_new_tokens:
             self._complete(seq)
@@ -384,13 +375,12 @@ class BatchScheduler(SchedulerBase):
             seq.next_token = token
 
     def _complete(self, seq: Sequence) -> None:
-        rest = seq.stream.finish()
-        if rest and seq.job.on_text:
-            seq.job.on_text(rest)
+        self._tell(seq, seq.stream.finish())
         tokens = seq.tokens
         reason = "stop" if seq.stream.stopped else "eos" if tokens and tokens[-1] in self.eos else "length"
         result = Result([int(t) for t in seq.prompt.input_ids], list(tokens), seq.stream.text, reason,
-                        {**seq.timings, "load_s": self.pipe.load_s})
+                        {**seq.timings, "load_s": self.pipe.load_s},
+                        seq.guide.reply_logprobs(seq.stream) if seq.guide is not None else None)
         self._release(seq, result=result, outcome="completed")
 
     def _release(self, seq: Sequence, result=None, error: BaseException | None = None, outcome: str = "") -> None:

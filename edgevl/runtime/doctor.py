@@ -36,7 +36,10 @@ def collect(artifact=None, options: BackendOptions | None = None) -> dict:
         "cudnn": probe.cudnn_version(),
         "tensorrt": probe.tensorrt_version(),
         "cuda_python": probe.cuda_python_module() is not None,
-        "onnxruntime": {"version": ort_version, "providers": providers},
+        "onnxruntime": {"version": ort_version, "providers": providers,
+                        "provider_libraries": {lib.name: {"needs": list(lib.needed), "missing": list(lib.missing)}
+                                               for lib in map(probe.provider_library, ("cuda", "tensorrt"))
+                                               if lib.path is not None}},
         "backends": {name: {"ok": ok, "reason": reason} for name, (ok, reason) in backends.items()},
         "default_backend": next((name for name, (ok, _) in backends.items() if ok), None),
     }
@@ -75,7 +78,11 @@ def format_report(r: dict) -> str:
     ort = r["onnxruntime"]
     lines.append(f"onnxruntime   {ort['version'] or 'not installed'}"
                  + (f" ({', '.join(ort['providers'])})" if ort["providers"] else ""))
-    lines.append("backends      (preference order; without --backend the first that works is used)")
+    for name, lib in ort.get("provider_libraries", {}).items():
+        lines.append(f"  {name} EP links {', '.join(lib['needs']) or 'nothing of NVIDIA'}"
+                     + (f"; not loadable here: {', '.join(lib['missing'])}" if lib["missing"] else ""))
+    lines.append("backends      (preference order; without --backend the first that works is used; each that does "
+                 "not work says what to install)")
     for name, b in r["backends"].items():
         mark = "works" if b["ok"] else "no"
         extra = "  <- default" if name == r["default_backend"] else ""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.guide import OutputOptions
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 32
@@ -35,8 +36,10 @@ class QueueFull(Exception):
 class Job:
     """One request. `prepare` runs on the preparing thread (video decoding, preprocessing, tokens) and returns a
     `PreparedPrompt`; on the scheduler thread `on_start()` is called once its first token exists (everything
-    that can fail because of the request has run) and `on_text(delta)` as text is generated; `future` ends with
-    the `Result`, or the request's exception (`RequestCancelled` once cancelled)."""
+    that can fail because of the request has run), `on_text(delta)` as text is generated and, when `output` asks
+    for logprobs, `on_logprobs(entries)` just before each delta with the entries of the tokens it holds (the rest
+    are in the Result); `future` ends with the `Result`, or the request's exception (`RequestCancelled` once
+    cancelled)."""
 
     prepare: Callable[[], object]
     max_new_tokens: int = 128
@@ -48,6 +51,8 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
+    output: OutputOptions = field(default_factory=OutputOptions)    # logprobs, logit bias, penalties, grammar
+    on_logprobs: Callable[[list], None] | None = None
     def cancel(self) -> None:
         """The client went away: the job leaves at the scheduler's next step (its row is freed)."""
         self._cancelled.set()
@@ -167,7 +172,11 @@ class SerialScheduler(SchedulerBase):
             if job.cancelled:
                 raise RequestCancelled
             prompt = job.prepare()
-            result = self.pipe.generate_prepared([prompt], job.max_new_tokens, job.stop, on_text, **job.sampling)[0]
+            guided = {} if job.output.plain else {
+                "guides": [self.pipe.guide(job.output)],
+                "on_logprobs": (lambda _row, entries: job.on_logprobs(entries)) if job.on_logprobs else None}
+            result = self.pipe.generate_prepared([prompt], job.max_new_tokens, job.stop, on_text, **guided,
+                                                 **job.sampling)[0]
         except RequestCancelled as e:
             self._end(job, None, e, "cancelled")
         except BaseException as e:  # noqa: BLE001 - the request's failure, told to its client

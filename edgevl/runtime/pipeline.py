@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+import functools
 
 import numpy as np
 
@@ -26,6 +27,8 @@ from edgevl.errors import EdgevlError
 from edgevl.runtime.backends import Backend, BackendOptions, get_backend
 from edgevl.runtime.embeddings import EmbeddingTable
 from edgevl.runtime.generate import Prompt, StopRule, generate
+from edgevl.runtime.guide import Guide, OutputOptions
+from edgevl.runtime.constrained import GrammarCompiler
 from edgevl.runtime.image_processing import load_image, preprocess_image
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.prompt import (
@@ -33,6 +36,7 @@ from edgevl.runtime.prompt import (
     Tokenizer,
     expand_vision_pads,
     user_message,
+from edgevl.runtime.logprobs import TokenLogprob
 )
 from edgevl.runtime.rope_index import mrope_position_ids, vision_rotary_position_ids
 from edgevl.runtime.sampling import SamplingOptions
@@ -68,6 +72,7 @@ class Result:
         return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
                 "finish_reason": self.finish_reason, "timings": self.timings}
 
+    logprobs: list[TokenLogprob] | None = None    # per token of `text`, when asked (OutputOptions.top_logprobs)
 
 class Pipeline:
     def __init__(self, artifact: Artifact, backend: Backend | str | None = None, options: BackendOptions | None = None):
@@ -111,12 +116,14 @@ class Pipeline:
         message = user_message(prompt, num_images=len(images), num_videos=len(videos))
         return self.prepare_messages([message], images, videos)
 
-    def prepare_messages(self, messages: list[dict], images=(), videos=()) -> PreparedPrompt:
-        """A whole conversation in Hugging Face content format -> ids; images/videos fill its slots in order."""
+    def prepare_messages(self, messages: list[dict], images=(), videos=(), tools: list[dict] | None = None
+                         ) -> PreparedPrompt:
+        """A whole conversation in Hugging Face content format -> ids; images/videos fill its slots in order.
+        tools: function definitions for a chat template that takes them (`template.takes("tools")`)."""
         processed, processed_videos = self.image_patches(images), self.video_patches(videos)
         grids = [grid for _, grid in processed]
         video_grids = [grid for _, grid, _ in processed_videos]
-        return PreparedPrompt(self.tokenize_messages(messages, grids, video_grids), [pv for pv, _ in processed],
+        return PreparedPrompt(self.tokenize_messages(messages, grids, video_grids, tools), [pv for pv, _ in processed],
                               grids, [pv for pv, _, _ in processed_videos], video_grids,
                               [seconds for _, _, seconds in processed_videos])
 
@@ -137,9 +144,9 @@ class Pipeline:
         return self.video_settings.temporal_patch_size
 
     def tokenize_messages(self, messages: list[dict], grids: list[tuple[int, int, int]],
-                          video_grids: list[tuple[int, int, int]] = ()) -> np.ndarray:
+                          video_grids: list[tuple[int, int, int]] = (), tools: list[dict] | None = None) -> np.ndarray:
         """Chat template -> one vision pad per merged vision token -> token ids [S]."""
-        text = self.template.render(messages)
+        text = self.template.render(messages, **({"tools": tools} if tools else {}))
         text = expand_vision_pads(text, IMAGE_PAD, grids, self.image_settings.merge_size)
         text = expand_vision_pads(text, VIDEO_PAD, list(video_grids), self.video_settings.merge_size)
         return self.tokenizer.encode_bounded(text, self.max_context)
@@ -200,8 +207,10 @@ class Pipeline:
                                       **sampling)
 
     def generate_prepared(self, rows: list[PreparedPrompt], max_new_tokens: int = 128, stop=(), on_text=None,
-                          preprocess_s: float = 0.0, **sampling) -> list[Result]:
-        """Vision, embeddings, M-RoPE positions and decoding for already tokenized rows (fresh cache)."""
+                          preprocess_s: float = 0.0, guides: list[Guide | None] | None = None, on_logprobs=None,
+                          **sampling) -> list[Result]:
+        """Vision, embeddings, M-RoPE positions and decoding for already tokenized rows (fresh cache).
+        guides, on_logprobs: as `decode`."""
         longest = max(len(r.input_ids) for r in rows)
         self.check_context(longest)       # before the vision encoder: a long video is refused cheaply
         t0 = time.perf_counter()
@@ -214,7 +223,7 @@ class Pipeline:
                                                    [s for r in rows for s in r.video_seconds])
         prompt = Prompt(embeds, ids, position_ids, rope_deltas, mask.sum(1))
         return self.decode(prompt, mask, cache, max_new_tokens, stop, on_text,
-                           {"preprocess_s": preprocess_s, "vision_s": vision_s}, **sampling)
+                           {"preprocess_s": preprocess_s, "vision_s": vision_s}, guides, on_logprobs, **sampling)
 
     def encode_vision(self, row: PreparedPrompt) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Embeddings per image and per video (a video is a t > 1 grid through the same graph)."""
@@ -242,7 +251,8 @@ class Pipeline:
         return make_cache(self.decoder_spec.kv_cache, self.decoder, self.config, batch, self.max_context, self.dtype)
 
     def decode(self, prompt: Prompt, context_mask: np.ndarray, cache, max_new_tokens: int, stop=(), on_text=None,
-               timings: dict | None = None, **sampling) -> list[Result]:
+               timings: dict | None = None, guides: list[Guide | None] | None = None, on_logprobs=None,
+               **sampling) -> list[Result]:
         """Prefill `prompt` (the tokens not yet in `cache`) and generate.
 
         context_mask [B, T]: which of prompt.context_ids are real tokens (the prompt ids each Result reports).
@@ -255,27 +265,36 @@ class Pipeline:
         def on_token(row: int, token: int) -> bool:
             if token in eos:
                 return False
-            delta = streams[row].push(token)
-            if on_text and delta:
-                on_text(row, delta)
+            tell(row, streams[row].push(token))
             return streams[row].stopped
 
         gen = generate(self.decoder, cache, self.embeddings, prompt, opts,
-                       StopRule(max_new_tokens, eos, self._pad_id()), on_token)
+                       StopRule(max_new_tokens, eos, self._pad_id()), on_token,
+                       None if not any(guides) else guides)
         timings = {**(timings or {}), "prefill_s": gen.prefill_s, "decode_s_per_token": gen.decode_s,
                    "load_s": self.load_s}
         results = []
         for b, stream in enumerate(streams):
             tokens = [int(t) for t in gen.token_ids[b, :gen.lengths[b]]]
-            rest = stream.finish()
-            if on_text and rest:
-                on_text(b, rest)
+        guides: per row a `Guide` (from `guide`) or None; on_logprobs(row, entries) is called before each
+        on_text(row, delta) with the logprobs of the tokens that text holds.
+            tell(b, stream.finish())
             reason = "stop" if stream.stopped else "eos" if tokens and tokens[-1] in eos else "length"
             prompt_ids = prompt.context_ids[b][context_mask[b] == 1].tolist()
-            results.append(Result(prompt_ids, tokens, stream.text, reason, dict(timings)))
+            logprobs = guides[b].reply_logprobs(stream) if guides[b] is not None else None
+            results.append(Result(prompt_ids, tokens, stream.text, reason, dict(timings), logprobs))
         return results
 
     def sampling_options(self, **sampling) -> SamplingOptions:
+        guides = guides or [None] * len(streams)
+
+        def tell(row: int, delta: str) -> None:
+            entries = guides[row].released(streams[row]) if guides[row] is not None else None
+            if on_logprobs and entries:
+                on_logprobs(row, entries)
+            if on_text and delta:
+                on_text(row, delta)
+
         """The model's generation_config with `sampling` (do_sample, temperature, top_k, top_p,
         repetition_penalty, seed; None = keep the config's) on top, validated."""
         return SamplingOptions.from_generation_config(self.generation_config, **sampling)
@@ -297,3 +316,14 @@ class Pipeline:
             where = slice(length - n, length) if side == "left" else slice(0, n)
             ids[b, where], mask[b, where], embeds[b, where] = row.input_ids, 1, e
         return ids, mask, embeds
+    def guide(self, options: OutputOptions) -> Guide | None:
+        """A request's Guide (None when it asks nothing beyond sampling); its grammar compiled here."""
+        if options.plain:
+            return None
+        return Guide(options, self.grammars.constraint(options.grammar) if options.grammar else None)
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Grammars over this model's vocabulary (llguidance, loaded on first use: GrammarUnavailable without it)."""
+        return GrammarCompiler(self.tokenizer.impl.to_str(), self.config.vocab_size, tuple(self.config.eos_token_id))
+

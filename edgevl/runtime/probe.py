@@ -22,7 +22,10 @@ from pathlib import Path
 # Sonames to try, newest first. Jetson JetPack 6 ships CUDA 12.x, TensorRT 10.3, cuDNN 9.
 CUDART_SONAMES = ("libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0", "libcudart.so")
 CUDNN_SONAMES = ("libcudnn.so.9", "libcudnn.so.8", "libcudnn.so")
-NVINFER_SONAMES = ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so.8", "libnvinfer.so")
+NVINFER_SONAMES = ("libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so")
+# The C and C++ runtime a provider library also names: always there, not NVIDIA's.
+SYSTEM_LIBRARIES = ("libc.so", "libm.so", "libdl.so", "librt.so", "libpthread.so", "libstdc++.so", "libgcc_s.so",
+                    "ld-linux")
 
 # cuDeviceGetAttribute ids (cuda.h): compute capability major / minor.
 _CC_MAJOR, _CC_MINOR = 75, 76
@@ -127,8 +130,50 @@ def tensorrt_version() -> str | None:
     return decode_trt_version(int(lib.getInferLibVersion())) if lib is not None else None
 
 
-def libnvinfer_name() -> str | None:
-    return _load(NVINFER_SONAMES)[1]
+@dataclass(frozen=True)
+class ProviderLibrary:
+    """One of onnxruntime's provider libraries (capi/libonnxruntime_providers_<name>.so) and the NVIDIA libraries
+    it was linked against (its ELF DT_NEEDED entries), read without loading it."""
+
+    name: str                        # "cuda" | "tensorrt"
+    path: Path | None                # None: this onnxruntime has none (the CPU build)
+    needed: tuple[str, ...] = ()     # sonames, the C/C++ runtime left out
+    missing: tuple[str, ...] = ()    # those the dynamic loader cannot load here
+
+    def major(self, stem: str) -> int | None:
+        """The soname version of a needed library: major("libnvinfer") -> 10 for libnvinfer.so.10."""
+        for soname in self.needed:
+            base, _, version = soname.partition(".so.")
+            if base == stem and version.split(".")[0].isdigit():
+                return int(version.split(".")[0])
+        return None
+
+
+def onnxruntime_folder() -> Path | None:
+    """onnxruntime's package folder, found without importing it."""
+    try:
+        spec = importlib.util.find_spec("onnxruntime")
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).parent if spec is not None and spec.origin else None
+
+
+def provider_library(name: str, folder: Path | None = None, loadable=None) -> ProviderLibrary:
+    """What onnxruntime's `name` provider library needs and which of those do not load here.
+
+    folder: onnxruntime's package folder (default: the installed one); loadable(soname) -> bool (default: the
+    dynamic loader, through ctypes)."""
+    from edgevl.runtime.elf import read_dynamic
+    folder = onnxruntime_folder() if folder is None else folder
+    path = folder / "capi" / f"libonnxruntime_providers_{name}.so" if folder is not None else None
+    if path is None or not path.is_file():
+        return ProviderLibrary(name, None)
+    try:
+        needed = tuple(n for n in read_dynamic(path).needed if not n.startswith(SYSTEM_LIBRARIES))
+    except (OSError, ValueError):
+        return ProviderLibrary(name, path)
+    loadable = loadable or (lambda soname: _load((soname,))[0] is not None)
+    return ProviderLibrary(name, path, needed, tuple(n for n in needed if not loadable(n)))
 
 
 def module_available(name: str) -> bool:

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.concurrency import run_in_threadpool
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.batching import make_scheduler
@@ -34,6 +35,8 @@ from edgevl.runtime.jobs import (
 from edgevl.runtime.sampling import SamplingOptions
 from edgevl.serve.errors import ApiError, RequestBodyLimit, as_api_error, clip, error_body, sentence
 from edgevl.serve.metrics import ServerMetrics
+from edgevl.serve.output import plan_reply
+from edgevl.serve.replies import StreamReply, completion_body
 from edgevl.serve.requests import ServerLimits, decode_video, parse_request, to_hf_messages, validation_api_error
 
 DEFAULT_MAX_TOKENS = 256
@@ -113,6 +116,9 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
         # The values the pipeline will use (the request's over the model's generation_config.json), checked
         # by the same validation as the CLI and the Python API, before any work starts.
         SamplingOptions.from_generation_config(pipe.generation_config, **sampling)
+        # logprobs, logit_bias, penalties, response_format, tools: refused by name unless this model can do them
+        # (a JSON schema is compiled: off the event loop).
+        reply = await run_in_threadpool(plan_reply, request, pipe)
         messages, images, videos = to_hf_messages(request, limits)
         max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
         stop = request.stop_strings()
@@ -121,21 +127,23 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
         def prepare():
             # On the scheduler's preparing thread (slow for a video: the event loop keeps streaming other replies).
             clips = [decode_video(v, limits, pipe.video_settings) for v in videos]
-            return pipe.prepare_messages(messages, images, clips)
+            return pipe.prepare_messages(messages, images, clips, **({"tools": reply.tools} if reply.tools else {}))
 
-        job = Job(prepare, max_tokens, stop, sampling)
+        job = Job(prepare, max_tokens, stop, sampling, output=reply.output)
+        tokenizer = pipe.tokenizer if reply.logprobs else None
         if not request.stream:
             submit(scheduler, job)
             try:
                 result = await result_unless_gone(job, raw)
             except Exception as e:
                 raise (as_api_error(e) or e) from None
-            return completion_body(completion_id, model_name, result)
+            return completion_body(completion_id, model_name, result, reply, tokenizer)
         stream = Stream(asyncio.get_running_loop(), scheduler, job)
         first = await stream.first()   # video, preprocessing, vision and prefill are done: a 4xx still can be
         if first[0] == "error":
             raise (as_api_error(first[1]) or first[1]) from None
-        return StreamingResponse(stream.events(first, completion_id, model_name), media_type="text/event-stream")
+        return StreamingResponse(stream.events(first, StreamReply(completion_id, model_name, reply, tokenizer)),
+                                 media_type="text/event-stream")
 
     app.state.scheduler, app.state.metrics = scheduler, metrics
     return app
@@ -177,26 +185,9 @@ async def result_unless_gone(job: Job, raw: Request):
             job.cancel()
 
 
-def completion_body(completion_id: str, model: str, result) -> dict:
-    return {
-        "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": "length" if result.finish_reason == "length" else "stop"}],
-        "usage": {"prompt_tokens": len(result.prompt_token_ids), "completion_tokens": len(result.token_ids),
-                  "total_tokens": len(result.prompt_token_ids) + len(result.token_ids),
-                  "prompt_tokens_details": {"cached_tokens": int(result.timings.get("cached_tokens", 0))}},
-    }
-
-
-def _chunk(completion_id: str, model: str, delta: dict, finish_reason: str | None = None) -> str:
-    body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-    return f"data: {json.dumps(body)}\n\n"
-
-
 class Stream:
-    """One streamed job: ("start", None) at its first token, ("text", delta) events, then ("done", result)
-    or ("error", e).
+    """One streamed job: ("start", None) at its first token, ("logprobs", entries) and ("text", delta) events,
+    then ("done", result) or ("error", e).
 
     `first()` waits for the first event before the HTTP status is chosen: everything that can fail
     because of the request (decoding, preprocessing, the prompt's length, vision and prefill memory)
@@ -208,6 +199,7 @@ class Stream:
 
     def __init__(self, loop, scheduler, job: Job):
         self.loop, self.queue, self.job = loop, asyncio.Queue(), job
+        job.on_logprobs = lambda entries: self._put("logprobs", entries)
         job.on_text = lambda delta: self._put("text", delta)
         job.on_start = lambda: self._put("start", None)
         job.future.add_done_callback(self._done)
@@ -231,22 +223,24 @@ class Stream:
             self.job.cancel()
             raise
 
-    async def events(self, first, completion_id: str, model: str):
-        """Server-sent events: a role chunk, content chunks as text arrives, a finish chunk, [DONE]."""
+    async def events(self, first, reply: StreamReply):
+        """Server-sent events (replies.StreamReply): a role chunk, chunks as text arrives, a finish chunk, the
+        usage chunk when asked, [DONE]."""
         try:
-            yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
+            for event in reply.start():
+                yield event
             kind, value = first
             while True:
-                if kind == "start":
-                    pass
+                if kind == "logprobs":
+                    reply.logprobs(value)
                 elif kind == "text":
-                    yield _chunk(completion_id, model, {"content": value})
+                    for event in reply.text(value):
+                        yield event
                 elif kind == "done":
-                    reason = "length" if value.finish_reason == "length" else "stop"
-                    yield _chunk(completion_id, model, {}, reason)
-                    yield "data: [DONE]\n\n"
+                    for event in reply.done(value):
+                        yield event
                     break
-                else:   # the 200 is already sent: an error can only be told in-band, as the server's fault
+                elif kind == "error":   # the 200 is already sent: an error can only be told in-band, as the server's fault
                     known = as_api_error(value)
                     message = known.message if known else f"internal error ({type(value).__name__})."
                     yield f"data: {json.dumps(error_body(message, 'server_error'))}\n\n"

@@ -21,6 +21,7 @@ from edgevl.errors import EdgevlError
 from edgevl.runtime.image_processing import ImageTooLarge, load_image
 from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 from edgevl.runtime.video import MAX_FRAMES, VideoClip, VideoTooLarge, load_video
+from edgevl.serve.tools import message_tool_fields
 from edgevl.serve.errors import ApiError, clip, sentence
 from edgevl.serve.schemas import ChatCompletionRequest, FieldProblem
 
@@ -115,9 +116,10 @@ def to_hf_messages(request: ChatCompletionRequest,
                    limits: ServerLimits) -> tuple[list[dict], list[Image.Image], list[bytes | Path]]:
     """OpenAI messages -> the chat template's content-list format, the images and the (undecoded) videos."""
     messages, images, videos = [], [], []
-    for m in request.messages:
-        if isinstance(m.content, str):
-            messages.append({"role": m.role, "content": m.content})
+    for i, m in enumerate(request.messages):
+        extra = message_tool_fields(i, m)         # an assistant turn's tool_calls, a tool turn's tool_call_id
+        if m.content is None or isinstance(m.content, str):
+            messages.append({"role": m.role, "content": m.content or "", **extra})
             continue
         content = []
         for part in m.content:
@@ -133,7 +135,7 @@ def to_hf_messages(request: ChatCompletionRequest,
                     raise ApiError(400, "a video_url content part has no video_url.")
                 videos.append(video_source(part.video_url.url, limits))
                 content.append({"type": "video"})
-        messages.append({"role": m.role, "content": content})
+        messages.append({"role": m.role, "content": content, **extra})
     return messages, images, videos
 
 
@@ -166,11 +168,16 @@ def _json_kind(value) -> str:
 
 def validation_api_error(errors: list) -> ApiError:
     """pydantic's first error -> one sentence naming the field (`messages.0.content`, `temperature`).
+    if isinstance(error, FieldProblem) and error.field:   # a check of several fields names the one it is about
+        loc.append(error.field)
 
     For a union (`content`: a string or a list of parts) pydantic reports every member; the deepest
     error under the first error's field is the member the value was meant for."""
     def path(error) -> list[str]:
         loc = [str(p) for p in error.get("loc", ())]
+    if first.get("type") == "extra_forbidden":
+        return ApiError(400, f"{clip(where)} is not a field this server knows; it takes OpenAI's chat-completions "
+                             f"fields, and refuses the ones it does not implement.", param=where)
         return loc[1:] if loc[:1] == ["body"] else loc          # FastAPI's prefix
     field = path(errors[0])[:1]
     first = max((e for e in errors if path(e)[:1] == field), key=lambda e: len(path(e)))
