@@ -86,7 +86,6 @@ ROW_MULTIPLE = 2
 def vision_calls(prompt) -> list[tuple[str, int, np.ndarray, tuple[int, int, int]]]:
     """The vision encoder calls a prompt needs, one per image and per temporal patch of a video, as
     Pipeline.encode_image makes them: (kind, index of the image or video, its patches, grid (1, h, w))."""
-    guide: object = None                            # runtime.guide.Guide: logprobs, bias, penalties, grammar
     calls = []
     for kind, pixels, grids in (("image", prompt.pixel_values, prompt.grids),
                                 ("video", prompt.video_pixel_values, prompt.video_grids)):
@@ -109,6 +108,7 @@ class Sequence:
     vision: list = field(default_factory=list)      # vision_calls still to run
     vision_out: dict = field(default_factory=dict)  # kind -> per image/video, its calls' embeddings
     key: np.ndarray | None = None                   # prefix_cache.prompt_key of the prompt (with prefix_cache)
+    guide: object = None                            # runtime.guide.Guide: logprobs, bias, penalties, grammar
     embeds: np.ndarray | None = None                # [S, H] once vision is done
     position_ids: np.ndarray | None = None          # [3, 1, S]
     rope_deltas: np.ndarray | None = None           # [1, 1]
@@ -174,7 +174,6 @@ class BatchScheduler(SchedulerBase):
 
     @property
     def running(self) -> int:
-            guide = self.pipe.guide(job.output)     # a grammar compiles here, not on the scheduler thread
         return sum(s is not None for s in self.rows)
 
     def close(self) -> None:
@@ -196,6 +195,7 @@ class BatchScheduler(SchedulerBase):
             prompt = job.prepare()
             self.pipe.check_context(len(prompt.input_ids))
             key = prompt_key(prompt, self.pads) if self.prefixes else None
+            guide = self.pipe.guide(job.output)     # a grammar compiles here, not on the scheduler thread
         except BaseException as e:  # noqa: BLE001 - the request's own failure, told to its client
             return self._end(job, error=e, outcome="failed")
         with self.lock:
@@ -351,16 +351,6 @@ class BatchScheduler(SchedulerBase):
             self.observer.first_token(now - seq.job.submitted)
             if seq.job.on_start:
                 seq.job.on_start()
-    @staticmethod
-    def _tell(seq: Sequence, delta: str) -> None:
-        """Hand newly printed text to the job, after the logprobs of the tokens it holds."""
-        if seq.guide is not None and seq.job.on_logprobs:
-            entries = seq.guide.released(seq.stream)
-            if entries:
-                seq.job.on_logprobs(entries)
-        if delta and seq.job.on_text:
-            seq.job.on_text(delta)
-
         else:
             self.observer.token_gap(now - seq.last_token_at)
         seq.last_token_at = now
@@ -373,6 +363,16 @@ class BatchScheduler(SchedulerBase):
             self._complete(seq)
         else:
             seq.next_token = token
+
+    @staticmethod
+    def _tell(seq: Sequence, delta: str) -> None:
+        """Hand newly printed text to the job, after the logprobs of the tokens it holds."""
+        if seq.guide is not None and seq.job.on_logprobs:
+            entries = seq.guide.released(seq.stream)
+            if entries:
+                seq.job.on_logprobs(entries)
+        if delta and seq.job.on_text:
+            seq.job.on_text(delta)
 
     def _complete(self, seq: Sequence) -> None:
         self._tell(seq, seq.stream.finish())

@@ -71,6 +71,37 @@ def choose(outputs: dict, context: np.ndarray, opts: SamplingOptions) -> np.ndar
     return next_tokens(to_host(outputs[names.LOGITS]), context, opts)
 
 
+class HostOutputs:
+    """A decoder call's outputs, each brought to the host once, when a row first asks for it."""
+
+    def __init__(self, outputs: dict):
+        self.outputs, self.host = outputs, {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.outputs
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.host:
+            self.host[name] = to_host(self.outputs[name])
+        return self.host[name]
+
+
+def choose_row(outputs: HostOutputs, index: int, context: np.ndarray, opts: SamplingOptions) -> int:
+    """Row `index`'s next token, as `choose` picks it for a batch of one: the graph's argmax when decoding is plain
+    greedy, else sampled from its logits with its own options (context [T]: prompt + generated)."""
+    if not opts.do_sample and opts.repetition_penalty == 1.0 and names.NEXT_TOKEN in outputs:
+        return int(outputs[names.NEXT_TOKEN][index])
+    return int(next_tokens(outputs[names.LOGITS][index:index + 1], context[None], opts)[0])
+
+
+def choose_guided(outputs: dict, context: np.ndarray, opts: SamplingOptions, guides: list, active: np.ndarray,
+                  pad_id: int) -> np.ndarray:
+    """Next token per row through each row's Guide (runtime/guide.py; None = `choose_row`); finished rows: pad."""
+    host = HostOutputs(outputs)
+    return np.array([pad_id if not active[b] else guide.choose(host, b, context[b], opts) if guide is not None
+                     else choose_row(host, b, context[b], opts) for b, guide in enumerate(guides)], np.int64)
+
+
 @dataclass
 class Generation:
     token_ids: np.ndarray                        # [B, n] generated ids (pad after a row finished)
@@ -80,11 +111,12 @@ class Generation:
 
 
 def generate(decoder: Runner, cache, embeddings, prompt: Prompt, opts: SamplingOptions, stop: StopRule,
-             on_token: Callable[[int, int], bool] | None = None) -> Generation:
+             on_token: Callable[[int, int], bool] | None = None, guides: list | None = None) -> Generation:
     """Greedy or sampled generation with a KV cache.
 
     on_token(row, token_id) is called for each real new token and returns True to stop that row
-    (stop strings); EOS stops a row by itself.
+    (stop strings); EOS stops a row by itself. guides: per row a runtime.guide.Guide or None (logprobs,
+    logit bias, penalties, a grammar), which then chooses that row's tokens.
     """
     bsz = len(prompt.new_tokens)
     t0 = time.perf_counter()
@@ -93,7 +125,10 @@ def generate(decoder: Runner, cache, embeddings, prompt: Prompt, opts: SamplingO
     context = prompt.context_ids
     active = np.ones(bsz, bool)
     for step in range(stop.max_new_tokens):
-        tokens = np.where(active, choose(outputs, context, opts), stop.pad_id).astype(np.int64)
+        if guides is None:
+            tokens = np.where(active, choose(outputs, context, opts), stop.pad_id).astype(np.int64)
+        else:
+            tokens = choose_guided(outputs, context, opts, guides, active, stop.pad_id)
         result.token_ids = np.concatenate([result.token_ids, tokens[:, None]], axis=1)
         for row in np.flatnonzero(active):
             result.lengths[row] += 1

@@ -47,12 +47,12 @@ class Job:
     sampling: dict = field(default_factory=dict)
     on_text: Callable[[str], None] | None = None
     on_start: Callable[[], None] | None = None
+    output: OutputOptions = field(default_factory=OutputOptions)    # logprobs, logit bias, penalties, grammar
+    on_logprobs: Callable[[list], None] | None = None
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
-    output: OutputOptions = field(default_factory=OutputOptions)    # logprobs, logit bias, penalties, grammar
-    on_logprobs: Callable[[list], None] | None = None
     def cancel(self) -> None:
         """The client went away: the job leaves at the scheduler's next step (its row is freed)."""
         self._cancelled.set()

@@ -15,9 +15,9 @@ Stages and where they live:
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
-import functools
 
 import numpy as np
 
@@ -25,18 +25,18 @@ from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, load_artifact
 from edgevl.errors import EdgevlError
 from edgevl.runtime.backends import Backend, BackendOptions, get_backend
+from edgevl.runtime.constrained import GrammarCompiler
 from edgevl.runtime.embeddings import EmbeddingTable
 from edgevl.runtime.generate import Prompt, StopRule, generate
 from edgevl.runtime.guide import Guide, OutputOptions
-from edgevl.runtime.constrained import GrammarCompiler
 from edgevl.runtime.image_processing import load_image, preprocess_image
 from edgevl.runtime.kv_cache import make_cache
+from edgevl.runtime.logprobs import TokenLogprob
 from edgevl.runtime.prompt import (
     StreamDecoder,
     Tokenizer,
     expand_vision_pads,
     user_message,
-from edgevl.runtime.logprobs import TokenLogprob
 )
 from edgevl.runtime.rope_index import mrope_position_ids, vision_rotary_position_ids
 from edgevl.runtime.sampling import SamplingOptions
@@ -67,12 +67,12 @@ class Result:
     text: str
     finish_reason: str                        # "eos" | "stop" | "length"
     timings: dict = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None    # per token of `text`, when asked (OutputOptions.top_logprobs)
 
     def to_json(self) -> dict:
         return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
                 "finish_reason": self.finish_reason, "timings": self.timings}
 
-    logprobs: list[TokenLogprob] | None = None    # per token of `text`, when asked (OutputOptions.top_logprobs)
 
 class Pipeline:
     def __init__(self, artifact: Artifact, backend: Backend | str | None = None, options: BackendOptions | None = None):
@@ -256,11 +256,22 @@ class Pipeline:
         """Prefill `prompt` (the tokens not yet in `cache`) and generate.
 
         context_mask [B, T]: which of prompt.context_ids are real tokens (the prompt ids each Result reports).
+        guides: per row a `Guide` (from `guide`) or None; on_logprobs(row, entries) is called before each
+        on_text(row, delta) with the logprobs of the tokens that text holds.
         """
         max_new_tokens = max(1, min(max_new_tokens, self.max_context - int(context_mask.sum(1).max())))
         opts = self.sampling_options(**sampling)
         eos = self.config.eos_token_id
         streams = [StreamDecoder(self.tokenizer, tuple(stop)) for _ in range(len(context_mask))]
+
+        guides = guides or [None] * len(streams)
+
+        def tell(row: int, delta: str) -> None:
+            entries = guides[row].released(streams[row]) if guides[row] is not None else None
+            if on_logprobs and entries:
+                on_logprobs(row, entries)
+            if on_text and delta:
+                on_text(row, delta)
 
         def on_token(row: int, token: int) -> bool:
             if token in eos:
@@ -276,8 +287,6 @@ class Pipeline:
         results = []
         for b, stream in enumerate(streams):
             tokens = [int(t) for t in gen.token_ids[b, :gen.lengths[b]]]
-        guides: per row a `Guide` (from `guide`) or None; on_logprobs(row, entries) is called before each
-        on_text(row, delta) with the logprobs of the tokens that text holds.
             tell(b, stream.finish())
             reason = "stop" if stream.stopped else "eos" if tokens and tokens[-1] in eos else "length"
             prompt_ids = prompt.context_ids[b][context_mask[b] == 1].tolist()
@@ -286,18 +295,20 @@ class Pipeline:
         return results
 
     def sampling_options(self, **sampling) -> SamplingOptions:
-        guides = guides or [None] * len(streams)
-
-        def tell(row: int, delta: str) -> None:
-            entries = guides[row].released(streams[row]) if guides[row] is not None else None
-            if on_logprobs and entries:
-                on_logprobs(row, entries)
-            if on_text and delta:
-                on_text(row, delta)
-
         """The model's generation_config with `sampling` (do_sample, temperature, top_k, top_p,
         repetition_penalty, seed; None = keep the config's) on top, validated."""
         return SamplingOptions.from_generation_config(self.generation_config, **sampling)
+
+    def guide(self, options: OutputOptions) -> Guide | None:
+        """A request's Guide (None when it asks nothing beyond sampling); its grammar compiled here."""
+        if options.plain:
+            return None
+        return Guide(options, self.grammars.constraint(options.grammar) if options.grammar else None)
+
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Grammars over this model's vocabulary (llguidance, loaded on first use: GrammarUnavailable without it)."""
+        return GrammarCompiler(self.tokenizer.impl.to_str(), self.config.vocab_size, tuple(self.config.eos_token_id))
 
     def _pad_id(self) -> int:
         pad = self.config.pad_token_id
@@ -316,14 +327,3 @@ class Pipeline:
             where = slice(length - n, length) if side == "left" else slice(0, n)
             ids[b, where], mask[b, where], embeds[b, where] = row.input_ids, 1, e
         return ids, mask, embeds
-    def guide(self, options: OutputOptions) -> Guide | None:
-        """A request's Guide (None when it asks nothing beyond sampling); its grammar compiled here."""
-        if options.plain:
-            return None
-        return Guide(options, self.grammars.constraint(options.grammar) if options.grammar else None)
-
-    @functools.cached_property
-    def grammars(self) -> GrammarCompiler:
-        """Grammars over this model's vocabulary (llguidance, loaded on first use: GrammarUnavailable without it)."""
-        return GrammarCompiler(self.tokenizer.impl.to_str(), self.config.vocab_size, tuple(self.config.eos_token_id))
-

@@ -7,6 +7,8 @@ The chat template (template.py) puts one `<|image_pad|>` between `<|vision_start
 
 from __future__ import annotations
 
+import functools
+from bisect import bisect_left
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,7 @@ class Tokenizer:
         vocab = self.impl.get_vocab(with_added_tokens=True)
         # Every token stands for at most this many bytes of text: a lower bound on a text's token count.
         self.max_token_bytes = max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=1) or 1
+        self._bytes: dict[int, bytes] = {}       # token_bytes, as tokens are asked for
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.impl.encode(text, add_special_tokens=True).ids, dtype=np.int64)
@@ -74,6 +77,41 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.impl.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token adds to decoded text: b"" for a special token (`decode` skips them), the raw bytes
+        of a byte-level BPE piece (which can be part of a UTF-8 character), else its decoded text's UTF-8."""
+        token_id = int(token_id)
+        if token_id not in self._bytes:
+            piece = self.impl.id_to_token(token_id)
+            added = self._added.get(token_id)
+            if piece is None or added is not None and added.special:
+                value = b""
+            elif added is None and self._byte_level and all(c in _BYTE_OF for c in piece):
+                value = bytes(_BYTE_OF[c] for c in piece)
+            else:
+                value = self.decode([token_id]).encode("utf-8")
+            self._bytes[token_id] = value
+        return self._bytes[token_id]
+
+    @functools.cached_property
+    def _added(self) -> dict:
+        return self.impl.get_added_tokens_decoder()
+
+    @functools.cached_property
+    def _byte_level(self) -> bool:
+        from tokenizers.decoders import ByteLevel
+        return isinstance(self.impl.decoder, ByteLevel)
+
+
+def _gpt2_byte_map() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in character -> the byte it stands for (GPT-2's bytes_to_unicode)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+_BYTE_OF = _gpt2_byte_map()
+
 
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas for streaming.
@@ -82,13 +120,15 @@ class StreamDecoder:
     of a stop string, so a stop string is never printed even in part. `text` is the
     final output (cut before the first stop string); `finish()` releases what is held.
     Each token costs time for a few recent ids only (the way text-generation-inference
-    streams), not for the whole text so far.
+    streams), not for the whole text so far. `starts[i]` is where token i's text begins in `text`,
+    so per-token data (logprobs) can follow the text: `shown_tokens`, `reply_tokens`.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.ids: list[int] = []
+        self.starts: list[int] = []
         self.text = ""
         self.printed = 0
         self.stopped = False
@@ -99,6 +139,7 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         """Add a token; returns the text that is now safe to print."""
         self.ids.append(int(token_id))
+        self.starts.append(len(self.text))
         if self.stopped:  # generation ends at the stop string
             return ""
         # Decode only ids[_prefix:], not all ids (which made streaming N tokens cost O(N^2)). _prefix is
@@ -129,6 +170,14 @@ class StreamDecoder:
         if not self.stopped:
             self.text = self.tokenizer.decode(self.ids)
         return self.flush()
+
+    def shown_tokens(self) -> int:
+        """How many tokens (from the first) have their text begin in what was printed so far."""
+        return bisect_left(self.starts, self.printed)
+
+    def reply_tokens(self) -> int:
+        """How many tokens make the final text: all of them, or after a stop string those that begin before it."""
+        return bisect_left(self.starts, len(self.text)) if self.stopped else len(self.ids)
 
     def _held_tail(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of a stop string."""

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from jinja2 import meta
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -105,6 +106,7 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise_exception
         self.max_chars, self.max_seconds = max_chars, max_seconds
         try:
+            self.variables = frozenset(meta.find_undeclared_variables(env.parse(source)))
             self.template = env.from_string(source)
         except TemplateError as e:
             raise EdgevlError(f"the model's chat template is not valid jinja ({e}).") from None
@@ -120,6 +122,10 @@ class ChatTemplate:
             return cls(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError:
             raise EdgevlError(f"{path} is not UTF-8 text.") from None
+
+    def takes(self, name: str) -> bool:
+        """Whether the template reads the variable `name` (e.g. "tools": it can describe functions to the model)."""
+        return name in self.variables
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
         """The prompt text; EdgevlError if the template fails, runs past its time or grows past max_chars."""

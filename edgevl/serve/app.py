@@ -22,8 +22,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.batching import make_scheduler
@@ -199,9 +199,9 @@ class Stream:
 
     def __init__(self, loop, scheduler, job: Job):
         self.loop, self.queue, self.job = loop, asyncio.Queue(), job
-        job.on_logprobs = lambda entries: self._put("logprobs", entries)
         job.on_text = lambda delta: self._put("text", delta)
         job.on_start = lambda: self._put("start", None)
+        job.on_logprobs = lambda entries: self._put("logprobs", entries)
         job.future.add_done_callback(self._done)
         submit(scheduler, job)
 

@@ -21,9 +21,9 @@ from edgevl.errors import EdgevlError
 from edgevl.runtime.image_processing import ImageTooLarge, load_image
 from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 from edgevl.runtime.video import MAX_FRAMES, VideoClip, VideoTooLarge, load_video
-from edgevl.serve.tools import message_tool_fields
 from edgevl.serve.errors import ApiError, clip, sentence
 from edgevl.serve.schemas import ChatCompletionRequest, FieldProblem
+from edgevl.serve.tools import message_tool_fields
 
 _UNION_TAG = re.compile(r"[\[\]()]|^[A-Z]")
 
@@ -168,23 +168,23 @@ def _json_kind(value) -> str:
 
 def validation_api_error(errors: list) -> ApiError:
     """pydantic's first error -> one sentence naming the field (`messages.0.content`, `temperature`).
-    if isinstance(error, FieldProblem) and error.field:   # a check of several fields names the one it is about
-        loc.append(error.field)
 
     For a union (`content`: a string or a list of parts) pydantic reports every member; the deepest
     error under the first error's field is the member the value was meant for."""
     def path(error) -> list[str]:
         loc = [str(p) for p in error.get("loc", ())]
-    if first.get("type") == "extra_forbidden":
-        return ApiError(400, f"{clip(where)} is not a field this server knows; it takes OpenAI's chat-completions "
-                             f"fields, and refuses the ones it does not implement.", param=where)
         return loc[1:] if loc[:1] == ["body"] else loc          # FastAPI's prefix
     field = path(errors[0])[:1]
     first = max((e for e in errors if path(e)[:1] == field), key=lambda e: len(path(e)))
     # Union members appear in the path as type names ("str", "list[ContentPart]", "function-after[...]").
     loc = [p for p in path(first) if not (_UNION_TAG.search(p) or p in ("str", "int", "float", "bool"))]
-    where = ".".join(loc) or "the request body"
     error = (first.get("ctx") or {}).get("error")
+    if isinstance(error, FieldProblem) and error.field:   # a check of several fields names the one it is about
+        loc.append(error.field)
+    where = ".".join(loc) or "the request body"
     if isinstance(error, FieldProblem):   # the shared validation's own words (sampling values, text)
         return ApiError(400, sentence(f"{where} {error}"), param=where)
+    if first.get("type") == "extra_forbidden":
+        return ApiError(400, f"{clip(where)} is not a field this server knows; it takes OpenAI's chat-completions "
+                             f"fields, and refuses the ones it does not implement.", param=where)
     return ApiError(400, sentence(f"{clip(where)}: {first.get('msg', 'invalid value')}"), param=where)

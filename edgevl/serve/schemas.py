@@ -2,6 +2,8 @@
 
 Sampling values are checked by the runtime's own `validate_sampling` rules (`sampling_problem`), so the
 server refuses exactly what `edgevl run`, `edgevl chat` and the Python API refuse, in the same words.
+Every OpenAI request field is declared (fields.py says what each does); the refused ones and any field that is
+not OpenAI's are a 400 naming them.
 """
 
 from __future__ import annotations
@@ -9,9 +11,21 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
+from edgevl.runtime.logprobs import MAX_TOP_LOGPROBS
 from edgevl.runtime.sampling import sampling_problem, show_value
+from edgevl.serve.fields import REFUSED, refusal
 
 MAX_STOP_STRINGS = 16
 
@@ -20,7 +34,11 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 class FieldProblem(ValueError):
     """What is wrong with a field, to follow its name ("temperature must be ..."); the app turns it into
-    one sentence that starts with the field's path."""
+    one sentence that starts with the field's path (`field`: that path, for a check of several fields)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 def _no_lone_surrogates(text: str) -> str:
@@ -37,7 +55,9 @@ Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 
 class ImageURL(BaseModel):
     url: Text
-    detail: str | None = None
+    # Images are processed at the model's own resolution (its max_pixels): OpenAI's "high"; "low" (a 512-pixel
+    # thumbnail) is refused rather than ignored.
+    detail: Literal["auto", "high"] | None = None
 
 
 class VideoURL(BaseModel):
@@ -52,13 +72,92 @@ class ContentPart(BaseModel):
     video_url: VideoURL | None = None
 
 
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text | list[ContentPart]
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalledFunction(Strict):
+    name: Text = Field(pattern=FUNCTION_NAME)
+    arguments: Text                          # JSON text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: Text
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text | list[ContentPart] | None = None       # None: an assistant turn that only calls tools
+    tool_calls: list[ToolCall] | None = None               # assistant turns
+    tool_call_id: Text | None = None                       # tool turns
+    name: object = None     # participant names: refused, the chat templates served here have no place for them
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _no_names(cls, value):
+        if value is not None:
+            raise FieldProblem("is not supported by this server (the chat template has no participant names); "
+                               "leave it out")
+        return value
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise FieldProblem("is required (only an assistant turn with tool_calls may leave it out)", "content")
+        return self
+
+
+class FunctionDef(Strict):
+    name: Text = Field(pattern=FUNCTION_NAME)
+    description: Text | None = None
+    parameters: dict | None = None          # a JSON Schema of the arguments
+    strict: StrictBool | None = None        # either way the arguments are constrained by it when the model must call
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Strict):
+    name: Text
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JsonSchemaFormat(Strict):
+    name: Text = Field(pattern=FUNCTION_NAME)
+    description: Text | None = None
+    json_schema: dict | None = Field(default=None, alias="schema")   # None: any JSON value
+    strict: StrictBool | None = None        # either way the reply is constrained to the schema
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise FieldProblem("must be given with type json_schema, and only with it", "json_schema")
+        return self
+
+
+class StreamOptions(Strict):
+    include_usage: StrictBool = False
+    include_obfuscation: Literal[False] = False   # no padding of events: this server adds none
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # clients send fields we do not use (user, logprobs=false, ...)
+    model_config = ConfigDict(extra="forbid")    # a field that is not OpenAI's is refused by name (fields.py)
 
     model: Text
     messages: list[Message] = Field(min_length=1)
@@ -69,7 +168,79 @@ class ChatCompletionRequest(BaseModel):
     stop: Text | list[Text] | None = Field(default=None)
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
+    # The fields added for the OpenAI surface take their JSON types only ("3" is not a number, "yes" no boolean).
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    logit_bias: dict[int, StrictFloat] | None = None           # JSON object keys are strings: "123" is token 123
+    frequency_penalty: StrictFloat = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: StrictFloat = Field(default=0.0, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+    store: StrictBool | None = None
+    service_tier: Text | None = None
+    modalities: list[Text] | None = None
+    user: Text | None = None
+    safety_identifier: Text | None = None
+    metadata: dict[str, Text] | None = None
+    prompt_cache_key: Text | None = None
+    # fields.REFUSED: declared so that a value is refused by its name (null is the same as leaving it out)
+    audio: object = None
+    functions: object = None
+    function_call: object = None
+    prediction: object = None
+    reasoning_effort: object = None
+    verbosity: object = None
+    web_search_options: object = None
+    moderation: object = None
+    prompt_cache_retention: object = None
+    prompt_cache_options: object = None
+
+    @field_validator(*REFUSED, mode="before")
+    @classmethod
+    def _refused(cls, value, info):
+        if value is not None:
+            raise FieldProblem(refusal(info.field_name))
+        return value
+
+    @field_validator("store", "service_tier", "modalities")
+    @classmethod
+    def _one_value(cls, value, info):
+        """Fields of which this server does one thing: that value (or null) is taken, any other refused."""
+        ok = {"store": (False,), "service_tier": ("auto", "default"), "modalities": (["text"],)}[info.field_name]
+        if value is not None and value not in ok:
+            said = {"store": "false (this server stores no completions)", "service_tier": "auto or default (there "
+                    "is one tier)", "modalities": '["text"] (the reply is text)'}[info.field_name]
+            raise FieldProblem(f"can only be {said}, got {show_value(value)}")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value):
+        for token, bias in (value or {}).items():
+            if not -100 <= bias <= 100:
+                raise FieldProblem(f"must map token ids to numbers from -100 to 100, got {show_value(bias)} for "
+                                   f"token {token}")
+        return value
+
+    @model_validator(mode="after")
+    def _together(self):
+        """Fields that only mean something with another one (OpenAI answers these with a 400 too)."""
+        if self.stream_options is not None and not self.stream:
+            raise FieldProblem("is only allowed when stream is true", "stream_options")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldProblem("needs logprobs: true", "top_logprobs")
+        if not self.tools and (self.tool_choice is not None or "parallel_tool_calls" in self.model_fields_set):
+            field = "tool_choice" if self.tool_choice is not None else "parallel_tool_calls"
+            raise FieldProblem("is only allowed when tools are given", field)
+        if isinstance(self.tool_choice, NamedToolChoice) and \
+                self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+            raise FieldProblem(f"names the function '{self.tool_choice.function.name}', which is not in tools",
+                               "tool_choice.function.name")
+        return self
 
     @field_validator("temperature", "top_p", "seed", mode="before")
     @classmethod
