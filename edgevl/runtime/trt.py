@@ -1,4 +1,4 @@
-"""Native TensorRT 10 (named-tensor API): engines from the ONNX graphs, cached, run on a CUDA stream.
+"""Native TensorRT 10 and 11 (named-tensor API): engines from the ONNX graphs, cached, run on a CUDA stream.
 
 Loaders build, the runner runs (Polygraphy's split):
 
@@ -16,6 +16,11 @@ M-RoPE: TensorRT's ONNX parser imports model-local functions (onnx-tensorrt chan
 each edgevl.MRoPE node from its body (TensorRT >= 10.7 would prefer a plugin registered under that
 op name: the place for a fused kernel). ONNX Runtime's TensorRT EP hands TensorRT sub-graphs it
 cuts itself, so for `ort-trt` the functions are inlined first (`inline_local_functions`).
+
+Versions: every TensorRT name used here exists in 10.3 (JetPack 6), 10.13 .. 10.16 and 11.0 .. 11.4, except
+BuilderFlag.FP16 / INT8, which TensorRT 11 removed (its networks are always strongly typed) and which are only
+touched where they exist (`builder_flags`). tests/test_trt_api.py checks that against each version's recorded API
+(tests/data/trt_api/, benchmarks/trt_api_surface.py).
 
 `tensorrt` and `cuda-python` are imported only inside the loaders and `CudaMemory`; everything else
 here is plain Python so that the runner's logic is tested on a CPU with stand-ins.
@@ -63,9 +68,10 @@ def engine_cache_key(graph_sha: str, gpu_name: str, compute_capability: tuple[in
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """precision: "graph" = strongly typed (each layer in the ONNX graph's own type: an fp16 export runs
-    in fp16), "fp16" = weakly typed with FP16 allowed (for fp32 exports), "int8" = INT8+FP16 allowed
-    (Q/DQ-quantized exports). workspace_bytes 0 = TensorRT's default (the whole GPU)."""
+    """precision: "graph" = strongly typed (each layer in the ONNX graph's own type: an fp16 export runs in fp16;
+    TF32 off, so an fp32 graph computes in fp32), "fp16" = weakly typed with FP16 allowed (fp32 exports),
+    "int8" = INT8+FP16 allowed (Q/DQ-quantized exports). "fp16" and "int8" exist on TensorRT 10 only: TensorRT 11
+    builds every network strongly typed (`builder_flags`). workspace_bytes 0 = TensorRT's default (the whole GPU)."""
 
     precision: str = "graph"
     workspace_bytes: int = 0
@@ -76,6 +82,39 @@ class BuildOptions:
 
     def key(self, profiles: list[Profile]) -> dict:
         return {**asdict(self), "profiles": [[p.name, sorted(p.shapes.items())] for p in profiles]}
+
+
+@dataclass(frozen=True)
+class BuilderFlags:
+    """What a precision means to one TensorRT: the network flag and the builder flags to set and to clear."""
+
+    strongly_typed: bool
+    set: tuple[str, ...]
+    clear: tuple[str, ...]
+
+
+# What to build instead on TensorRT 11, where precision comes from the graph alone.
+_GRAPH_PRECISION = {"fp16": "an fp16 artifact (edgevl quantize FP32_EXPORT -o OUT --recipe fp16, or edgevl export "
+                            "--dtype fp16)",
+                    "int8": "a static int8 artifact with Q/DQ nodes (edgevl quantize FP32_EXPORT -o OUT --recipe int8 "
+                            "--activations static)"}
+
+
+def builder_flags(precision: str, flags: set[str], version: str) -> BuilderFlags:
+    """The flags for `precision` given the BuilderFlag members this TensorRT has (`flags`).
+
+    graph: a strongly typed network, TF32 cleared (TensorRT enables it by default: fp32 matmuls would run with
+    10-bit mantissas, where edgevl verifies fp32 graphs to 1e-4). fp16 / int8: TensorRT 10's weakly typed
+    network with those flags (TF32 left on: reduced precision was asked for); TensorRT 11 has no such flags (it
+    removed them; a network is always strongly typed), so the graph itself must carry the precision."""
+    if precision == "graph":
+        return BuilderFlags(True, (), ("TF32",) if "TF32" in flags else ())
+    wanted = ("FP16",) if precision == "fp16" else ("FP16", "INT8")
+    if not set(wanted) <= flags:
+        raise EdgevlError(f"--precision {precision}: TensorRT {version} builds every network strongly typed (its "
+                          f"BuilderFlag has no {' or '.join(wanted)}), so precision comes from the graph: build "
+                          f"{_GRAPH_PRECISION[precision]} with --precision graph.")
+    return BuilderFlags(False, wanted, ())
 
 
 # ----------------------------------------------------------------------------- M-RoPE inlining
@@ -113,8 +152,9 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise EdgevlError("the trt backend needs TensorRT's Python package (JetPack ships it; on x86_64 "
-                          "pip install tensorrt).") from None
+        from edgevl.runtime import packages, probe
+        hint = packages.tensorrt_python(probe.jetson_model() is not None, probe.cuda_driver()[1])
+        raise EdgevlError(f"the trt backend needs TensorRT's Python package ({hint}).") from None
     return tensorrt
 
 
@@ -153,10 +193,11 @@ class EngineFromOnnx:
 
     def __call__(self):
         trt = import_tensorrt()
+        precision = builder_flags(self.options.precision, set(trt.BuilderFlag.__members__), trt.__version__)
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
-        strongly_typed = self.options.precision == "graph"
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+        # TensorRT 11 ignores STRONGLY_TYPED (every network is); 10.x needs it for the graph's own types
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if precision.strongly_typed else 0
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(self.path)):
@@ -165,10 +206,10 @@ class EngineFromOnnx:
         config = builder.create_builder_config()
         if self.options.workspace_bytes:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.options.workspace_bytes)
-        if self.options.precision in ("fp16", "int8"):
-            config.set_flag(trt.BuilderFlag.FP16)
-        if self.options.precision == "int8":
-            config.set_flag(trt.BuilderFlag.INT8)
+        for name in precision.set:
+            config.set_flag(getattr(trt.BuilderFlag, name))
+        for name in precision.clear:
+            config.clear_flag(getattr(trt.BuilderFlag, name))
         for profile in self.profiles:
             p = builder.create_optimization_profile()
             for name, (lo, opt, hi) in profile.shapes.items():
