@@ -18,10 +18,12 @@ def free_port() -> int:
 
 @contextmanager
 def running(app):
-    """Serve `app` with uvicorn (the same server `edgevl serve` runs); yields the base URL."""
+    """Serve `app` with uvicorn as `edgevl serve` configures it (edgevl.serve.connections); yields the base URL."""
     import uvicorn
+
+    from edgevl.serve.connections import server_config
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", port, log_level="critical"))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -17,6 +17,10 @@ from edgevl.cli.flags import (
 )
 from edgevl.extras import requires
 from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
+from edgevl.serve.connections import DEFAULT_BODY_TIMEOUT_S, ConnectionTimeouts
+
+
+MAX_TIMEOUT_S = 24 * 3600
 
 
 def add_parser(sub) -> None:
@@ -62,6 +66,21 @@ def add_parser(sub) -> None:
                              "Needs an `--variant ort` export. Off by default: the reused positions can differ in the "
                              "last bits from a fresh prefill's (int8 artifacts: the new positions quantize with "
                              "other activation scales), so tokens can differ from the request's own run")
+    connections = p.add_argument_group("connections (slow clients are cut off)")
+    defaults = ConnectionTimeouts()
+    connections.add_argument("--header-timeout", type=real(0, MAX_TIMEOUT_S, above=True), default=defaults.header_s,
+                             metavar="S", help="seconds a client has to send a request's line and headers, from "
+                                               "connecting (or from the first byte of its next request on a kept-alive "
+                                               f"connection); then the connection is closed (default: "
+                                               f"{defaults.header_s:g})")
+    connections.add_argument("--body-timeout", type=real(0, MAX_TIMEOUT_S, above=True),
+                             default=DEFAULT_BODY_TIMEOUT_S, metavar="S",
+                             help="seconds a client has to send a whole request body, from its headers; then HTTP 408 "
+                                  f"and the connection is closed (default: {DEFAULT_BODY_TIMEOUT_S:g})")
+    connections.add_argument("--keep-alive-timeout", type=real(0, MAX_TIMEOUT_S, above=True),
+                             default=defaults.keep_alive_s, metavar="S",
+                             help=f"seconds an idle connection stays open between requests (default: "
+                                  f"{defaults.keep_alive_s:g})")
     add_backend_flags(p, max_batch=DEFAULT_MAX_BATCH)
     p.set_defaults(func=run)
 
@@ -72,6 +91,7 @@ def run(args) -> int:
         import uvicorn
 
         from edgevl.serve.app import ServerLimits, create_app
+        from edgevl.serve.connections import server_config
 
     pipe = load_pipeline(args)
     name = args.model_name or Path(args.artifact).resolve().name
@@ -80,7 +100,7 @@ def run(args) -> int:
                           allow_local_files=args.allow_local_files, max_video_bytes=int(args.max_video_mb * mib),
                           max_video_frames=args.max_video_frames, max_batch=args.max_batch,
                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                          prefix_cache=args.prefix_cache)
+                          prefix_cache=args.prefix_cache, body_timeout_s=args.body_timeout)
     if not _is_loopback(args.host):
         print(f"warning: binding to {args.host} exposes the server beyond this machine; it has no "
               f"authentication.", file=sys.stderr)
@@ -94,8 +114,13 @@ def run(args) -> int:
     cache = ", prefix cache on" if limits.prefix_cache else ""
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (backend {pipe.backend.name}; {batching}, "
           f"{limits.max_queue} more queued{cache})", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    timeouts = ConnectionTimeouts(header_s=args.header_timeout, keep_alive_s=args.keep_alive_timeout)
+    server = uvicorn.Server(server_config(app, args.host, args.port, timeouts))
+    server.run()
+    return 0 if server.started else STARTUP_FAILURE     # uvicorn has said why (a port in use, ...)
+
+
+STARTUP_FAILURE = 3          # uvicorn.run's exit status when the server could not start
 
 
 def _is_loopback(host: str) -> bool:

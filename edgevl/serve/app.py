@@ -57,7 +57,7 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
 
     app = FastAPI(title="edgevl", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     created = int(time.time())
-    app.add_middleware(RequestBodyLimit, max_bytes=limits.max_request_bytes)
+    app.add_middleware(RequestBodyLimit, max_bytes=limits.max_request_bytes, timeout_s=limits.body_timeout_s)
 
     def reply(exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.message, exc.kind, exc.code, exc.param), exc.status, headers=exc.headers)

@@ -1,11 +1,13 @@
 """The server's errors: every failure becomes an OpenAI-style JSON body with a 4xx (or a 500 without details).
 
 `ApiError` is a reply with a status and one sentence; `as_api_error` maps what the pipeline raises (EdgevlError,
-ImageTooLarge, a failed allocation) to one; `RequestBodyLimit` holds the body size while the body is read.
+ImageTooLarge, a failed allocation) to one; `RequestBodyLimit` holds the body's size and time while it is
+read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -36,61 +38,93 @@ def clip(text: str, limit: int = 80) -> str:
 
 
 # ----------------------------------------------------------------------------- request body limit
+DISCONNECT = {"type": "http.disconnect"}
+
+
 class RequestBodyLimit:
-    """Pure ASGI middleware: at most `max_bytes` of request body, whatever the framing.
+    """Pure ASGI middleware: at most `max_bytes` of request body, all of it within `timeout_s` seconds of the
+    request's start, whatever the framing.
 
     A Content-Length over the limit is answered at once; otherwise the bytes of `http.request`
     messages are counted as the app reads them, so a chunked body (no Content-Length) is cut off as
     soon as it passes the limit: the 413 goes out, the app is told the client went away, and the
-    connection closes instead of reading the rest. Nothing is buffered here.
+    connection closes instead of reading the rest. A body still incomplete at the deadline gets a 408 the
+    same way, so a slow client cannot hold a connection and a request for ever. A client that goes away with
+    its body half sent has nobody to answer: what the app raises about it (Starlette's ClientDisconnect) ends
+    the request quietly, without a traceback in the server's log. Nothing is buffered here.
     """
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float | None = None):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
-    async def _reject(self, send, size: str) -> None:
-        body = json.dumps(error_body(f"the request body is {size} bytes; this server accepts at most "
-                                     f"{self.max_bytes} bytes.", code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    def too_large(self, size: str) -> str:
+        return f"the request body is {size} bytes; this server accepts at most {self.max_bytes} bytes."
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                return await self._reject(send, value.decode())
-        received, rejected, started = 0, False, False
-
-        async def limited_receive():
-            nonlocal received, rejected
-            if rejected:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    rejected = True
-                    if not started:
-                        await self._reject(send, f"more than {self.max_bytes}")
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded_send(message):
-            nonlocal started
-            if rejected:
-                return          # the 413 is the reply; whatever the app says after it is dropped
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+                return await _refuse(send, 413, self.too_large(value.decode()), "request_too_large")
+        body = _Body(self, receive, send)
         try:
-            await self.app(scope, limited_receive, guarded_send)
+            await self.app(scope, body.receive, body.send)
         except Exception:
-            if not rejected:    # after a 413 the app's ClientDisconnect (or what it made of it) is expected
+            if not body.ended:  # after a 413 / 408, or a client gone mid-body, the app's ClientDisconnect is expected
                 raise
+
+
+class _Body:
+    """One request's body as the app reads it: counted, timed, and ended early (a 413, a 408, the client gone)."""
+
+    def __init__(self, limit: RequestBodyLimit, receive, send):
+        self.limit, self._receive, self._send = limit, receive, send
+        self.received, self.started, self.complete, self.ended = 0, False, False, False
+        self.loop = asyncio.get_running_loop()
+        self.deadline = None if limit.timeout_s is None else self.loop.time() + limit.timeout_s
+
+    async def receive(self) -> dict:
+        if self.ended:
+            return DISCONNECT
+        if self.complete:                   # after the body the app only listens for a disconnect: not timed
+            return await self._receive()
+        left = None if self.deadline is None else max(self.deadline - self.loop.time(), 0.0)
+        try:
+            message = await asyncio.wait_for(self._receive(), left)
+        except TimeoutError:
+            return await self._end(408, f"the request body did not arrive within {self.limit.timeout_s:g} seconds; "
+                                        f"send it faster or in fewer requests.", "request_timeout")
+        if message["type"] == "http.disconnect":
+            self.ended = True               # gone with its body half sent: nobody to answer
+        elif message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit.max_bytes:
+                return await self._end(413, self.limit.too_large(f"more than {self.limit.max_bytes}"),
+                                       "request_too_large")
+            self.complete = not message.get("more_body", False)
+        return message
+
+    async def send(self, message: dict) -> None:
+        if self.ended:
+            return              # the 413 / 408 is the reply (or nobody listens); what the app says after it is dropped
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+    async def _end(self, status: int, message: str, code: str) -> dict:
+        self.ended = True
+        if not self.started:
+            await _refuse(self._send, status, message, code)
+        return DISCONNECT
+
+
+async def _refuse(send, status: int, message: str, code: str) -> None:
+    """A whole error reply that closes the connection (the rest of the body is never read)."""
+    body = json.dumps(error_body(message, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 _ALLOC_SIZE = re.compile(r"buffer of size (\d+)")

@@ -21,6 +21,7 @@ from edgevl.errors import EdgevlError
 from edgevl.runtime.image_processing import ImageTooLarge, load_image
 from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 from edgevl.runtime.video import MAX_FRAMES, VideoClip, VideoTooLarge, load_video
+from edgevl.serve.connections import DEFAULT_BODY_TIMEOUT_S
 from edgevl.serve.errors import ApiError, clip, sentence
 from edgevl.serve.schemas import ChatCompletionRequest, FieldProblem
 from edgevl.serve.tools import message_tool_fields
@@ -40,6 +41,7 @@ class ServerLimits:
     max_queue: int = DEFAULT_MAX_QUEUE             # more requests accepted while the rows are busy; then 429
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK     # prompt tokens per prefill call while other rows decode
     prefix_cache: bool = False                     # finished rows keep their KV for prompts that share it
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # the whole request body within this, else a 408 (RequestBodyLimit)
 
 
 def read_url(url: str, kind: str, limits: ServerLimits) -> bytes | Path:
