@@ -1,0 +1,295 @@
+"""`edgevl serve`'s response_format (constrained decoding with llguidance) and tools (through a chat template
+that takes them: `<tool_call>` blocks parsed into tool_calls; tool_choice required / a named function constrained).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.openai_requests import MESSAGES, PERSON, ok, refused, server_for, stream_events
+from tests.serve_helpers import one_sentence
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+                   "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                  "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+CLOCK = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
+                                       "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+
+# Qwen2.5-Instruct's text chat template (tools in the system turn, <tool_call> blocks, tool turns as
+# <tool_response>): the model of a fine-tune whose template takes tools.
+TOOLS_TEMPLATE = """{%- if tools %}<|im_start|>system
+{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% else %}You are a helpful assistant.{% endif %}
+
+# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>{% for tool in tools %}
+{{ tool | tojson }}{% endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0]['role'] == 'system' %}<|im_start|>system
+{{ messages[0]['content'] }}<|im_end|>
+{% else %}<|im_start|>system
+You are a helpful assistant.<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' or (message.role == 'system' and not loop.first) or (message.role == 'assistant' and not message.tool_calls) %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% elif message.role == 'assistant' %}<|im_start|>assistant{% if message.content %}
+{{ message.content }}{% endif %}
+{%- for tool_call in message.tool_calls %}{% set call = tool_call.function %}
+<tool_call>
+{"name": "{{ call.name }}", "arguments": {{ call.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif message.role == 'tool' %}{% if loop.index0 == 0 or messages[loop.index0 - 1].role != 'tool' %}<|im_start|>user{% endif %}
+<tool_response>
+{{ message.content }}
+</tool_response>{% if loop.last or messages[loop.index0 + 1].role != 'tool' %}<|im_end|>
+{% endif %}{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="module")
+def base(pipeline):
+    with server_for(pipeline) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tools_pipe(tiny_artifact):
+    from edgevl.runtime.pipeline import Pipeline
+    from edgevl.runtime.template import ChatTemplate
+    pipe = Pipeline.load(tiny_artifact)
+    pipe.template = ChatTemplate(TOOLS_TEMPLATE)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def tools_base(tools_pipe):
+    with server_for(tools_pipe) as url:
+        yield url
+
+
+# ----------------------------------------------------------------------------- response_format
+def _is_person(value) -> bool:
+    p = PERSON["properties"]
+    return (isinstance(value, dict) and set(PERSON["required"]) <= set(value) <= set(p)
+            and isinstance(value["name"], str) and len(value["name"]) <= 12
+            and type(value["age"]) is int and 0 <= value["age"] <= 120 and isinstance(value["ok"], bool)
+            and (isinstance(value.get("tags", []), list) and len(value.get("tags", [])) <= 3
+                 and all(t in ("a", "b", "c") for t in value.get("tags", []))))
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 1},
+                                      {"temperature": 2.0, "seed": 7}, {"temperature": 1.2, "top_p": 0.9, "seed": 3}])
+def test_json_schema_replies_parse_and_match_the_schema(base, sampling):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    choice = ok(base, max_tokens=120, response_format=fmt, **sampling)["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    assert _is_person(json.loads(choice["message"]["content"])), choice["message"]["content"]
+
+
+def test_json_replies_stream_and_take_logprobs(base):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    events = stream_events(base, max_tokens=120, temperature=0.8, seed=11, response_format=fmt, logprobs=True)
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    assert _is_person(json.loads(text))
+    entries = [x for e in events for x in (e["choices"][0]["logprobs"] or {}).get("content", [])]
+    assert b"".join(bytes(x["bytes"]) for x in entries).decode() == text
+
+
+def test_json_object_replies_are_json_objects(base):
+    greedy = ok(base, max_tokens=120, temperature=0, response_format={"type": "json_object"})["choices"][0]
+    assert isinstance(json.loads(greedy["message"]["content"]), dict)
+    # Sampled, random weights write keys of random words: a reply cut by max_tokens is the start of an object.
+    finished = 0
+    for seed in range(4):
+        choice = ok(base, max_tokens=60, temperature=1.0, seed=seed, response_format={"type": "json_object"})["choices"][0]
+        if choice["finish_reason"] == "stop":
+            finished += 1
+            assert isinstance(json.loads(choice["message"]["content"]), dict)
+        else:
+            assert choice["finish_reason"] == "length" and choice["message"]["content"].startswith('{"')
+    assert finished
+    assert ok(base, max_tokens=3, temperature=0, response_format={"type": "text"})["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("fmt, field", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicated"}}},
+     "response_format.json_schema.schema"),
+    ({"type": "json_schema"}, "response_format.json_schema"),
+    ({"type": "json_object", "json_schema": {"name": "x"}}, "response_format.json_schema"),
+    ({"type": "json_schema", "json_schema": {"name": "bad name!"}}, "response_format.json_schema.name"),
+    ({"type": "yaml"}, "response_format.type")])
+def test_bad_response_formats_are_refused_by_name(base, fmt, field):
+    refused(base, field, response_format=fmt)
+
+
+def test_structured_output_without_llguidance_is_refused_naming_the_extra(pipeline, monkeypatch):
+    from edgevl.runtime.constrained import GrammarCompiler
+    from edgevl.serve.errors import ApiError
+    from edgevl.serve.output import plan_reply
+    from edgevl.serve.requests import parse_request
+    monkeypatch.setitem(sys.modules, "llguidance", None)          # `import llguidance` fails
+
+    class Stub:
+        template, config = pipeline.template, pipeline.config
+
+        @property
+        def grammars(self):
+            return GrammarCompiler(pipeline.tokenizer.impl.to_str(), 2100, (0,))
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}):
+        request = parse_request(json.dumps({"model": "tiny", "messages": MESSAGES, "response_format": fmt}).encode())
+        with pytest.raises(ApiError) as e:
+            plan_reply(request, Stub())
+        assert e.value.param == "response_format" and "edgevl[serve]" in e.value.message
+        assert one_sentence(e.value.message.replace("`pip install 'edgevl[serve]'`.", "it."))
+    plain = parse_request(json.dumps({"model": "tiny", "messages": MESSAGES, "logprobs": True}).encode())
+    assert plan_reply(plain, Stub()).output.grammar is None      # nothing else needs it
+
+
+# ----------------------------------------------------------------------------- tools
+def test_tools_are_refused_when_the_chat_template_takes_none(base, pipeline):
+    assert not pipeline.template.takes("tools")
+    message = refused(base, "tools", tools=[WEATHER])
+    assert "chat template has no tool support" in message
+    refused(base, "tools", tools=[WEATHER], tool_choice="required")
+    turns = MESSAGES + [{"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {
+        "name": "get_weather", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    refused(base, "messages", messages=turns)
+    # tool_choice none: the tools are not given to the model, which is what "none" asks.
+    assert ok(base, max_tokens=3, temperature=0, tools=[WEATHER], tool_choice="none")["choices"][0]["message"]["content"]
+
+
+def _check_call(call: dict, tools=(WEATHER, CLOCK)) -> dict:
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    tool = {t["function"]["name"]: t["function"] for t in tools}[call["function"]["name"]]
+    arguments = json.loads(call["function"]["arguments"])
+    props = tool["parameters"]["properties"]
+    assert set(arguments) == set(tool["parameters"]["required"])
+    for key, value in arguments.items():
+        if "enum" in props[key]:
+            assert value in props[key]["enum"]
+        else:
+            assert type(value) is int and props[key]["minimum"] <= value <= props[key]["maximum"]
+    return arguments
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 4}])
+def test_required_tool_calls_are_parsed_into_tool_calls(tools_base, sampling):
+    choice = ok(tools_base, max_tokens=200, tools=[WEATHER, CLOCK], tool_choice="required", **sampling)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+    assert choice["message"]["tool_calls"]
+    for call in choice["message"]["tool_calls"]:
+        _check_call(call)
+
+
+def test_a_named_function_is_called_once(tools_base):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    for parallel in (True, False):
+        choice = ok(tools_base, max_tokens=100, temperature=0, tools=[WEATHER, CLOCK], tool_choice=named,
+                    parallel_tool_calls=parallel)["choices"][0]
+        calls = choice["message"]["tool_calls"]
+        assert len(calls) == 1 and calls[0]["function"]["name"] == "get_time" and choice["finish_reason"] == "tool_calls"
+        _check_call(calls[0])
+
+
+def test_streamed_tool_calls_equal_the_whole_reply(tools_base):
+    client = openai.OpenAI(base_url=f"{tools_base}/v1", api_key="unused", max_retries=0, timeout=120)
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=200, temperature=0, tools=[WEATHER, CLOCK],
+                  tool_choice="required")
+    whole = client.chat.completions.create(**kwargs).choices[0]
+    calls, reasons = {}, []
+    for chunk in client.chat.completions.create(stream=True, **kwargs):
+        if chunk.choices:
+            reasons.append(chunk.choices[0].finish_reason)
+            assert not chunk.choices[0].delta.content
+            for delta in chunk.choices[0].delta.tool_calls or ():
+                calls.setdefault(delta.index, [delta.function.name, ""])[1] += delta.function.arguments
+    assert reasons[-1] == "tool_calls"
+    assert [[c.function.name, c.function.arguments] for c in whole.message.tool_calls] == \
+           [calls[i] for i in sorted(calls)]
+
+
+def test_tool_choice_auto_gives_the_model_the_tools(tools_base, tools_pipe):
+    with_tools = ok(tools_base, max_tokens=4, temperature=0, tools=[WEATHER])
+    without = ok(tools_base, max_tokens=4, temperature=0)
+    rendered = tools_pipe.template.render(MESSAGES, tools=[WEATHER])
+    assert '"name": "get_weather"' in rendered
+    assert with_tools["usage"]["prompt_tokens"] == len(tools_pipe.tokenizer.encode(rendered))
+    assert with_tools["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
+    assert isinstance(with_tools["choices"][0]["message"]["content"], str)   # random weights: no call here
+    # With response_format, auto means a tool call or the JSON reply: either way it is one of the two.
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    choice = ok(tools_base, max_tokens=200, temperature=0, tools=[WEATHER], response_format=fmt)["choices"][0]
+    assert choice["message"].get("tool_calls") or _is_person(json.loads(choice["message"]["content"]))
+
+
+def test_a_conversation_with_tool_turns_is_rendered_by_the_template(tools_base, tools_pipe):
+    turns = MESSAGES + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Rome", "days": 2}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny, 24 C"}]
+    body = ok(tools_base, max_tokens=4, temperature=0, tools=[WEATHER], messages=turns)
+    rendered = tools_pipe.template.render(
+        [MESSAGES[0], {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": "Rome", "days": 2}}}]},
+         {"role": "tool", "tool_call_id": "c1", "content": "sunny, 24 C"}], tools=[WEATHER])
+    assert '"arguments": {"city": "Rome", "days": 2}' in rendered and "<tool_response>\nsunny, 24 C" in rendered
+    assert body["usage"]["prompt_tokens"] == len(tools_pipe.tokenizer.encode(rendered))
+    bad = [*turns[:1], {**turns[1], "tool_calls": [{**turns[1]["tool_calls"][0], "function": {
+        "name": "get_weather", "arguments": "{not json"}}]}]
+    refused(tools_base, "messages.1.tool_calls.0.function.arguments", tools=[WEATHER], messages=bad)
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"tool_choice": "auto"}, "tool_choice"),                                    # without tools
+    ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ({"tools": [WEATHER], "parallel_tool_calls": False}, "parallel_tool_calls"),  # auto cannot hold it to one
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools.0.type"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools.0.function.name"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages.0.name"),
+    ({"messages": [{"role": "assistant"}]}, "messages.0.content")])
+def test_bad_tool_fields_are_refused_by_name(tools_base, body, field):
+    refused(tools_base, field, **body)
+
+
+def test_the_tool_call_parser_is_the_same_delta_by_delta():
+    from edgevl.serve.tools import ParsedCall, ToolCallParser, parse_reply
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n<tool_call>not json</tool_call> <tool')
+    content, calls = parse_reply(text)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Rome"}), ("get_time", {})]
+    # Blank lines before and between the calls go; the one before the block that is no call stays with it.
+    assert content == "Let me check.\n<tool_call>not json</tool_call> <tool"
+    for size in (1, 2, 3, 7):
+        parser = ToolCallParser()
+        pieces = [p for i in range(0, len(text), size) for p in parser.feed(text[i:i + size])] + parser.finish()
+        assert "".join(p for p in pieces if isinstance(p, str)) == content
+        assert [(c.name, c.arguments) for c in pieces if isinstance(c, ParsedCall)] == \
+               [(c.name, c.arguments) for c in calls]
+    assert parse_reply("\n<tool_call>\n" + '{"name": "f", "arguments": {}}' + "\n</tool_call>\n")[0] is None
+    assert parse_reply('<tool_call>\n{"name": "f", "arguments"') == ('<tool_call>\n{"name": "f", "arguments"', [])
+    for plain in ("  ", "a <tool_ b\n", "x</tool_call>\n\n", "<tool_call"):       # no call: the text as it is
+        assert parse_reply(plain) == (plain, [])
