@@ -71,7 +71,6 @@ from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.pipeline import Result
 from edgevl.runtime.prefix_cache import PadTokens, RowPrefixes, cached_vision, prompt_key
 from edgevl.runtime.prompt import StreamDecoder
-from edgevl.runtime.runners import to_host
 from edgevl.runtime.sampling import SamplingOptions
 
 # Calls with more than one row run an even number of them (decode steps get a pad row, prefill chunks are even):
