@@ -233,6 +233,12 @@ def test_every_openai_request_field_is_honoured_or_refused_by_name(base):
         refused(base, field, **{field: REFUSED_VALUES[field]})
     message = refused(base, "frobnicate", frobnicate=1)                   # not OpenAI's at all
     assert "not a field this server knows" in message
+    part = {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}     # nor in a message or part
+    refused(base, "messages.0.content.0.cache_control", messages=[{"role": "user", "content": [part]}])
+    refused(base, "messages.1.refusal", messages=[MESSAGES[0], {"role": "assistant", "content": "", "refusal": "no"}])
+    back = {"role": "assistant", "content": "Hello.", "refusal": None, "audio": None, "function_call": None,
+            "annotations": []}                          # a reply's message sent back as it came: taken
+    assert ok(base, max_tokens=2, temperature=0, messages=[MESSAGES[0], back, MESSAGES[0]])["choices"]
     # The honoured values of the partly honoured fields and the fields with no effect on the reply are taken.
     inert = {"store": False, "service_tier": "auto", "modalities": ["text"], "user": "u-1", "safety_identifier": "s",
              "metadata": {"team": "a"}, "prompt_cache_key": "k", "n": 1, "audio": None}

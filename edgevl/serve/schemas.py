@@ -53,18 +53,22 @@ def _no_lone_surrogates(text: str) -> str:
 Text = Annotated[str, AfterValidator(_no_lone_surrogates)]
 
 
-class ImageURL(BaseModel):
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageURL(Strict):
     url: Text
     # Images are processed at the model's own resolution (its max_pixels): OpenAI's "high"; "low" (a 512-pixel
     # thumbnail) is refused rather than ignored.
     detail: Literal["auto", "high"] | None = None
 
 
-class VideoURL(BaseModel):
+class VideoURL(Strict):
     url: Text
 
 
-class ContentPart(BaseModel):
+class ContentPart(Strict):
     # video_url is not OpenAI's; it is the part vLLM accepts for Qwen2-VL video.
     type: Literal["text", "image_url", "video_url"]
     text: Text | None = None
@@ -73,10 +77,6 @@ class ContentPart(BaseModel):
 
 
 FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class CalledFunction(Strict):
@@ -90,19 +90,28 @@ class ToolCall(Strict):
     function: CalledFunction
 
 
+MESSAGE_REFUSALS = {"name": "the chat template has no participant names", "refusal": "a turn's refusal text",
+                    "audio": "audio", "function_call": "the deprecated functions API; send tool_calls",
+                    "annotations": "citations"}
+
+
 class Message(Strict):
     role: Literal["system", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None       # None: an assistant turn that only calls tools
     tool_calls: list[ToolCall] | None = None               # assistant turns
     tool_call_id: Text | None = None                       # tool turns
-    name: object = None     # participant names: refused, the chat templates served here have no place for them
+    # OpenAI message fields this server has no place for: null (what a client sends back from a reply) or absent.
+    name: object = None
+    refusal: object = None
+    audio: object = None
+    function_call: object = None
+    annotations: object = None
 
-    @field_validator("name", mode="before")
+    @field_validator("name", "refusal", "audio", "function_call", "annotations", mode="before")
     @classmethod
-    def _no_names(cls, value):
-        if value is not None:
-            raise FieldProblem("is not supported by this server (the chat template has no participant names); "
-                               "leave it out")
+    def _unsupported(cls, value, info):
+        if value is not None and value != []:
+            raise FieldProblem(f"is not supported by this server ({MESSAGE_REFUSALS[info.field_name]}); leave it out")
         return value
 
     @model_validator(mode="after")
