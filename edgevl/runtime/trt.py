@@ -42,6 +42,7 @@ import numpy as np
 from edgevl.artifact import names
 from edgevl.artifact.folder import staged_folder
 from edgevl.errors import EdgevlError
+from edgevl.runtime.cuda_memory import CudaMemory
 from edgevl.runtime.runners import DeviceTensor, TensorMeta, to_host
 from edgevl.runtime.sizing import Profile, select_profile
 
@@ -194,6 +195,7 @@ class EngineFromOnnx:
     def __call__(self):
         trt = import_tensorrt()
         precision = builder_flags(self.options.precision, set(trt.BuilderFlag.__members__), trt.__version__)
+        self._check_ops(trt.__version__)
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         # TensorRT 11 ignores STRONGLY_TYPED (every network is); 10.x needs it for the graph's own types
@@ -226,6 +228,20 @@ class EngineFromOnnx:
             raise EdgevlError(f"TensorRT could not build an engine for {self.path.name} (its messages are above).")
         self.log(f"built {self.path.name} in {time.perf_counter() - t0:.0f} s")
         return serialized                                 # IHostMemory: a buffer, written and read as is
+
+
+    def _check_ops(self, version: str) -> None:
+        """A sentence, before TensorRT parses anything, when this TensorRT's parser lacks an op of the graph
+        (runtime/trt_parser.py); skipped without the onnx package (the parser then reports it)."""
+        try:
+            import onnx
+        except ImportError:
+            return
+        from edgevl.runtime import trt_parser
+        problems = trt_parser.check(onnx.load(str(self.path), load_external_data=False), version)
+        sentence = trt_parser.refusal(self.path.name, version, problems)
+        if sentence:
+            raise EdgevlError(sentence)
 
 
 class EngineFromCache:
@@ -266,50 +282,6 @@ class EngineFromBytes:
             raise EdgevlError("TensorRT could not load the cached engine (another TensorRT version or GPU?); "
                               "delete it and rebuild with `edgevl build`.")
         return engine
-
-
-# ----------------------------------------------------------------------------- device memory
-class CudaMemory:
-    """The runner's only CUDA calls, through cuda-python: streams, cudaMalloc, async copies."""
-
-    def __init__(self, device_id: int = 0):
-        from edgevl.runtime.probe import cuda_python_module
-        self.rt = cuda_python_module()
-        if self.rt is None:
-            raise EdgevlError("the trt backend needs cuda-python for device memory: pip install cuda-python.")
-        self._check(self.rt.cudaSetDevice(device_id))
-
-    def _check(self, result):
-        err, *rest = result
-        if int(err) != 0:
-            raise RuntimeError(f"CUDA error {self.rt.cudaGetErrorName(err)[1]!r}")
-        return rest[0] if len(rest) == 1 else None
-
-    def stream(self):
-        return self._check(self.rt.cudaStreamCreate())
-
-    def handle(self, stream) -> int:
-        return int(stream)
-
-    def alloc(self, nbytes: int) -> int:
-        return int(self._check(self.rt.cudaMalloc(max(int(nbytes), 1))))
-
-    def free(self, ptr: int) -> None:
-        self.rt.cudaFree(ptr)
-
-    def h2d(self, ptr: int, array: np.ndarray, stream) -> None:
-        self._check(self.rt.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
-                                            self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
-
-    def d2h(self, array: np.ndarray, ptr: int, stream) -> None:
-        self._check(self.rt.cudaMemcpyAsync(array.ctypes.data, ptr, array.nbytes,
-                                            self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
-
-    def sync(self, stream) -> None:
-        self._check(self.rt.cudaStreamSynchronize(stream))
-
-    def destroy(self, stream) -> None:
-        self.rt.cudaStreamDestroy(stream)
 
 
 # ----------------------------------------------------------------------------- runner
