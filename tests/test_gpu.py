@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edgevl.runtime import backends, probe
-from tests.hf_reference import hf_generate, strip_after_eos
+from tests.hf_reference import strip_after_eos
 
 ORT_CUDA_OK, ORT_CUDA_REASON = backends.BACKENDS["ort-cuda"].available()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ORT_CUDA_OK, reason=f"ort-cuda: {ORT_CUDA_REASON}")]
