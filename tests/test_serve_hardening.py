@@ -252,7 +252,10 @@ class FakePipe:
     def __init__(self, error: BaseException, texts=()):
         self.error, self.texts = error, texts
 
-    def prepare_messages(self, messages, images, videos):
+    def plan_messages(self, messages, images, videos):
+        return object()
+
+    def prepare_plan(self, plan):
         return object()
 
     def generate_prepared(self, rows, max_tokens, stop, on_text=None, **sampling):
@@ -283,7 +286,7 @@ def test_a_photo_too_large_for_memory_is_a_413(error, stream):
     client = _client(FakePipe(error()))
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "stream": stream})
     message = assert_error_shape(r, 413)["message"]
-    assert message.startswith("the image is too large for this server's memory") and one_sentence(message)
+    assert message.startswith("the request is too large for this server's memory") and one_sentence(message)
     if error is not MemoryError:
         assert "61.9 GB" in message
     assert client.get("/health").status_code == 200

@@ -92,6 +92,14 @@ def check_config(cfg: BenchConfig) -> None:
             raise EdgevlError(f"--image {path} does not exist.")
 
 
+def check_prompt_tokens(cfg: BenchConfig, artifact, context: int) -> None:
+    """--prompt-tokens that cannot fit `context` (with a new token) is refused before any prompt text is built."""
+    for n in cfg.prompt_tokens:
+        if n is not None and n >= context:
+            raise EdgevlError(f"--prompt-tokens {n} is more than {artifact.path.name}'s context of {context} tokens holds "
+                              f"with a new token; ask for at most {context - 1}.")
+
+
 def _images(cfg: BenchConfig, folder: Path) -> list[tuple[str | None, Path | None]]:
     out = [(Path(p).name, Path(p)) for p in cfg.images]
     for size in cfg.image_sizes:
@@ -185,6 +193,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -
     for backend in cfg.backends:
         get_backend(backend)
     artifacts = [load_artifact(p, verify=cfg.verify) for p in cfg.artifacts]
+    for artifact, backend in itertools.product(artifacts, cfg.backends):
+        check_prompt_tokens(cfg, artifact, get_backend(backend, cfg.options).context_limit(artifact.config))
     for size in cfg.image_sizes:
         if size.lower() not in ("none", "0", "text"):
             parse_size(size)

@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.budget import PromptTooLong
 from edgevl.runtime.generate import Prompt
+from edgevl.runtime.inputs import decode_inputs
 from edgevl.runtime.pipeline import Pipeline, Result
 from edgevl.runtime.prompt import user_message
 
@@ -58,13 +60,21 @@ class ChatSession:
              **sampling) -> Result:
         """Add a user turn (images, then videos, then text), generate the reply, keep both in the history.
 
-        images: paths or PIL images; videos: paths (sampled at 2 fps) or `VideoClip`s.
+        images: paths or PIL images; videos: paths (sampled at 2 fps), VideoInputs or `VideoClip`s. The whole
+        conversation's cost is checked from the new images' and videos' headers before any is decoded (a video
+        is fitted to what the context has left, as `Pipeline.plan_messages` does).
         """
         if not text.strip():
             raise EdgevlError("the message is empty.")
         t0 = time.perf_counter()
-        new_images, new_videos = self.pipe.image_patches(images), self.pipe.video_patches(videos)
-        messages = self._with_system([*self.messages, user_message(text, len(new_images), len(new_videos))])
+        messages = self._with_system([*self.messages, user_message(text, len(images), len(videos))])
+        try:
+            plan = self.pipe.plan_messages(messages, images, videos, prior_grids=self.grids,
+                                           prior_video_grids=self.video_grids)
+        except PromptTooLong as e:
+            raise EdgevlError(f"the conversation would need {'at least ' if videos else ''}{e.tokens} tokens and "
+                              f"the model's context is {e.context}; type /reset to start a new conversation.") from None
+        new_images, new_videos = decode_inputs(self.pipe, plan)
         grids = self.grids + [g for _, g in new_images]
         video_grids = self.video_grids + [g for _, g, _ in new_videos]
         video_seconds = self.video_seconds + [s for _, _, s in new_videos]

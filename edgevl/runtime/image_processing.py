@@ -2,7 +2,8 @@
 
 Mirrors `Qwen2VLImageProcessorPil` (transformers 5.x) step by step:
 
-0. `load_image`: EXIF orientation applied (`ImageOps.exif_transpose`, as transformers' `load_image`);
+0. `load_image` (image_loading.py): EXIF orientation applied (`ImageOps.exif_transpose`, as transformers'
+   `load_image`);
 1. convert to RGB (alpha is composited onto white, as `image_transforms.convert_to_rgb`);
 2. `smart_resize` to a multiple of `patch_size * merge_size`, PIL bicubic;
 3. rescale in float64 then cast to float32 (`image_transforms.rescale`);
@@ -16,15 +17,23 @@ The vision graph runs per image, so `preprocess_image` handles one image and
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.image_loading import (  # noqa: F401 - loading, re-exported for its callers
+    WIDE_MODES,
+    ImageInput,
+    ImageTooLarge,
+    load_image,
+    open_image,
+    read_image_header,
+    to_rgb,
+)
 
 # OpenAI CLIP statistics, the Qwen2-VL defaults.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -149,137 +158,12 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
-class ImageTooLarge(EdgevlError):
-    """An image has more pixels than allowed (`load_image(max_pixels=...)`, or PIL's decompression-bomb
-    limit `Image.MAX_IMAGE_PIXELS` for files and bytes); refused before its pixels are decoded."""
-
-    def __init__(self, message: str, width: int, height: int, max_pixels: int):
-        super().__init__(message)
-        self.width, self.height, self.max_pixels = width, height, max_pixels
-
-
-def _describe(source, label: str | None) -> str:
-    """How error messages name an image: "Image file 'x.jpg'", "Image given as bytes", ..."""
-    if isinstance(source, (str, os.PathLike)):
-        return f"Image file {os.fspath(source)!r}"
-    if label:
-        return label
-    if isinstance(source, Image.Image):
-        return "Image given as a PIL image"
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return "Image given as bytes"
-    return "Image given as a file object"
-
-
-def _check_pixels(image: Image.Image, max_pixels: int | None, name: str) -> None:
-    if max_pixels is not None and image.width * image.height > max_pixels:
-        raise ImageTooLarge(f"{name} is {image.width}x{image.height} pixels, more than the {max_pixels} "
-                            f"pixels allowed.", image.width, image.height, max_pixels)
-
-
-def _exif_orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(0x0112, 1))  # also reads an XMP tiff:Orientation, as exif_transpose
-    except Exception:  # unreadable EXIF: transformers' exif_transpose would fail too; keep the pixels as they are
-        return 1
-
-
-def _open(source, max_pixels: int | None = None, label: str | None = None) -> tuple[Image.Image, str]:
-    """Decode an image fully, its EXIF orientation applied, as transformers' `load_image`
-    (`ImageOps.exif_transpose`, for paths and PIL images alike).
-
-    source: a path, bytes, a binary file object or a PIL image. max_pixels: refuse larger images
-    (ImageTooLarge) before decoding; for files and bytes None means PIL's `Image.MAX_IMAGE_PIXELS`
-    (a decompression bomb is a few KB that decodes to gigabytes), for a PIL image no limit.
-    Returns (image, name used in error messages).
-    """
-    name = _describe(source, label)
-    if isinstance(source, Image.Image):
-        _check_pixels(source, max_pixels, name)
-        if _exif_orientation(source) in (2, 3, 4, 5, 6, 7, 8):
-            try:
-                return ImageOps.exif_transpose(source), name
-            except Exception as err:  # a lazily opened PIL image whose data is broken
-                raise EdgevlError(f"{name} could not be decoded ({type(err).__name__}: {err}).") from err
-        return source, name
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise EdgevlError(f"{name} does not exist or is not a file.")
-        detail = True
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        source, detail = io.BytesIO(source), False
-    elif hasattr(source, "read"):
-        detail = False
-    else:
-        raise EdgevlError(f"An image must be a file path, bytes, a binary file object or a PIL image, "
-                          f"got {type(source).__name__}.")
-    if max_pixels is None:
-        max_pixels = Image.MAX_IMAGE_PIXELS
-    try:
-        with Image.open(source) as im:
-            _check_pixels(im, max_pixels, name)     # the header only: nothing is decoded yet
-            im.load()                               # decode now so truncated files fail here, not later
-            return ImageOps.exif_transpose(im), name   # a new image either way: `im` closes here
-    except ImageTooLarge:
-        raise
-    except Image.DecompressionBombError as err:     # over twice Image.MAX_IMAGE_PIXELS: PIL refuses to open it
-        raise ImageTooLarge(f"{name} is too large to decode safely ({err}).", 0, 0,
-                            2 * (Image.MAX_IMAGE_PIXELS or 0)) from err
-    except Exception as err:  # PIL decoders raise many types (OSError, SyntaxError, ValueError, ...)
-        # PIL's text for bytes and file objects names a Python object ("<_io.BytesIO object at 0x...>").
-        why = f"{type(err).__name__}: {err}" if detail else type(err).__name__
-        raise EdgevlError(f"{name} could not be read as an image ({why}).") from err
-
-
-# Integer / float pixel data wider than 8 bits. transformers converts these with
-# PIL's convert("RGB"), which clips every value to 255 (a white or garbage image):
-# we refuse them with a sentence instead of answering about a picture nobody sent.
-WIDE_MODES = {"I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
-
-
-def to_rgb(image: Image.Image, name: str = "Image given as a PIL image") -> Image.Image:
-    """transformers' `convert_to_rgb` for PIL: alpha (band A or palette transparency)
-    is composited onto opaque white, everything else goes through `convert("RGB")`
-    (CMYK uses PIL's naive formula, like transformers). Wide modes are refused.
-    """
-    if image.mode in WIDE_MODES:
-        raise EdgevlError(f"{name} has {image.mode!r} pixels (more than 8 bits per channel), which "
-                          f"edgevl does not support; convert it to 8-bit RGB first.")
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    try:
-        if has_alpha:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
-    except ValueError as err:  # PIL: "conversion from X to RGB not supported"
-        raise EdgevlError(
-            f"{name} has pixel mode {image.mode!r}, which cannot be converted to RGB."
-        ) from err
-    except OSError as err:  # a lazily opened PIL image whose data is broken
-        raise EdgevlError(f"{name} could not be decoded ({err}).") from err
-
-
-def load_image(source, max_pixels: int | None = None, label: str | None = None) -> Image.Image:
-    """The one image loader of every entry point (`edgevl run`, chat, the server, the Python API):
-    a path, bytes, a binary file object or a PIL image -> an RGB PIL image, EXIF orientation applied
-    like transformers' `load_image`, alpha composited on white like its processor.
-
-    max_pixels: larger images raise ImageTooLarge before they are decoded (files and bytes default to
-    PIL's `Image.MAX_IMAGE_PIXELS`, the decompression-bomb bound). label: the image's name in error
-    messages instead of "Image given as bytes" and the like (a path always names itself).
-    """
-    image, name = _open(source, max_pixels, label)
-    return to_rgb(image, name)
-
-
 def _pixels_hwc(source, settings: ImageProcessorSettings) -> np.ndarray:
     """Decoded, converted, resized image as uint8 [H, W, 3]."""
     if settings.do_convert_rgb:
         image = load_image(source)
     else:
-        image, name = _open(source)
+        image, name = open_image(source)
         if image.mode != "RGB":
             raise EdgevlError(
                 f"{name} has mode {image.mode!r} but do_convert_rgb is off; give an RGB image."

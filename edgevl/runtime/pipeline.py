@@ -5,6 +5,8 @@
     print(result.text)
 
 Stages and where they live:
+  plan          inputs.plan_inputs: every image's and video's tokens from its header (budget.py), checked
+                against the context (a video fitted to it) before any pixel is decoded
   preprocess    image_processing.preprocess_image   (PIL + numpy, identical to transformers)
   prompt        template.ChatTemplate, prompt.expand_vision_pads / Tokenizer
   vision        vision runner, one call per image (memory linear in the number of images)
@@ -29,7 +31,7 @@ from edgevl.runtime.constrained import GrammarCompiler
 from edgevl.runtime.embeddings import EmbeddingTable
 from edgevl.runtime.generate import Prompt, StopRule, generate
 from edgevl.runtime.guide import Guide, OutputOptions
-from edgevl.runtime.image_processing import load_image, preprocess_image
+from edgevl.runtime.inputs import InputPlan, decode_inputs, image_patches, plan_inputs, video_patches
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.logprobs import TokenLogprob
 from edgevl.runtime.prompt import (
@@ -41,7 +43,6 @@ from edgevl.runtime.prompt import (
 from edgevl.runtime.rope_index import mrope_position_ids, vision_rotary_position_ids
 from edgevl.runtime.sampling import SamplingOptions
 from edgevl.runtime.template import ChatTemplate
-from edgevl.runtime.video import VideoClip, load_video, preprocess_video
 from edgevl.runtime.windows import window_layout
 
 IMAGE_PAD = "<|image_pad|>"
@@ -109,7 +110,9 @@ class Pipeline:
     def prepare(self, prompt: str, images=(), videos=()) -> PreparedPrompt:
         """One user message (images, then videos, then text) -> token ids and vision patches.
 
-        images: paths or PIL images; videos: paths (sampled at 2 fps) or `VideoClip`s from `load_video`.
+        images: paths, bytes, PIL images or ImageInputs; videos: paths (sampled at 2 fps), VideoInputs
+        (`probe_video`: other fps, --max-frames) or decoded `VideoClip`s. PromptTooLong, before any pixel is
+        decoded, when they cannot fit the context.
         """
         if not prompt or not prompt.strip():
             raise EdgevlError("the prompt is empty; pass some text with --prompt.")
@@ -120,24 +123,31 @@ class Pipeline:
                          ) -> PreparedPrompt:
         """A whole conversation in Hugging Face content format -> ids; images/videos fill its slots in order.
         tools: function definitions for a chat template that takes them (`template.takes("tools")`)."""
-        processed, processed_videos = self.image_patches(images), self.video_patches(videos)
+        return self.prepare_plan(self.plan_messages(messages, images, videos, tools))
+
+    def plan_messages(self, messages: list[dict], images=(), videos=(), tools: list[dict] | None = None,
+                      prior_grids=(), prior_video_grids=()) -> InputPlan:
+        """The conversation's cost from its images' and videos' headers, checked against the context before any
+        pixel is decoded (a video that does not fit gets fewer or smaller frames): `inputs.plan_inputs`."""
+        return plan_inputs(self, messages, images, videos, tools, prior_grids, prior_video_grids)
+
+    def prepare_plan(self, plan: InputPlan) -> PreparedPrompt:
+        """Decode a plan's images and videos (one at a time, a video's planned frames only), then tokenize."""
+        processed, processed_videos = decode_inputs(self, plan)
         grids = [grid for _, grid in processed]
         video_grids = [grid for _, grid, _ in processed_videos]
-        return PreparedPrompt(self.tokenize_messages(messages, grids, video_grids, tools), [pv for pv, _ in processed],
-                              grids, [pv for pv, _, _ in processed_videos], video_grids,
+        return PreparedPrompt(self.tokenize_messages(plan.messages, grids, video_grids, plan.tools),
+                              [pv for pv, _ in processed], grids, [pv for pv, _, _ in processed_videos], video_grids,
                               [seconds for _, _, seconds in processed_videos])
 
     def image_patches(self, images) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
-        """Paths or PIL images -> (pixel_values, grid) per image."""
-        return [preprocess_image(load_image(img), self.image_settings) for img in images]
+        """Paths, bytes, PIL images or ImageInputs -> (pixel_values, grid) per image."""
+        return image_patches(self, images)
 
     def video_patches(self, videos) -> list[tuple[np.ndarray, tuple[int, int, int], float]]:
-        """Paths (sampled at 2 fps) or `VideoClip`s -> (pixel_values, grid, seconds per temporal patch) per video."""
-        clips = [v if isinstance(v, VideoClip) else load_video(v, temporal_patch_size=self.video_temporal,
-                                                              settings=self.video_settings)
-                 for v in videos]
-        return [(*preprocess_video(c.frames, self.video_settings), self.video_temporal / c.sampled_fps)
-                for c in clips]
+        """Paths (sampled at 2 fps), VideoInputs or `VideoClip`s -> (pixel_values, grid, seconds per temporal patch)
+        per video, without a token budget (`plan_messages` fits videos to the context)."""
+        return video_patches(self, videos)
 
     @property
     def video_temporal(self) -> int:

@@ -1,4 +1,4 @@
-"""Video input: decode with PyAV, sample at a target fps, resize and patchify like transformers.
+"""Video input: read the header with PyAV, plan the frames (budget.py), decode only those, resize, patchify.
 
 Qwen2-VL sees a video as `t` temporal patches of 2 frames (an image is the same
 with two identical frames). transformers' Qwen2VLVideoProcessor:
@@ -12,19 +12,34 @@ with two identical frames). transformers' Qwen2VLVideoProcessor:
 We do the same with PIL and numpy. transformers resizes video frames with
 torchvision (antialiased bicubic on uint8), PIL's bicubic differs by at most a
 grey level or so; frames already at the target size are bit-identical.
+
+`probe_video` reads only the container's header (frame size, count and rate; a container without a frame
+count has its packets counted, nothing decoded), so a prompt's cost is known before decoding; `read_frames`
+then decodes frame by frame and keeps only the planned ones, already resized: memory holds what the model
+will see, never the clip.
 """
 
 from __future__ import annotations
 
-import math
+import io
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
 from edgevl.errors import EdgevlError
 from edgevl.extras import requires
+from edgevl.runtime.budget import (  # noqa: F401 - sampling arithmetic, re-exported for video callers
+    DEFAULT_FPS,
+    MAX_FRAMES,
+    MIN_FRAMES,
+    FrameSampling,
+    VideoMeta,
+    VideoPlan,
+    plan_video,
+    sample_frame_indices,
+)
 from edgevl.runtime.image_processing import (
     ImageProcessorSettings,
     patchify,
@@ -35,19 +50,18 @@ from edgevl.runtime.image_processing import (
 # Qwen2VLVideoProcessor's class defaults, used when a model ships no video settings.
 VIDEO_MIN_PIXELS = 128 * 28 * 28
 VIDEO_MAX_PIXELS = 768 * 28 * 28
-DEFAULT_FPS = 2.0
-MIN_FRAMES = 4
-MAX_FRAMES = 768
 
 
 @dataclass(frozen=True)
 class VideoClip:
-    """Sampled RGB frames [N, H, W, 3] uint8 and where they came from."""
+    """Sampled RGB frames [N, H, W, 3] uint8 and where they came from. `settings`: the processor settings
+    the frames were resized for (a fitted plan's), None for frames at their source size."""
 
     frames: np.ndarray
     source_fps: float
     total_frames: int
     indices: np.ndarray
+    settings: ImageProcessorSettings | None = None
 
     @property
     def sampled_fps(self) -> float:
@@ -55,8 +69,20 @@ class VideoClip:
         return len(self.indices) / self.total_frames * self.source_fps if self.total_frames else self.source_fps
 
 
+@dataclass(frozen=True)
+class VideoInput:
+    """A video whose header has been read and whose frames are not decoded yet: a path or the file's bytes."""
+
+    source: str | bytes = field(repr=False)
+    meta: VideoMeta
+    sampling: FrameSampling = FrameSampling()
+    max_pixels: int | None = None           # per frame; larger frames are refused (VideoTooLarge)
+    name: str = "the video"                 # how error messages name it
+
+
 def video_settings(image: ImageProcessorSettings, d: dict | None) -> ImageProcessorSettings:
     """Pixel settings for video frames: the image ones with the video processor's pixel budget."""
+    from dataclasses import replace
     d = d or {}
     size = d.get("size") or {}
     return replace(image,
@@ -64,68 +90,114 @@ def video_settings(image: ImageProcessorSettings, d: dict | None) -> ImageProces
                    max_pixels=int(d.get("max_pixels", size.get("longest_edge", VIDEO_MAX_PIXELS))))
 
 
-def sample_frame_indices(total: int, source_fps: float, fps: float, temporal_patch_size: int = 2,
-                         min_frames: int = MIN_FRAMES, max_frames: int = MAX_FRAMES) -> np.ndarray:
-    """transformers' `Qwen2VLVideoProcessor.sample_frames` for an fps target -> int indices [n]."""
-    max_frames = math.floor(min(max_frames, total) / temporal_patch_size) * temporal_patch_size
-    n = total / source_fps * fps
-    n = min(max(n, min_frames), max_frames, total)
-    n = math.floor(n / temporal_patch_size) * temporal_patch_size
-    if n <= 0:
-        raise EdgevlError(f"the video has {total} frames; at least {temporal_patch_size} are needed.")
-    # torch.arange(0, total, total / n).int() computes in float32
-    return np.arange(0, total, np.float32(total / n), dtype=np.float32).astype(np.int64)[:n]
-
-
 class VideoTooLarge(EdgevlError):
-    """The video's frames have more pixels than the caller allows (`load_video(max_pixels=...)`)."""
+    """The video's frames have more pixels than the caller allows (`max_pixels`)."""
+
+
+def probe_video(source, fps: float = DEFAULT_FPS, max_frames: int = MAX_FRAMES, min_frames: int = MIN_FRAMES,
+                max_pixels: int | None = None, label: str | None = None) -> VideoInput:
+    """A path or a video file's bytes -> VideoInput, from the container's header alone (PyAV, the `video` extra).
+
+    max_pixels: refuse frames larger than this (VideoTooLarge). label: how error messages name the video
+    (default "Video file 'PATH'" or "the video"; a server's temporary name means nothing to its client).
+    """
+    sampling = FrameSampling(fps, max_frames, min_frames)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source, name = bytes(source), label or "the video"
+    else:
+        source = os.fspath(source)
+        name = label or f"Video file {source!r}"
+        if not os.path.isfile(source):
+            raise EdgevlError(f"{name} does not exist or is not a file.")
+    with _opened(source, name) as (av, container):
+        try:
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            _check_frame_size(width, height, max_pixels, name)
+            # The average rate, as transformers reads it; FFmpeg's guess where a container leaves it out (MPEG-TS).
+            source_fps = float(stream.average_rate or stream.guessed_rate or 0)
+            # The container's frame count, as transformers reads it; without one, its packets counted (not decoded).
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
+        except (av.error.FFmpegError, IndexError, ValueError) as e:
+            raise EdgevlError(f"{name} could not be decoded ({type(e).__name__}).") from None
+    if not total or not source_fps or not width or not height:
+        raise EdgevlError(f"{name} has no decodable frames, no frame size or no frame rate.")
+    return VideoInput(source, VideoMeta(width, height, total, source_fps), sampling, max_pixels, name)
+
+
+def read_frames(video: VideoInput, plan: VideoPlan) -> VideoClip:
+    """Decode `video` frame by frame, keeping only `plan.indices`, each resized to `plan.size` as it arrives."""
+    return _read(video, plan.indices, plan.size, plan.settings)
 
 
 def load_video(path, fps: float = DEFAULT_FPS, max_frames: int = MAX_FRAMES, temporal_patch_size: int = 2,
                min_frames: int = MIN_FRAMES, max_pixels: int | None = None, label: str | None = None,
                settings: ImageProcessorSettings | None = None) -> VideoClip:
-    """Decode a video file and keep the frames sampled at `fps` (PyAV, the `video` extra).
+    """Decode a video file (or its bytes) and keep the frames sampled at `fps`, without a token budget.
 
-    max_pixels: refuse frames larger than this (VideoTooLarge) before keeping any: sampled frames are
-    held at full size until preprocessing, so a small file of huge frames could exhaust memory.
-    label: how error messages name the video (default "Video file 'PATH'"; a server's temporary file
-    name means nothing to its client).
-    settings: resize each kept frame as it is decoded, exactly as `preprocess_video` would later
-    (the same smart_resize and PIL bicubic per frame), so memory holds frames at model size, not
-    at source size (768 sampled 4K frames are ~19 GB; resized, a few hundred MB).
+    settings: resize each kept frame as it is decoded, exactly as `preprocess_video` would later, so memory
+    holds frames at model size; None keeps them at their source size. Pipelines plan against their context
+    instead (`Pipeline.prepare` with a path or a `probe_video` result).
     """
-    with requires("video", "video input"):
-        import av
-    path = os.fspath(path)
-    name = label or f"Video file {path!r}"
-    if not os.path.isfile(path):
-        raise EdgevlError(f"{name} does not exist or is not a file.")
-    if fps <= 0:
-        raise EdgevlError(f"--fps must be positive, not {fps}.")
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            _check_frame_size(stream.codec_context.width, stream.codec_context.height, max_pixels, name)
-            source_fps = float(stream.average_rate or 0)
-            # The container's frame count, as transformers reads it; count by decoding if it has none.
-            total = stream.frames or sum(1 for _ in container.decode(video=0))
-            if not total or not source_fps:
-                raise EdgevlError(f"{name} has no decodable frames or no frame rate.")
-            indices = sample_frame_indices(total, source_fps, fps, temporal_patch_size, min_frames, max_frames)
-            container.seek(0)
-            wanted, kept = set(indices.tolist()), {}
-            for i, frame in enumerate(container.decode(video=0)):   # keep only sampled frames in memory
+    video = probe_video(path, fps, max_frames, min_frames, max_pixels, label)
+    if settings is not None:
+        return read_frames(video, plan_video(video.meta, settings, video.sampling))
+    m = video.meta
+    indices = sample_frame_indices(m.total_frames, m.source_fps, fps, temporal_patch_size, min_frames, max_frames)
+    return _read(video, indices, None, None)
+
+
+def _read(video: VideoInput, indices: np.ndarray, size: tuple[int, int] | None,
+          settings: ImageProcessorSettings | None) -> VideoClip:
+    wanted = {int(i): k for k, i in enumerate(indices)}
+    last, name = int(indices[-1]), video.name
+    kept: np.ndarray | list = np.empty((len(indices), *size, 3), np.uint8) if size else [None] * len(indices)
+    seen = 0
+    with _opened(video.source, name) as (av, container):
+        try:
+            for i, frame in enumerate(container.decode(video=0)):
+                seen = i + 1
                 if i in wanted:
-                    _check_frame_size(frame.width, frame.height, max_pixels, name)  # the size may change
-                    rgb = frame.to_ndarray(format="rgb24")
-                    kept[i] = resize_frame(rgb, settings) if settings is not None else rgb
-                if i >= indices[-1]:
+                    _check_frame_size(frame.width, frame.height, video.max_pixels, name)  # the size may change
+                    kept[wanted[i]] = _frame(frame, size)
+                if i >= last:
                     break
-    except (av.error.FFmpegError, IndexError, ValueError) as e:
-        raise EdgevlError(f"{name} could not be decoded ({type(e).__name__}).") from None
-    if len(kept) != len(wanted):
-        raise EdgevlError(f"{name} has fewer decodable frames than its header says.")
-    return VideoClip(np.stack([kept[i] for i in indices.tolist()]), source_fps, total, indices)
+        except (av.error.FFmpegError, IndexError, ValueError) as e:
+            raise EdgevlError(f"{name} could not be decoded ({type(e).__name__}).") from None
+    if seen <= last:
+        raise EdgevlError(f"{name} ends after {seen} decodable frames though its header announces "
+                          f"{video.meta.total_frames}; it may be truncated.")
+    frames = kept if size else np.stack(kept)
+    return VideoClip(frames, video.meta.source_fps, video.meta.total_frames, np.asarray(indices), settings)
+
+
+def _frame(frame, size: tuple[int, int] | None) -> np.ndarray:
+    """One decoded frame as uint8 [H, W, 3], resized to size (height, width) with PIL's bicubic when given."""
+    rgb = frame.to_ndarray(format="rgb24")
+    if size is None or rgb.shape[:2] == size:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size[1], size[0]), Image.Resampling.BICUBIC))
+
+
+class _opened:
+    """`with _opened(source, name) as (av, container)`: PyAV's container for a path or bytes, errors as sentences."""
+
+    def __init__(self, source: str | bytes, name: str):
+        self.source, self.name, self.container = source, name, None
+
+    def __enter__(self):
+        with requires("video", "video input"):
+            import av
+        source = io.BytesIO(self.source) if isinstance(self.source, bytes) else self.source
+        try:
+            self.container = av.open(source)
+        except (av.error.FFmpegError, ValueError) as e:
+            raise EdgevlError(f"{self.name} could not be decoded ({type(e).__name__}).") from None
+        return av, self.container
+
+    def __exit__(self, *exc):
+        self.container.close()
+        return False
 
 
 def _check_frame_size(width: int, height: int, max_pixels: int | None, name: str) -> None:
@@ -147,13 +219,19 @@ def resize_frame(frame: np.ndarray, settings: ImageProcessorSettings) -> np.ndar
 
 
 def preprocess_video(frames: np.ndarray, settings: ImageProcessorSettings) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """uint8 frames [N, H, W, 3] -> (pixel_values float32 [t*h*w, C*T*P*P], grid (t, h, w))."""
-    n = len(frames)
-    first = frames[0]
-    if resize_frame(first, settings) is not first:   # frames share one size; decoded ones are already at
-        frames = np.stack([resize_frame(f, settings) for f in frames])   # model size: no copy for them
-    x = rescale_normalize(frames, settings)                                   # [N, H, W, C] float32
-    tp = settings.temporal_patch_size
-    if pad := -n % tp:                                                          # repeat the last frame
-        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    return patchify(x, settings)
+    """uint8 frames [N, H, W, 3] -> (pixel_values float32 [t*h*w, C*T*P*P], grid (t, h, w)).
+
+    One temporal patch at a time into the output: memory is the output and the frames, no float copy of the clip.
+    """
+    first = resize_frame(frames[0], settings)
+    tp, p = settings.temporal_patch_size, settings.patch_size
+    t, gh, gw = -(-len(frames) // tp), first.shape[0] // p, first.shape[1] // p
+    out = None
+    for k in range(t):
+        group = [resize_frame(f, settings) for f in frames[k * tp:(k + 1) * tp]]
+        group += [group[-1]] * (tp - len(group))                            # repeat the last frame
+        patches, _ = patchify(rescale_normalize(np.stack(group), settings), settings)
+        if out is None:
+            out = np.empty((t * len(patches), patches.shape[1]), np.float32)
+        out[k * len(patches):(k + 1) * len(patches)] = patches
+    return out, (t, gh, gw)

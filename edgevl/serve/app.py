@@ -3,8 +3,9 @@
 One scheduler owns the decoder (runtime/batching.py): with the in-place decoder of an `ort` export,
 requests are batched continuously (each joins the running batch at the next decode step and leaves it
 when done, at most `max_batch` rows, `max_queue` more waiting, a 429 beyond); for other decoders they
-run one at a time in arrival order. The event loop only parses, validates and streams; videos are
-decoded and images preprocessed on the scheduler's preparing thread, before a reply starts.
+run one at a time in arrival order. The event loop only parses, validates and streams: a worker thread reads the
+images' and videos' headers and checks the prompt's cost against the context (a 400 with the numbers before any
+pixel is decoded), the scheduler's preparing thread decodes what that plan keeps, before a reply starts.
 Every error is an OpenAI-style JSON body (`{"error": {"message", "type", "param", "code"}}`)
 with a 4xx code, unknown routes and wrong methods included; nothing a client sends can take the
 server down, and a streamed reply starts (200) only once the model has produced its first token,
@@ -37,7 +38,7 @@ from edgevl.serve.errors import ApiError, RequestBodyLimit, as_api_error, clip, 
 from edgevl.serve.metrics import ServerMetrics
 from edgevl.serve.output import plan_reply
 from edgevl.serve.replies import StreamReply, completion_body
-from edgevl.serve.requests import ServerLimits, decode_video, parse_request, to_hf_messages, validation_api_error
+from edgevl.serve.requests import ServerLimits, parse_request, to_hf_messages, validation_api_error
 
 DEFAULT_MAX_TOKENS = 256
 ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
@@ -119,15 +120,21 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
         # logprobs, logit_bias, penalties, response_format, tools: refused by name unless this model can do them
         # (a JSON schema is compiled: off the event loop).
         reply = await run_in_threadpool(plan_reply, request, pipe)
-        messages, images, videos = to_hf_messages(request, limits)
+
+        def plan():
+            # Headers only (a container's frame count, an image's size), off the event loop: a prompt that cannot
+            # fit is refused here, with its numbers, before a pixel is decoded.
+            messages, images, videos = to_hf_messages(request, limits)
+            return pipe.plan_messages(messages, images, videos, **({"tools": reply.tools} if reply.tools else {}))
+
+        planned = await run_in_threadpool(plan)
         max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
         stop = request.stop_strings()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
 
         def prepare():
             # On the scheduler's preparing thread (slow for a video: the event loop keeps streaming other replies).
-            clips = [decode_video(v, limits, pipe.video_settings) for v in videos]
-            return pipe.prepare_messages(messages, images, clips, **({"tools": reply.tools} if reply.tools else {}))
+            return pipe.prepare_plan(planned)
 
         job = Job(prepare, max_tokens, stop, sampling, output=reply.output)
         tokenizer = pipe.tokenizer if reply.logprobs else None

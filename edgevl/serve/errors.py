@@ -12,7 +12,9 @@ import json
 import re
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.budget import PromptTooLong
 from edgevl.runtime.image_processing import ImageTooLarge
+from edgevl.runtime.video import VideoTooLarge
 
 
 class ApiError(Exception):
@@ -148,11 +150,15 @@ def as_api_error(exc: BaseException) -> ApiError | None:
         return exc
     if isinstance(exc, ImageTooLarge):
         return ApiError(413, str(exc), code="image_too_large")
+    if isinstance(exc, PromptTooLong):     # OpenAI's code for a prompt over the context
+        return ApiError(400, str(exc), code="context_length_exceeded", param="messages")
+    if isinstance(exc, VideoTooLarge):
+        return ApiError(413, str(exc), code="video_too_large")
     if isinstance(exc, EdgevlError):
         return ApiError(400, str(exc))
     if out_of_memory(exc):
         size = _ALLOC_SIZE.search(str(exc))
         need = f" (it needed {int(size.group(1)) / 1e9:.1f} GB at once)" if size else ""
-        return ApiError(413, f"the image is too large for this server's memory{need}; send a smaller image, "
+        return ApiError(413, f"the request is too large for this server's memory{need}; send smaller images, "
                              f"fewer video frames or a shorter prompt.", code="request_too_large")
     return None

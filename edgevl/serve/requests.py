@@ -1,6 +1,6 @@
 """What a client sends, checked and turned into the runtime's inputs: the body parsed and validated (one sentence
-per problem), OpenAI messages -> the chat template's content lists, images decoded with the runtime's
-`load_image`, videos checked on the event loop and decoded later on the scheduler's preparing thread.
+per problem), OpenAI messages -> the chat template's content lists, images' and videos' headers read (pixel and
+byte limits, sizes for the token budget); their pixels are decoded later, on the scheduler's preparing thread.
 """
 
 from __future__ import annotations
@@ -10,17 +10,15 @@ import binascii
 import importlib.util
 import json
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 from pydantic import ValidationError
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.image_processing import ImageTooLarge, load_image
+from edgevl.runtime.image_processing import ImageInput, ImageTooLarge, read_image_header
 from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
-from edgevl.runtime.video import MAX_FRAMES, VideoClip, VideoTooLarge, load_video
+from edgevl.runtime.video import MAX_FRAMES, VideoInput, VideoTooLarge, probe_video
 from edgevl.serve.connections import DEFAULT_BODY_TIMEOUT_S
 from edgevl.serve.errors import ApiError, clip, sentence
 from edgevl.serve.schemas import ChatCompletionRequest, FieldProblem
@@ -65,18 +63,17 @@ def read_url(url: str, kind: str, limits: ServerLimits) -> bytes | Path:
     return path
 
 
-def decode_image(url: str, limits: ServerLimits) -> Image.Image:
-    """A data URL (base64) or, when allowed, a local path / file:// URL -> an RGB PIL image, decoded by
-    the runtime's `load_image` (EXIF orientation applied, as `edgevl run` and the Python API do), the
-    pixel count checked before any pixel is decoded."""
+def image_input(url: str, limits: ServerLimits) -> ImageInput:
+    """A data URL (base64) or, when allowed, a local path / file:// URL -> its header (size, EXIF orientation),
+    checked against the pixel limit; its pixels are decoded later by the runtime's `load_image`."""
     source = read_url(url, "image", limits)
     try:
-        return load_image(source, max_pixels=limits.max_image_pixels, label="the image data")
+        return read_image_header(source, max_pixels=limits.max_image_pixels, label="the image data")
     except ImageTooLarge as e:
         size = f"{e.width}x{e.height} pixels" if e.width else "too many pixels"
         raise ApiError(413, f"the image is {size}; this server accepts at most {limits.max_image_pixels} "
                             f"pixels per image.", code="image_too_large") from None
-    except EdgevlError as e:  # not an image, truncated, an unsupported pixel mode, ...
+    except EdgevlError as e:  # not an image, an unknown format, ...
         raise ApiError(400, str(e)) from None
 
 
@@ -84,8 +81,9 @@ def _have_pyav() -> bool:
     return importlib.util.find_spec("av") is not None
 
 
-def video_source(url: str, limits: ServerLimits) -> bytes | Path:
-    """Check a video URL (cheap, on the event loop); `decode_video` decodes it later in the worker."""
+def video_input(url: str, limits: ServerLimits) -> VideoInput:
+    """A video URL -> its header (frame size, count and rate), checked against the byte and pixel limits; its
+    frames are decoded later, only those the token budget keeps."""
     if not _have_pyav():   # 400, not 501: OpenAI clients retry 5xx, and a retry cannot help
         raise ApiError(400, "this server cannot decode video because PyAV is not installed; install it with "
                             "`pip install 'edgevl[video]'`.", code="video_unsupported")
@@ -93,30 +91,19 @@ def video_source(url: str, limits: ServerLimits) -> bytes | Path:
     if isinstance(source, bytes) and len(source) > limits.max_video_bytes:
         raise ApiError(413, f"the video is {len(source)} bytes; this server accepts at most "
                             f"{limits.max_video_bytes} bytes per video.", code="video_too_large")
-    return source
-
-
-def decode_video(source: bytes | Path, limits: ServerLimits, settings) -> VideoClip:
-    """Video bytes or a local path -> sampled frames at the model's size (`settings`: the pipeline's video
-    processor settings). PyAV decodes from a file, so bytes go to a temp one."""
-    with tempfile.TemporaryDirectory(prefix="edgevl-video-") as tmp:
-        path, label = source, None
-        if isinstance(source, bytes):
-            # The temp file's name means nothing to the client: errors say "the video".
-            path, label = Path(tmp) / "video", "the video"
-            path.write_bytes(source)
-        try:
-            return load_video(path, max_frames=limits.max_video_frames, temporal_patch_size=settings.temporal_patch_size,
-                              max_pixels=limits.max_image_pixels, label=label, settings=settings)
-        except VideoTooLarge as e:
-            raise ApiError(413, str(e), code="video_too_large") from None
-        except EdgevlError as e:  # undecodable, too few frames, ...
-            raise ApiError(400, str(e)) from None
+    try:
+        return probe_video(source, max_frames=limits.max_video_frames, max_pixels=limits.max_image_pixels,
+                           label="the video" if isinstance(source, bytes) else None)
+    except VideoTooLarge as e:
+        raise ApiError(413, str(e), code="video_too_large") from None
+    except EdgevlError as e:  # undecodable, no frames, ...
+        raise ApiError(400, str(e)) from None
 
 
 def to_hf_messages(request: ChatCompletionRequest,
-                   limits: ServerLimits) -> tuple[list[dict], list[Image.Image], list[bytes | Path]]:
-    """OpenAI messages -> the chat template's content-list format, the images and the (undecoded) videos."""
+                   limits: ServerLimits) -> tuple[list[dict], list[ImageInput], list[VideoInput]]:
+    """OpenAI messages -> the chat template's content-list format, the images and the videos (headers read,
+    nothing decoded: run it off the event loop, it reads files and parses containers)."""
     messages, images, videos = [], [], []
     for i, m in enumerate(request.messages):
         extra = message_tool_fields(i, m)         # an assistant turn's tool_calls, a tool turn's tool_call_id
@@ -130,12 +117,12 @@ def to_hf_messages(request: ChatCompletionRequest,
             elif part.type == "image_url":
                 if part.image_url is None:
                     raise ApiError(400, "an image_url content part has no image_url.")
-                images.append(decode_image(part.image_url.url, limits))
+                images.append(image_input(part.image_url.url, limits))
                 content.append({"type": "image"})
             else:
                 if part.video_url is None:
                     raise ApiError(400, "a video_url content part has no video_url.")
-                videos.append(video_source(part.video_url.url, limits))
+                videos.append(video_input(part.video_url.url, limits))
                 content.append({"type": "video"})
         messages.append({"role": m.role, "content": content, **extra})
     return messages, images, videos

@@ -35,7 +35,7 @@ from edgevl.runtime.jobs import (
     QueueFull,
     RequestCancelled,
 )
-from edgevl.serve.triton.protocol import Limits, Request, RequestError, decode_videos, inputs, parse_request
+from edgevl.serve.triton.protocol import Limits, Request, RequestError, inputs, parse_request
 
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
@@ -165,7 +165,9 @@ class EdgevlTritonModel:
         self.scheduler.close()
 
     # ------------------------------------------------------------------ requests
-    def _read(self, request) -> Request:
+    def _read(self, request) -> tuple[Request, object]:
+        """The request parsed and its plan (`Pipeline.plan_messages`): its cost checked against the context from
+        the images' and videos' headers, before any pixel is decoded."""
         tensors = {}
         for decl in inputs(self.decoupled):
             tensor = self.pb.get_input_tensor_by_name(request, decl.name)
@@ -175,24 +177,23 @@ class EdgevlTritonModel:
         req = parse_request(tensors, self.limits, self.decoupled)
         try:
             self.pipe.sampling_options(**req.sampling)   # the values it will use, checked before any work
+            return req, self.pipe.plan_messages(req.messages, req.images, req.videos)
         except EdgevlError as e:
             raise RequestError(str(e)) from None
-        return req
 
-    def _job(self, req: Request, on_text=None, cancelled=None) -> Job:
-        pipe, limits = self.pipe, self.limits
+    def _job(self, req: Request, plan, on_text=None, cancelled=None) -> Job:
+        pipe = self.pipe
 
         def prepare():
             if cancelled is not None and cancelled():
                 raise RequestCancelled()     # the client left while the request waited
-            clips = decode_videos(req.videos, limits, pipe.video_settings) if req.videos else []
-            return pipe.prepare_messages(req.messages, req.images, clips)
+            return pipe.prepare_plan(plan)   # decodes only what the plan keeps
         return Job(prepare, req.max_tokens, req.stop, req.sampling, on_text)
 
     def _submit(self, request):
         """Not decoupled: a submitted Job, or the error response for a request refused at once."""
         try:
-            job = self._job(self._read(request))
+            job = self._job(*self._read(request))
             self.scheduler.submit(job)
             return job
         except Exception as e:  # noqa: BLE001 - told to the client
@@ -212,7 +213,7 @@ class EdgevlTritonModel:
         sender = request.get_response_sender()
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            req = self._read(request)
+            req, plan = self._read(request)
         except Exception as e:  # noqa: BLE001
             return self._send(sender, self._error(e), final)
         job = None
@@ -234,7 +235,7 @@ class EdgevlTritonModel:
             else:
                 self._send(sender, self._error(error), final)
 
-        job = self._job(req, on_text, lambda: _cancelled(sender))
+        job = self._job(req, plan, on_text, lambda: _cancelled(sender))
         try:
             self.scheduler.submit(job)
         except Exception as e:  # noqa: BLE001 - QueueFull, a closed scheduler: nothing will answer it but us

@@ -37,14 +37,12 @@ import base64
 import binascii
 import importlib.util
 import json
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.image_processing import ImageTooLarge, load_image
+from edgevl.runtime.image_processing import ImageInput, ImageTooLarge, read_image_header
 from edgevl.runtime.sampling import sampling_problem, show_value
 
 MAX_STOP_STRINGS = 16
@@ -102,11 +100,11 @@ class Limits:
 
 @dataclass
 class Request:
-    """A parsed request: the chat template's messages, decoded images, undecoded videos, options."""
+    """A parsed request: the chat template's messages, images and videos (headers read, nothing decoded), options."""
 
     messages: list[dict]
-    images: list = field(default_factory=list)           # PIL images, in the order of their parts
-    videos: list[bytes] = field(default_factory=list)    # video files' bytes, decoded by `decode_videos`
+    images: list[ImageInput] = field(default_factory=list)   # in the order of their parts
+    videos: list = field(default_factory=list)               # VideoInputs (`probe_video`), in order
     max_tokens: int = 256
     sampling: dict = field(default_factory=dict)
     stop: tuple[str, ...] = ()
@@ -209,8 +207,8 @@ def parse_request(tensors: dict[str, np.ndarray], limits: Limits = Limits(), dec
 
 # ----------------------------------------------------------------------------- messages
 def parse_messages(text: str, blobs: list[bytes] = (), limits: Limits = Limits()):
-    """The JSON `messages` -> (chat-template messages, PIL images, video bytes). `blobs` fill `{"type": "image"}`
-    parts in order; every blob must be used."""
+    """The JSON `messages` -> (chat-template messages, ImageInputs, VideoInputs): headers read and checked against
+    the limits, no pixel decoded. `blobs` fill `{"type": "image"}` parts in order; every blob must be used."""
     try:
         data = json.loads(text)
     except RecursionError:
@@ -261,7 +259,7 @@ def _part(where: str, part, images: list, videos: list, blobs: list, limits: Lim
     if kind == "image":
         if not blobs:
             raise RequestError(f"{where} is an image part but the images input has no image left for it.")
-        images.append(decode_image(blobs.pop(0), f"image {len(images) + 1}", limits))
+        images.append(image_input(blobs.pop(0), f"image {len(images) + 1}", limits))
         return {"type": "image"}
     url = part.get(kind)
     url = url.get("url") if isinstance(url, dict) else url
@@ -270,7 +268,7 @@ def _part(where: str, part, images: list, videos: list, blobs: list, limits: Lim
     media = kind.removesuffix("_url")
     data = read_data_url(url, media, where)
     if media == "image":
-        images.append(decode_image(data, f"image {len(images) + 1}", limits))
+        images.append(image_input(data, f"image {len(images) + 1}", limits))
         return {"type": "image"}
     if importlib.util.find_spec("av") is None:
         raise RequestError("this model cannot decode video because PyAV is not installed in Triton's Python "
@@ -278,7 +276,7 @@ def _part(where: str, part, images: list, videos: list, blobs: list, limits: Lim
     if len(data) > limits.max_video_bytes:
         raise RequestError(f"the video is {len(data)} bytes; this model accepts at most {limits.max_video_bytes} "
                            f"bytes per video.")
-    videos.append(data)
+    videos.append(video_input(data, f"video {len(videos) + 1}", limits))
     return {"type": "video"}
 
 
@@ -297,30 +295,23 @@ def read_data_url(url: str, media: str, where: str) -> bytes:
         raise RequestError(f"{where}: the {media} data URL is not valid base64.") from None
 
 
-def decode_image(data: bytes, label: str, limits: Limits):
+def image_input(data: bytes, label: str, limits: Limits) -> ImageInput:
+    """An encoded image's header (size, EXIF orientation), checked against the pixel limit; decoded later."""
     try:
-        return load_image(data, max_pixels=limits.max_image_pixels, label=label)
+        return read_image_header(data, max_pixels=limits.max_image_pixels, label=label)
     except ImageTooLarge as e:
         size = f"{e.width}x{e.height} pixels" if e.width else "too many pixels"
         raise RequestError(f"{label} is {size}; this model accepts at most {limits.max_image_pixels} pixels per "
                            f"image.") from None
-    except EdgevlError as e:   # not an image, truncated, ...
+    except EdgevlError as e:   # not an image, an unknown format, ...
         raise RequestError(str(e)) from None
 
 
-def decode_videos(videos: list[bytes], limits: Limits, settings) -> list:
-    """Video file bytes -> sampled `VideoClip`s at the model's size (PyAV reads files: a temp file each)."""
-    from edgevl.runtime.video import load_video
-    clips = []
-    with tempfile.TemporaryDirectory(prefix="edgevl-triton-video-") as tmp:
-        for i, data in enumerate(videos):
-            path = Path(tmp) / f"video{i}"
-            path.write_bytes(data)
-            try:
-                clips.append(load_video(path, max_frames=limits.max_video_frames,
-                                        temporal_patch_size=settings.temporal_patch_size,
-                                        max_pixels=limits.max_image_pixels, label=f"video {i + 1}",
-                                        settings=settings))
-            except EdgevlError as e:
-                raise RequestError(str(e)) from None
-    return clips
+def video_input(data: bytes, label: str, limits: Limits):
+    """A video file's header (frame size, count, rate), checked against the pixel limit; its frames are decoded
+    later, only those the token budget keeps."""
+    from edgevl.runtime.video import probe_video
+    try:
+        return probe_video(data, max_frames=limits.max_video_frames, max_pixels=limits.max_image_pixels, label=label)
+    except EdgevlError as e:   # too large frames, undecodable, no frames
+        raise RequestError(str(e)) from None
