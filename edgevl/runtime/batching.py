@@ -67,6 +67,7 @@ from edgevl.runtime.jobs import (
     SerialScheduler,
     check_sizes,
 )
+from edgevl.runtime.heap import trim_heap
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.pipeline import Result
 from edgevl.runtime.prefix_cache import PadTokens, RowPrefixes, cached_vision, prompt_key
@@ -204,6 +205,10 @@ class BatchScheduler(SchedulerBase):
     # -- the scheduler thread
     def _loop(self) -> None:
         while True:
+            with self.lock:
+                idle = not self.closed and not self.waiting and not self.running
+            if idle:
+                trim_heap()      # the finished requests' images and arrays: their pages go back to the system
             with self.lock:
                 while not self.closed and not self.waiting and not self.running:
                     self.lock.wait()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.heap import trim_heap
 from edgevl.runtime.guide import OutputOptions
 
 DEFAULT_MAX_BATCH = 8
@@ -141,8 +142,12 @@ class SerialScheduler(SchedulerBase):
 
     def submit(self, job: Job) -> Job:
         self._accept(job)
-        self.worker.submit(self._run, job)
+        self.worker.submit(self._work, job)
         return job
+
+    def _work(self, job: Job) -> None:
+        self._run(job)
+        trim_heap()     # the request's images and arrays are gone: their pages go back to the system
 
     def close(self) -> None:
         with self.lock:
