@@ -13,7 +13,6 @@ from edgevl.runtime.budget import (
     PromptCost,
     PromptTooLong,
     VideoMeta,
-    check_prompt,
     fit_prompt,
     grid_tokens,
     image_grid,
@@ -122,13 +121,13 @@ def test_videos_share_what_is_left_evenly():
 
 def test_a_prompt_that_cannot_fit_is_refused_with_its_numbers():
     with pytest.raises(PromptTooLong) as e:
-        check_prompt(32768, PromptCost(text=109, images=(16384,) * 40))
+        fit_prompt(32768, PromptCost(text=109, images=(16384,) * 40), [], VIDEO)
     message = str(e.value)
     assert message.startswith("the prompt needs 655469 tokens (109 of text, 655360 for 40 images) but the model's "
                               "context is 32768 tokens") and one_sentence(message)
     with pytest.raises(PromptTooLong, match=r"at least 32\d\d\d tokens .* for 1 video cut to 2 frames"):
         fit_prompt(32768, PromptCost(text=20, images=(32700,)), [(TEN_MINUTES_720P, FrameSampling())], VIDEO)
-    check_prompt(32768, PromptCost(text=32767))                  # exactly one position left: fits
+    assert fit_prompt(32768, PromptCost(text=32767), [], VIDEO) == []   # exactly one position left: fits
 
 
 def test_an_images_tokens_do_not_depend_on_its_orientation():

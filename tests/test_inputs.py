@@ -161,6 +161,15 @@ def test_the_server_refuses_forty_images_before_decoding(app, no_decoding):
     assert elapsed < 1.0
 
 
+def test_a_text_over_the_context_has_openais_code(app):
+    from fastapi.testclient import TestClient
+    with TestClient(app) as client:
+        for words in (20000, 200000):    # counted after tokenizing / refused from its bytes before tokenizing
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "word " * words}]}
+            error = assert_error_shape(client.post("/v1/chat/completions", json=body), 400)
+            assert error["code"] == "context_length_exceeded" and "32768 tokens" in error["message"]
+
+
 def test_a_video_over_the_pixel_limit_says_video(tmp_path):
     from fastapi.testclient import TestClient
 

@@ -186,12 +186,6 @@ def fit_prompt(context: int, cost: PromptCost, videos: list[tuple[VideoMeta, Fra
     return [plan_video(meta, settings, sampling, share) for (meta, sampling), share in zip(videos, shares)]
 
 
-def check_prompt(context: int, cost: PromptCost) -> None:
-    """PromptTooLong unless a prompt of this cost leaves one position of `context` for a new token."""
-    if cost.total >= context:
-        raise _too_long(context, cost, [])
-
-
 def _shares(free: int, least: list[int], wanted: list[int]) -> list[int]:
     """Tokens per video: an even level (water-filling), each at least `least` and at most `wanted`, summing to
     at most `free` (given sum(least) <= free)."""

@@ -27,6 +27,7 @@ from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, load_artifact
 from edgevl.errors import EdgevlError
 from edgevl.runtime.backends import Backend, BackendOptions, get_backend
+from edgevl.runtime.budget import PromptTooLong
 from edgevl.runtime.constrained import GrammarCompiler
 from edgevl.runtime.embeddings import EmbeddingTable
 from edgevl.runtime.generate import Prompt, StopRule, generate
@@ -242,8 +243,8 @@ class Pipeline:
 
     def check_context(self, length: int) -> None:
         if length >= self.max_context:
-            raise EdgevlError(f"the prompt is {length} tokens long but the model's context is "
-                              f"{self.max_context} tokens; shorten it or use smaller images or shorter videos.")
+            raise PromptTooLong(f"the prompt is {length} tokens long but the model's context is {self.max_context} "
+                                f"tokens; shorten it or use smaller images or shorter videos.", length, self.max_context)
 
     def positions(self, ids: np.ndarray, mask: np.ndarray, grids: list, video_grids: list = (),
                   video_seconds: list = ()) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.budget import PromptTooLong
 
 
 def user_message(text: str, num_images: int = 0, num_videos: int = 0) -> dict:
@@ -70,8 +71,9 @@ class Tokenizer:
             raise EdgevlError(f"the prompt is not valid UTF-8 text (character {e.start} cannot be encoded); "
                               f"check the input's encoding.") from None
         if size > max_tokens * self.max_token_bytes:
-            raise EdgevlError(f"the prompt is at least {size // self.max_token_bytes} tokens long but the model's "
-                              f"context is {max_tokens} tokens; shorten it or use smaller images or shorter videos.")
+            least = size // self.max_token_bytes
+            raise PromptTooLong(f"the prompt is at least {least} tokens long but the model's context is {max_tokens} "
+                                f"tokens; shorten it or use smaller images or shorter videos.", least, max_tokens)
         return self.encode(text)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
