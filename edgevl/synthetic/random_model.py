@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgevl.synthetic.architectures import ModelPreset, build_config, get_preset
+from edgevl.synthetic.architectures import QWEN3_FAMILIES, ModelPreset, build_config, get_preset
 
 ASSETS = Path(__file__).parent / "assets"
 CORPUS_PATH = ASSETS / "tokenizer_corpus.txt"
@@ -69,8 +69,10 @@ CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def train_tokenizer(corpus_path: Path = CORPUS_PATH, vocab_size: int = BPE_VOCAB_SIZE):
-    """Train the tiny byte-level BPE and add Qwen2-VL's special tokens.
+def train_tokenizer(corpus_path: Path = CORPUS_PATH, vocab_size: int = BPE_VOCAB_SIZE,
+                    added_tokens: tuple[tuple[str, bool], ...] | None = None):
+    """Train the tiny byte-level BPE and add Qwen2-VL's special tokens (or `added_tokens`: (content, special)
+    pairs in id order, Qwen3-VL's).
 
     Returns a `tokenizers.Tokenizer` with ids 0..vocab_size-1 for BPE pieces
     and vocab_size.. for SPECIAL_TOKENS. Same corpus, same bytes out (checked
@@ -111,7 +113,11 @@ def train_tokenizer(corpus_path: Path = CORPUS_PATH, vocab_size: int = BPE_VOCAB
     tokenizer.train_from_iterator(lines, trainer=trainer)
     if tokenizer.get_vocab_size() != vocab_size:
         raise RuntimeError(f"corpus too small: BPE stopped at {tokenizer.get_vocab_size()} < {vocab_size} tokens")
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    if added_tokens is None:
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    else:
+        for content, special in added_tokens:       # one at a time: ids follow the given order
+            tokenizer.add_tokens([AddedToken(content, special=special, normalized=False)])
     return tokenizer
 
 
@@ -223,20 +229,20 @@ def generation_config(ids: dict):
     )
 
 
-def write_weights(out_dir: Path, config, ids: dict, seed: int, dtype: str) -> None:
-    """config.json, generation_config.json and model.safetensors with random weights.
+def write_weights(out_dir: Path, config, ids: dict, seed: int, dtype: str, generation=None) -> None:
+    """config.json, generation_config.json (`generation`, else Qwen2-VL's) and model.safetensors with random weights.
 
     The model is built directly in `dtype` (a 2B in bfloat16 needs ~4.4 GB,
     not 8.8 GB of float32 first). transformers' init draws every Linear,
     Conv3d and Embedding from N(0, initializer_range) and zeroes biases.
     """
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+    import transformers
 
     torch.manual_seed(seed)
-    cls = Qwen2_5_VLForConditionalGeneration if config.model_type == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
+    cls = getattr(transformers, config.architectures[0])
     model = cls._from_config(config, dtype=getattr(torch, dtype))
-    model.generation_config = generation_config(ids)
+    model.generation_config = generation or generation_config(ids)
     model.save_pretrained(out_dir)
 
 
@@ -276,7 +282,7 @@ def hub_config(config, dtype: str) -> dict:
 
 
 def write_random_model(out_dir, preset: str | ModelPreset = "tiny", seed: int = 0, dtype: str | None = None) -> Path:
-    """Write a loadable Qwen2-VL-Instruct folder with random weights; return its path.
+    """Write a loadable Qwen2-VL / Qwen2.5-VL / Qwen3-VL Instruct folder with random weights; return its path.
 
     `preset` names an entry of presets.PRESETS (or is a ModelPreset); `dtype`
     (e.g. "float32") overrides the preset's weight dtype. Same arguments, same bytes.
@@ -284,6 +290,9 @@ def write_random_model(out_dir, preset: str | ModelPreset = "tiny", seed: int = 
     spec = preset if isinstance(preset, ModelPreset) else get_preset(preset)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if spec.family in QWEN3_FAMILIES:
+        from edgevl.synthetic.qwen3_vl import write_qwen3_files
+        return write_qwen3_files(out, spec, seed, dtype or spec.dtype)
     tokenizer = train_tokenizer()
     ids = special_token_ids(tokenizer)
     config = build_config(spec, ids)
