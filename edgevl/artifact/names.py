@@ -12,7 +12,7 @@ DECODER = "decoder"
 GRAPH_KINDS = (VISION, DECODER)
 
 # ----------------------------------------------------------------------------- symbolic dims
-NUM_PATCHES = "num_patches"          # vision: 14x14-pixel patches of one attention segment
+NUM_PATCHES = "num_patches"          # vision: patches (14x14 px; Qwen3-VL 16x16) of one attention segment
 BATCH = "batch"                      # decoder: rows
 SEQUENCE = "sequence"                # decoder: new tokens this call
 PAST_SEQUENCE = "past_sequence"      # decoder: tokens already in the KV cache
@@ -28,6 +28,10 @@ IMAGE_EMBEDS = "image_embeds"
 WINDOW_GATHER = "window_gather"      # Qwen2.5-VL: [num_windows, slots] rows of each window (runtime/windows.py)
 WINDOW_MASK = "window_mask"          # [num_windows, slots] 1 = a slot holds a row
 WINDOW_SCATTER = "window_scatter"    # [num_patches] the slot each row went to
+POS_EMBED_IDS = "pos_embed_ids"      # Qwen3-VL: [num_patches, 4] int64 rows of the learned position table
+POS_EMBED_WEIGHTS = "pos_embed_weights"  # [num_patches, 4] float32 their bilinear weights (runtime/pos_embed.py)
+DEEPSTACK_EMBEDS = "deepstack_embeds"    # Qwen3-VL vision output [levels, num_patches / 4, hidden]; decoder input
+                                         # [levels, B, S, hidden] (zeros at text positions and in decode steps)
 
 # ----------------------------------------------------------------------------- decoder I/O
 INPUTS_EMBEDS = "inputs_embeds"

@@ -21,6 +21,7 @@ from edgevl.artifact.onnx_files import describe_graph, tied_dense_table, write_n
 from edgevl.errors import EdgevlError
 from edgevl.export.modules import KV_CACHE
 from edgevl.export.ops import FUSED_STANDARD_OPSET, VARIANT_OPSET, in_place_problem
+from edgevl.export.qwen3_vl import MODEL_TYPES as QWEN3_MODEL_TYPES
 from edgevl.export.trace import export_decoder, export_vision
 from edgevl.runtime.image_processing import ImageProcessorSettings
 from edgevl.runtime.probe import package_versions
@@ -32,7 +33,7 @@ MAX_OPSET = 24
 # --opset 18..22 gives the same math in primitive ops for older TensorRT (JetPack 6: 10.3)
 DEFAULT_OPSET = {"ort": 18, "standard": FUSED_STANDARD_OPSET}
 EXPORT_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy")
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_MODEL_TYPES)
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                 "preprocessor_config.json", "video_preprocessor_config.json", "config.json")
 
@@ -77,15 +78,18 @@ def read_config(model_dir: Path) -> dict:
     config = read_json_object(path, "model config")
     if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise EdgevlError(f"{model_dir} holds a '{config.get('model_type')}' model; edgevl exports "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2-VL, Qwen2.5-VL) models.")
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)} (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) models.")
     if not any(next(model_dir.glob(p), None) for p in WEIGHT_PATTERNS):
         raise EdgevlError(f"{model_dir} has a config.json but no weights (*.safetensors or pytorch_model*.bin).")
     return config
 
 
 def load_model(model_dir: Path, dtype: torch.dtype, model_type: str):
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
-    cls = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[model_type]
+    import transformers
+    cls = getattr(transformers, {"qwen2_vl": "Qwen2VLForConditionalGeneration",
+                                 "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                                 "qwen3_vl": "Qwen3VLForConditionalGeneration",
+                                 "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}[model_type])
     try:
         model = cls.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:   # bad config values, broken shards
@@ -126,13 +130,15 @@ def find_chat_template(model_dir: Path) -> str | None:
 def model_facts(config, generation: dict) -> ModelConfig:
     """The config values the runtime needs, flattened (no hard-coded sizes anywhere downstream)."""
     text, vision = config.text_config, config.vision_config
-    eos = generation.get("eos_token_id", text.eos_token_id)
+    eos = generation.get("eos_token_id", getattr(text, "eos_token_id", None))
+    if eos is None:
+        raise EdgevlError("the checkpoint names no eos_token_id (generation_config.json or config.json).")
     return ModelConfig(**{
         "hidden_size": text.hidden_size,
         "num_hidden_layers": text.num_hidden_layers,
         "num_attention_heads": text.num_attention_heads,
         "num_key_value_heads": text.num_key_value_heads,
-        "head_dim": text.hidden_size // text.num_attention_heads,
+        "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
         "vocab_size": text.vocab_size,
         "max_position_embeddings": text.max_position_embeddings,
         "rope_theta": text.rope_parameters["rope_theta"],
@@ -151,14 +157,21 @@ def model_facts(config, generation: dict) -> ModelConfig:
         "vision_embed_dim": getattr(vision, "embed_dim", None) or vision.hidden_size,
         "vision_depth": vision.depth,
         "intermediate_size": text.intermediate_size,
-        "vision_intermediate_size": (vision.intermediate_size if config.model_type == "qwen2_5_vl"
-                                     else int(vision.embed_dim * vision.mlp_ratio)),
+        "vision_intermediate_size": (int(vision.embed_dim * vision.mlp_ratio) if config.model_type == "qwen2_vl"
+                                     else vision.intermediate_size),
         "model_type": config.model_type,
         # Qwen2.5-VL: window attention (pixels) outside the full-attention blocks, and video time ids spaced by
         # tokens_per_second x seconds per temporal patch; None for Qwen2-VL.
         "vision_window_size": getattr(vision, "window_size", None),
         "vision_fullatt_blocks": tuple(getattr(vision, "fullatt_block_indexes", None) or ()),
         "tokens_per_second": getattr(vision, "tokens_per_second", None),
+        # Qwen3-VL: interleaved M-RoPE, the learned position table, DeepStack levels; MoE counts for qwen3_vl_moe.
+        "mrope_interleaved": config.model_type in QWEN3_MODEL_TYPES,
+        "num_position_embeddings": getattr(vision, "num_position_embeddings", None),
+        "vision_deepstack_indexes": tuple(getattr(vision, "deepstack_visual_indexes", None) or ()),
+        "num_experts": getattr(text, "num_experts", None),
+        "num_experts_per_tok": getattr(text, "num_experts_per_tok", None),
+        "moe_intermediate_size": getattr(text, "moe_intermediate_size", None),
     })
 
 

@@ -119,15 +119,25 @@ class _Decoder(nn.Module):
         self.lm_head = model.lm_head
         self.register_buffer("inv_freq", text.rotary_emb.inv_freq.detach().clone(), persistent=False)
         self.mrope_section = [int(s) for s in cfg.rope_parameters["mrope_section"]]
+        self.mrope_interleaved = False             # Qwen3-VL: frequency slots cycle t, h, w (mrope.slot_rows)
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
     def qkv(self, attn, x, cos, sin):
         """q [B, S, Hq*D], k and v [B, S, Hkv*D], q and k rotated."""
         rotary = self.ops.rotary
         return (rotary(attn.q_proj(x), cos, sin, self.num_heads), rotary(attn.k_proj(x), cos, sin, self.num_kv_heads),
                 attn.v_proj(x))
+
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, S, D/2]: the M-RoPE tables, once per call (edgevl.MRoPE)."""
+        return mrope(position_ids, self.inv_freq, self.mrope_section, self.mrope_interleaved)
+
+    @staticmethod
+    def add_residual(h: torch.Tensor, i: int, layer_residuals: torch.Tensor | None) -> torch.Tensor:
+        """After layer i: h + layer_residuals[i] while i < L (Qwen3-VL's DeepStack, [L, B, S, H]), else h."""
+        return h if layer_residuals is None or i >= layer_residuals.shape[0] else h + layer_residuals[i]
 
     def head(self, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """last hidden state per row [B, H] -> logits [B, vocab] and their argmax [B]."""
@@ -149,8 +159,9 @@ class InPlaceDecoder(_Decoder):
              present.{i}.key / .value [B, kv_heads, max_context, head_dim] (the same buffers as past)
     """
 
-    def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, *past_key_values):
-        cos, sin = mrope(position_ids, self.inv_freq, self.mrope_section)          # [B, S, D/2], once
+    def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, *past_key_values,
+                layer_residuals=None):
+        cos, sin = self.rope(position_ids)                                         # [B, S, D/2], once
         h, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -160,6 +171,7 @@ class InPlaceDecoder(_Decoder):
                                                  self.num_kv_heads, float(attn.scaling))
             h = h + attn.o_proj(out)
             h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
+            h = self.add_residual(h, i, layer_residuals)
             presents += [key, value]
         return (*self.head(self._last_tokens(h, position_ids, seqlens_k)), *presents)
 
@@ -186,11 +198,11 @@ class ConcatDecoder(_Decoder):
              present.{i}.key / .value [B, kv_heads, past + S, head_dim]
     """
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, *past_key_values):
+    def forward(self, inputs_embeds, position_ids, attention_mask, *past_key_values, layer_residuals=None):
         seq = inputs_embeds.shape[1]
         past_len = past_key_values[0].shape[2]
         bias = self._additive_mask(attention_mask, seq, past_len, inputs_embeds.dtype)
-        cos, sin = mrope(position_ids, self.inv_freq, self.mrope_section)
+        cos, sin = self.rope(position_ids)
         h, presents = inputs_embeds, []
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -200,6 +212,7 @@ class ConcatDecoder(_Decoder):
                                                self.num_heads, self.num_kv_heads, float(attn.scaling))
             h = h + attn.o_proj(out)
             h = h + layer.mlp(self._norm(layer.post_attention_layernorm, h))
+            h = self.add_residual(h, i, layer_residuals)
             presents += [key, value]
         logits = self.lm_head(self._norm(self.norm, h[:, -1, :]))
         return (logits, logits.argmax(-1), *presents)

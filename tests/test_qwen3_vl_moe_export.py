@@ -1,0 +1,104 @@
+"""Qwen3-VL-MoE export against transformers' `qwen3_vl_moe`.
+
+qwen3-vl-moe-tiny: 8 experts, top 2, every layer sparse, experts stored on disk in the hub's layout. The `ort`
+decoder runs them with onnxruntime's com.microsoft.MoE, the `standard` one with ONNX-standard ops (dense over
+the experts); both must give transformers' logits and KV cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgevl.artifact import load_artifact
+from edgevl.runtime import trt_parser
+from tests.qwen3_reference import Decoder, Prompt, check_decoder, close, hf_vision, run_vision, session
+
+PATCH_ROW = 3 * 2 * 16 * 16
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from edgevl.synthetic.random_model import write_random_model
+    return write_random_model(tmp_path_factory.mktemp("qwen3moe") / "model", preset="qwen3-vl-moe-tiny", seed=2)
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    from transformers import Qwen3VLMoeForConditionalGeneration
+    return Qwen3VLMoeForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module", params=["ort", "standard"])
+def artifact(request, model_dir, tmp_path_factory):
+    from edgevl.export.exporter import export_model
+    return export_model(str(model_dir), tmp_path_factory.mktemp("qwen3moe-export") / request.param,
+                        variant=request.param, log=lambda m: None)
+
+
+def _decoder(folder, hf) -> Decoder:
+    text = hf.config.text_config
+    return Decoder(folder / "decoder.onnx", text.num_hidden_layers, text.num_key_value_heads, text.head_dim)
+
+
+def test_the_checkpoint_stores_experts_as_the_hub_does(model_dir, hf):
+    """experts.gate_up_proj [E, H, 2I] and down_proj [E, I, H] on disk; transformers loads them transposed."""
+    from safetensors import safe_open
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        gate_up = f.get_tensor("model.language_model.layers.0.mlp.experts.gate_up_proj")
+        down = f.get_tensor("model.language_model.layers.0.mlp.experts.down_proj")
+    assert tuple(gate_up.shape) == (8, 64, 48) and tuple(down.shape) == (8, 24, 64)
+    experts = hf.model.language_model.layers[0].mlp.experts
+    assert torch.equal(experts.gate_up_proj, gate_up.transpose(1, 2)) and torch.equal(experts.down_proj,
+                                                                                      down.transpose(1, 2))
+
+
+def test_manifest_records_the_experts(artifact):
+    cfg = load_artifact(artifact).manifest.config
+    assert (cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == \
+        ("qwen3_vl_moe", 8, 2, 24)
+
+
+def test_sparse_layers_are_moe_nodes_or_standard_ops(artifact, hf):
+    model = onnx.load(str(artifact / "decoder.onnx"))
+    moe = [n for n in model.graph.node if n.op_type == "MoE"]
+    if artifact.name == "ort":
+        assert len(moe) == hf.config.text_config.num_hidden_layers and moe[0].domain == "com.microsoft"
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in moe[0].attribute}
+        assert attrs == {"k": 2, "activation_type": b"swiglu", "swiglu_fusion": 1, "normalize_routing_weights": 1,
+                         "activation_alpha": 1.0, "activation_beta": 0.0}
+    else:
+        assert not moe and {n.domain for n in model.graph.node} <= {"", "edgevl"}
+        assert any(n.op_type == "TopK" for n in model.graph.node)
+        assert trt_parser.check(model, "10.15.1") == []                # what TensorRT parses
+
+
+def test_decoder_logits_and_cache_match_transformers(artifact, hf):
+    check_decoder(_decoder(artifact, hf), hf, Prompt.make(hf.config.text_config.hidden_size, 3, seed=3))
+
+
+def test_vision_matches_transformers(artifact, hf):
+    grid = (1, 6, 10)
+    pixels = np.random.default_rng(4).standard_normal((60, PATCH_ROW)).astype(np.float32)
+    embeds, levels = run_vision(session(artifact / "vision.onnx"), pixels, grid, 2304)
+    ref_embeds, ref_levels = hf_vision(hf, pixels, grid)
+    close(embeds, ref_embeds)
+    close(levels, ref_levels)
+
+
+def test_moe_op_matches_the_transformers_block():
+    """edgevl::moe's reference (what both translations compute) on transformers' own sparse block, many tokens."""
+    from transformers import Qwen3VLMoeTextConfig
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
+
+    from edgevl.export.qwen3_vl import SparseMoE
+    torch.manual_seed(0)
+    block = Qwen3VLMoeTextSparseMoeBlock(Qwen3VLMoeTextConfig(hidden_size=40, num_experts=16, num_experts_per_tok=4,
+                                                              moe_intermediate_size=12)).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, 17, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(SparseMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
