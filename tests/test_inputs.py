@@ -135,6 +135,20 @@ def test_a_long_video_is_fitted_to_the_context_and_generates(pipeline, tmp_path,
     assert len(result.prompt_token_ids) <= 511 and len(result.token_ids) >= 1
 
 
+def test_a_chat_turns_video_is_fitted_to_what_the_conversation_left(pipeline, photos, tmp_path, monkeypatch):
+    from edgevl.runtime.chat import ChatSession
+    path = encode(np.repeat(synthetic_frames(2, 84, 112), 120, axis=0), tmp_path / "long.mp4", fps=1)  # 4 minutes
+    monkeypatch.setattr(type(pipeline), "max_context", property(lambda self: 768))
+    chat = ChatSession(pipeline)
+    first = chat.send("What is this?", images=[photos["astronaut"]], max_new_tokens=2, do_sample=False)
+    second = chat.send("And this?", videos=[path], max_new_tokens=2, do_sample=False)
+    assert len(first.prompt_token_ids) < len(second.prompt_token_ids) <= 767
+    t, h, w = chat.video_grids[0]
+    assert t * h * w < 120 * 6 * 8                              # less than the video processor alone: 120 x 84x112
+    with pytest.raises(EdgevlError, match=r"the conversation would need at least \d+ tokens .* /reset"):
+        chat.send("And these?", videos=[path, path], images=[photos["coffee"]] * 3, max_new_tokens=2)
+
+
 # ----------------------------------------------------------------------------- server and Triton
 @pytest.fixture
 def app(pipeline):
