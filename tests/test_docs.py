@@ -118,3 +118,38 @@ def test_the_checks_see_the_readmes_commands():
              for line in shell_lines(body)]
     assert any(edgevl_argv(line) and edgevl_argv(line)[0] == "run" for line in lines)
     assert any("make setup" in line for line in lines) and any("make test" in line for line in lines)
+
+
+LINK = re.compile(r"\[[^\]\n]*\]\(([^)\s]+)\)")
+
+
+def anchors(doc: Path) -> set[str]:
+    """GitHub's anchor of every heading in a Markdown file (lower case, punctuation dropped, spaces to hyphens)."""
+    text = FENCE.sub("", doc.read_text())
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+ +(.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=doc_ids())
+def test_every_relative_link_points_at_something_that_exists(doc):
+    problems = []
+    links = LINK.findall(FENCE.sub("", doc.read_text()))
+    for link in links:
+        if re.match(r"[a-z][a-z0-9+.-]*:", link):               # http:, https:, mailto:
+            continue
+        path, _, anchor = link.partition("#")
+        target = (doc.parent / path).resolve() if path else doc
+        if not target.exists():
+            problems.append(f"{link}  (no {target.relative_to(ROOT) if target.is_relative_to(ROOT) else target})")
+        elif anchor and target.suffix == ".md" and anchor not in anchors(target):
+            problems.append(f"{link}  (no heading #{anchor} in {target.relative_to(ROOT)})")
+    assert not problems, f"{doc.name}: links to nothing:\n" + "\n".join(problems)
+
+
+def test_the_link_check_sees_links():
+    """Guard against a link pattern that silently matches nothing: the README links to docs/ and the check
+    tells a missing file and a missing heading from existing ones."""
+    readme = (ROOT / "README.md").read_text()
+    assert any(link.startswith("docs/") for link in LINK.findall(readme))
+    assert "the-token-budget" in anchors(ROOT / "docs" / "usage.md")
+    assert "no-such-heading" not in anchors(ROOT / "docs" / "usage.md")
