@@ -57,7 +57,7 @@ def median(xs) -> float:
 
 def bench_edgevl(artifact: Path, backend: str, image: Path, new_tokens: int, runs: int,
                  cuda_graph: bool = False) -> dict:
-    from edgevl.runtime.backends import BackendOptions
+    from edgevl.runtime.backends.table import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
     t0 = time.perf_counter()
     pipe = Pipeline.load(artifact, backend=backend, verify=False, options=BackendOptions(cuda_graph=cuda_graph))
@@ -196,7 +196,7 @@ def agreement(ours: list[int], ref: list[int], gaps: list[float]) -> dict:
 
 
 def card_name() -> str:
-    from edgevl.runtime import probe
+    from edgevl.runtime.backends import probe
     gpus = probe.gpus()
     return gpus[0].name if gpus else f"cpu-{platform.machine()}"
 
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
     if args.new_tokens < 2:
         p.error("--new-tokens must be at least 2")
 
-    from edgevl.runtime.doctor import collect
+    from edgevl.runtime.backends.doctor import collect
     card = card_name()
     image = make_image(args.image_size)
     manifest = json.loads((args.artifact / "manifest.json").read_text())

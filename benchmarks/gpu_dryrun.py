@@ -10,13 +10,15 @@ Never loaded by default; it changes nothing on a machine where it is not named.
 
 from dataclasses import replace
 
-from edgevl.runtime import backends, ort_placement, runners
+from edgevl.runtime.backends import table as backends
+from edgevl.runtime.backends import ort_placement
+from edgevl.runtime.backends import ort, ort_session
 
 
 def _cpu_io_binding(graph, opts):
     # the real factory's graph check first (it refuses an fp32 decoder), then the CPU stand-in
     ort_placement.check_for_cuda(graph.path, str(graph.path.parent), graph.spec.precision)
-    return runners.OrtIoBindingRunner(runners.SessionFromOnnx(graph.path), name="dry-run-cuda", device="cpu",
+    return ort.OrtIoBindingRunner(ort_session.SessionFromOnnx(graph.path), name="dry-run-cuda", device="cpu",
                                       static_decode=opts.cuda_graph and graph.spec.kv_cache == "in_place")
 
 

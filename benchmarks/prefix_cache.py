@@ -25,14 +25,14 @@ def user(text: str, images: int = 0) -> dict:
 
 
 def turn(scheduler, prepare, max_new: int):
-    from edgevl.runtime.jobs import Job
+    from edgevl.serve.scheduler.jobs import Job
     job = scheduler.submit(Job(prepare, max_new, (), {"do_sample": False}))
     scheduler.run_until_idle()
     return job.future.result(timeout=0)
 
 
 def one_round(pipe, image, prefix_cache: bool, max_new: int) -> dict:
-    from edgevl.runtime.batching import BatchScheduler
+    from edgevl.serve.scheduler.batching import BatchScheduler
     scheduler = BatchScheduler(pipe, max_batch=2, max_queue=2, start=False, prefix_cache=prefix_cache)
     calls, encode = [], pipe.encode_image
     pipe.encode_image = lambda pixels, grid: (calls.append(grid), encode(pixels, grid))[1]
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     from edgevl.bench.machine import machine_info
     from edgevl.bench.measure import parse_size, synthetic_image
     from edgevl.runtime.pipeline import Pipeline
-    from edgevl.runtime.runners import share_thread_pool
+    from edgevl.runtime.backends.ort_session import share_thread_pool
     share_thread_pool()
     pipe = Pipeline.load(args.artifact)
     w, h = parse_size(args.image_size)

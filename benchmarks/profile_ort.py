@@ -36,7 +36,7 @@ def make_session(path: Path, threads: int, profile_dir: Path):
 
 def vision_feed(pipe, size: str) -> dict:
     from edgevl.bench.measure import parse_size, synthetic_image
-    from edgevl.runtime.rope_index import vision_rotary_position_ids
+    from edgevl.runtime.inputs.rope_index import vision_rotary_position_ids
     w, h = parse_size(size)
     prepared = pipe.prepare("Describe this image.", [synthetic_image(w, h, Path(tempfile.mkdtemp()))])
     (t, gh, gw), = prepared.grids
@@ -100,7 +100,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     from edgevl.runtime.pipeline import Pipeline
-    from edgevl.runtime.runners import OnnxrtRunner
+    from edgevl.runtime.backends.ort import OnnxrtRunner
     pipe = Pipeline.load(args.artifact, verify=False)
     with tempfile.TemporaryDirectory() as tmp:
         runner = OnnxrtRunner(lambda: make_session(pipe.artifact.graph_path(args.graph), args.threads, Path(tmp)))

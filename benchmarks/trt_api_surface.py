@@ -95,8 +95,8 @@ def stand_ins(sonames, folder: Path) -> None:
 
 
 def record(package: str, version: str, work: Path) -> dict:
-    from edgevl.runtime.elf import read_dynamic
-    from edgevl.runtime.probe import SYSTEM_LIBRARIES
+    from edgevl.runtime.backends.elf import read_dynamic
+    from edgevl.runtime.backends.probe import SYSTEM_LIBRARIES
     folder = work / version
     folder.mkdir(parents=True, exist_ok=True)
     wheel = download(package, version, folder)
@@ -119,7 +119,7 @@ def record_onnxruntime_gpu(wheel: Path, out: Path) -> Path:
     TensorRT EP's option names (the trt_* strings of libonnxruntime_providers_tensorrt.so)."""
     import re
 
-    from edgevl.runtime.elf import read_dynamic
+    from edgevl.runtime.backends.elf import read_dynamic
     with tempfile.TemporaryDirectory(prefix="edgevl-ort-gpu-") as tmp, zipfile.ZipFile(wheel) as z:
         version = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA")).split("-")[1].split(".dist")[0]
         links, options = {}, []

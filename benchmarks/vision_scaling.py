@@ -94,7 +94,7 @@ def measure(engine: str, artifact: str, image: Path, runs: int, warmup: int, sou
 
 def patches(size: str, artifact: str) -> int:
     from edgevl.artifact import load_artifact
-    from edgevl.runtime.image_processing import smart_resize
+    from edgevl.runtime.inputs.image_processing import smart_resize
     s = load_artifact(artifact, verify=False).manifest.image_processor
     w, h = (int(v) for v in size.split("x"))
     h2, w2 = smart_resize(h, w, s.factor, s.min_pixels, s.max_pixels)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgevl.runtime import sizing, trt
+from edgevl.runtime.backends import sizing, trt
 
 
 class HostMemory:

@@ -16,8 +16,8 @@ import onnxruntime as ort
 import torch
 
 from edgevl.artifact import names
-from edgevl.runtime.pos_embed import pos_embed_taps
-from edgevl.runtime.rope_index import vision_rotary_position_ids
+from edgevl.runtime.inputs.pos_embed import pos_embed_taps
+from edgevl.runtime.inputs.rope_index import vision_rotary_position_ids
 
 
 def session(path: Path) -> ort.InferenceSession:

@@ -17,14 +17,12 @@ import pytest
 
 from edgevl.artifact.folder import Artifact, GraphFile, load_artifact
 from edgevl.errors import EdgevlError
-from edgevl.runtime import backends, probe, sizing, trt
-from edgevl.runtime.runners import (
-    DeviceTensor,
-    OnnxrtRunner,
-    OrtIoBindingRunner,
-    SessionFromOnnx,
-    compare_outputs,
-)
+from edgevl.runtime.backends import table as backends
+from edgevl.runtime.backends import probe, sizing, trt
+from edgevl.runtime.backends.tensors import DeviceTensor
+from edgevl.runtime.backends.ort import OnnxrtRunner, OrtIoBindingRunner
+from edgevl.runtime.backends.ort_session import SessionFromOnnx
+from edgevl.runtime.compare import compare_outputs
 from tests.fake_trt import fake_trt_runners
 
 HAS_GPU = bool(probe.gpus())
@@ -283,7 +281,7 @@ def test_ort_cpu_vision_shrinks_its_arena_only_when_the_image_size_changes(art, 
     """The vision runner keeps onnxruntime's arena for repeated sizes (malloc per call is slower) and asks for
     arena shrinkage after a call with new shapes, the first included (so a large photo's blocks are not held);
     outputs unchanged."""
-    from edgevl.runtime.rope_index import vision_rotary_position_ids
+    from edgevl.runtime.inputs.rope_index import vision_rotary_position_ids
     runner = backends.get_backend("ort-cpu", backends.BackendOptions(threads=1)).make_runner(art.graph("vision"))
     decoder = backends.get_backend("ort-cpu", backends.BackendOptions(threads=1)).make_runner(art.graph("decoder"))
     assert runner.shrink_on_new_shapes and not decoder.shrink_on_new_shapes
@@ -317,14 +315,14 @@ def test_one_shared_thread_pool_gives_the_same_tokens_and_the_cli_uses_it(tiny_a
     script = tmp_path / "pool.py"
     script.write_text(f"""
 import sys
-from edgevl.runtime import runners
+from edgevl.runtime.backends import ort_session
 from edgevl.runtime.pipeline import Pipeline
 def tokens():
     pipe = Pipeline.load({str(tiny_artifact)!r}, verify=False)
     return pipe.generate("Describe the image.", max_new_tokens=8, do_sample=False).token_ids
 alone = tokens()
-assert runners.share_thread_pool(0) and runners.share_thread_pool(3)       # the first call sized it
-assert not runners.session_options(2).use_per_session_threads
+assert ort_session.share_thread_pool(0) and ort_session.share_thread_pool(3)       # the first call sized it
+assert not ort_session.session_options(2).use_per_session_threads
 print("same" if tokens() == alone else f"different: {{alone}}")
 """)
     env = {**os.environ, "EDGEVL_SHARED_THREADS": "1"}
@@ -334,8 +332,8 @@ print("same" if tokens() == alone else f"different: {{alone}}")
                           "--max-new-tokens", "4", "--threads", "1"], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    off = subprocess.run([sys.executable, "-c", "from edgevl.runtime import runners; "
-                          "print(runners.share_thread_pool(), runners.session_options().use_per_session_threads)"],
+    off = subprocess.run([sys.executable, "-c", "from edgevl.runtime.backends import ort_session; "
+                          "print(ort_session.share_thread_pool(), ort_session.session_options().use_per_session_threads)"],
                          capture_output=True, text=True, env={**os.environ, "EDGEVL_SHARED_THREADS": "0"}, timeout=120)
     assert off.stdout.split() == ["False", "True"], off.stderr[-2000:]
 
@@ -475,7 +473,7 @@ def test_backend_modules_import_without_heavy_packages():
         "import sys\n"
         "for m in ('torch', 'transformers', 'onnx', 'tensorrt', 'cuda', 'cuda.bindings'):\n"
         "    sys.modules[m] = None\n"
-        "from edgevl.runtime import backends, doctor, trt, sizing, probe\n"
+        "from edgevl.runtime.backends import table, doctor, trt, sizing, probe\n"
         "import edgevl.cli\n"
         "report = doctor.collect()\n"
         "assert report['backends']['ort-cpu']['ok'], report\n"
@@ -486,7 +484,7 @@ def test_backend_modules_import_without_heavy_packages():
 
 
 def test_fast_load_skips_prepacking_with_the_same_tokens(tiny_artifact, pipeline, photos):
-    from edgevl.runtime.backends import BackendOptions
+    from edgevl.runtime.backends.table import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
     fast = Pipeline.load(tiny_artifact, backend="ort-cpu", options=BackendOptions(prepack=False))
     entries = fast.decoder.session.get_session_options().get_session_config_entry("session.disable_prepacking")
@@ -499,7 +497,7 @@ def test_fast_load_still_prepacks_quantized_graphs(tiny_artifact, tmp_path):
     # quantized kernels are many times slower on unpacked weights: --fast-load leaves them packed
     import shutil
 
-    from edgevl.runtime.backends import BackendOptions
+    from edgevl.runtime.backends.table import BackendOptions
     art = load_artifact(tiny_artifact, verify=False)
     decoder = art.graph("decoder")
     quantized = dataclasses.replace(decoder, spec=dataclasses.replace(decoder.spec, precision="int4"))
@@ -533,7 +531,7 @@ class _Gate:
 def test_graphs_load_at_the_same_time():
     import threading
 
-    from edgevl.runtime.runners import activate_all
+    from edgevl.runtime.backends.runner import activate_all
     barrier = threading.Barrier(2, timeout=10)
     gates = [_Gate(barrier), _Gate(barrier)]
     activate_all(gates)
@@ -543,7 +541,7 @@ def test_graphs_load_at_the_same_time():
 def test_sequential_load_and_a_failed_graph_leave_nothing_loaded():
     import threading
 
-    from edgevl.runtime.runners import activate_all
+    from edgevl.runtime.backends.runner import activate_all
     barrier = threading.Barrier(1)             # passes at once: nothing waits for a partner
     plain = [_Gate(barrier), _Gate(barrier)]
     activate_all(plain, concurrently=False)

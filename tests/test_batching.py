@@ -1,4 +1,4 @@
-"""Continuous batching (runtime/batching.py), stepped by hand: no threads, no timing, the same steps every run.
+"""Continuous batching (serve/scheduler/batching.py), stepped by hand: no threads, no timing, the same steps every run.
 
 Every request must get exactly the tokens it gets alone (`Pipeline.generate`), whatever joins or leaves the batch
 around it, with prompts of different lengths, images, chunked prefills and more requests than rows.
@@ -11,9 +11,9 @@ import pytest
 
 from edgevl.artifact import names
 from edgevl.errors import EdgevlError
-from edgevl.runtime.batching import BatchScheduler, make_scheduler
+from edgevl.serve.scheduler.batching import BatchScheduler, make_scheduler
 from edgevl.runtime.generate import decode_one_token, decoder_step
-from edgevl.runtime.jobs import Job, Observer, QueueFull, RequestCancelled, SerialScheduler
+from edgevl.serve.scheduler.jobs import Job, Observer, QueueFull, RequestCancelled, SerialScheduler
 
 LONG = "Describe a cat."          # the tiny model's greedy answer runs past 300 tokens without EOS
 
@@ -71,7 +71,7 @@ def test_a_row_view_writes_its_row_of_the_batch_cache(pipeline, by_pointer):
     view = batch.rows(0, 3, by_pointer)
     got = decode_one_token(pipeline.decoder, view, pipeline.embeddings, tokens,
                            np.array([[0], [0], [deltas[0, 0]]]))
-    # not bit-equal: a one-row decode step on ort-cpu takes the grouped path (runtime/grouped_decode.py), a
+    # not bit-equal: a one-row decode step on ort-cpu takes the grouped path (runtime/backends/grouped_decode.py), a
     # three-row one the exported node; the same sums in another order
     np.testing.assert_allclose(got[names.LOGITS][2:], want[names.LOGITS], rtol=1e-5, atol=1e-5)
     assert batch.lengths.tolist() == [1, 1, n + 1, 0]     # written through the view

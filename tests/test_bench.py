@@ -345,10 +345,10 @@ def test_interleaved_runs_measure_both_engines(tiny_artifact, tmp_path, capsys):
 
 
 def test_fast_load_is_measured_without_weight_prepacking(tiny_artifact, tmp_path, capsys, monkeypatch):
-    from edgevl.runtime import runners
+    from edgevl.runtime.backends import ort_session
     made = []
-    real = runners.SessionFromOnnx.__call__
-    monkeypatch.setattr(runners.SessionFromOnnx, "__call__", lambda self: made.append(self.prepack) or real(self))
+    real = ort_session.SessionFromOnnx.__call__
+    monkeypatch.setattr(ort_session.SessionFromOnnx, "__call__", lambda self: made.append(self.prepack) or real(self))
     args = bench_args(tiny_artifact, "--image-size", "none", "--new-tokens", "2", "--runs", "1", "--warmup", "0",
                       "--fast-load", "--bandwidth-mib", "8", "--json", tmp_path / "r.json", "--no-progress")
     assert cmd_bench(args) == 0

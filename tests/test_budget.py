@@ -1,4 +1,4 @@
-"""The token budget (runtime/budget.py): every image's and video's cost from headers and sampling arithmetic, long
+"""The token budget (runtime/inputs/budget.py): every image's and video's cost from headers and sampling arithmetic, long
 videos fitted the way qwen-vl-utils fits them, prompts that cannot fit refused with their numbers."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from edgevl.runtime.budget import (
+from edgevl.runtime.inputs.budget import (
     FrameSampling,
     PromptCost,
     PromptTooLong,
@@ -20,8 +20,8 @@ from edgevl.runtime.budget import (
     resized,
     sample_frame_indices,
 )
-from edgevl.runtime.image_processing import ImageProcessorSettings, smart_resize
-from edgevl.runtime.video import video_settings
+from edgevl.runtime.inputs.image_processing import ImageProcessorSettings, smart_resize
+from edgevl.runtime.inputs.video import video_settings
 
 VIDEO = video_settings(ImageProcessorSettings(), None)      # Qwen2-VL's video processor: 128..768 tokens per frame pair
 TEN_MINUTES_720P = VideoMeta(1280, 720, 18000, 30.0)

@@ -7,8 +7,8 @@ import pytest
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.chat import ChatSession
-from edgevl.runtime.prompt import user_message
-from edgevl.runtime.video import VideoClip
+from edgevl.runtime.inputs.prompt import user_message
+from edgevl.runtime.inputs.video import VideoClip
 from tests.data.video_frames import synthetic_frames
 
 

@@ -19,8 +19,8 @@ from edgevl.export.mrope import (
     mrope_function_proto,
     mrope_tables,
 )
-from edgevl.runtime.image_processing import preprocess_image
-from edgevl.runtime.runners import to_host
+from edgevl.runtime.inputs.image_processing import preprocess_image
+from edgevl.runtime.backends.tensors import to_host
 
 
 def test_manifest_describes_the_artifact(tiny_artifact, hf_model):

@@ -106,7 +106,7 @@ class _CharTokenizer:
 
 
 def test_stream_decoder_never_prints_part_of_a_stop_string():
-    from edgevl.runtime.prompt import StreamDecoder
+    from edgevl.runtime.inputs.prompt import StreamDecoder
     stream = StreamDecoder(_CharTokenizer(), stop=("END",))
     printed = "".join(stream.push(ord(c)) for c in "hello ENaEND more")
     assert stream.stopped
@@ -160,7 +160,7 @@ def _stream(decoder, ids):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tiny_artifact):
-    from edgevl.runtime.prompt import Tokenizer
+    from edgevl.runtime.inputs.prompt import Tokenizer
     return Tokenizer(tiny_artifact / "tokenizer.json")
 
 
@@ -185,7 +185,7 @@ def _stop_sets(text):
 
 
 def test_stream_decoder_matches_full_redecoding_on_real_text(tiny_tokenizer):
-    from edgevl.runtime.prompt import StreamDecoder
+    from edgevl.runtime.inputs.prompt import StreamDecoder
     rng = random.Random(0)
     for text in STREAM_TEXTS:
         cuts = [sorted(rng.sample(range(1, len(text)), 4)) for _ in range(3)]
@@ -203,7 +203,7 @@ def test_stream_decoder_matches_full_redecoding_on_real_text(tiny_tokenizer):
 
 def test_stream_decoder_matches_full_redecoding_on_random_ids(tiny_tokenizer):
     """Random ids (half of them single-byte tokens, so broken and split UTF-8 is common) and stop strings."""
-    from edgevl.runtime.prompt import StreamDecoder
+    from edgevl.runtime.inputs.prompt import StreamDecoder
     rng = random.Random(0)
     vocab = tiny_tokenizer.impl.get_vocab_size()  # special tokens included: they decode to nothing
     stopped = 0
@@ -225,7 +225,7 @@ def test_stream_decoder_matches_full_redecoding_on_random_ids(tiny_tokenizer):
 
 def test_stream_decoder_decodes_only_recent_ids(tiny_tokenizer):
     """Each push decodes a few ids, however long the stream: streaming N tokens costs O(N), not O(N^2)."""
-    from edgevl.runtime.prompt import StreamDecoder
+    from edgevl.runtime.inputs.prompt import StreamDecoder
     sizes = []
 
     class Counting:
@@ -242,7 +242,7 @@ def test_stream_decoder_decodes_only_recent_ids(tiny_tokenizer):
 
 def test_stream_decoder_keeps_context_for_decoders_that_change_the_first_token():
     """Like SentencePiece, which drops the leading space of the text: the window's context keeps it right."""
-    from edgevl.runtime.prompt import StreamDecoder
+    from edgevl.runtime.inputs.prompt import StreamDecoder
 
     class LeadingSpaceDropped(_CharTokenizer):
         def decode(self, ids):

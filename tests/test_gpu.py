@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgevl.runtime import backends, probe
+from edgevl.runtime.backends import table as backends
+from edgevl.runtime.backends import probe
 from tests.hf_reference import strip_after_eos
 
 ORT_CUDA_OK, ORT_CUDA_REASON = backends.BACKENDS["ort-cuda"].available()
@@ -54,7 +55,7 @@ def tiny_artifact_fp16(tiny_model_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cuda_pipeline(tiny_artifact_fp16):
     """ort-cuda runs fp16 artifacts: onnxruntime's CUDA GroupQueryAttention has no float32 kernel, and ort-cuda
-    refuses an fp32 decoder rather than run its attention on the CPU (runtime/ort_placement.py)."""
+    refuses an fp32 decoder rather than run its attention on the CPU (runtime/backends/ort_placement.py)."""
     from edgevl.runtime.pipeline import Pipeline
     return Pipeline.load(tiny_artifact_fp16, backend="ort-cuda")
 
@@ -68,7 +69,7 @@ def cpu_pipeline(tiny_artifact):
 def prefill_logits(pipe, image) -> np.ndarray:
     """Vision + prefill of PROMPT with one image: last-position logits [1, vocab] as float64."""
     from edgevl.runtime.generate import Prompt, prefill
-    from edgevl.runtime.runners import to_host
+    from edgevl.runtime.backends.tensors import to_host
     row = pipe.prepare(PROMPT, [image])
     ids = row.input_ids[None]
     positions, deltas = pipe.positions(ids, np.ones_like(ids), row.grids)
@@ -119,7 +120,7 @@ def test_ort_cuda_refuses_an_fp32_decoder(tiny_artifact):
 def test_kv_cache_stays_on_the_gpu(cuda_pipeline):
     """The in-place cache: buffers allocated (zeroed) on the GPU once, bound as past and present, written there."""
     from edgevl.runtime.generate import decoder_step
-    from edgevl.runtime.runners import to_host
+    from edgevl.runtime.backends.tensors import to_host
     cfg = cuda_pipeline.config
     cache = cuda_pipeline.new_cache(1)
     addresses = {k: v.data_ptr() for k, v in cache.buffers.items()}
@@ -135,7 +136,7 @@ def test_kv_cache_stays_on_the_gpu(cuda_pipeline):
 
 
 def test_cuda_graph_decode_gives_the_same_tokens(tiny_artifact_fp16, cuda_pipeline, photos):
-    from edgevl.runtime.backends import BackendOptions
+    from edgevl.runtime.backends.table import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
     graphed = Pipeline.load(tiny_artifact_fp16, backend="ort-cuda", options=BackendOptions(cuda_graph=True))
     kwargs = dict(images=[photos["astronaut"]], max_new_tokens=16, do_sample=False)
@@ -145,8 +146,8 @@ def test_cuda_graph_decode_gives_the_same_tokens(tiny_artifact_fp16, cuda_pipeli
 def test_ort_cuda_fp32_vision_matches_ort_cpu(tiny_artifact):
     """The fp32 vision graph (MultiHeadAttention has fp32 CUDA kernels) on CUDA vs the CPU EP, TF32 off: 1e-4."""
     from edgevl.artifact import load_artifact, names
-    from edgevl.runtime.backends import get_backend
-    from edgevl.runtime.rope_index import vision_rotary_position_ids
+    from edgevl.runtime.backends.table import get_backend
+    from edgevl.runtime.inputs.rope_index import vision_rotary_position_ids
     graph = load_artifact(tiny_artifact).graph(names.VISION)
     (cuda,) = get_backend("ort-cuda").load([graph])
     (cpu,) = get_backend("ort-cpu").load([graph])
@@ -174,7 +175,7 @@ def test_fp16_export_logits_close_to_fp32(tiny_artifact_fp16, cpu_pipeline, phot
 
 # ----------------------------------------------------------------------------- plumbing
 def test_doctor_sees_the_gpu():
-    from edgevl.runtime.doctor import collect, format_report
+    from edgevl.runtime.backends.doctor import collect, format_report
     report = collect()
     assert report["gpus"] and report["backends"]["ort-cuda"]["ok"]
     assert report["gpus"][0]["name"] in format_report(report)
@@ -183,7 +184,7 @@ def test_doctor_sees_the_gpu():
 @pytest.mark.skipif(probe.cuda_python_module() is None, reason="cuda-python is not installed")
 def test_cuda_memory_roundtrip():
     """The TensorRT runner's CUDA layer (cuda-python) without TensorRT: alloc, copies, stream."""
-    from edgevl.runtime.trt import CudaMemory
+    from edgevl.runtime.backends.trt import CudaMemory
     mem = CudaMemory(0)
     stream = mem.stream()
     assert isinstance(mem.handle(stream), int)

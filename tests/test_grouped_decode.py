@@ -1,4 +1,4 @@
-"""ort-cpu's grouped decode steps (runtime/grouped_decode.py): the rewritten graph computes what the exported one
+"""ort-cpu's grouped decode steps (runtime/backends/grouped_decode.py): the rewritten graph computes what the exported one
 does, writes the cache in place, and only takes the grouped path where it applies."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from onnx import TensorProto, numpy_helper
 from onnx import helper as h
 
 from edgevl.artifact import names
-from edgevl.runtime import grouped_decode
+from edgevl.runtime.backends import grouped_decode
 
 
 def _attention_graph(heads: int, kv: int, dim: int, hidden: int = 32, seed: int = 0) -> onnx.ModelProto:
@@ -135,7 +135,7 @@ def test_a_transformed_graph_reads_its_external_weights_from_the_artifact_folder
     """SessionFromOnnx(transform=...) on a graph whose weights live in a .data file: the session is made from the
     edited bytes with the weights memory-mapped from the file (pages dropped after loading), and computes what
     the untransformed graph does."""
-    from edgevl.runtime.runners import SessionFromOnnx
+    from edgevl.runtime.backends.ort_session import SessionFromOnnx
     heads, kv, dim, hidden = 12, 2, 16, 32
     path = tmp_path / "decoder.onnx"
     onnx.save(_attention_graph(heads, kv, dim, hidden), path, save_as_external_data=True,

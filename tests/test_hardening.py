@@ -20,7 +20,7 @@ from edgevl.artifact import load_artifact
 from edgevl.artifact.folder import MANIFEST, hash_files
 from edgevl.cli import main
 from edgevl.errors import EdgevlError
-from edgevl.runtime.template import ChatTemplate
+from edgevl.runtime.inputs.template import ChatTemplate
 
 PY = [sys.executable, "-m", "edgevl"]
 
@@ -124,7 +124,7 @@ def test_a_broken_tokenizer_is_one_sentence(tiny_artifact, tmp_path, capsys, con
 
 
 def test_a_huge_tokenizer_is_refused_before_it_is_read(tiny_artifact, tmp_path):
-    from edgevl.runtime.prompt import Tokenizer
+    from edgevl.runtime.inputs.prompt import Tokenizer
     path = tmp_path / "tokenizer.json"
     with open(path, "wb") as f:
         f.truncate(200 << 20)

@@ -1,4 +1,4 @@
-"""Every entry point plans a prompt's images and videos from their headers before decoding a pixel (runtime/inputs.py):
+"""Every entry point plans a prompt's images and videos from their headers before decoding a pixel (runtime/inputs/plan.py):
 refusals are fast and name the numbers, rotated images and odd containers are counted right, long videos are
 fitted, and the server keeps answering while a request decodes."""
 
@@ -17,8 +17,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.budget import PromptTooLong
-from edgevl.runtime.image_processing import read_image_header
+from edgevl.runtime.inputs.budget import PromptTooLong
+from edgevl.runtime.inputs.image_processing import read_image_header
 from tests.data.video_frames import synthetic_frames, write_video
 from tests.serve_helpers import assert_error_shape, one_sentence, running
 
@@ -37,7 +37,7 @@ def no_decoding(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("pixels were decoded")
     monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
-    monkeypatch.setattr("edgevl.runtime.video._read", refuse)
+    monkeypatch.setattr("edgevl.runtime.inputs.video._read", refuse)
 
 
 def encode(frames: np.ndarray, path: Path, fmt: str | None = None, codec: str = "mpeg4", fps: int = 8) -> Path:
@@ -75,12 +75,12 @@ def test_an_exif_rotation_swaps_the_header_size_without_decoding(tmp_path, fmt, 
     with monkeypatch.context() as m:
         m.setattr(ImageFile.ImageFile, "load", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
         header = read_image_header(path)
-    from edgevl.runtime.image_processing import load_image
+    from edgevl.runtime.inputs.image_processing import load_image
     assert header.size == (200, 300) == load_image(path).size
 
 
 def test_planned_tokens_are_the_prompts_length(pipeline, photos, video_file, tmp_path):
-    from edgevl.runtime.video import VideoClip
+    from edgevl.runtime.inputs.video import VideoClip
     clip = VideoClip(synthetic_frames(6, 56, 84), 2.0, 6, np.arange(6))
     exif = Image.Exif()
     exif[0x0112] = 8
@@ -99,9 +99,9 @@ def test_planned_tokens_are_the_prompts_length(pipeline, photos, video_file, tmp
 def test_a_video_without_a_frame_count_has_its_packets_counted(tmp_path, name, fmt, codec):
     import av
 
-    from edgevl.runtime.video import probe_video, read_frames
-    from edgevl.runtime.budget import plan_video
-    from edgevl.runtime.image_processing import ImageProcessorSettings
+    from edgevl.runtime.inputs.video import probe_video, read_frames
+    from edgevl.runtime.inputs.budget import plan_video
+    from edgevl.runtime.inputs.image_processing import ImageProcessorSettings
     path = encode(synthetic_frames(30, 84, 112), tmp_path / name, fmt, codec)
     with av.open(str(path)) as container:
         assert not container.streams.video[0].frames                # no count in the header
@@ -124,7 +124,7 @@ def test_a_truncated_video_is_one_sentence(pipeline, tmp_path, fmt, ext, expecte
 
 
 def test_a_long_video_is_fitted_to_the_context_and_generates(pipeline, tmp_path, monkeypatch):
-    from edgevl.runtime.video import probe_video
+    from edgevl.runtime.inputs.video import probe_video
     path = encode(np.repeat(synthetic_frames(2, 84, 112), 300, axis=0), tmp_path / "long.mp4", fps=1)  # 10 minutes
     monkeypatch.setattr(type(pipeline), "max_context", property(lambda self: 512))
     video = probe_video(path, fps=2.0, max_frames=600)
@@ -212,7 +212,7 @@ def test_health_answers_while_a_request_decodes(app, photos, monkeypatch):
     """Headers are read on a worker thread and pixels decoded on the preparing thread: the event loop stays free."""
     import httpx
 
-    import edgevl.runtime.inputs as inputs
+    import edgevl.runtime.inputs.plan as inputs
     import edgevl.serve.requests as requests
     slow_header, slow_decode = requests.read_image_header, inputs.preprocess_image
 

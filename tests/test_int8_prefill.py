@@ -1,12 +1,12 @@
-"""`--int8-prefill` (runtime/int8_prefill.py): a w4a16 decoder's prompts on int8 copies of its 4-bit weights."""
+"""`--int8-prefill` (runtime/backends/int8_prefill.py): a w4a16 decoder's prompts on int8 copies of its 4-bit weights."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from edgevl.runtime.backends import BackendOptions
-from edgevl.runtime.int8_prefill import PrefillSplitRunner, dequantize_4bit, per_channel_int8
+from edgevl.runtime.backends.table import BackendOptions
+from edgevl.runtime.backends.int8_prefill import PrefillSplitRunner, dequantize_4bit, per_channel_int8
 
 
 def _matmul_nbits(k, n, block, packed, scales, zero_points):
@@ -102,8 +102,8 @@ def test_the_int8_prefill_is_as_far_from_fp32_as_the_4bit_graph_is(w4a16, tiny_a
 
 
 def test_the_batch_scheduler_serves_with_int8_prefill(w4a16):
-    from edgevl.runtime.batching import BatchScheduler
-    from edgevl.runtime.jobs import Job
+    from edgevl.serve.scheduler.batching import BatchScheduler
+    from edgevl.serve.scheduler.jobs import Job
     from edgevl.runtime.pipeline import Pipeline
     pipe = Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=True))
     scheduler = BatchScheduler(pipe, max_batch=2, max_queue=2, prefill_chunk=8, start=False)

@@ -70,9 +70,9 @@ def long_video(tmp_path_factory) -> Path:
 def test_a_long_video_peaks_at_what_its_budget_keeps(tiny_artifact, long_video):
     got = measure("""
 import time
-from edgevl.runtime.backends import BackendOptions
+from edgevl.runtime.backends.table import BackendOptions
 from edgevl.runtime.pipeline import Pipeline
-from edgevl.runtime.video import probe_video
+from edgevl.runtime.inputs.video import probe_video
 pipe = Pipeline.load(sys.argv[1], options=BackendOptions(max_context=4096))
 base, t0 = reset(), time.perf_counter()
 video = probe_video(sys.argv[2])
@@ -117,7 +117,7 @@ def test_the_server_refuses_forty_images_with_little_memory_and_gives_memory_bac
     got = measure("""
 import dataclasses, time
 from fastapi.testclient import TestClient
-import edgevl.runtime.batching as batching
+import edgevl.serve.scheduler.batching as batching
 from edgevl.runtime.pipeline import Pipeline
 trims, trim = [], batching.trim_heap
 batching.trim_heap = lambda: (trims.append(1), trim())
@@ -164,7 +164,7 @@ def test_trim_heap_gives_back_what_glibc_keeps():
     got = measure("""
 import threading
 import numpy as np
-from edgevl.runtime.heap import trim_heap
+from edgevl.serve.scheduler.heap import trim_heap
 base, survivors = status("VmRSS"), []
 def request():
     first = np.ones((24 << 20) // 8)

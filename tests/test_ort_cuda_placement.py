@@ -1,4 +1,4 @@
-"""ort-cuda on a CPU machine: what onnxruntime's CUDA EP would do with edgevl's `ort` graphs (runtime/ort_placement.py).
+"""ort-cuda on a CPU machine: what onnxruntime's CUDA EP would do with edgevl's `ort` graphs (runtime/backends/ort_placement.py).
 
 The lint: every exported `ort` graph (fp32, an fp16 export, the fp16 / int8 / w4a16 quantize passes) has a CUDA
 kernel for every node's types or is refused with one sentence, and no GPU node takes a value computed on the host
@@ -19,8 +19,10 @@ from onnx import TensorProto, helper
 
 from edgevl.artifact import load_artifact, names
 from edgevl.errors import EdgevlError
-from edgevl.runtime import backends, ort_placement, runners
-from edgevl.runtime.ort_placement import place
+from edgevl.runtime.backends import table as backends
+from edgevl.runtime.backends import ort_placement
+from edgevl.runtime.backends import ort, ort_session
+from edgevl.runtime.backends.ort_placement import place
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +150,7 @@ def _no_session(*args, **kwargs):
 
 
 def test_ort_cuda_refuses_an_fp32_decoder_before_making_a_session(art, monkeypatch):
-    monkeypatch.setattr(runners.SessionFromOnnx, "__call__", _no_session)
+    monkeypatch.setattr(ort_session.SessionFromOnnx, "__call__", _no_session)
     with pytest.raises(EdgevlError, match=r"GroupQueryAttention on float .*--recipe fp16"):
         backends.make_ort_cuda(art.graph(names.DECODER), backends.BackendOptions())
     runner = backends.make_ort_cuda(art.graph(names.VISION), backends.BackendOptions())   # fp32 vision: fine
@@ -160,13 +162,13 @@ def test_ort_cuda_session_settings_follow_the_prediction(fp16_export, monkeypatc
     runner = backends.make_ort_cuda(graph, backends.BackendOptions(cuda_graph=True))
     loader = runner.build_session
     # shape arithmetic on the CPU is predicted: the CPU EP stays, the fallback entry would refuse it
-    assert runners.provider_names(loader.providers) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ort_session.provider_names(loader.providers) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert loader.config_entries == () and runner.static_decode
     assert dict(loader.providers[0][1])["enable_cuda_graph"] == "1"
     nothing = ort_placement.Placement((), (), (), ())
     monkeypatch.setattr(ort_placement, "check_for_cuda", lambda *a: nothing)
     loader = backends.make_ort_cuda(graph, backends.BackendOptions()).build_session
-    assert runners.provider_names(loader.providers) == ["CUDAExecutionProvider"]    # naming CPU would conflict
+    assert ort_session.provider_names(loader.providers) == ["CUDAExecutionProvider"]    # naming CPU would conflict
     assert loader.config_entries == (("session.disable_cpu_ep_fallback", "1"),)
     copy = ort_placement.Crossing("sub_77", "node_sub_77", "node_minimum", "Min", 1, to_device=True)
     monkeypatch.setattr(ort_placement, "check_for_cuda", lambda *a: ort_placement.Placement(("n",), (), (), (copy,)))
@@ -202,7 +204,7 @@ def _fake_onnxruntime(seen: dict):
 def test_a_refused_cpu_fallback_is_one_sentence(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setitem(sys.modules, "onnxruntime", _fake_onnxruntime(seen))
-    loader = runners.SessionFromOnnx(tmp_path / "decoder.onnx", providers=[("CUDAExecutionProvider", {})],
+    loader = ort_session.SessionFromOnnx(tmp_path / "decoder.onnx", providers=[("CUDAExecutionProvider", {})],
                                      config_entries=(("session.disable_cpu_ep_fallback", "1"),))
     with pytest.raises(EdgevlError, match=r"^onnxruntime would run some nodes of decoder.onnx on the CPU") as e:
         loader()
@@ -239,7 +241,7 @@ class _DeviceValue:
 
 def test_device_buffers_are_zeroed(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(OrtValue=_DeviceValue))
-    runner = runners.OrtIoBindingRunner(lambda: None, device="cuda")
+    runner = ort.OrtIoBindingRunner(lambda: None, device="cuda")
     buffer = runner.allocate((1, 2, 8, 4), np.float16)
     assert buffer.ortvalue.device_name() == "cuda" and buffer.array is None
     values = buffer.numpy()

@@ -1,4 +1,4 @@
-"""runtime/pos_embed.py: Qwen3-VL's learned position table resampled per patch, against transformers.
+"""runtime/inputs/pos_embed.py: Qwen3-VL's learned position table resampled per patch, against transformers.
 
 transformers 5 computes the 4 rows and weights per patch in `vision_utils.get_vision_interpolation_indices_and_weights`
 (what `Qwen3VLVisionModel.fast_pos_embed_interpolate` became); the numpy copy must give the same rows and the same
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.pos_embed import grid_side, pos_embed_taps
+from edgevl.runtime.inputs.pos_embed import grid_side, pos_embed_taps
 
 GRIDS = [(1, 8, 8), (1, 10, 14), (1, 2, 2), (1, 64, 2), (1, 2, 96), (1, 50, 30), (1, 96, 96), (3, 6, 18), (2, 4, 4)]
 
@@ -63,5 +63,5 @@ def test_bad_grids_and_tables_are_refused():
 
 def test_pos_embed_does_not_import_torch():
     code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-            "import edgevl.runtime.pos_embed\n")
+            "import edgevl.runtime.inputs.pos_embed\n")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""Prefix caching in the batch scheduler (runtime/prefix_cache.py, BatchScheduler(prefix_cache=True)): a finished
+"""Prefix caching in the batch scheduler (serve/scheduler/prefix_cache.py, BatchScheduler(prefix_cache=True)): a finished
 request's row keeps its KV cache; a later request sharing its tokens and images prefills only the rest."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.batching import BatchScheduler, make_scheduler
-from edgevl.runtime.jobs import Job
-from edgevl.runtime.prefix_cache import PadTokens, RowPrefixes, cached_vision, common_prefix, prompt_key
+from edgevl.serve.scheduler.batching import BatchScheduler, make_scheduler
+from edgevl.serve.scheduler.jobs import Job
+from edgevl.serve.scheduler.prefix_cache import PadTokens, RowPrefixes, cached_vision, common_prefix, prompt_key
 
 
 def pads_of(pipe) -> PadTokens:

@@ -1,4 +1,4 @@
-"""edgevl.runtime.image_processing against transformers' Qwen2VLImageProcessorPil on real photos."""
+"""edgevl.runtime.inputs.image_processing against transformers' Qwen2VLImageProcessorPil on real photos."""
 
 import subprocess
 import sys
@@ -10,7 +10,7 @@ from PIL import Image
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_module
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.image_processing import (
+from edgevl.runtime.inputs.image_processing import (
     ImageProcessorSettings,
     load_image,
     preprocess_image,
@@ -222,7 +222,7 @@ def test_bad_inputs():
 def test_runtime_modules_do_not_import_torch():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import edgevl.runtime.image_processing, edgevl.runtime.rope_index\n"
+        "import edgevl.runtime.inputs.image_processing, edgevl.runtime.inputs.rope_index\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -231,7 +231,7 @@ def test_runtime_modules_do_not_import_torch():
 def test_lookup_table_normalization_is_bit_identical_to_per_pixel(rescale, normalize):
     from dataclasses import replace
 
-    from edgevl.runtime.image_processing import (
+    from edgevl.runtime.inputs.image_processing import (
         _rescale_normalize_each,
         rescale_normalize,
     )

@@ -14,7 +14,8 @@ import textwrap
 
 import pytest
 
-from edgevl.runtime import backends, doctor, elf, packages, probe
+from edgevl.runtime.backends import table as backends
+from edgevl.runtime.backends import doctor, elf, packages, probe
 
 CC = shutil.which("gcc") or shutil.which("cc")
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler (gcc/cc) to build the ELF fixture")
@@ -74,7 +75,7 @@ def test_the_real_loader_decides_what_loads(onnxruntime_gpu):
     script = textwrap.dedent(f"""
         import ctypes
         from pathlib import Path
-        from edgevl.runtime import probe
+        from edgevl.runtime.backends import probe
         ctypes.CDLL(r"{onnxruntime_gpu / 'lib' / 'libnvinfer.so.10'}")          # as `import tensorrt_libs` does
         lib = probe.provider_library("tensorrt", Path(r"{onnxruntime_gpu / 'onnxruntime'}"))
         print(",".join(n for n in lib.missing if n != "libcudart.so.13"))

@@ -124,8 +124,8 @@ def test_int4_decoder_weights_are_at_most_35_percent(quantized, tiny_artifact):
 def test_int8_vision_passes_checker_and_runs(quantized, tiny_artifact, photos):
     import onnxruntime as ort
 
-    from edgevl.runtime.image_processing import load_image, preprocess_image
-    from edgevl.runtime.rope_index import vision_rotary_position_ids
+    from edgevl.runtime.inputs.image_processing import load_image, preprocess_image
+    from edgevl.runtime.inputs.rope_index import vision_rotary_position_ids
 
     path = quantized["int8"][0] / "vision.onnx"
     onnx.checker.check_model(str(path), full_check=True)
@@ -349,7 +349,8 @@ def test_quantize_on_an_engine_backend_builds_runners_for_work_folder_graphs(tin
     factory builds their runners from a GraphSpec (TensorRT and CUDA replaced by the CPU stand-ins)."""
     import dataclasses
 
-    from edgevl.runtime import backends, probe, trt
+    from edgevl.runtime.backends import table as backends
+    from edgevl.runtime.backends import probe, trt
     from tests.fake_trt import FakeEngine, HostMemory
 
     memory = HostMemory()

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgevl.runtime.video import VideoClip
-from edgevl.runtime.windows import window_layout
+from edgevl.runtime.inputs.video import VideoClip
+from edgevl.runtime.inputs.windows import window_layout
 from tests.data.video_frames import synthetic_frames
 from tests.hf_reference import strip_after_eos
 
@@ -308,7 +308,7 @@ def test_tensorrt_runner_takes_the_window_graph(model_dir, tmp_path, photos):
     the window inputs, and the tokens equal the ONNX Runtime run of the same graphs."""
     from edgevl.artifact import load_artifact
     from edgevl.export.exporter import export_model
-    from edgevl.runtime import sizing
+    from edgevl.runtime.backends import sizing
     from edgevl.runtime.pipeline import Pipeline
     from tests.fake_trt import fake_trt_runners
     out = export_model(str(model_dir), tmp_path / "std", variant="standard", log=lambda m: None)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edgevl.artifact import load_artifact
-from edgevl.runtime import trt_parser
+from edgevl.runtime.backends import trt_parser
 from tests.qwen3_reference import Decoder, Prompt, check_decoder, close, hf_vision, run_vision, session
 
 PATCH_ROW = 3 * 2 * 16 * 16

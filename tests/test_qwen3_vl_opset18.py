@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from edgevl.artifact import load_artifact, names
-from edgevl.runtime import trt_parser
+from edgevl.runtime.backends import trt_parser
 from tests.qwen3_reference import Decoder, Prompt, check_decoder, close, hf_vision, run_vision, session
 
 

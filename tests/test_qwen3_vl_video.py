@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.prompt import expand_vision_pads
-from edgevl.runtime.qwen3_vl_prompt import expand_video_placeholders, timestamp_text, video_prompt
-from edgevl.runtime.qwen3_vl_video import (
+from edgevl.runtime.inputs.prompt import expand_vision_pads
+from edgevl.runtime.inputs.qwen3_vl_prompt import expand_video_placeholders, timestamp_text, video_prompt
+from edgevl.runtime.inputs.qwen3_vl_video import (
     frame_timestamps,
     resized_frame_size,
     sample_frame_indices,
     video_grid,
 )
-from edgevl.runtime.template import ChatTemplate
+from edgevl.runtime.inputs.template import ChatTemplate
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(DATA))

@@ -1,4 +1,4 @@
-"""edgevl.runtime.rope_index against a tiny transformers Qwen2-VL model."""
+"""edgevl.runtime.inputs.rope_index against a tiny transformers Qwen2-VL model."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 from transformers.vision_utils import get_vision_position_ids
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.rope_index import (
+from edgevl.runtime.inputs.rope_index import (
     decode_position_ids,
     mrope_position_ids,
     text_position_ids,

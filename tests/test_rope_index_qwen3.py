@@ -1,4 +1,4 @@
-"""edgevl.runtime.rope_index.qwen3_vl_mrope_position_ids against a tiny transformers Qwen3-VL model.
+"""edgevl.runtime.inputs.rope_index.qwen3_vl_mrope_position_ids against a tiny transformers Qwen3-VL model.
 
 Qwen3-VL prompts carry each video temporal patch as its own run, `<t seconds><|vision_start|>pads<|vision_end|>`
 (qwen3_vl_prompt.video_prompt); the timestamp is ordinary text (here two arbitrary text tokens).
@@ -10,7 +10,7 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.rope_index import (
+from edgevl.runtime.inputs.rope_index import (
     decode_position_ids,
     mrope_position_ids,
     qwen3_vl_mrope_position_ids,

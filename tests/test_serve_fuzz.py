@@ -116,7 +116,7 @@ bodies = st.one_of(
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_artifact):
-    from edgevl.runtime.backends import BackendOptions
+    from edgevl.runtime.backends.table import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
     from edgevl.serve.app import ServerLimits, create_app
     # A 256-token context bounds every generation (a valid max_tokens of 10**30 included).

@@ -75,7 +75,7 @@ def base(pipeline):
 @pytest.fixture(scope="module")
 def tools_pipe(tiny_artifact):
     from edgevl.runtime.pipeline import Pipeline
-    from edgevl.runtime.template import ChatTemplate
+    from edgevl.runtime.inputs.template import ChatTemplate
     pipe = Pipeline.load(tiny_artifact)
     pipe.template = ChatTemplate(TOOLS_TEMPLATE)
     return pipe

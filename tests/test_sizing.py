@@ -1,4 +1,4 @@
-"""TensorRT optimization profiles (runtime/sizing.py): every profile's min, opt and max is a shape the graphs run.
+"""TensorRT optimization profiles (runtime/backends/sizing.py): every profile's min, opt and max is a shape the graphs run.
 
 TensorRT checks all three corners of every profile against the network when it builds an engine, so a corner the
 graph cannot run (the old prefill profile's max: past c-1 + sequence c != total c) fails the build on the GPU. Here
@@ -16,7 +16,7 @@ import pytest
 
 from edgevl.artifact import load_artifact, names
 from edgevl.errors import EdgevlError
-from edgevl.runtime import sizing
+from edgevl.runtime.backends import sizing
 
 SMALL = sizing.Limits(max_batch=2, max_context=24, max_image_patches=30)
 

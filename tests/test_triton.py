@@ -603,7 +603,7 @@ def test_cancelled_stream_ends_and_frees_its_row(repo):
 
 
 def test_error_classification():
-    from edgevl.runtime.jobs import QueueFull
+    from edgevl.serve.scheduler.jobs import QueueFull
     from edgevl.serve.triton.handler import EdgevlTritonModel
     assert EdgevlTritonModel.classify(QueueFull(4, 32, 4, 32))[0] == "UNAVAILABLE"
     assert EdgevlTritonModel.classify(RequestError("bad."))[0] == "INVALID_ARG"

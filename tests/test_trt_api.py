@@ -20,7 +20,8 @@ import pytest
 
 from edgevl.artifact import load_artifact, names
 from edgevl.errors import EdgevlError
-from edgevl.runtime import backends, sizing, trt
+from edgevl.runtime.backends import table as backends
+from edgevl.runtime.backends import sizing, trt
 from tests.fake_trt import (
     CheckedEngine,
     FakeBuild,
@@ -155,7 +156,7 @@ def test_every_tensorrt_name_trt_py_writes_exists_in_this_version(version):
 
 # ----------------------------------------------------------------------------- ONNX Runtime's TensorRT EP
 def test_tensorrt_ep_options_exist_in_onnxruntime_gpu(art, monkeypatch, tmp_path):
-    from edgevl.runtime import probe
+    from edgevl.runtime.backends import probe
     monkeypatch.setattr(probe, "gpus", lambda: [probe.GpuInfo(0, "NVIDIA H100", (9, 0), 80 << 30)])
     monkeypatch.setattr(probe, "tensorrt_version", lambda: "10.16.1")
     for precision in ("graph", "fp16", "int8"):
@@ -166,5 +167,5 @@ def test_tensorrt_ep_options_exist_in_onnxruntime_gpu(art, monkeypatch, tmp_path
             assert provider == "TensorrtExecutionProvider"
             unknown = [k for k in options if k != "device_id" and k not in ORT_GPU["tensorrt_ep_options"]]
             assert not unknown, unknown
-    links = ORT_GPU["links"]["tensorrt"]            # what the advice in runtime/packages.py is about
+    links = ORT_GPU["links"]["tensorrt"]            # what the advice in runtime/backends/packages.py is about
     assert {"libnvinfer.so.10", "libnvonnxparser.so.10", "libcudart.so.13"} <= set(links)

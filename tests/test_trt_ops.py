@@ -1,4 +1,4 @@
-"""The exported `standard` graphs against each TensorRT version's ONNX parser (runtime/trt_parser.py).
+"""The exported `standard` graphs against each TensorRT version's ONNX parser (runtime/backends/trt_parser.py).
 
 docs/graphs.md offers two opsets: 23 (the default: fused Attention, RotaryEmbedding, RMSNormalization), which
 TensorRT 10.15 and later parse, and 18 (the same math in primitive ops) for JetPack 6's TensorRT 10.3 and
@@ -15,7 +15,7 @@ import pytest
 
 from edgevl.artifact import load_artifact, names
 from edgevl.errors import EdgevlError
-from edgevl.runtime import sizing, trt, trt_parser
+from edgevl.runtime.backends import sizing, trt, trt_parser
 from tests.fake_trt import FakeBuild, fake_tensorrt
 
 # opset -> the TensorRT versions docs/jetson.md pairs with it

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgevl.runtime.image_processing import ImageProcessorSettings
-from edgevl.runtime.video import (
+from edgevl.runtime.inputs.image_processing import ImageProcessorSettings
+from edgevl.runtime.inputs.video import (
     VideoClip,
     VideoTooLarge,
     load_video,
@@ -140,7 +140,7 @@ def test_video_positions_match_get_rope_index(pipeline, hf_model):
 
 def test_frames_resized_while_decoding_give_the_same_pixel_values(tmp_path):
     pytest.importorskip("av")
-    from edgevl.runtime.video import load_video, preprocess_video, video_settings
+    from edgevl.runtime.inputs.video import load_video, preprocess_video, video_settings
     settings = video_settings(ImageProcessorSettings(), None)
     path = tmp_path / "odd.mov"
     write_video(path, synthetic_frames(12, 100, 150), fps=6)          # 100x150: not a multiple of 28

@@ -25,11 +25,11 @@ DIMS = (NUM_PATCHES, BATCH, SEQUENCE, PAST_SEQUENCE, TOTAL_SEQUENCE, MAX_CONTEXT
 PIXEL_VALUES = "pixel_values"
 ROTARY_POS_IDS = "rotary_pos_ids"
 IMAGE_EMBEDS = "image_embeds"
-WINDOW_GATHER = "window_gather"      # Qwen2.5-VL: [num_windows, slots] rows of each window (runtime/windows.py)
+WINDOW_GATHER = "window_gather"      # Qwen2.5-VL: [num_windows, slots] rows of each window (runtime/inputs/windows.py)
 WINDOW_MASK = "window_mask"          # [num_windows, slots] 1 = a slot holds a row
 WINDOW_SCATTER = "window_scatter"    # [num_patches] the slot each row went to
 POS_EMBED_IDS = "pos_embed_ids"      # Qwen3-VL: [num_patches, 4] int64 rows of the learned position table
-POS_EMBED_WEIGHTS = "pos_embed_weights"  # [num_patches, 4] float32 their bilinear weights (runtime/pos_embed.py)
+POS_EMBED_WEIGHTS = "pos_embed_weights"  # [num_patches, 4] float32 their bilinear weights (runtime/inputs/pos_embed.py)
 DEEPSTACK_EMBEDS = "deepstack_embeds"    # Qwen3-VL vision output [levels, num_patches / 4, hidden]; decoder input
                                          # [levels, B, S, hidden] (zeros at text positions and in decode steps)
 

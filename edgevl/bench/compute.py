@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from edgevl.artifact.manifest import ModelConfig
-from edgevl.runtime.windows import window_layout
+from edgevl.runtime.inputs.windows import window_layout
 
 GEMM_SHAPE = (1024, 1280, 5120)    # M, K, N: a 448x448 image's patches through a 2B ViT's MLP
 
@@ -81,7 +81,7 @@ def image_grid(image, s) -> tuple[int, int, int]:
     without decoding its pixels."""
     from PIL import Image
 
-    from edgevl.runtime.image_processing import smart_resize
+    from edgevl.runtime.inputs.image_processing import smart_resize
     with Image.open(image) as im:
         width, height = im.size
     if s.do_resize:
@@ -124,7 +124,7 @@ def measure_gemm(threads: int = 0, shape: tuple[int, int, int] = GEMM_SHAPE, rep
     try:
         import onnxruntime as ort
 
-        from edgevl.runtime.runners import session_options
+        from edgevl.runtime.backends.ort_session import session_options
         models = _gemm_models(*shape, np.random.default_rng(0))
     except ImportError as e:
         return {"fp32_flops_per_s": None, "int8_flops_per_s": None, "shape": list(shape),

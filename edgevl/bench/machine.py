@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from edgevl.bench.stats import bandwidth
-from edgevl.runtime.probe import nvidia_smi, package_versions
+from edgevl.runtime.backends.probe import nvidia_smi, package_versions
 
 PACKAGES = ("numpy", "onnxruntime", "onnx", "tokenizers", "pillow", "torch", "transformers",
             "matplotlib", "psutil", "tqdm")

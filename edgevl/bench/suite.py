@@ -42,7 +42,7 @@ from edgevl.bench.measure import (
     synthetic_image,
 )
 from edgevl.errors import EdgevlError
-from edgevl.runtime.backends import BackendOptions
+from edgevl.runtime.backends.table import BackendOptions
 
 SCHEMA = "edgevl-bench/1"
 
@@ -185,7 +185,7 @@ class _Progress:
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = lambda msg: None) -> dict:
     """Run the whole sweep; returns the report (see report.py for its rendering)."""
     from edgevl.artifact import load_artifact
-    from edgevl.runtime.backends import get_backend
+    from edgevl.runtime.backends.table import get_backend
 
     check_config(cfg)      # every user error before anything slow
     from edgevl.bench import peers

@@ -30,7 +30,7 @@ import numpy as np
 
 from edgevl.artifact import names
 from edgevl.errors import EdgevlError
-from edgevl.runtime.runners import to_host
+from edgevl.runtime.backends.tensors import to_host
 
 BUILTIN = "builtin:skimage"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -144,7 +144,7 @@ def split_samples(samples: list[Sample], n_calib: int, n_eval: int, seed: int) -
 
 def samples_digest(samples: list[Sample]) -> str:
     """sha256 over prompts and decoded image pixels: the identity of a calibration set."""
-    from edgevl.runtime.image_processing import load_image
+    from edgevl.runtime.inputs.image_processing import load_image
 
     h = hashlib.sha256()
     for s in samples:

@@ -282,7 +282,7 @@ def matmul_input_stats(model_path: Path, inputs: list[str], reader, work: Path, 
     copy = work / model_path.name
     onnx.save(model, str(copy))
     del model
-    from edgevl.runtime.runners import session_options
+    from edgevl.runtime.backends.ort_session import session_options
     session = ort.InferenceSession(str(copy), session_options(threads), providers=["CPUExecutionProvider"])
     stats = {name: RowStats(max_rows, seed + i) for i, name in enumerate(inputs)}
     while (feed := reader.get_next()) is not None:

@@ -45,9 +45,9 @@ from edgevl.calibrate.graph_edit import (
 from edgevl.calibrate.options import QuantizeOptions
 from edgevl.calibrate.recipes import RECIPES, Context, GraphResult
 from edgevl.errors import EdgevlError
-from edgevl.runtime.backends import Backend, get_backend
+from edgevl.runtime.backends.table import Backend, get_backend
 from edgevl.runtime.embeddings import EmbeddingTable
-from edgevl.runtime.probe import package_versions
+from edgevl.runtime.backends.probe import package_versions
 
 REPORT = "quant_report.json"
 GRAPHS = names.GRAPH_KINDS

@@ -47,7 +47,7 @@ from edgevl.calibrate.graph_edit import (
 )
 from edgevl.calibrate.options import QuantizeOptions
 from edgevl.calibrate.report import score_graph
-from edgevl.runtime.backends import Backend
+from edgevl.runtime.backends.table import Backend
 
 MIN_GAIN = 0.2     # a raised group must remove >= 20% of the graph's measured loss
 COMPUTE_SLACK = 0.1  # int8 compute of 4-bit matmuls is kept if it adds < 10% to the decoder's calibration KL

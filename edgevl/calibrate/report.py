@@ -23,7 +23,7 @@ import numpy as np
 
 from edgevl.artifact import names
 from edgevl.calibrate.data import FeedStore
-from edgevl.runtime.runners import to_host
+from edgevl.runtime.backends.tensors import to_host
 
 GATED = {names.VISION: ("cosine_mean", "mean cosine similarity of image embeddings"),
          names.DECODER: ("top1_agreement", "top-1 agreement of next-token logits")}

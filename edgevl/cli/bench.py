@@ -111,7 +111,7 @@ def run(args) -> int:
     if not args.artifacts and not args.preset:
         raise EdgevlError("give at least one export folder OUT or --preset NAME.")
 
-    from edgevl.runtime.runners import share_thread_pool
+    from edgevl.runtime.backends.ort_session import share_thread_pool
     log = logger("bench")
     _check_reports(args, args.artifacts)            # before any work
     config = config_from_args(args, log)            # checks --threads first

@@ -24,8 +24,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from edgevl.runtime.backends import BackendOptions
-    from edgevl.runtime.doctor import collect, format_report
+    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.runtime.backends.doctor import collect, format_report
     artifact = None
     if args.artifact:
         from edgevl.artifact import load_artifact

@@ -108,7 +108,7 @@ def add_artifact_flags(p, what: str = "folder written by `edgevl export` (or `ed
 def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False, max_batch: int | None = None) -> None:
     """`multiple`: --backend takes several names (bench sweeps them); `max_batch`: the command's default for
     --max-batch (serve: 8; otherwise 1, what one prompt needs)."""
-    from edgevl.runtime.backends import BACKENDS
+    from edgevl.runtime.backends.table import BACKENDS
     g = p.add_argument_group("backend")
     help_text = backend_help or ("execution backend (default: the fastest available here, see `edgevl doctor`; "
                                  "the choice is printed)")
@@ -151,7 +151,7 @@ def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False
 
 def backend_options(args, log=None):
     """The backend flags -> BackendOptions (validated there)."""
-    from edgevl.runtime.backends import BackendOptions
+    from edgevl.runtime.backends.table import BackendOptions
     from edgevl.runtime.limits import validate_threads
     return BackendOptions(threads=validate_threads(args.threads, "--threads"), prepack=not args.fast_load, device_id=args.device,
                           max_batch=args.max_batch, max_context=args.max_context,
@@ -164,7 +164,7 @@ def backend_options(args, log=None):
 def backend_from_args(args, log=None, name: str | None = ...):
     """The Backend the flags ask for (one name; `name` overrides --backend), or EdgevlError naming what is
     missing."""
-    from edgevl.runtime.backends import get_backend
+    from edgevl.runtime.backends.table import get_backend
     return get_backend(args.backend if name is ... else name, backend_options(args, log))
 
 
@@ -200,7 +200,7 @@ def sampling_from_args(args) -> dict:
 def load_pipeline(args):
     """The artifact named by OUT on the backend the flags ask for."""
     from edgevl.runtime.pipeline import Pipeline
-    from edgevl.runtime.runners import share_thread_pool
+    from edgevl.runtime.backends.ort_session import share_thread_pool
     backend = backend_from_args(args)            # checks --threads first
     share_thread_pool(args.threads)
     return Pipeline.load(args.artifact, backend=backend, verify=not args.no_verify)

@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     sampling = sampling_from_args(args)
     pipe = load_pipeline(args)
-    from edgevl.runtime.video import probe_video
+    from edgevl.runtime.inputs.video import probe_video
     # Headers only: the prompt's cost is checked (a long video fitted to the context) before any frame is decoded.
     videos = [probe_video(v, fps=args.fps, max_frames=args.max_frames) for v in args.video]
 

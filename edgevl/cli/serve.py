@@ -16,7 +16,7 @@ from edgevl.cli.flags import (
     whole,
 )
 from edgevl.extras import requires
-from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
+from edgevl.serve.scheduler.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 from edgevl.serve.connections import DEFAULT_BODY_TIMEOUT_S, ConnectionTimeouts
 
 

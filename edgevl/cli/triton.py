@@ -17,7 +17,7 @@ from edgevl.cli.flags import (
     whole,
 )
 from edgevl.errors import EdgevlError
-from edgevl.runtime.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
+from edgevl.serve.scheduler.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 
 MAX_INSTANCES = 256
 

@@ -67,7 +67,7 @@ class VisionGraph(nn.Module):
 class WindowVisionGraph(VisionGraph):
     """Qwen2.5-VL's tower: window attention in most blocks, full attention in `fullatt_block_indexes`.
 
-    pixel_values [N, C*T*P*P] and rotary_pos_ids [N, 2] in window order (runtime/windows.py), window_gather /
+    pixel_values [N, C*T*P*P] and rotary_pos_ids [N, 2] in window order (runtime/inputs/windows.py), window_gather /
     window_mask [num_windows, slots], window_scatter [N]  ->  image_embeds [N / merge^2, hidden] in window order.
     The hidden state stays [N, E]; a window block gathers it into [num_windows, slots, E] (padding slots read a
     zero row), attends within each window under the key mask, and scatters back.

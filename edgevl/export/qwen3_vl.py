@@ -5,7 +5,7 @@ What differs from Qwen2-VL (transformers 5 `qwen3_vl` / `qwen3_vl_moe`), and how
 * vision: 16-pixel patches (a row of pixel_values is 3 * 2 * 16 * 16 = 1536 values), a Conv3d patch embedding
   WITH bias, LayerNorm blocks with a gelu-tanh MLP, full attention per call (one image or one temporal patch),
   and a learned position table `pos_embed` [side * side, C] resampled to the patch grid: the runtime computes
-  4 table rows and 4 bilinear weights per patch (runtime/pos_embed.py), the graph gathers and sums them.
+  4 table rows and 4 bilinear weights per patch (runtime/inputs/pos_embed.py), the graph gathers and sums them.
   After the blocks listed in `deepstack_visual_indexes` the hidden state goes through its own merger
   (`deepstack_merger_list[k]`, LayerNorm after the 2x2 shuffle); the graph returns those levels stacked:
 

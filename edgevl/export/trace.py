@@ -20,8 +20,8 @@ from edgevl.export.modules import DECODERS, VISION, WindowVisionGraph
 from edgevl.export.moe import moe_translations
 from edgevl.export.mrope import attach_mrope_function, mrope_translation
 from edgevl.export.ops import flavor, translations
-from edgevl.runtime.pos_embed import pos_embed_taps
-from edgevl.runtime.windows import window_layout
+from edgevl.runtime.inputs.pos_embed import pos_embed_taps
+from edgevl.runtime.inputs.windows import window_layout
 
 VISION_GRAPHS = {**VISION, **{t: qwen3_vl.Qwen3VisionGraph for t in qwen3_vl.MODEL_TYPES}}
 

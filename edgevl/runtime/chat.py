@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.budget import PromptTooLong
+from edgevl.runtime.inputs.budget import PromptTooLong
 from edgevl.runtime.generate import Prompt
-from edgevl.runtime.inputs import decode_inputs
+from edgevl.runtime.inputs.plan import decode_inputs
 from edgevl.runtime.pipeline import Pipeline, Result
-from edgevl.runtime.prompt import user_message
+from edgevl.runtime.inputs.prompt import user_message
 
 
 @dataclass

@@ -18,8 +18,9 @@ from typing import Callable
 import numpy as np
 
 from edgevl.artifact import names
-from edgevl.runtime.rope_index import text_position_ids
-from edgevl.runtime.runners import Runner, to_host
+from edgevl.runtime.inputs.rope_index import text_position_ids
+from edgevl.runtime.backends.runner import Runner
+from edgevl.runtime.backends.tensors import to_host
 from edgevl.runtime.sampling import SamplingOptions, next_tokens
 
 

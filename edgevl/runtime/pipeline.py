@@ -26,25 +26,25 @@ import numpy as np
 from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, load_artifact
 from edgevl.errors import EdgevlError
-from edgevl.runtime.backends import Backend, BackendOptions, get_backend
-from edgevl.runtime.budget import PromptTooLong
+from edgevl.runtime.backends.table import Backend, BackendOptions, get_backend
+from edgevl.runtime.inputs.budget import PromptTooLong
 from edgevl.runtime.constrained import GrammarCompiler
 from edgevl.runtime.embeddings import EmbeddingTable
 from edgevl.runtime.generate import Prompt, StopRule, generate
 from edgevl.runtime.guide import Guide, OutputOptions
-from edgevl.runtime.inputs import InputPlan, decode_inputs, image_patches, plan_inputs, video_patches
+from edgevl.runtime.inputs.plan import InputPlan, decode_inputs, image_patches, plan_inputs, video_patches
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.logprobs import TokenLogprob
-from edgevl.runtime.prompt import (
+from edgevl.runtime.inputs.prompt import (
     StreamDecoder,
     Tokenizer,
     expand_vision_pads,
     user_message,
 )
-from edgevl.runtime.rope_index import mrope_position_ids, vision_rotary_position_ids
+from edgevl.runtime.inputs.rope_index import mrope_position_ids, vision_rotary_position_ids
 from edgevl.runtime.sampling import SamplingOptions
-from edgevl.runtime.template import ChatTemplate
-from edgevl.runtime.windows import window_layout
+from edgevl.runtime.inputs.template import ChatTemplate
+from edgevl.runtime.inputs.windows import window_layout
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"

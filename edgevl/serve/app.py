@@ -1,6 +1,6 @@
 """FastAPI app: `/v1/chat/completions` (plain and SSE streaming), `/v1/models`, `/health`, `/metrics`.
 
-One scheduler owns the decoder (runtime/batching.py): with the in-place decoder of an `ort` export,
+One scheduler owns the decoder (serve/scheduler/batching.py): with the in-place decoder of an `ort` export,
 requests are batched continuously (each joins the running batch at the next decode step and leaves it
 when done, at most `max_batch` rows, `max_queue` more waiting, a 429 beyond); for other decoders they
 run one at a time in arrival order. The event loop only parses, validates and streams: a worker thread reads the
@@ -27,8 +27,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.batching import make_scheduler
-from edgevl.runtime.jobs import (
+from edgevl.serve.scheduler.batching import make_scheduler
+from edgevl.serve.scheduler.jobs import (
     Job,
     QueueFull,
     RequestCancelled,

@@ -12,9 +12,9 @@ import json
 import re
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.budget import PromptTooLong
-from edgevl.runtime.image_processing import ImageTooLarge
-from edgevl.runtime.video import VideoTooLarge
+from edgevl.runtime.inputs.budget import PromptTooLong
+from edgevl.runtime.inputs.image_processing import ImageTooLarge
+from edgevl.runtime.inputs.video import VideoTooLarge
 
 
 class ApiError(Exception):

@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 
-from edgevl.runtime.jobs import Observer
+from edgevl.serve.scheduler.jobs import Observer
 
 OUTCOMES = ("completed", "cancelled", "failed", "rejected")
 WINDOW_S = 10.0

@@ -2,7 +2,7 @@
 hands every call here.
 
     initialize  config.pbtxt's parameters -> Pipeline.load(artifact, backend) (sha256s checked unless
-                verify is "false") -> a scheduler (runtime/batching.py), one per model instance
+                verify is "false") -> a scheduler (serve/scheduler/batching.py), one per model instance
     execute     decoupled (the default): each request becomes a Job on the scheduler and execute returns at
                 once; text deltas go out as responses while it decodes (the scheduler batches the instance's
                 concurrent requests continuously), the last response carries the finish reason and token ids
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.batching import make_scheduler
-from edgevl.runtime.jobs import (
+from edgevl.serve.scheduler.batching import make_scheduler
+from edgevl.serve.scheduler.jobs import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PREFILL_CHUNK,
@@ -123,7 +123,7 @@ class EdgevlTritonModel:
     """One model instance: a Pipeline and its scheduler, driven by Triton's execute calls."""
 
     def __init__(self, pb_utils, args: dict):
-        from edgevl.runtime.backends import BackendOptions, get_backend
+        from edgevl.runtime.backends.table import BackendOptions, get_backend
         from edgevl.runtime.pipeline import Pipeline
 
         t0 = time.perf_counter()

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.image_processing import ImageInput, ImageTooLarge, read_image_header
+from edgevl.runtime.inputs.image_processing import ImageInput, ImageTooLarge, read_image_header
 from edgevl.runtime.sampling import sampling_problem, show_value
 
 MAX_STOP_STRINGS = 16
@@ -310,7 +310,7 @@ def image_input(data: bytes, label: str, limits: Limits) -> ImageInput:
 def video_input(data: bytes, label: str, limits: Limits):
     """A video file's header (frame size, count, rate), checked against the pixel limit; its frames are decoded
     later, only those the token budget keeps."""
-    from edgevl.runtime.video import probe_video
+    from edgevl.runtime.inputs.video import probe_video
     try:
         return probe_video(data, max_frames=limits.max_video_frames, max_pixels=limits.max_image_pixels, label=label)
     except EdgevlError as e:   # too large frames, undecodable, no frames

@@ -131,7 +131,7 @@ def write_repository(artifact: str | Path, out: str | Path, spec: ModelSpec, cop
 
     The artifact is opened (its sha256s checked unless verify=False) and its graphs matched to the backend
     before anything is written; a copied artifact is checked again where it lands."""
-    from edgevl.runtime.backends import BACKENDS, Backend
+    from edgevl.runtime.backends.table import BACKENDS, Backend
 
     check_model_name(spec.name)
     source = Path(artifact).resolve()

@@ -15,10 +15,10 @@ class CudaMemory:
     """The runner's only CUDA calls, through cuda-python: streams, cudaMalloc, async copies."""
 
     def __init__(self, device_id: int = 0):
-        from edgevl.runtime.probe import cuda_python_module
+        from edgevl.runtime.backends.probe import cuda_python_module
         self.rt = cuda_python_module()
         if self.rt is None:
-            from edgevl.runtime import packages, probe
+            from edgevl.runtime.backends import packages, probe
             hint = packages.cuda_python(probe.jetson_model() is not None, probe.cuda_runtime_version(),
                                         probe.cuda_driver()[1])
             raise EdgevlError(f"the trt backend needs cuda-python for device memory ({hint}).")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgevl.runtime.budget import PromptCost, VideoPlan, fit_prompt, grid_tokens, image_grid, plan_video, resized
-from edgevl.runtime.image_processing import ImageInput, preprocess_image, read_image_header
-from edgevl.runtime.video import VideoClip, VideoInput, preprocess_video, probe_video, read_frames
+from edgevl.runtime.inputs.budget import PromptCost, VideoPlan, fit_prompt, grid_tokens, image_grid, plan_video, resized
+from edgevl.runtime.inputs.image_processing import ImageInput, preprocess_image, read_image_header
+from edgevl.runtime.inputs.video import VideoClip, VideoInput, preprocess_video, probe_video, read_frames
 
 Grid = tuple[int, int, int]
 

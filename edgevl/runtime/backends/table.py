@@ -29,15 +29,11 @@ from edgevl.artifact.folder import Artifact, GraphFile
 from edgevl.artifact.manifest import ModelConfig
 from edgevl.cache import cache_root
 from edgevl.errors import EdgevlError
-from edgevl.runtime import ort_placement, packages, probe
-from edgevl.runtime.runners import (
-    OnnxrtRunner,
-    OrtIoBindingRunner,
-    Runner,
-    SessionFromOnnx,
-    activate_all,
-)
-from edgevl.runtime.sizing import (
+from edgevl.runtime.backends import ort_placement, packages, probe
+from edgevl.runtime.backends.ort import OnnxrtRunner, OrtIoBindingRunner
+from edgevl.runtime.backends.runner import Runner, activate_all
+from edgevl.runtime.backends.ort_session import SessionFromOnnx
+from edgevl.runtime.backends.sizing import (
     DEFAULT_ENGINE_CONTEXT,
     Limits,
     build_profiles,
@@ -78,7 +74,7 @@ class BackendOptions:
 
 
 # ----------------------------------------------------------------------------- availability
-# Each missing piece is named with the package (and version) that supplies it here (runtime/packages.py).
+# Each missing piece is named with the package (and version) that supplies it here (runtime/backends/packages.py).
 def _ort_provider(provider: str) -> list[str]:
     version, providers = probe.onnxruntime_info()
     if version is None:
@@ -173,13 +169,13 @@ def make_ort_cpu(graph: GraphFile, opts: BackendOptions) -> Runner:
 
 
 def _with_int8_prefill(runner, graph: GraphFile, opts: BackendOptions):
-    """`runner` with its prompt calls on an int8 copy of a 4-bit decoder (runtime/int8_prefill.py); as it is
+    """`runner` with its prompt calls on an int8 copy of a 4-bit decoder (runtime/backends/int8_prefill.py); as it is
     for graphs without 4-bit matmuls (the vision encoder, fp32 / int8 decoders)."""
     if graph.spec.kind != names.DECODER or graph.spec.kv_cache != names.IN_PLACE:
         return runner
     import onnx
 
-    from edgevl.runtime import int8_prefill
+    from edgevl.runtime.backends import int8_prefill
     vocab = graph.config.vocab_size
     if not int8_prefill.candidates(onnx.load(str(graph.path), load_external_data=False), vocab):
         opts.log(f"--int8-prefill: {graph.name} has no 4-bit matmuls; its prompts run as exported")
@@ -194,20 +190,20 @@ def _with_int8_prefill(runner, graph: GraphFile, opts: BackendOptions):
 
 def _grouped_decode(graph: GraphFile):
     """(graph transform, spare KV positions) for an in-place decoder on the CPU: its decode steps read each KV
-    head once (runtime/grouped_decode.py); (None, 0) for other graphs or without the onnx package."""
+    head once (runtime/backends/grouped_decode.py); (None, 0) for other graphs or without the onnx package."""
     if graph.spec.kind != names.DECODER or graph.spec.kv_cache != names.IN_PLACE:
         return None, 0
     try:
         import onnx
     except ImportError:
         return None, 0
-    from edgevl.runtime import grouped_decode
+    from edgevl.runtime.backends import grouped_decode
     spare = grouped_decode.spare_positions(onnx.load(str(graph.path), load_external_data=False))
     return (grouped_decode.rewrite, spare) if spare else (None, 0)
 
 
 def make_ort_cuda(graph: GraphFile, opts: BackendOptions) -> Runner:
-    """ONNX Runtime's CUDA EP, after checking the graph against its kernels (runtime/ort_placement.py): a node with
+    """ONNX Runtime's CUDA EP, after checking the graph against its kernels (runtime/backends/ort_placement.py): a node with
     no CUDA kernel for its types is refused in one sentence instead of running on the CPU."""
     placement = ort_placement.check_for_cuda(graph.path, str(graph.path.parent), graph.spec.precision)
     # --cuda-graph: only for the in-place decoder, whose decode steps have fixed shapes and addresses
@@ -251,7 +247,7 @@ def ort_trt_provider_options(graph: GraphFile, opts: BackendOptions) -> dict:
 def make_ort_trt(graph: GraphFile, opts: BackendOptions) -> Runner:
     """ORT's TensorRT EP over the graph with its custom ops inlined; ORT caches the engines in a folder keyed
     like trt's engines (GPU, compute capability, TensorRT, graph digest, options) plus the ORT version."""
-    from edgevl.runtime.trt import engine_cache_key, inline_local_functions
+    from edgevl.runtime.backends.trt import engine_cache_key, inline_local_functions
     source = graph.path
     if graph.spec.custom_ops:
         source = inline_local_functions(source, opts.cache / "inlined" / graph.digest[:16], log=opts.log)
@@ -277,7 +273,7 @@ def build_ort_trt(graph: GraphFile, opts: BackendOptions) -> None:
 
 def trt_engine_loader(graph: GraphFile, opts: BackendOptions):
     """(EngineFromCache loader for a graph, its profiles, its buffer sizes) for the trt backend."""
-    from edgevl.runtime import trt
+    from edgevl.runtime.backends import trt
     limits = opts.limits(graph.config)
     spec = graph.spec
     profiles = build_profiles(spec.kind, spec.inputs, limits, graph.config)
@@ -295,7 +291,7 @@ def trt_engine_loader(graph: GraphFile, opts: BackendOptions):
 
 
 def make_trt(graph: GraphFile, opts: BackendOptions) -> Runner:
-    from edgevl.runtime import trt
+    from edgevl.runtime.backends import trt
     cache, profiles, max_bytes = trt_engine_loader(graph, opts)
     return trt.TrtRunner(trt.EngineFromBytes(cache), profiles, max_bytes, name=f"trt:{graph.name}",
                          memory_factory=lambda: trt.CudaMemory(opts.device_id))

@@ -11,7 +11,7 @@ runtime, and loads cuDNN 9 itself.
 
 from __future__ import annotations
 
-from edgevl.runtime.probe import ProviderLibrary
+from edgevl.runtime.backends.probe import ProviderLibrary
 
 JETSON_ORT_INDEX = "https://pypi.jetson-ai-lab.io/jp6/cu126"     # NVIDIA's aarch64 onnxruntime-gpu for JetPack 6
 ORT_GPU = "onnxruntime-gpu==1.31.1"                              # the CUDA 13 build edgevl's tables describe

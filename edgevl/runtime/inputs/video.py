@@ -30,7 +30,7 @@ from PIL import Image
 
 from edgevl.errors import EdgevlError
 from edgevl.extras import requires
-from edgevl.runtime.budget import (  # noqa: F401 - sampling arithmetic, re-exported for video callers
+from edgevl.runtime.inputs.budget import (  # noqa: F401 - sampling arithmetic, re-exported for video callers
     DEFAULT_FPS,
     MAX_FRAMES,
     MIN_FRAMES,
@@ -40,7 +40,7 @@ from edgevl.runtime.budget import (  # noqa: F401 - sampling arithmetic, re-expo
     plan_video,
     sample_frame_indices,
 )
-from edgevl.runtime.image_processing import (
+from edgevl.runtime.inputs.image_processing import (
     ImageProcessorSettings,
     patchify,
     rescale_normalize,

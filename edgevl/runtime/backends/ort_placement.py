@@ -96,7 +96,7 @@ CPU_INPUTS: dict[tuple[str, str], frozenset[int]] = {
 CPU_OUTPUTS: dict[tuple[str, str], frozenset[int]] = {("", "Shape"): frozenset({0}), ("", "Size"): frozenset({0})}
 SMALL_INITIALIZER = 100          # kSmallInitializerThreshold: elements of an initializer the CPU may read freely
 NO_CPU_PLACEMENT = frozenset({F16, BF16, F8E4M3FN, F8E4M3FNUZ, F8E5M2, F8E5M2FNUZ})
-HOST_INPUTS = (names.TOTAL_SEQUENCE_LENGTH,)   # graph inputs the runtime binds in host memory (runners.py)
+HOST_INPUTS = (names.TOTAL_SEQUENCE_LENGTH,)   # graph inputs the runtime binds in host memory (backends/ort.py)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ import numpy as np
 from edgevl.artifact import names
 from edgevl.errors import EdgevlError
 from edgevl.runtime.generate import HostOutputs, choose_row, decode_one_token, decoder_step
-from edgevl.runtime.jobs import (
+from edgevl.serve.scheduler.jobs import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_PREFILL_CHUNK,
@@ -67,11 +67,11 @@ from edgevl.runtime.jobs import (
     SerialScheduler,
     check_sizes,
 )
-from edgevl.runtime.heap import trim_heap
+from edgevl.serve.scheduler.heap import trim_heap
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.pipeline import Result
-from edgevl.runtime.prefix_cache import PadTokens, RowPrefixes, cached_vision, prompt_key
-from edgevl.runtime.prompt import StreamDecoder
+from edgevl.serve.scheduler.prefix_cache import PadTokens, RowPrefixes, cached_vision, prompt_key
+from edgevl.runtime.inputs.prompt import StreamDecoder
 from edgevl.runtime.sampling import SamplingOptions
 
 # Calls with more than one row run an even number of them (decode steps get a pad row, prefill chunks are even):

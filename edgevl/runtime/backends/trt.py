@@ -42,9 +42,9 @@ import numpy as np
 from edgevl.artifact import names
 from edgevl.artifact.folder import staged_folder
 from edgevl.errors import EdgevlError
-from edgevl.runtime.cuda_memory import CudaMemory
-from edgevl.runtime.runners import DeviceTensor, TensorMeta, to_host
-from edgevl.runtime.sizing import Profile, select_profile
+from edgevl.runtime.backends.cuda_memory import CudaMemory
+from edgevl.runtime.backends.tensors import DeviceTensor, TensorMeta, to_host
+from edgevl.runtime.backends.sizing import Profile, select_profile
 
 # TensorRT DataType member names -> numpy (BF16/FP8/INT4 have no numpy type: not graph I/O here).
 TRT_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
@@ -153,7 +153,7 @@ def import_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        from edgevl.runtime import packages, probe
+        from edgevl.runtime.backends import packages, probe
         hint = packages.tensorrt_python(probe.jetson_model() is not None, probe.cuda_driver()[1])
         raise EdgevlError(f"the trt backend needs TensorRT's Python package ({hint}).") from None
     return tensorrt
@@ -232,12 +232,12 @@ class EngineFromOnnx:
 
     def _check_ops(self, version: str) -> None:
         """A sentence, before TensorRT parses anything, when this TensorRT's parser lacks an op of the graph
-        (runtime/trt_parser.py); skipped without the onnx package (the parser then reports it)."""
+        (runtime/backends/trt_parser.py); skipped without the onnx package (the parser then reports it)."""
         try:
             import onnx
         except ImportError:
             return
-        from edgevl.runtime import trt_parser
+        from edgevl.runtime.backends import trt_parser
         problems = trt_parser.check(onnx.load(str(self.path), load_external_data=False), version)
         sentence = trt_parser.refusal(self.path.name, version, problems)
         if sentence:

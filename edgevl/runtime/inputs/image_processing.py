@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.image_loading import (  # noqa: F401 - loading, re-exported for its callers
+from edgevl.runtime.inputs.image_loading import (  # noqa: F401 - loading, re-exported for its callers
     WIDE_MODES,
     ImageInput,
     ImageTooLarge,

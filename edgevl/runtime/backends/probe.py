@@ -163,7 +163,7 @@ def provider_library(name: str, folder: Path | None = None, loadable=None) -> Pr
 
     folder: onnxruntime's package folder (default: the installed one); loadable(soname) -> bool (default: the
     dynamic loader, through ctypes)."""
-    from edgevl.runtime.elf import read_dynamic
+    from edgevl.runtime.backends.elf import read_dynamic
     folder = onnxruntime_folder() if folder is None else folder
     path = folder / "capi" / f"libonnxruntime_providers_{name}.so" if folder is not None else None
     if path is None or not path.is_file():

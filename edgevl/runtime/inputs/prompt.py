@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.budget import PromptTooLong
+from edgevl.runtime.inputs.budget import PromptTooLong
 
 
 def user_message(text: str, num_images: int = 0, num_videos: int = 0) -> dict:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.image_processing import ImageProcessorSettings, smart_resize
+from edgevl.runtime.inputs.image_processing import ImageProcessorSettings, smart_resize
 
 # Qwen2VLVideoProcessor's sampling defaults.
 DEFAULT_FPS = 2.0

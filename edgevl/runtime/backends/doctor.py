@@ -13,8 +13,8 @@ from __future__ import annotations
 import platform
 
 from edgevl import __version__
-from edgevl.runtime import probe
-from edgevl.runtime.backends import BackendOptions, availability
+from edgevl.runtime.backends import probe
+from edgevl.runtime.backends.table import BackendOptions, availability
 
 
 def collect(artifact=None, options: BackendOptions | None = None) -> dict:
@@ -44,7 +44,7 @@ def collect(artifact=None, options: BackendOptions | None = None) -> dict:
         "default_backend": next((name for name, (ok, _) in backends.items() if ok), None),
     }
     if artifact is not None:
-        from edgevl.runtime.sizing import memory_plan
+        from edgevl.runtime.backends.sizing import memory_plan
         opts = options or BackendOptions()
         limits = opts.limits(artifact.config)
         report["memory"] = {"batch": limits.max_batch, "max_context": limits.max_context,

@@ -11,7 +11,7 @@ additive mask hides every position past p, so each query sees exactly positions 
 room for the copies, grouped, original).
 onnxruntime runs an If branch on its caller's buffers, so past and present still share one buffer: nothing
 is copied (checked on a 65536-position cache). Prefill, batches and every other backend run the node as
-exported. `edgevl.runtime.backends` applies it to in-place decoders on ort-cpu only; the graph files on disk
+exported. `edgevl.runtime.backends.table` applies it to in-place decoders on ort-cpu only; the graph files on disk
 stay as exported.
 """
 

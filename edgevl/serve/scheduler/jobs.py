@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.heap import trim_heap
+from edgevl.serve.scheduler.heap import trim_heap
 from edgevl.runtime.guide import OutputOptions
 
 DEFAULT_MAX_BATCH = 8

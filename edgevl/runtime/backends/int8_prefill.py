@@ -99,7 +99,7 @@ class PrefillSplitRunner:
         return getattr(self.decode, name)
 
     def activate(self) -> None:
-        from edgevl.runtime.runners import activate_all
+        from edgevl.runtime.backends.runner import activate_all
         activate_all([self.decode, self.prefill], concurrently=False)
 
     def deactivate(self) -> None:
