@@ -76,10 +76,10 @@ def bench_edgevl(artifact: Path, backend: str, image: Path, new_tokens: int, run
         r = pipe.generate(PROMPT, images=[image], max_new_tokens=new_tokens, do_sample=False)
         tokens = r.token_ids if tokens is None else tokens
         t = r.timings
-        pre.append(t["preprocess_s"])
-        prefill.append(t["prefill_s"])
-        ttft.append(t["preprocess_s"] + t["vision_s"] + t["prefill_s"])
-        decode.append(median(t["decode_s_per_token"]))
+        pre.append(t.preprocess_s)
+        prefill.append(t.prefill_s)
+        ttft.append(t.preprocess_s + t.vision_s + t.prefill_s)
+        decode.append(median(t.decode_s_per_token))
         log(f"edgevl run {i + 1}/{runs}: ttft {ttft[-1] * 1e3:.1f} ms, decode {decode[-1] * 1e3:.2f} ms/token, "
             f"{len(r.token_ids)} tokens")
     result = {"backend": pipe.backend.name, "load_s": load_s, "prompt_tokens": len(row.input_ids),

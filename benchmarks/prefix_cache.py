@@ -26,7 +26,7 @@ def user(text: str, images: int = 0) -> dict:
 
 def turn(scheduler, prepare, max_new: int):
     from edgevl.serve.scheduler.jobs import Job
-    job = scheduler.submit(Job(prepare, max_new, (), {"do_sample": False}))
+    job = scheduler.submit(Job(prepare, scheduler.pipe.decoding(max_new, do_sample=False)))
     scheduler.run_until_idle()
     return job.future.result(timeout=0)
 
@@ -44,8 +44,8 @@ def one_round(pipe, image, prefix_cache: bool, max_new: int) -> dict:
         before = len(calls)
         t0 = time.perf_counter()
         result = turn(scheduler, lambda: pipe.prepare_messages(second, [image]), max_new)
-        return {"ttft_ms": result.timings["ttft_s"] * 1e3, "wall_ms": (time.perf_counter() - t0) * 1e3,
-                "vision_calls": len(calls) - before, "cached_tokens": result.timings["cached_tokens"],
+        return {"ttft_ms": result.timings.ttft_s * 1e3, "wall_ms": (time.perf_counter() - t0) * 1e3,
+                "vision_calls": len(calls) - before, "cached_tokens": result.timings.cached_tokens,
                 "prompt_tokens": len(result.prompt_token_ids), "tokens": result.token_ids}
     finally:
         pipe.encode_image = encode

@@ -89,10 +89,10 @@ def time_artifacts(paths: dict[str, Path], new_tokens: int, runs: int, threads: 
             results[name].append(pipe.generate(prompt, max_new_tokens=new_tokens, **kw))
     out = {}
     for name, rs in results.items():
-        decode = [1e3 * statistics.mean(r.timings["decode_s_per_token"]) for r in rs]
+        decode = [1e3 * statistics.mean(r.timings.decode_s_per_token) for r in rs]
         out[name] = {"decode_ms_per_token": statistics.median(decode), "decode_ms_per_token_runs": decode,
-                     "prefill_ms": 1e3 * statistics.median(r.timings["prefill_s"] for r in rs),
-                     "vision_ms": 1e3 * statistics.median(r.timings["vision_s"] for r in rs),
+                     "prefill_ms": 1e3 * statistics.median(r.timings.prefill_s for r in rs),
+                     "vision_ms": 1e3 * statistics.median(r.timings.vision_s for r in rs),
                      "prompt_tokens": len(rs[0].prompt_token_ids), "token_ids": rs[0].token_ids,
                      "load_s": pipes[name].load_s}
     return out

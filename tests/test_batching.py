@@ -20,7 +20,7 @@ LONG = "Describe a cat."          # the tiny model's greedy answer runs past 300
 
 def make_job(pipe, text, images=(), videos=(), max_new=12, stop=(), **sampling) -> Job:
     sampling.setdefault("do_sample", False)
-    job = Job(lambda: pipe.prepare(text, images, videos), max_new, tuple(stop), sampling)
+    job = Job(lambda: pipe.prepare(text, images, videos), pipe.decoding(max_new, stop, **sampling))
     job.texts, job.starts = [], []
     job.on_text = job.texts.append
     job.on_start = lambda: job.starts.append(len(job.texts))     # how much text had come before it
@@ -67,7 +67,7 @@ def test_a_row_view_writes_its_row_of_the_batch_cache(pipeline, by_pointer):
 
     token = int(want[names.NEXT_TOKEN][0])
     want = decode_one_token(pipeline.decoder, own, pipeline.embeddings, np.array([token]), deltas)
-    tokens = np.array([pipeline._pad_id(), pipeline._pad_id(), token])
+    tokens = np.array([pipeline.pad_id, pipeline.pad_id, token])
     view = batch.rows(0, 3, by_pointer)
     got = decode_one_token(pipeline.decoder, view, pipeline.embeddings, tokens,
                            np.array([[0], [0], [deltas[0, 0]]]))
@@ -232,8 +232,10 @@ def test_a_failing_request_fails_alone(pipeline):
     scheduler = BatchScheduler(pipeline, max_batch=2, start=False)
     ok = scheduler.submit(make_job(pipeline, LONG, max_new=12))
     scheduler.step()
-    too_long = scheduler.submit(Job(lambda: type("P", (), {"input_ids": np.zeros(pipeline.max_context)})(), 4))
-    broken = scheduler.submit(Job(lambda: (_ for _ in ()).throw(EdgevlError("the image is broken.")), 4))
+    too_long = scheduler.submit(Job(lambda: type("P", (), {"input_ids": np.zeros(pipeline.max_context)})(),
+                                    pipeline.decoding(4)))
+    broken = scheduler.submit(Job(lambda: (_ for _ in ()).throw(EdgevlError("the image is broken.")),
+                                  pipeline.decoding(4)))
     scheduler.run_until_idle()
     with pytest.raises(EdgevlError, match="context"):
         too_long.future.result(timeout=0)

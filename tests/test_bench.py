@@ -191,9 +191,13 @@ def test_loads_after_warm_up_are_measured_and_the_last_engine_kept(tmp_path):
 
 def test_peak_rss_sees_an_allocation():
     from edgevl.bench.machine import PeakRSS
+    import mmap
     with PeakRSS() as m:
-        block = np.ones(64 << 20, np.uint8)                     # 64 MiB, every page touched
-        del block
+        # 64 MiB of fresh pages, every one touched: an anonymous map, because a numpy array of that size may reuse
+        # heap memory that earlier tests freed and glibc kept resident (then RSS does not grow at all)
+        block = mmap.mmap(-1, 64 << 20)
+        np.frombuffer(block, np.uint8)[:] = 1
+        block.close()
     assert m.peak - m.before >= 60 << 20
 
 

@@ -14,7 +14,7 @@ from tests.data.video_frames import synthetic_frames
 
 def _fresh_run(pipeline, messages, images, videos=(), **kwargs):
     row = pipeline.prepare_messages(messages, images, videos)
-    return pipeline.generate_prepared([row], **kwargs)[0]
+    return pipeline.generate_prepared([row], pipeline.decoding(**kwargs))[0]
 
 
 def test_second_turn_reuses_cache_and_matches_a_fresh_run(any_pipeline, photos):
@@ -51,7 +51,7 @@ def test_image_in_a_later_turn_and_reset(pipeline, photos):
 
 def test_context_overflow_is_a_clear_error(pipeline, monkeypatch):
     chat = ChatSession(pipeline)
-    monkeypatch.setattr(type(pipeline), "max_context", property(lambda self: 40))
+    monkeypatch.setattr(pipeline, "max_context", 40)
     with pytest.raises(EdgevlError, match="/reset"):
         chat.send("word " * 60, max_new_tokens=4, do_sample=False)
 

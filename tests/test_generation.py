@@ -94,8 +94,8 @@ def test_stop_string_and_streaming(pipeline):
 def test_timings_are_reported(pipeline, photos):
     r = pipeline.generate("Hi", images=[photos["coffee"]], max_new_tokens=5, do_sample=False)
     t = r.timings
-    assert t["vision_s"] > 0 and t["prefill_s"] > 0 and t["preprocess_s"] > 0
-    assert len(t["decode_s_per_token"]) == len(r.token_ids) - 1
+    assert t.vision_s > 0 and t.prefill_s > 0 and t.preprocess_s > 0
+    assert len(t.decode_s_per_token) == len(r.token_ids) - 1
 
 
 class _CharTokenizer:

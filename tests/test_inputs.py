@@ -126,7 +126,7 @@ def test_a_truncated_video_is_one_sentence(pipeline, tmp_path, fmt, ext, expecte
 def test_a_long_video_is_fitted_to_the_context_and_generates(pipeline, tmp_path, monkeypatch):
     from edgevl.runtime.inputs.video import probe_video
     path = encode(np.repeat(synthetic_frames(2, 84, 112), 300, axis=0), tmp_path / "long.mp4", fps=1)  # 10 minutes
-    monkeypatch.setattr(type(pipeline), "max_context", property(lambda self: 512))
+    monkeypatch.setattr(pipeline, "max_context", 512)
     video = probe_video(path, fps=2.0, max_frames=600)
     plan = pipeline.plan_messages([{"role": "user", "content": [{"type": "video"}] + TEXT}], videos=[video])
     (fitted,) = plan.video_plans
@@ -138,7 +138,7 @@ def test_a_long_video_is_fitted_to_the_context_and_generates(pipeline, tmp_path,
 def test_a_chat_turns_video_is_fitted_to_what_the_conversation_left(pipeline, photos, tmp_path, monkeypatch):
     from edgevl.runtime.chat import ChatSession
     path = encode(np.repeat(synthetic_frames(2, 84, 112), 120, axis=0), tmp_path / "long.mp4", fps=1)  # 4 minutes
-    monkeypatch.setattr(type(pipeline), "max_context", property(lambda self: 768))
+    monkeypatch.setattr(pipeline, "max_context", 768)
     chat = ChatSession(pipeline)
     first = chat.send("What is this?", images=[photos["astronaut"]], max_new_tokens=2, do_sample=False)
     second = chat.send("And this?", videos=[path], max_new_tokens=2, do_sample=False)
@@ -206,6 +206,10 @@ class _NoPlan:
 
     def plan_messages(self, messages, images, videos):
         raise AssertionError("the request should have been refused while it was read")
+
+    def sampling_options(self, **sampling):
+        from edgevl.runtime.sampling import SamplingOptions
+        return SamplingOptions.from_generation_config(self.generation_config, **sampling)
 
 
 def test_health_answers_while_a_request_decodes(app, photos, monkeypatch):

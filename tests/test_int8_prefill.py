@@ -107,7 +107,7 @@ def test_the_batch_scheduler_serves_with_int8_prefill(w4a16):
     from edgevl.runtime.pipeline import Pipeline
     pipe = Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=True))
     scheduler = BatchScheduler(pipe, max_batch=2, max_queue=2, prefill_chunk=8, start=False)
-    jobs = [scheduler.submit(Job(lambda t=t: pipe.prepare(t), 5, (), {"do_sample": False}))
+    jobs = [scheduler.submit(Job(lambda t=t: pipe.prepare(t), pipe.decoding(5, do_sample=False)))
             for t in ("Describe a cat.", "Hi")]
     scheduler.run_until_idle()
     assert all(1 <= len(j.future.result(timeout=0).token_ids) <= 5 for j in jobs)

@@ -79,7 +79,7 @@ video = probe_video(sys.argv[2])
 plan = pipe.plan_messages([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}],
                           videos=[video])
 row = pipe.prepare_plan(plan)
-result = pipe.generate_prepared([row], 1)[0]
+result = pipe.generate_prepared([row], pipe.decoding(1))[0]
 p = plan.video_plans[0]
 report(seconds=time.perf_counter() - t0, peak=status("VmHWM") - base, tokens=len(result.prompt_token_ids), frames=len(p.indices), sampled=p.sampled,
        size=p.size, kept=row.video_pixel_values[0].nbytes + len(p.indices) * p.size[0] * p.size[1] * 3)

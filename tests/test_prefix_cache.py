@@ -10,6 +10,8 @@ from PIL import Image
 from edgevl.errors import EdgevlError
 from edgevl.serve.scheduler.batching import BatchScheduler, make_scheduler
 from edgevl.serve.scheduler.jobs import Job
+from edgevl.runtime.generate import Decoding
+from edgevl.runtime.sampling import SamplingOptions
 from edgevl.serve.scheduler.prefix_cache import PadTokens, RowPrefixes, cached_vision, common_prefix, prompt_key
 
 
@@ -28,7 +30,7 @@ def user(text, images=0):
 
 
 def job_for(prepare, max_new=8) -> Job:
-    return Job(prepare, max_new, (), {"do_sample": False})
+    return Job(prepare, Decoding(SamplingOptions(do_sample=False), max_new))
 
 
 @pytest.fixture()
@@ -97,7 +99,7 @@ def test_a_repeated_image_request_reuses_the_row_and_skips_the_vision_call(pipel
     scheduler.run_until_idle()
     a, b = first.future.result(timeout=0), second.future.result(timeout=0)
     assert len(counted_vision) == 1                                      # the image's KV was in the row
-    assert a.timings["cached_tokens"] == 0 and b.timings["cached_tokens"] == len(a.prompt_token_ids) - 1
+    assert a.timings.cached_tokens == 0 and b.timings.cached_tokens == len(a.prompt_token_ids) - 1
     assert b.token_ids == a.token_ids and b.text == a.text
 
 
@@ -111,7 +113,7 @@ def test_a_repeated_video_request_skips_all_its_temporal_patches(pipeline, video
     second = scheduler.submit(job_for(ask))
     scheduler.run_until_idle()
     a, b = first.future.result(timeout=0), second.future.result(timeout=0)
-    assert len(counted_vision) == calls and b.timings["cached_tokens"] == len(a.prompt_token_ids) - 1
+    assert len(counted_vision) == calls and b.timings.cached_tokens == len(a.prompt_token_ids) - 1
     assert b.token_ids == a.token_ids
 
 
@@ -129,7 +131,7 @@ def test_a_chat_resending_its_history_prefills_only_the_new_turn(pipeline, photo
     scheduler.run_until_idle()
     got = two.future.result(timeout=0)
     ids1 = np.asarray(one.future.result(timeout=0).prompt_token_ids)
-    assert got.timings["cached_tokens"] >= len(ids1)                     # the whole first prompt, and more
+    assert got.timings.cached_tokens >= len(ids1)                     # the whole first prompt, and more
     assert len(counted_vision) == 1
     fresh = BatchScheduler(pipeline, max_batch=2, max_queue=4, start=False)
     expected = fresh.submit(job_for(prepare2))
@@ -148,7 +150,7 @@ def test_other_rows_decoding_beside_a_cached_row_leave_its_positions_intact(pipe
     again = scheduler.submit(job_for(ask, max_new=4))
     scheduler.run_until_idle()
     a, b = first.future.result(timeout=0), again.future.result(timeout=0)
-    assert b.timings["cached_tokens"] == len(a.prompt_token_ids) - 1 and b.token_ids == a.token_ids
+    assert b.timings.cached_tokens == len(a.prompt_token_ids) - 1 and b.token_ids == a.token_ids
 
 
 def test_a_failed_request_leaves_no_cache_behind(pipeline):

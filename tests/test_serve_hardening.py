@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.sampling import validate_sampling
+from edgevl.runtime.sampling import SamplingOptions, validate_sampling
 from tests.serve_helpers import assert_error_shape, one_sentence, running
 
 pytest.importorskip("fastapi")
@@ -255,10 +255,13 @@ class FakePipe:
     def plan_messages(self, messages, images, videos):
         return object()
 
+    def sampling_options(self, **sampling):
+        return SamplingOptions.from_generation_config(self.generation_config, **sampling)
+
     def prepare_plan(self, plan):
         return object()
 
-    def generate_prepared(self, rows, max_tokens, stop, on_text=None, **sampling):
+    def generate_prepared(self, rows, decoding, on_text=None, on_logprobs=None, preprocess_s=0.0):
         for text in self.texts:
             if on_text:
                 on_text(0, text)

@@ -287,9 +287,8 @@ class EdgevlEngine:
 
     @staticmethod
     def _argmax(outputs) -> int:
-        from edgevl.runtime.generate import choose
-        from edgevl.runtime.sampling import SamplingOptions
-        return int(choose(outputs, np.zeros((1, 0), np.int64), SamplingOptions())[0])
+        from edgevl.runtime.sampling import HostOutputs, SamplingOptions, choose_row
+        return choose_row(HostOutputs(outputs), 0, np.zeros(0, np.int64), SamplingOptions())
 
     def synthetic_state(self, context: int):
         cache = self.pipe.new_cache(1)

@@ -157,10 +157,10 @@ def compare_pipelines(ref, quant, samples, new_tokens: int, progress=None) -> di
 
 
 def _latency(runs) -> dict:
-    vision = [t["vision_s"] for t, has_image in runs if has_image]
-    steps = [s for t, _ in runs for s in t["decode_s_per_token"]]
+    vision = [t.vision_s for t, has_image in runs if has_image]
+    steps = [s for t, _ in runs for s in t.decode_s_per_token]
     return {"vision_ms": 1e3 * statistics.median(vision) if vision else 0.0,
-            "prefill_ms": 1e3 * statistics.median(t["prefill_s"] for t, _ in runs),
+            "prefill_ms": 1e3 * statistics.median(t.prefill_s for t, _ in runs),
             "decode_ms_per_token": 1e3 * sum(steps) / len(steps) if steps else 0.0}
 
 

@@ -10,7 +10,7 @@ from edgevl.cli.flags import (
     add_backend_flags,
     add_generation_flags,
     load_pipeline,
-    sampling_from_args,
+    decoding_from_args,
 )
 from edgevl.errors import EdgevlError
 
@@ -36,7 +36,6 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from edgevl.runtime.chat import ChatSession
 
-    sampling = sampling_from_args(args)
     session = ChatSession(load_pipeline(args), system=args.system)
     pending: dict[str, list[str]] = {"image": [], "video": []}   # attachments for the next message
     interactive = sys.stdin.isatty()
@@ -64,8 +63,9 @@ def run(args) -> int:
             sys.stdout.flush()
 
         try:
-            session.send(line, images=pending["image"], videos=pending["video"], max_new_tokens=args.max_new_tokens,
-                         on_text=show, **sampling)
+            # a Decoding per turn: a --seed starts every reply's sampling from the same state, as a new run does
+            session.send(line, images=pending["image"], videos=pending["video"], on_text=show,
+                         decoding=decoding_from_args(args, session.pipe))
             print()
         except EdgevlError as e:  # a bad image or video, no PyAV, a full context: say so and keep chatting
             print(f"error: {e}", file=sys.stderr)

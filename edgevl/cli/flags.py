@@ -197,6 +197,13 @@ def sampling_from_args(args) -> dict:
     return {**sampling, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
 
 
+def decoding_from_args(args, pipe, max_new_tokens: int | None = None):
+    """The generation flags -> the pipeline's `Decoding` (the model's generation_config under the flags given),
+    validated once here."""
+    return pipe.decoding(max_new_tokens or args.max_new_tokens, tuple(getattr(args, "stop", None) or ()),
+                         **sampling_from_args(args))
+
+
 def load_pipeline(args):
     """The artifact named by OUT on the backend the flags ask for."""
     from edgevl.runtime.pipeline import Pipeline

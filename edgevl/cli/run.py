@@ -11,7 +11,7 @@ from edgevl.cli.flags import (
     add_generation_flags,
     load_pipeline,
     real,
-    sampling_from_args,
+    decoding_from_args,
     whole,
 )
 
@@ -43,8 +43,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    sampling = sampling_from_args(args)
     pipe = load_pipeline(args)
+    decoding = decoding_from_args(args, pipe)
     from edgevl.runtime.inputs.video import probe_video
     # Headers only: the prompt's cost is checked (a long video fitted to the context) before any frame is decoded.
     videos = [probe_video(v, fps=args.fps, max_frames=args.max_frames) for v in args.video]
@@ -53,16 +53,16 @@ def run(args) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    result = pipe.generate(args.prompt, images=args.image, videos=videos, max_new_tokens=args.max_new_tokens,
-                           stop=args.stop, on_text=None if args.json else stream, **sampling)
+    result = pipe.generate(args.prompt, images=args.image, videos=videos, on_text=None if args.json else stream,
+                           decoding=decoding)
     if args.json:
         print(json.dumps({**result.to_json(), "backend": pipe.backend.name}))
         return 0
     print(flush=True)
     t = result.timings
-    steps = t["decode_s_per_token"]
+    steps = t.decode_s_per_token
     per_token = sum(steps) / len(steps) * 1e3 if steps else float("nan")
-    print(f"[{len(result.token_ids)} tokens, {result.finish_reason}; preprocess {t['preprocess_s']*1e3:.0f} ms, "
-          f"vision {t['vision_s']*1e3:.0f} ms, prefill {t['prefill_s']*1e3:.0f} ms, "
+    print(f"[{len(result.token_ids)} tokens, {result.finish_reason}; preprocess {t.preprocess_s*1e3:.0f} ms, "
+          f"vision {t.vision_s*1e3:.0f} ms, prefill {t.prefill_s*1e3:.0f} ms, "
           f"decode {per_token:.1f} ms/token on {pipe.backend.name}]", file=sys.stderr)
     return 0

@@ -29,9 +29,9 @@ import numpy as np
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.inputs.budget import PromptTooLong
-from edgevl.runtime.generate import Prompt
+from edgevl.runtime.generate import Decoding, Prompt, Result, Timings
 from edgevl.runtime.inputs.plan import decode_inputs
-from edgevl.runtime.pipeline import Pipeline, Result
+from edgevl.runtime.pipeline import Pipeline
 from edgevl.runtime.inputs.prompt import user_message
 
 
@@ -56,9 +56,12 @@ class ChatSession:
         if self.cache is not None:
             self.cache.truncate(0)          # keep the buffers: an in-place cache is allocated once
 
-    def send(self, text: str, images=(), videos=(), max_new_tokens: int = 256, stop=(), on_text=None,
-             **sampling) -> Result:
+    def send(self, text: str, images=(), videos=(), on_text=None, decoding: Decoding | None = None,
+             **settings) -> Result:
         """Add a user turn (images, then videos, then text), generate the reply, keep both in the history.
+
+        decoding: how the reply is made (`Pipeline.decoding`), or its settings as keywords (max_new_tokens, default
+        256 here, stop, the sampling options).
 
         images: paths or PIL images; videos: paths (sampled at 2 fps), VideoInputs or `VideoClip`s. The whole
         conversation's cost is checked from the new images' and videos' headers before any is decoded (a video
@@ -66,6 +69,7 @@ class ChatSession:
         """
         if not text.strip():
             raise EdgevlError("the message is empty.")
+        decoding = self.pipe.resolve_decoding(decoding, {"max_new_tokens": 256, **settings} if decoding is None else settings)
         t0 = time.perf_counter()
         messages = self._with_system([*self.messages, user_message(text, len(images), len(videos))])
         try:
@@ -79,15 +83,17 @@ class ChatSession:
         video_grids = self.video_grids + [g for _, g, _ in new_videos]
         video_seconds = self.video_seconds + [s for _, _, s in new_videos]
         ids = self.pipe.tokenize_messages(messages, grids, video_grids)
-        if len(ids) + 1 > self.pipe.max_context:   # checked before the (costly) vision encoder
+        try:
+            self.pipe.check_context(len(ids))   # before the (costly) vision encoder
+        except PromptTooLong:
             raise EdgevlError(f"the conversation is {len(ids)} tokens and the model's context is "
-                              f"{self.pipe.max_context}; type /reset to start a new conversation.")
-        preprocess_s = time.perf_counter() - t0
+                              f"{self.pipe.max_context}; type /reset to start a new conversation.") from None
+        timings = Timings(preprocess_s=time.perf_counter() - t0)
 
         t0 = time.perf_counter()
         image_embeds = self.image_embeds + [self.pipe.encode_image(pv, g) for pv, g in new_images]
         video_embeds = self.video_embeds + [self.pipe.encode_image(pv, g) for pv, g, _ in new_videos]
-        vision_s = time.perf_counter() - t0
+        timings.vision_s = time.perf_counter() - t0
         keep = self._reuse_prefix(ids)
         embeds = self.pipe.embed(ids, image_embeds, video_embeds)[keep:]    # [S_new, H]
         mask = np.ones((1, len(ids)), np.int64)
@@ -95,9 +101,8 @@ class ChatSession:
         self.last_prefill_tokens = len(ids) - keep
         prompt = Prompt(embeds[None], ids[None], position_ids[:, :, keep:], rope_deltas,
                         np.array([len(ids) - keep]))
-        result = self.pipe.decode(prompt, mask, self.cache, max_new_tokens, stop,
-                                  (lambda _, d: on_text(d)) if on_text else None,
-                                  {"preprocess_s": preprocess_s, "vision_s": vision_s}, **sampling)[0]
+        result = self.pipe.decode(prompt, mask, self.cache, decoding, (lambda _, d: on_text(d)) if on_text else None,
+                                  timings=timings)[0]
         # The cache now holds the prompt and every generated token but the last (never fed back).
         self.cached_ids = np.concatenate([ids, np.asarray(result.token_ids[:-1], np.int64)])
         self.messages = messages[1:] if self.system is not None else messages

@@ -1,27 +1,134 @@
-"""The decode loop: `prefill`, `decode_one_token` and `generate`, over any decoder Runner and KV cache.
+"""The generation core: how a reply is asked for (`Decoding`), one reply's state and its one step (`Sequence`),
+the decoder calls (`prefill`, `decode_one_token`) and the loop over a batch (`generate`).
 
-The decoder graph is one function of (inputs_embeds, position_ids, the cache's length inputs, past KV)
--> (each row's last logits, their argmax, present KV); kv_cache.py owns what the cache feeds and how it
-takes a call's outputs in. Prefill feeds the whole prompt; each decode step feeds one token per row.
-A finished row keeps receiving the pad token (as transformers does) until every row is done.
+    prefill(decoder, cache, prompt)                          the prompt's call
+    decode_one_token(decoder, cache, embeddings, tokens, d)  one new token per row
+    Sequence.step(outputs, row)                              the row's next token: chosen (its Guide with its
+                                                             SamplingOptions), streamed (StreamDecoder, stop
+                                                             strings, logprobs), its finish reason decided
+    generate(decoder, cache, embeddings, prompt, sequences)  prefill, then steps until every row is done
 
-Greedy decoding without a repetition penalty reads the graph's own `next_token` (argmax in the graph),
-so a device runner may keep the [B, vocab] logits on the device and bring back B integers per step.
+Every reply is made through `Sequence.step`: `Pipeline` (run, chat, the Python API) drives a batch with
+`generate`; the server's schedulers (serve/scheduler/) call the same step for rows of a shared cache. The decoder
+graph is one function of (inputs_embeds, position_ids, the cache's length inputs, past KV) -> (each row's last
+logits, their argmax, present KV); kv_cache.py owns what the cache feeds and how it takes a call's outputs in. A
+finished row keeps receiving the pad token (as transformers does) until every row is done. Greedy decoding
+without a repetition penalty reads the graph's own `next_token`, so a device runner may keep the [B, vocab]
+logits on the device and bring back B integers per step.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from edgevl.artifact import names
-from edgevl.runtime.inputs.rope_index import text_position_ids
 from edgevl.runtime.backends.runner import Runner
-from edgevl.runtime.backends.tensors import to_host
-from edgevl.runtime.sampling import SamplingOptions, next_tokens
+from edgevl.runtime.guide import Guide, OutputOptions
+from edgevl.runtime.inputs.prompt import StreamDecoder
+from edgevl.runtime.inputs.rope_index import text_position_ids
+from edgevl.runtime.logprobs import TokenLogprob
+from edgevl.runtime.sampling import HostOutputs, SamplingOptions
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a reply is made: its sampling (validated once, where the request entered), its length, its stop
+    strings, and what it reports or constrains beyond sampling (logprobs, logit bias, penalties, a grammar)."""
+
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    output: OutputOptions = field(default_factory=OutputOptions)
+
+
+@dataclass
+class Timings:
+    """Where a reply's time went (seconds)."""
+
+    preprocess_s: float = 0.0                  # planning, decoding and preprocessing its images and videos, tokens
+    vision_s: float = 0.0                      # the vision encoder's calls
+    prefill_s: float = 0.0                     # the prompt's decoder call(s)
+    decode_s_per_token: list[float] = field(default_factory=list)   # each decode step
+    load_s: float = 0.0                        # the pipeline's load (once per process)
+    queue_s: float | None = None               # a scheduler's: accepted -> given a row
+    ttft_s: float | None = None                # a scheduler's: accepted -> first token
+    cached_tokens: int = 0                     # prompt positions taken from a kept KV cache (--prefix-cache)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Result:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str                        # "eos" | "stop" | "length"
+    timings: Timings = field(default_factory=Timings)
+    logprobs: list[TokenLogprob] | None = None    # per token of `text`, when asked (OutputOptions.top_logprobs)
+
+    def to_json(self) -> dict:
+        return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
+                "finish_reason": self.finish_reason, "timings": self.timings.to_json()}
+
+
+class Sequence:
+    """One reply being generated: the context its tokens are chosen in, its Guide and sampling, its text so far.
+
+    `step` is the only way a token is taken, whoever drives the decoder. Text goes to `on_text(delta)` as it is
+    printed (stop strings held back), each delta after `on_logprobs(entries)` for the tokens it holds; EOS, a stop
+    string or `max_new_tokens` end it (`finish_reason`).
+    """
+
+    def __init__(self, decoding: Decoding, guide: Guide, stream: StreamDecoder, context: np.ndarray,
+                 eos_ids: tuple[int, ...], max_new_tokens: int, on_text: Callable[[str], None] | None = None,
+                 on_logprobs: Callable[[list[TokenLogprob]], None] | None = None):
+        self.decoding, self.guide, self.stream, self.eos_ids = decoding, guide, stream, tuple(eos_ids)
+        self.max_new_tokens = max_new_tokens
+        self.on_text, self.on_logprobs = on_text, on_logprobs
+        self.prompt_len = len(context)
+        self.context = np.zeros(self.prompt_len + max_new_tokens, np.int64)   # prompt ids, then generated ids
+        self.context[:self.prompt_len] = context
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def step(self, outputs: HostOutputs, index: int) -> int:
+        """Take row `index` of a decoder call's outputs: choose the next token, stream its text, decide whether
+        the reply is finished. Returns the token (fed back at the next decode step unless `done`)."""
+        n = self.prompt_len + len(self.tokens)
+        token = self.guide.choose(outputs, index, self.context[:n], self.decoding.sampling)
+        self.context[n] = token
+        self.tokens.append(token)
+        if token in self.eos_ids:
+            self.finish_reason = "eos"
+        else:
+            self._tell(self.stream.push(token))
+            if self.stream.stopped:
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.tokens) >= self.max_new_tokens:
+            self.finish_reason = "length"
+        if self.done:
+            self._tell(self.stream.finish())
+        return token
+
+    def _tell(self, delta: str) -> None:
+        entries = self.guide.released(self.stream)
+        if entries and self.on_logprobs:
+            self.on_logprobs(entries)
+        if delta and self.on_text:
+            self.on_text(delta)
+
+    def result(self, prompt_token_ids: list[int], timings: Timings) -> Result:
+        return Result([int(t) for t in prompt_token_ids], list(self.tokens), self.stream.text,
+                      self.finish_reason or "length", timings, self.guide.reply_logprobs(self.stream))
 
 
 @dataclass
@@ -33,13 +140,6 @@ class Prompt:
     position_ids: np.ndarray     # [3, B, S] M-RoPE ids of the new tokens
     rope_deltas: np.ndarray      # [B, 1] from mrope_position_ids: decode positions = real length + delta
     new_tokens: np.ndarray       # [B] real (not padding) tokens per row in `embeds`
-
-
-@dataclass(frozen=True)
-class StopRule:
-    max_new_tokens: int
-    eos_ids: tuple[int, ...]
-    pad_id: int
 
 
 def decoder_step(decoder: Runner, cache, embeds: np.ndarray, position_ids: np.ndarray, new: np.ndarray) -> dict:
@@ -65,81 +165,21 @@ def decode_one_token(decoder: Runner, cache, embeddings, tokens: np.ndarray, rop
     return decoder_step(decoder, cache, embeds, position_ids, np.ones(len(tokens), np.int64))
 
 
-def choose(outputs: dict, context: np.ndarray, opts: SamplingOptions) -> np.ndarray:
-    """Next token per row: the graph's own argmax when decoding is plain greedy, else sampled from the logits."""
-    if not opts.do_sample and opts.repetition_penalty == 1.0 and names.NEXT_TOKEN in outputs:
-        return to_host(outputs[names.NEXT_TOKEN]).astype(np.int64)
-    return next_tokens(to_host(outputs[names.LOGITS]), context, opts)
-
-
-class HostOutputs:
-    """A decoder call's outputs, each brought to the host once, when a row first asks for it."""
-
-    def __init__(self, outputs: dict):
-        self.outputs, self.host = outputs, {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.outputs
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.host:
-            self.host[name] = to_host(self.outputs[name])
-        return self.host[name]
-
-
-def choose_row(outputs: HostOutputs, index: int, context: np.ndarray, opts: SamplingOptions) -> int:
-    """Row `index`'s next token, as `choose` picks it for a batch of one: the graph's argmax when decoding is plain
-    greedy, else sampled from its logits with its own options (context [T]: prompt + generated)."""
-    if not opts.do_sample and opts.repetition_penalty == 1.0 and names.NEXT_TOKEN in outputs:
-        return int(outputs[names.NEXT_TOKEN][index])
-    return int(next_tokens(outputs[names.LOGITS][index:index + 1], context[None], opts)[0])
-
-
-def choose_guided(outputs: dict, context: np.ndarray, opts: SamplingOptions, guides: list, active: np.ndarray,
-                  pad_id: int) -> np.ndarray:
-    """Next token per row through each row's Guide (runtime/guide.py; None = `choose_row`); finished rows: pad."""
-    host = HostOutputs(outputs)
-    return np.array([pad_id if not active[b] else guide.choose(host, b, context[b], opts) if guide is not None
-                     else choose_row(host, b, context[b], opts) for b, guide in enumerate(guides)], np.int64)
-
-
-@dataclass
-class Generation:
-    token_ids: np.ndarray                        # [B, n] generated ids (pad after a row finished)
-    lengths: list[int]                           # real generated length per row (EOS included)
-    prefill_s: float = 0.0
-    decode_s: list[float] = field(default_factory=list)  # one entry per decode step
-
-
-def generate(decoder: Runner, cache, embeddings, prompt: Prompt, opts: SamplingOptions, stop: StopRule,
-             on_token: Callable[[int, int], bool] | None = None, guides: list | None = None) -> Generation:
-    """Greedy or sampled generation with a KV cache.
-
-    on_token(row, token_id) is called for each real new token and returns True to stop that row
-    (stop strings); EOS stops a row by itself. guides: per row a runtime.guide.Guide or None (logprobs,
-    logit bias, penalties, a grammar), which then chooses that row's tokens.
-    """
-    bsz = len(prompt.new_tokens)
+def generate(decoder: Runner, cache, embeddings, prompt: Prompt, sequences: list[Sequence], pad_id: int,
+             timings: Timings) -> None:
+    """Prefill `prompt` (row b's reply is sequences[b]), then step every unfinished row until all are done;
+    adds the prefill and each decode step to `timings`."""
     t0 = time.perf_counter()
     outputs = prefill(decoder, cache, prompt)
-    result = Generation(np.zeros((bsz, 0), np.int64), [0] * bsz, prefill_s=time.perf_counter() - t0)
-    context = prompt.context_ids
-    active = np.ones(bsz, bool)
-    for step in range(stop.max_new_tokens):
-        if guides is None:
-            tokens = np.where(active, choose(outputs, context, opts), stop.pad_id).astype(np.int64)
-        else:
-            tokens = choose_guided(outputs, context, opts, guides, active, stop.pad_id)
-        result.token_ids = np.concatenate([result.token_ids, tokens[:, None]], axis=1)
-        for row in np.flatnonzero(active):
-            result.lengths[row] += 1
-            halt = on_token(int(row), int(tokens[row])) if on_token else False
-            if tokens[row] in stop.eos_ids or halt:
-                active[row] = False
-        if not active.any() or step == stop.max_new_tokens - 1:
-            break
-        context = np.concatenate([context, tokens[:, None]], axis=1)
+    timings.prefill_s += time.perf_counter() - t0
+    while True:
+        host = HostOutputs(outputs)
+        tokens = np.full(len(sequences), pad_id, np.int64)
+        for b, seq in enumerate(sequences):
+            if not seq.done:
+                tokens[b] = seq.step(host, b)
+        if all(seq.done for seq in sequences):
+            return
         t0 = time.perf_counter()
         outputs = decode_one_token(decoder, cache, embeddings, tokens, prompt.rope_deltas)
-        result.decode_s.append(time.perf_counter() - t0)
-    return result
+        timings.decode_s_per_token.append(time.perf_counter() - t0)

@@ -1,7 +1,7 @@
 """What a request asks of its tokens beyond sampling (`OutputOptions`), and the per-request `Guide` that does it.
 
 A Guide chooses one row's next token from a decoder call's outputs. With nothing to change in the logits it makes
-`generate.choose_row`'s choice (the graph's argmax for plain greedy, so asking for logprobs never changes a
+`sampling.choose_row`'s choice (the graph's argmax for plain greedy, so asking for logprobs never changes a
 token); otherwise it takes the row's logits to the host and, in this order, subtracts the frequency and presence
 penalties (OpenAI's: per earlier occurrence in the reply, and once), adds the logit bias and masks what the
 grammar forbids, then chooses with the request's `SamplingOptions` (repetition penalty, temperature, top-k,
@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgevl.artifact import names
-from edgevl.runtime.generate import choose_row
 from edgevl.runtime.logprobs import TokenLogprob, token_logprob
-from edgevl.runtime.sampling import SamplingOptions, next_tokens
+from edgevl.runtime.sampling import SamplingOptions, choose_row, next_tokens
 
 
 @dataclass(frozen=True)
@@ -54,7 +53,7 @@ class Guide:
         self.bias_values = np.array([b for _, b in bias], np.float32)
 
     def choose(self, outputs, index: int, context: np.ndarray, opts: SamplingOptions) -> int:
-        """Row `index`'s next token (outputs: generate.HostOutputs; context [T]: prompt + generated ids)."""
+        """Row `index`'s next token (outputs: sampling.HostOutputs; context [T]: prompt + generated ids)."""
         if self.options.changes_logits:
             logits = np.array(outputs[names.LOGITS][index], np.float32)
             self._adjust(logits)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,11 +30,10 @@ from edgevl.runtime.backends.table import Backend, BackendOptions, get_backend
 from edgevl.runtime.inputs.budget import PromptTooLong
 from edgevl.runtime.constrained import GrammarCompiler
 from edgevl.runtime.embeddings import EmbeddingTable
-from edgevl.runtime.generate import Prompt, StopRule, generate
+from edgevl.runtime.generate import Decoding, Prompt, Result, Sequence, Timings, generate
 from edgevl.runtime.guide import Guide, OutputOptions
 from edgevl.runtime.inputs.plan import InputPlan, decode_inputs, image_patches, plan_inputs, video_patches
 from edgevl.runtime.kv_cache import make_cache
-from edgevl.runtime.logprobs import TokenLogprob
 from edgevl.runtime.inputs.prompt import (
     StreamDecoder,
     Tokenizer,
@@ -62,20 +61,6 @@ class PreparedPrompt:
     video_seconds: list[float] = field(default_factory=list)   # per video: seconds per temporal patch
 
 
-@dataclass
-class Result:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str                        # "eos" | "stop" | "length"
-    timings: dict = field(default_factory=dict)
-    logprobs: list[TokenLogprob] | None = None    # per token of `text`, when asked (OutputOptions.top_logprobs)
-
-    def to_json(self) -> dict:
-        return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids, "text": self.text,
-                "finish_reason": self.finish_reason, "timings": self.timings}
-
-
 class Pipeline:
     def __init__(self, artifact: Artifact, backend: Backend | str | None = None, options: BackendOptions | None = None):
         """backend: a Backend, a name from backends.BACKENDS, or None for the fastest available here
@@ -84,6 +69,8 @@ class Pipeline:
         self.artifact = artifact
         self.config = artifact.config
         self.backend = backend if isinstance(backend, Backend) else get_backend(backend, options)
+        # Longest sequence (prompt + generated) = KV-cache positions: resolved once, by the backends' one rule.
+        self.max_context = self.backend.context_limit(self.config)
         self.tokenizer = Tokenizer(artifact.file("tokenizer.json"))
         self.template = ChatTemplate.from_file(artifact.file("chat_template.jinja"))
         self.image_settings = artifact.manifest.image_processor
@@ -102,10 +89,6 @@ class Pipeline:
              options: BackendOptions | None = None) -> "Pipeline":
         return cls(load_artifact(path, verify=verify), backend=backend, options=options)
 
-    @property
-    def max_context(self) -> int:
-        """Longest sequence (prompt + generated): the model's context, or the backend's KV-cache size."""
-        return self.backend.context_limit(self.config)
 
     # ------------------------------------------------------------------ stages
     def prepare(self, prompt: str, images=(), videos=()) -> PreparedPrompt:
@@ -198,43 +181,53 @@ class Pipeline:
         return embeds
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt: str, images=(), max_new_tokens: int = 128, stop=(), on_text=None,
-                 videos=(), **sampling) -> Result:
-        """One prompt. `on_text(delta)` receives text as it is generated (streaming)."""
+    def decoding(self, max_new_tokens: int = 128, stop=(), output: OutputOptions | None = None,
+                 **sampling) -> Decoding:
+        """How a reply is made, from the model's generation_config with `sampling` (do_sample, temperature, top_k,
+        top_p, repetition_penalty, seed; None = the config's) on top: validated here, once."""
+        return Decoding(self.sampling_options(**sampling), max_new_tokens, tuple(stop), output or OutputOptions())
+
+    def generate(self, prompt: str, images=(), videos=(), on_text=None, decoding: Decoding | None = None,
+                 **settings) -> Result:
+        """One prompt. `on_text(delta)` receives text as it is generated (streaming). `decoding`, or its settings
+        as keywords (`max_new_tokens`, `stop`, the sampling options: see `decoding`)."""
+        decoding = self.resolve_decoding(decoding, settings)
         t0 = time.perf_counter()
         row = self.prepare(prompt, images, videos)
-        return self.generate_prepared([row], max_new_tokens, stop,
-                                      (lambda _, delta: on_text(delta)) if on_text else None,
-                                      preprocess_s=time.perf_counter() - t0, **sampling)[0]
+        return self.generate_prepared([row], decoding, (lambda _, delta: on_text(delta)) if on_text else None,
+                                      preprocess_s=time.perf_counter() - t0)[0]
 
-    def generate_batch(self, prompts: list[str], images: list[list] | None = None, max_new_tokens: int = 128,
-                       stop=(), on_text=None, **sampling) -> list[Result]:
-        """Several prompts at once, left-padded into one batch. `sampling`: do_sample, temperature,
-        top_k, top_p, repetition_penalty, seed (None = the model's generation_config)."""
+    def generate_batch(self, prompts: list[str], images: list[list] | None = None, on_text=None,
+                       decoding: Decoding | None = None, **settings) -> list[Result]:
+        """Several prompts at once, padded into one batch (`on_text(row, delta)`); one decoding for all."""
+        decoding = self.resolve_decoding(decoding, settings)
         images = images or [[] for _ in prompts]
         t0 = time.perf_counter()
         rows = [self.prepare(p, imgs) for p, imgs in zip(prompts, images)]
-        return self.generate_prepared(rows, max_new_tokens, stop, on_text, preprocess_s=time.perf_counter() - t0,
-                                      **sampling)
+        return self.generate_prepared(rows, decoding, on_text, preprocess_s=time.perf_counter() - t0)
 
-    def generate_prepared(self, rows: list[PreparedPrompt], max_new_tokens: int = 128, stop=(), on_text=None,
-                          preprocess_s: float = 0.0, guides: list[Guide | None] | None = None, on_logprobs=None,
-                          **sampling) -> list[Result]:
+    def resolve_decoding(self, decoding: Decoding | None, settings: dict) -> Decoding:
+        """`decoding` as given, or one made from its settings (`decoding`); not both."""
+        if decoding is not None and settings:
+            raise EdgevlError(f"give either decoding= or its settings ({', '.join(settings)}), not both.")
+        return decoding or self.decoding(**settings)
+
+    def generate_prepared(self, rows: list[PreparedPrompt], decoding: Decoding, on_text=None, on_logprobs=None,
+                          preprocess_s: float = 0.0) -> list[Result]:
         """Vision, embeddings, M-RoPE positions and decoding for already tokenized rows (fresh cache).
-        guides, on_logprobs: as `decode`."""
+        on_text, on_logprobs: as `decode`."""
         longest = max(len(r.input_ids) for r in rows)
         self.check_context(longest)       # before the vision encoder: a long video is refused cheaply
         t0 = time.perf_counter()
         row_embeds = [self.embed(r.input_ids, *self.encode_vision(r)) for r in rows]
-        vision_s = time.perf_counter() - t0
+        timings = Timings(preprocess_s=preprocess_s, vision_s=time.perf_counter() - t0)
         cache = self.new_cache(len(rows))
         ids, mask, embeds = self._pad(rows, row_embeds, longest, cache.padding)
         position_ids, rope_deltas = self.positions(ids, mask, [g for r in rows for g in r.grids],
                                                    [g for r in rows for g in r.video_grids],
                                                    [s for r in rows for s in r.video_seconds])
         prompt = Prompt(embeds, ids, position_ids, rope_deltas, mask.sum(1))
-        return self.decode(prompt, mask, cache, max_new_tokens, stop, on_text,
-                           {"preprocess_s": preprocess_s, "vision_s": vision_s}, guides, on_logprobs, **sampling)
+        return self.decode(prompt, mask, cache, decoding, on_text, on_logprobs, timings)
 
     def encode_vision(self, row: PreparedPrompt) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Embeddings per image and per video (a video is a t > 1 grid through the same graph)."""
@@ -245,6 +238,11 @@ class Pipeline:
         if length >= self.max_context:
             raise PromptTooLong(f"the prompt is {length} tokens long but the model's context is {self.max_context} "
                                 f"tokens; shorten it or use smaller images or shorter videos.", length, self.max_context)
+
+    def max_new_tokens(self, decoding: Decoding, prompt_length: int) -> int:
+        """The reply's length bound: what it asked for, cut to what the context leaves (at least one token; the
+        prompt has passed `check_context`)."""
+        return max(1, min(decoding.max_new_tokens, self.max_context - prompt_length))
 
     def positions(self, ids: np.ndarray, mask: np.ndarray, grids: list, video_grids: list = (),
                   video_seconds: list = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -261,59 +259,39 @@ class Pipeline:
         """An empty KV cache of the kind the decoder graph has (kv_cache.py), for `batch` rows."""
         return make_cache(self.decoder_spec.kv_cache, self.decoder, self.config, batch, self.max_context, self.dtype)
 
-    def decode(self, prompt: Prompt, context_mask: np.ndarray, cache, max_new_tokens: int, stop=(), on_text=None,
-               timings: dict | None = None, guides: list[Guide | None] | None = None, on_logprobs=None,
-               **sampling) -> list[Result]:
-        """Prefill `prompt` (the tokens not yet in `cache`) and generate.
+    def decode(self, prompt: Prompt, context_mask: np.ndarray, cache, decoding: Decoding, on_text=None,
+               on_logprobs=None, timings: Timings | None = None) -> list[Result]:
+        """Prefill `prompt` (the tokens not yet in `cache`) and generate one reply per row (generate.Sequence).
 
         context_mask [B, T]: which of prompt.context_ids are real tokens (the prompt ids each Result reports).
-        guides: per row a `Guide` (from `guide`) or None; on_logprobs(row, entries) is called before each
-        on_text(row, delta) with the logprobs of the tokens that text holds.
+        on_text(row, delta) receives text as it is printed, on_logprobs(row, entries) just before it the logprobs
+        of the tokens that text holds (when decoding.output asks for them).
         """
-        max_new_tokens = max(1, min(max_new_tokens, self.max_context - int(context_mask.sum(1).max())))
-        opts = self.sampling_options(**sampling)
-        eos = self.config.eos_token_id
-        streams = [StreamDecoder(self.tokenizer, tuple(stop)) for _ in range(len(context_mask))]
+        max_new_tokens = self.max_new_tokens(decoding, int(context_mask.sum(1).max()))
+        timings = timings or Timings()
+        sequences = [self.sequence(decoding, prompt.context_ids[b], max_new_tokens,
+                                   (lambda d, b=b: on_text(b, d)) if on_text else None,
+                                   (lambda e, b=b: on_logprobs(b, e)) if on_logprobs else None)
+                     for b in range(len(context_mask))]
+        generate(self.decoder, cache, self.embeddings, prompt, sequences, self.pad_id, timings)
+        timings.load_s = self.load_s
+        return [seq.result(prompt.context_ids[b][context_mask[b] == 1], replace(timings))
+                for b, seq in enumerate(sequences)]
 
-        guides = guides or [None] * len(streams)
-
-        def tell(row: int, delta: str) -> None:
-            entries = guides[row].released(streams[row]) if guides[row] is not None else None
-            if on_logprobs and entries:
-                on_logprobs(row, entries)
-            if on_text and delta:
-                on_text(row, delta)
-
-        def on_token(row: int, token: int) -> bool:
-            if token in eos:
-                return False
-            tell(row, streams[row].push(token))
-            return streams[row].stopped
-
-        gen = generate(self.decoder, cache, self.embeddings, prompt, opts,
-                       StopRule(max_new_tokens, eos, self._pad_id()), on_token,
-                       None if not any(guides) else guides)
-        timings = {**(timings or {}), "prefill_s": gen.prefill_s, "decode_s_per_token": gen.decode_s,
-                   "load_s": self.load_s}
-        results = []
-        for b, stream in enumerate(streams):
-            tokens = [int(t) for t in gen.token_ids[b, :gen.lengths[b]]]
-            tell(b, stream.finish())
-            reason = "stop" if stream.stopped else "eos" if tokens and tokens[-1] in eos else "length"
-            prompt_ids = prompt.context_ids[b][context_mask[b] == 1].tolist()
-            logprobs = guides[b].reply_logprobs(stream) if guides[b] is not None else None
-            results.append(Result(prompt_ids, tokens, stream.text, reason, dict(timings), logprobs))
-        return results
+    def sequence(self, decoding: Decoding, context: np.ndarray, max_new_tokens: int, on_text=None,
+                 on_logprobs=None, guide: Guide | None = None) -> Sequence:
+        """One reply's state (generate.Sequence) over `context` (the ids its tokens are chosen after); `guide`: one
+        made ahead (a scheduler compiles a grammar off its decode loop), else made here."""
+        return Sequence(decoding, guide or self.guide(decoding.output), StreamDecoder(self.tokenizer, decoding.stop),
+                        context, tuple(self.config.eos_token_id), max_new_tokens, on_text, on_logprobs)
 
     def sampling_options(self, **sampling) -> SamplingOptions:
         """The model's generation_config with `sampling` (do_sample, temperature, top_k, top_p,
         repetition_penalty, seed; None = keep the config's) on top, validated."""
         return SamplingOptions.from_generation_config(self.generation_config, **sampling)
 
-    def guide(self, options: OutputOptions) -> Guide | None:
-        """A request's Guide (None when it asks nothing beyond sampling); its grammar compiled here."""
-        if options.plain:
-            return None
+    def guide(self, options: OutputOptions) -> Guide:
+        """A reply's Guide (runtime/guide.py): its grammar, if any, compiled here."""
         return Guide(options, self.grammars.constraint(options.grammar) if options.grammar else None)
 
     @functools.cached_property
@@ -321,7 +299,9 @@ class Pipeline:
         """Grammars over this model's vocabulary (llguidance, loaded on first use: GrammarUnavailable without it)."""
         return GrammarCompiler(self.tokenizer.impl.to_str(), self.config.vocab_size, tuple(self.config.eos_token_id))
 
-    def _pad_id(self) -> int:
+    @property
+    def pad_id(self) -> int:
+        """The token padding rows and fed to finished rows: the model's pad token, else its first EOS."""
         pad = self.config.pad_token_id
         return int(pad if pad is not None else self.config.eos_token_id[0])
 
@@ -329,10 +309,10 @@ class Pipeline:
         """Pad every row to `length` on `side` ("left" | "right", the cache's): ids and mask [B, L] int64,
         embeds [B, L, hidden] (padding positions hold the pad token's embedding)."""
         bsz, hidden = len(rows), row_embeds[0].shape[1]
-        ids = np.full((bsz, length), self._pad_id(), np.int64)
+        ids = np.full((bsz, length), self.pad_id, np.int64)
         mask = np.zeros((bsz, length), np.int64)
         embeds = np.empty((bsz, length, hidden), self.dtype)
-        embeds[:] = self.embeddings.rows([self._pad_id()])[0]
+        embeds[:] = self.embeddings.rows([self.pad_id])[0]
         for b, (row, e) in enumerate(zip(rows, row_embeds)):
             n = len(row.input_ids)
             where = slice(length - n, length) if side == "left" else slice(0, n)

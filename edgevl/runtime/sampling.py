@@ -1,4 +1,5 @@
-"""Next-token choice from logits: pure numpy functions, in transformers' order.
+"""Next-token choice: from logits, pure numpy functions in transformers' order; from a decoder call's outputs,
+`choose_row` (the graph's own argmax when decoding is plain greedy) over `HostOutputs`.
 
 transformers applies the repetition penalty (a logits processor) first, then the
 warpers temperature -> top-k -> top-p, then samples; greedy is a plain argmax.
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgevl.artifact import names
 from edgevl.errors import EdgevlError
+from edgevl.runtime.backends.tensors import to_host
 
 MAX_TEMPERATURE = 2.0
 MAX_SEED = 2**63 - 1          # numpy's default_rng takes any non-negative int; 63 bits is plenty
@@ -159,3 +162,27 @@ def next_tokens(logits: np.ndarray, context_ids: np.ndarray, opts: SamplingOptio
     logits = apply_top_p(apply_top_k(logits, opts.top_k), opts.top_p)
     probs = softmax(logits.astype(np.float64))  # float64 so rows sum to 1 within choice()'s tolerance
     return np.array([opts.rng.choice(probs.shape[-1], p=row) for row in probs])
+
+
+class HostOutputs:
+    """A decoder call's outputs, each brought to the host once, when a row first asks for it (a device runner may
+    keep [B, vocab] logits on the GPU: greedy rows read only `next_token`)."""
+
+    def __init__(self, outputs: dict):
+        self.outputs, self.host = outputs, {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.outputs
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.host:
+            self.host[name] = to_host(self.outputs[name])
+        return self.host[name]
+
+
+def choose_row(outputs: HostOutputs, index: int, context: np.ndarray, opts: SamplingOptions) -> int:
+    """Row `index`'s next token: the graph's own argmax when decoding is plain greedy, else chosen from its logits
+    with `opts` (context [T]: prompt + generated ids, for the repetition penalty)."""
+    if not opts.do_sample and opts.repetition_penalty == 1.0 and names.NEXT_TOKEN in outputs:
+        return int(outputs[names.NEXT_TOKEN][index])
+    return int(next_tokens(outputs[names.LOGITS][index:index + 1], context[None], opts)[0])

@@ -33,7 +33,7 @@ from edgevl.serve.scheduler.jobs import (
     QueueFull,
     RequestCancelled,
 )
-from edgevl.runtime.sampling import SamplingOptions
+from edgevl.runtime.generate import Decoding
 from edgevl.serve.errors import ApiError, RequestBodyLimit, as_api_error, clip, error_body, sentence
 from edgevl.serve.metrics import ServerMetrics
 from edgevl.serve.output import plan_reply
@@ -113,10 +113,9 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
             raise ApiError(404, f"the model '{clip(request.model, 200)}' does not exist; this server serves "
                                 f"'{model_name}'.", code="model_not_found", param="model")
         busy(scheduler.check_room)     # a full server says so before decoding any image
-        sampling = request.sampling()
-        # The values the pipeline will use (the request's over the model's generation_config.json), checked
-        # by the same validation as the CLI and the Python API, before any work starts.
-        SamplingOptions.from_generation_config(pipe.generation_config, **sampling)
+        # The values the pipeline will use (the request's over the model's generation_config.json), checked by the
+        # same validation as the CLI and the Python API before any work starts, and then used as they are.
+        sampling = pipe.sampling_options(**request.sampling())
         # logprobs, logit_bias, penalties, response_format, tools: refused by name unless this model can do them
         # (a JSON schema is compiled: off the event loop).
         reply = await run_in_threadpool(plan_reply, request, pipe)
@@ -136,7 +135,7 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
             # On the scheduler's preparing thread (slow for a video: the event loop keeps streaming other replies).
             return pipe.prepare_plan(planned)
 
-        job = Job(prepare, max_tokens, stop, sampling, output=reply.output)
+        job = Job(prepare, Decoding(sampling, max_tokens, stop, reply.output))
         tokenizer = pipe.tokenizer if reply.logprobs else None
         if not request.stream:
             submit(scheduler, job)

@@ -35,7 +35,7 @@ def logprobs_json(entries, tokenizer) -> dict:
 def usage(result) -> dict:
     prompt, completion = len(result.prompt_token_ids), len(result.token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": int(result.timings.get("cached_tokens", 0))}}
+            "prompt_tokens_details": {"cached_tokens": result.timings.cached_tokens}}
 
 
 def finish_reason(result, called: bool) -> str:

@@ -53,12 +53,21 @@ class Limits:
     @classmethod
     def resolve(cls, config: ModelConfig, max_batch: int | None = None, max_context: int | None = None,
                 max_image_patches: int | None = None) -> "Limits":
-        """Defaults filled in; max_context never above the model's max_position_embeddings."""
-        model_max = config.max_position_embeddings
-        context = min(max_context or DEFAULT_ENGINE_CONTEXT, model_max)
-        if max_context and max_context > model_max:
-            raise EdgevlError(f"--max-context {max_context} is above the model's context of {model_max} tokens.")
-        return cls(max_batch or 1, context, max_image_patches or DEFAULT_MAX_IMAGE_PATCHES)
+        """Defaults filled in; the context by `resolve_context`'s one rule, with the engines' default."""
+        return cls(max_batch or 1, resolve_context(config, max_context, DEFAULT_ENGINE_CONTEXT),
+                   max_image_patches or DEFAULT_MAX_IMAGE_PATCHES)
+
+
+def resolve_context(config: ModelConfig, requested: int | None, default: int | None) -> int:
+    """KV-cache positions (prompt + generated tokens) for every backend, by one rule: `--max-context` as asked,
+    refused with a sentence when it is above the model's context; without it the backend's default (engines and
+    ort-cuda: 4096; None: the model's context), never above the model's context."""
+    model_max = config.max_position_embeddings
+    if requested is not None:
+        if requested > model_max:
+            raise EdgevlError(f"--max-context {requested} is above the model's context of {model_max} tokens.")
+        return requested
+    return min(default or model_max, model_max)
 
 
 Range = tuple[int, int, int]                                   # (min, opt, max) of one dim

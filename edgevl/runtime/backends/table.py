@@ -39,6 +39,7 @@ from edgevl.runtime.backends.sizing import (
     build_profiles,
     max_dims,
     max_tensor_bytes,
+    resolve_context,
     ort_trt_profile_options,
 )
 
@@ -371,11 +372,10 @@ class Backend:
         return True
 
     def context_limit(self, config: ModelConfig) -> int:
-        """Most KV positions this backend accepts for a model (engines are built for a fixed maximum)."""
-        if self.spec.engine_limits:
-            return self.options.limits(config).max_context
-        return min(config.max_position_embeddings,
-                   self.options.max_context or self.spec.default_context or config.max_position_embeddings)
+        """Most KV positions this backend accepts for a model: sizing.resolve_context's one rule, with this
+        backend's default (engines are built for a fixed maximum)."""
+        default = DEFAULT_ENGINE_CONTEXT if self.spec.engine_limits else self.spec.default_context
+        return resolve_context(config, self.options.max_context, default)
 
 
 def availability() -> dict[str, tuple[bool, str]]:

@@ -28,9 +28,9 @@ call), as with the CLI chat's reuse.
 Without `prefix_cache` a request's tokens are those it gets alone: its prefill is its own batch-1 calls on its
 row, the decoder treats the rows of a batch independently (on onnxruntime's CPU EP a row's logits are
 bit-identical at any even batch size and any even chunking, fp32 at any size; the tests and the benchmark check
-it), and it samples with its own `SamplingOptions` (its own numpy Generator, seeded per request). Stop strings
-and streaming are per request (`StreamDecoder`), as in `Pipeline.decode`, whose finish reasons and token lists
-these match.
+it), and it samples with its own `SamplingOptions` (its own numpy Generator, seeded per request). Each row's reply
+is the generation core's `Sequence` (runtime/generate.py), the one `Pipeline.decode` uses too: choosing, stop
+strings, streaming and finish reasons are the same code whichever drives the decoder.
 
 The scheduler needs the in-place decoder (the `ort` variant: one preallocated buffer per layer with rows);
 `make_scheduler` falls back to `SerialScheduler` (one request at a time through `Pipeline.generate_prepared`,
@@ -55,7 +55,7 @@ import numpy as np
 
 from edgevl.artifact import names
 from edgevl.errors import EdgevlError
-from edgevl.runtime.generate import HostOutputs, choose_row, decode_one_token, decoder_step
+from edgevl.runtime.generate import Sequence, Timings, decode_one_token, decoder_step
 from edgevl.serve.scheduler.jobs import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
@@ -69,10 +69,8 @@ from edgevl.serve.scheduler.jobs import (
 )
 from edgevl.serve.scheduler.heap import trim_heap
 from edgevl.runtime.kv_cache import make_cache
-from edgevl.runtime.pipeline import Result
 from edgevl.serve.scheduler.prefix_cache import PadTokens, RowPrefixes, cached_vision, prompt_key
-from edgevl.runtime.inputs.prompt import StreamDecoder
-from edgevl.runtime.sampling import SamplingOptions
+from edgevl.runtime.sampling import HostOutputs
 
 # Calls with more than one row run an even number of them (decode steps get a pad row, prefill chunks are even):
 # onnxruntime's CPU MatMulNBits (w4a16, 8-bit) computes rows two at a time and an odd last row with its one-row
@@ -95,33 +93,34 @@ def vision_calls(prompt) -> list[tuple[str, int, np.ndarray, tuple[int, int, int
 
 
 @dataclass(eq=False)
-class Sequence:
-    """A job holding row `row` of the batch: its prompt, vision work still to do, prefill progress, tokens."""
+class Slot:
+    """A job holding row `row` of the batch: its prompt, vision work still to do, prefill progress, and its reply
+    (`reply`: the generation core's Sequence, which chooses, streams and finishes its tokens)."""
 
     job: Job
     row: int
     prompt: object                                  # PreparedPrompt
-    opts: SamplingOptions
-    stream: StreamDecoder
-    max_new_tokens: int
-    context: np.ndarray                             # [S + max_new_tokens]: prompt ids, then generated ids
+    reply: Sequence
     vision: list = field(default_factory=list)      # vision_calls still to run
     vision_out: dict = field(default_factory=dict)  # kind -> per image/video, its calls' embeddings
     key: np.ndarray | None = None                   # prefix_cache.prompt_key of the prompt (with prefix_cache)
-    guide: object = None                            # runtime.guide.Guide: logprobs, bias, penalties, grammar
     embeds: np.ndarray | None = None                # [S, H] once vision is done
     position_ids: np.ndarray | None = None          # [3, 1, S]
     rope_deltas: np.ndarray | None = None           # [1, 1]
     prefilled: int = 0                              # prompt tokens in the cache
-    tokens: list[int] = field(default_factory=list)
     next_token: int | None = None                   # chosen, fed at the next decode step: the row is decoding
+    started: bool = False                           # on_start told (the first token exists)
     joined: float = 0.0
     last_token_at: float = 0.0
-    timings: dict = field(default_factory=lambda: {"vision_s": 0.0, "prefill_s": 0.0, "decode_s_per_token": []})
+    timings: Timings = field(default_factory=Timings)
 
     @property
     def length(self) -> int:
         return len(self.prompt.input_ids)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.reply.tokens
 
 
 # ----------------------------------------------------------------------------- the batch scheduler
@@ -146,7 +145,7 @@ class BatchScheduler(SchedulerBase):
         # One row more for an odd max_batch > 1: a decode step's pad row (ROW_MULTIPLE); never given to a request.
         rows = max_batch if max_batch == 1 else _even(max_batch, up=True)
         self.cache = make_cache(names.IN_PLACE, pipe.decoder, pipe.config, rows, pipe.max_context, pipe.dtype)
-        self.rows: list[Sequence | None] = [None] * max_batch
+        self.rows: list[Slot | None] = [None] * max_batch
         self.prefixes = RowPrefixes(max_batch) if prefix_cache else None
         self.pads = PadTokens(pipe.config.image_token_id, pipe.config.video_token_id,
                               pipe.image_settings.merge_size, pipe.video_settings.merge_size)
@@ -154,8 +153,7 @@ class BatchScheduler(SchedulerBase):
         self.jobs: set[Job] = set()                 # accepted and not finished
         self.lock = threading.Condition()
         self.closed = False
-        self.eos = tuple(pipe.config.eos_token_id)
-        self.pad_id = pipe._pad_id()
+        self.pad_id = pipe.pad_id
         self._prepare = self._thread = None
         if start:
             self._prepare = ThreadPoolExecutor(1, thread_name_prefix="edgevl-prepare")
@@ -195,7 +193,7 @@ class BatchScheduler(SchedulerBase):
             prompt = job.prepare()
             self.pipe.check_context(len(prompt.input_ids))
             key = prompt_key(prompt, self.pads) if self.prefixes else None
-            guide = self.pipe.guide(job.output)     # a grammar compiles here, not on the scheduler thread
+            guide = self.pipe.guide(job.decoding.output)   # a grammar compiles here, not on the scheduler thread
         except BaseException as e:  # noqa: BLE001 - the request's own failure, told to its client
             return self._end(job, error=e, outcome="failed")
         with self.lock:
@@ -238,9 +236,9 @@ class BatchScheduler(SchedulerBase):
         raise RuntimeError("the scheduler did not become idle")
 
     def _drop_cancelled(self) -> None:
-        for seq in self.rows:
-            if seq is not None and seq.job.cancelled:
-                self._release(seq, error=RequestCancelled(), outcome="cancelled")
+        for slot in self.rows:
+            if slot is not None and slot.job.cancelled:
+                self._release(slot, error=RequestCancelled(), outcome="cancelled")
 
     def _admit(self) -> None:
         with self.lock:
@@ -252,19 +250,16 @@ class BatchScheduler(SchedulerBase):
                 free = [r for r, s in enumerate(self.rows) if s is None]
                 row, keep = self.prefixes.best(free, key) if self.prefixes else (free[0], 0)
                 try:
-                    self.rows[row] = self._sequence(job, prompt, row, keep, key, guide)
+                    self.rows[row] = self._slot(job, prompt, row, keep, key, guide)
                 except Exception as e:  # noqa: BLE001 - invalid sampling values: the request's failure
                     self._end(job, error=e, outcome="failed")
             self._report()
 
-    def _sequence(self, job: Job, prompt, row: int, keep: int = 0, key: np.ndarray | None = None,
-                  guide=None) -> Sequence:
+    def _slot(self, job: Job, prompt, row: int, keep: int = 0, key: np.ndarray | None = None,
+              guide=None) -> Slot:
         """The job on `row`, whose first `keep` positions already hold its prompt's KV (prefix_cache)."""
-        opts = self.pipe.sampling_options(**job.sampling)
         length = len(prompt.input_ids)
-        max_new = max(1, min(job.max_new_tokens, self.pipe.max_context - length))
-        context = np.zeros(length + max_new, np.int64)
-        context[:length] = prompt.input_ids
+        max_new = self.pipe.max_new_tokens(job.decoding, length)
         self.cache.lengths[row] = keep
         out = {"image": [[] for _ in prompt.grids], "video": [[] for _ in prompt.video_grids]}
         cached = cached_vision(prompt, keep, self.pads) if keep else {}
@@ -272,135 +267,126 @@ class BatchScheduler(SchedulerBase):
             out[kind][index] = [np.zeros((count, self.pipe.config.hidden_size), np.float32)]
         calls = [c for c in vision_calls(prompt) if (c[0], c[1]) not in cached]
         now = time.perf_counter()
-        seq = Sequence(job, row, prompt, opts, StreamDecoder(self.pipe.tokenizer, tuple(job.stop)), max_new,
-                       context, calls, out, key=key, guide=guide, prefilled=keep, joined=now)
-        seq.timings["queue_s"], seq.timings["cached_tokens"] = now - job.submitted, keep
+        slot = Slot(job, row, prompt, None, calls, out, key=key, prefilled=keep, joined=now)
+        slot.reply = self.pipe.sequence(job.decoding, prompt.input_ids, max_new, self._teller(slot, job.on_text),
+                                        self._teller(slot, job.on_logprobs), guide=guide)
+        slot.timings.queue_s, slot.timings.cached_tokens = now - job.submitted, keep
         if keep:
             self.observer.cached_tokens(keep)
-        return seq
+        return slot
 
-    def _guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
+    def _teller(self, slot: Slot, tell):
+        """A reply's on_text / on_logprobs: the job's, after telling it the reply has started."""
+        if tell is None:
+            return None
+
+        def told(value) -> None:
+            self._start(slot)
+            tell(value)
+        return told
+
+    def _start(self, slot: Slot) -> None:
+        """Once per job, when its first token exists: its time to first token, and `on_start`."""
+        if slot.started:
+            return
+        slot.started = True
+        slot.timings.ttft_s = time.perf_counter() - slot.job.submitted
+        self.observer.first_token(slot.timings.ttft_s)
+        if slot.job.on_start:
+            slot.job.on_start()
+
+    def _guarded(self, slots: list[Slot], work: Callable[[], None]) -> None:
         """Run `work`; if it raises, the rows it was for end with that error (the others go on)."""
         try:
             work()
         except Exception as e:  # noqa: BLE001 - an out-of-memory image, a failed call: those requests fail
-            for seq in seqs:
-                if self.rows[seq.row] is seq:
-                    self._release(seq, error=e, outcome="failed")
+            for slot in slots:
+                if self.rows[slot.row] is slot:
+                    self._release(slot, error=e, outcome="failed")
 
-    def _prefill_work(self, seq: Sequence, chunked: bool) -> None:
+    def _prefill_work(self, slot: Slot, chunked: bool) -> None:
         """One vision call, or one prefill chunk (the rest of the prompt when not `chunked`), for a joining row."""
         t0 = time.perf_counter()
-        if seq.vision:
-            kind, index, pixels, grid = seq.vision.pop(0)
-            seq.vision_out[kind][index].append(self.pipe.encode_image(pixels, grid))
-            seq.timings["vision_s"] += time.perf_counter() - t0
+        if slot.vision:
+            kind, index, pixels, grid = slot.vision.pop(0)
+            slot.vision_out[kind][index].append(self.pipe.encode_image(pixels, grid))
+            slot.timings.vision_s += time.perf_counter() - t0
             return
-        if seq.embeds is None:
-            self._prompt_inputs(seq)
-        start = seq.prefilled
-        stop = min(seq.length, start + self.prefill_chunk) if chunked else seq.length
-        outputs = decoder_step(self.pipe.decoder, self.cache.rows(seq.row, seq.row + 1), seq.embeds[None, start:stop],
-                               seq.position_ids[:, :, start:stop], np.array([stop - start], np.int64))
-        seq.prefilled = stop
-        seq.timings["prefill_s"] += time.perf_counter() - t0
-        if stop == seq.length:
-            self._take(seq, HostOutputs(outputs), 0)
+        if slot.embeds is None:
+            self._prompt_inputs(slot)
+        start = slot.prefilled
+        stop = min(slot.length, start + self.prefill_chunk) if chunked else slot.length
+        outputs = decoder_step(self.pipe.decoder, self.cache.rows(slot.row, slot.row + 1), slot.embeds[None, start:stop],
+                               slot.position_ids[:, :, start:stop], np.array([stop - start], np.int64))
+        slot.prefilled = stop
+        slot.timings.prefill_s += time.perf_counter() - t0
+        if stop == slot.length:
+            self._take(slot, HostOutputs(outputs), 0)
             self.observer.tokens(1)
 
-    def _prompt_inputs(self, seq: Sequence) -> None:
+    def _prompt_inputs(self, slot: Slot) -> None:
         """Embeddings (vision rows scattered in) and M-RoPE positions of the whole prompt, as Pipeline makes them."""
-        p = seq.prompt
-        images = [np.concatenate(parts) for parts in seq.vision_out["image"]]
-        videos = [np.concatenate(parts) for parts in seq.vision_out["video"]]
-        seq.embeds = self.pipe.embed(p.input_ids, images, videos)
+        p = slot.prompt
+        images = [np.concatenate(parts) for parts in slot.vision_out["image"]]
+        videos = [np.concatenate(parts) for parts in slot.vision_out["video"]]
+        slot.embeds = self.pipe.embed(p.input_ids, images, videos)
         ids = np.asarray(p.input_ids)[None]
         extra = (p.video_seconds,) if getattr(p, "video_seconds", None) else ()   # Qwen2.5-VL video time ids
-        seq.position_ids, seq.rope_deltas = self.pipe.positions(ids, np.ones_like(ids), list(p.grids),
+        slot.position_ids, slot.rope_deltas = self.pipe.positions(ids, np.ones_like(ids), list(p.grids),
                                                                 list(p.video_grids), *extra)
 
-    def _decode(self, seqs: list[Sequence]) -> None:
+    def _decode(self, slots: list[Slot]) -> None:
         """One decode step of rows 0..hi-1: each decoding row feeds its chosen token; the others a pad token at
         their current length, which they keep."""
-        hi = max(s.row for s in seqs) + 1
+        hi = max(s.row for s in slots) + 1
         hi = min(_even(hi, up=True), self.cache.batch)          # ROW_MULTIPLE; 1 only for a --max-batch 1 server
         view = self.cache.rows(0, hi)
         tokens = np.full(hi, self.pad_id, np.int64)
         deltas = np.zeros((hi, 1), np.int64)
         live = np.zeros(hi, bool)
-        for s in seqs:
+        for s in slots:
             tokens[s.row], deltas[s.row], live[s.row] = s.next_token, s.rope_deltas[0, 0], True
         t0 = time.perf_counter()
         outputs = decode_one_token(self.pipe.decoder, view, self.pipe.embeddings, tokens, deltas)
         view.lengths[~live] -= 1
         seconds = time.perf_counter() - t0
-        self.observer.decode_step(len(seqs), seconds)
+        self.observer.decode_step(len(slots), seconds)
         host = HostOutputs(outputs)
-        for s in seqs:
-            s.timings["decode_s_per_token"].append(seconds)
+        for s in slots:
+            s.timings.decode_s_per_token.append(seconds)
             self._take(s, host, s.row)
-        self.observer.tokens(len(seqs))
+        self.observer.tokens(len(slots))
 
-    def _take(self, seq: Sequence, outputs: HostOutputs, index: int) -> None:
-        """Choose the row's next token; stream its text; finish the job on EOS, a stop string or its length."""
-        n = len(seq.tokens)
-        context = seq.context[:seq.length + n]
-        token = (seq.guide.choose(outputs, index, context, seq.opts) if seq.guide is not None
-                 else choose_row(outputs, index, context, seq.opts))
-        seq.tokens.append(token)
-        seq.context[seq.length + n] = token
+    def _take(self, slot: Slot, outputs: HostOutputs, index: int) -> None:
+        """The row's next token through its reply's step (chosen, streamed); the job ends when the reply does."""
+        first = not slot.tokens
+        token = slot.reply.step(outputs, index)
         now = time.perf_counter()
-        if n == 0:
-            seq.timings["ttft_s"] = now - seq.job.submitted
-            self.observer.first_token(now - seq.job.submitted)
-            if seq.job.on_start:
-                seq.job.on_start()
+        if first:
+            self._start(slot)
         else:
-            self.observer.token_gap(now - seq.last_token_at)
-        seq.last_token_at = now
-        halt = token in self.eos
-        if not halt:
-            delta = seq.stream.push(token)
-            self._tell(seq, delta)
-            halt = seq.stream.stopped
-        if halt or len(seq.tokens) >= seq.max_new_tokens:
-            self._complete(seq)
+            self.observer.token_gap(now - slot.last_token_at)
+        slot.last_token_at = now
+        if slot.reply.done:
+            slot.timings.load_s = self.pipe.load_s
+            self._release(slot, result=slot.reply.result(slot.prompt.input_ids, slot.timings), outcome="completed")
         else:
-            seq.next_token = token
+            slot.next_token = token
 
-    @staticmethod
-    def _tell(seq: Sequence, delta: str) -> None:
-        """Hand newly printed text to the job, after the logprobs of the tokens it holds."""
-        if seq.guide is not None and seq.job.on_logprobs:
-            entries = seq.guide.released(seq.stream)
-            if entries:
-                seq.job.on_logprobs(entries)
-        if delta and seq.job.on_text:
-            seq.job.on_text(delta)
-
-    def _complete(self, seq: Sequence) -> None:
-        self._tell(seq, seq.stream.finish())
-        tokens = seq.tokens
-        reason = "stop" if seq.stream.stopped else "eos" if tokens and tokens[-1] in self.eos else "length"
-        result = Result([int(t) for t in seq.prompt.input_ids], list(tokens), seq.stream.text, reason,
-                        {**seq.timings, "load_s": self.pipe.load_s},
-                        seq.guide.reply_logprobs(seq.stream) if seq.guide is not None else None)
-        self._release(seq, result=result, outcome="completed")
-
-    def _release(self, seq: Sequence, result=None, error: BaseException | None = None, outcome: str = "") -> None:
+    def _release(self, slot: Slot, result=None, error: BaseException | None = None, outcome: str = "") -> None:
         """Free the row and end the job. Its positions are overwritten by the next job on the row; with
         prefix_cache a completed job's row keeps its length and remembers what its cache holds."""
         with self.lock:
-            if self.rows[seq.row] is seq:
-                self.rows[seq.row] = None
+            if self.rows[slot.row] is slot:
+                self.rows[slot.row] = None
                 if self.prefixes is not None and error is None:
-                    held = int(self.cache.lengths[seq.row])     # prompt + every generated token fed back
-                    self.prefixes.remember(seq.row, np.concatenate([seq.key, seq.tokens])[:held])
+                    held = int(self.cache.lengths[slot.row])     # prompt + every generated token fed back
+                    self.prefixes.remember(slot.row, np.concatenate([slot.key, slot.tokens])[:held])
                 else:
-                    self.cache.lengths[seq.row] = 0
+                    self.cache.lengths[slot.row] = 0
                     if self.prefixes is not None:
-                        self.prefixes.forget(seq.row)
-        self._end(seq.job, result, error, outcome, len(seq.tokens))
+                        self.prefixes.forget(slot.row)
+        self._end(slot.job, result, error, outcome, len(slot.tokens))
 
     def _end(self, job: Job, result=None, error: BaseException | None = None, outcome: str = "",
              completion_tokens: int = 0) -> None:

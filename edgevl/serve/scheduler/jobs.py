@@ -14,7 +14,7 @@ from typing import Callable
 
 from edgevl.errors import EdgevlError
 from edgevl.serve.scheduler.heap import trim_heap
-from edgevl.runtime.guide import OutputOptions
+from edgevl.runtime.generate import Decoding
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 32
@@ -37,18 +37,15 @@ class QueueFull(Exception):
 class Job:
     """One request. `prepare` runs on the preparing thread (video decoding, preprocessing, tokens) and returns a
     `PreparedPrompt`; on the scheduler thread `on_start()` is called once its first token exists (everything
-    that can fail because of the request has run), `on_text(delta)` as text is generated and, when `output` asks
-    for logprobs, `on_logprobs(entries)` just before each delta with the entries of the tokens it holds (the rest
+    that can fail because of the request has run), `on_text(delta)` as text is generated and, when its decoding
+    asks for logprobs, `on_logprobs(entries)` just before each delta with the entries of the tokens it holds (the rest
     are in the Result); `future` ends with the `Result`, or the request's exception (`RequestCancelled` once
     cancelled)."""
 
     prepare: Callable[[], object]
-    max_new_tokens: int = 128
-    stop: tuple[str, ...] = ()
-    sampling: dict = field(default_factory=dict)
+    decoding: Decoding                              # sampling, length, stop strings, output options (validated)
     on_text: Callable[[str], None] | None = None
     on_start: Callable[[], None] | None = None
-    output: OutputOptions = field(default_factory=OutputOptions)    # logprobs, logit bias, penalties, grammar
     on_logprobs: Callable[[list], None] | None = None
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
@@ -160,34 +157,38 @@ class SerialScheduler(SchedulerBase):
         with self.lock:
             self.active = job
             self._report()
-        tokens = 0
+        started = False
 
-        def on_text(_row, delta: str) -> None:
-            nonlocal tokens
+        def start() -> None:
+            nonlocal started
             if job.cancelled:
                 raise RequestCancelled
-            if tokens == 0:     # Pipeline.decode tells text, not tokens: the first text stands for the first token
+            if not started:     # Pipeline.decode tells text, not tokens: the first text stands for the first token
+                started = True
                 self.observer.first_token(time.perf_counter() - job.submitted)
                 if job.on_start:
                     job.on_start()
-            tokens += 1
+
+        def on_text(_row, delta: str) -> None:
+            start()
             if job.on_text:
                 job.on_text(delta)
+
+        def on_logprobs(_row, entries: list) -> None:
+            start()
+            job.on_logprobs(entries)
         try:
             if job.cancelled:
                 raise RequestCancelled
             prompt = job.prepare()
-            guided = {} if job.output.plain else {
-                "guides": [self.pipe.guide(job.output)],
-                "on_logprobs": (lambda _row, entries: job.on_logprobs(entries)) if job.on_logprobs else None}
-            result = self.pipe.generate_prepared([prompt], job.max_new_tokens, job.stop, on_text, **guided,
-                                                 **job.sampling)[0]
+            result = self.pipe.generate_prepared([prompt], job.decoding, on_text,
+                                                 on_logprobs if job.on_logprobs else None)[0]
         except RequestCancelled as e:
             self._end(job, None, e, "cancelled")
         except BaseException as e:  # noqa: BLE001 - the request's failure, told to its client
             self._end(job, None, e, "failed")
         else:
-            for gap in result.timings.get("decode_s_per_token", ()):
+            for gap in result.timings.decode_s_per_token:
                 self.observer.token_gap(gap)
             self.observer.tokens(len(result.token_ids))
             self._end(job, result, None, "completed")

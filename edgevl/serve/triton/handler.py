@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.generate import Decoding
 from edgevl.serve.scheduler.batching import make_scheduler
 from edgevl.serve.scheduler.jobs import (
     DEFAULT_MAX_BATCH,
@@ -165,8 +166,8 @@ class EdgevlTritonModel:
         self.scheduler.close()
 
     # ------------------------------------------------------------------ requests
-    def _read(self, request) -> tuple[Request, object]:
-        """The request parsed and its plan (`Pipeline.plan_messages`): its cost checked against the context from
+    def _read(self, request) -> tuple[Request, Decoding, object]:
+        """The request parsed, its decoding (sampling validated once) and its plan (`Pipeline.plan_messages`): its cost checked against the context from
         the images' and videos' headers, before any pixel is decoded."""
         tensors = {}
         for decl in inputs(self.decoupled):
@@ -176,24 +177,26 @@ class EdgevlTritonModel:
                 tensors[decl.name] = np.array(tensor.as_numpy(), copy=True)
         req = parse_request(tensors, self.limits, self.decoupled)
         try:
-            self.pipe.sampling_options(**req.sampling)   # the values it will use, checked before any work
-            return req, self.pipe.plan_messages(req.messages, req.images, req.videos)
+            # the values it will use (over the model's generation_config), checked before any work
+            decoding = self.pipe.decoding(req.max_tokens, req.stop, **req.sampling)
+            return req, decoding, self.pipe.plan_messages(req.messages, req.images, req.videos)
         except EdgevlError as e:
             raise RequestError(str(e)) from None
 
-    def _job(self, req: Request, plan, on_text=None, cancelled=None) -> Job:
+    def _job(self, decoding: Decoding, plan, on_text=None, cancelled=None) -> Job:
         pipe = self.pipe
 
         def prepare():
             if cancelled is not None and cancelled():
                 raise RequestCancelled()     # the client left while the request waited
             return pipe.prepare_plan(plan)   # decodes only what the plan keeps
-        return Job(prepare, req.max_tokens, req.stop, req.sampling, on_text)
+        return Job(prepare, decoding, on_text)
 
     def _submit(self, request):
         """Not decoupled: a submitted Job, or the error response for a request refused at once."""
         try:
-            job = self._job(*self._read(request))
+            _, decoding, plan = self._read(request)
+            job = self._job(decoding, plan)
             self.scheduler.submit(job)
             return job
         except Exception as e:  # noqa: BLE001 - told to the client
@@ -213,7 +216,7 @@ class EdgevlTritonModel:
         sender = request.get_response_sender()
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            req, plan = self._read(request)
+            req, decoding, plan = self._read(request)
         except Exception as e:  # noqa: BLE001
             return self._send(sender, self._error(e), final)
         job = None
@@ -235,7 +238,7 @@ class EdgevlTritonModel:
             else:
                 self._send(sender, self._error(error), final)
 
-        job = self._job(req, plan, on_text, lambda: _cancelled(sender))
+        job = self._job(decoding, plan, on_text, lambda: _cancelled(sender))
         try:
             self.scheduler.submit(job)
         except Exception as e:  # noqa: BLE001 - QueueFull, a closed scheduler: nothing will answer it but us
