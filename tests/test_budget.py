@@ -20,7 +20,8 @@ from edgevl.runtime.inputs.budget import (
     resized,
     sample_frame_indices,
 )
-from edgevl.runtime.inputs.image_processing import ImageProcessorSettings, smart_resize
+from edgevl.artifact.processors import ImageProcessorSettings
+from edgevl.runtime.inputs.image_processing import smart_resize
 from edgevl.runtime.inputs.video import video_settings
 
 VIDEO = video_settings(ImageProcessorSettings(), None)      # Qwen2-VL's video processor: 128..768 tokens per frame pair

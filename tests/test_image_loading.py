@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.inputs.image_processing import ImageTooLarge, load_image
+from edgevl.runtime.inputs.image_loading import ImageTooLarge, load_image
 
 
 def _photo() -> Image.Image:

@@ -18,7 +18,7 @@ from PIL import Image, ImageFile
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.inputs.budget import PromptTooLong
-from edgevl.runtime.inputs.image_processing import read_image_header
+from edgevl.runtime.inputs.image_loading import read_image_header
 from tests.data.video_frames import synthetic_frames, write_video
 from tests.serve_helpers import assert_error_shape, one_sentence, running
 
@@ -75,7 +75,7 @@ def test_an_exif_rotation_swaps_the_header_size_without_decoding(tmp_path, fmt, 
     with monkeypatch.context() as m:
         m.setattr(ImageFile.ImageFile, "load", lambda *a: (_ for _ in ()).throw(AssertionError("decoded")))
         header = read_image_header(path)
-    from edgevl.runtime.inputs.image_processing import load_image
+    from edgevl.runtime.inputs.image_loading import load_image
     assert header.size == (200, 300) == load_image(path).size
 
 
@@ -101,7 +101,7 @@ def test_a_video_without_a_frame_count_has_its_packets_counted(tmp_path, name, f
 
     from edgevl.runtime.inputs.video import probe_video, read_frames
     from edgevl.runtime.inputs.budget import plan_video
-    from edgevl.runtime.inputs.image_processing import ImageProcessorSettings
+    from edgevl.artifact.processors import ImageProcessorSettings
     path = encode(synthetic_frames(30, 84, 112), tmp_path / name, fmt, codec)
     with av.open(str(path)) as container:
         assert not container.streams.video[0].frames                # no count in the header

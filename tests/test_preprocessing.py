@@ -10,13 +10,9 @@ from PIL import Image
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_module
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.inputs.image_processing import (
-    ImageProcessorSettings,
-    load_image,
-    preprocess_image,
-    preprocess_images,
-    smart_resize,
-)
+from edgevl.artifact.processors import ImageProcessorSettings
+from edgevl.runtime.inputs.image_loading import load_image
+from edgevl.runtime.inputs.image_processing import preprocess_image, preprocess_images, smart_resize
 
 # preprocessor_config.json of Qwen/Qwen2-VL-2B-Instruct (old flat form).
 REAL_CONFIG = {
@@ -231,10 +227,7 @@ def test_runtime_modules_do_not_import_torch():
 def test_lookup_table_normalization_is_bit_identical_to_per_pixel(rescale, normalize):
     from dataclasses import replace
 
-    from edgevl.runtime.inputs.image_processing import (
-        _rescale_normalize_each,
-        rescale_normalize,
-    )
+    from edgevl.runtime.inputs.image_processing import _rescale_normalize_each, rescale_normalize
     settings = replace(ImageProcessorSettings(), do_rescale=rescale, do_normalize=normalize)
     rng = np.random.default_rng(0)
     for shape in [(17, 23, 3), (4, 28, 56, 3)]:          # an image, and video frames

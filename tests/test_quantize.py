@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
+from edgevl.artifact.onnx_files import save_graph
 from edgevl.calibrate import data, passes, report
 from edgevl.calibrate import graph_edit as graphs
 from edgevl.calibrate.options import QuantizeOptions
@@ -124,7 +125,8 @@ def test_int4_decoder_weights_are_at_most_35_percent(quantized, tiny_artifact):
 def test_int8_vision_passes_checker_and_runs(quantized, tiny_artifact, photos):
     import onnxruntime as ort
 
-    from edgevl.runtime.inputs.image_processing import load_image, preprocess_image
+    from edgevl.runtime.inputs.image_loading import load_image
+    from edgevl.runtime.inputs.image_processing import preprocess_image
     from edgevl.runtime.inputs.rope_index import vision_rotary_position_ids
 
     path = quantized["int8"][0] / "vision.onnx"
@@ -208,7 +210,7 @@ def test_fp16_keeps_range_overflow_nodes_fp32(tiny_artifact, tmp_path):
     hot = passes.overflow_nodes(model, {gemm.output[0]: 1e6, "other": 1.0})
     assert gemm.name in hot and "1e+06" in hot[gemm.name]
     converted = passes.fp16_convert(model, set(hot), keep_io=[])
-    graphs.save_graph(converted, tmp_path / "v16.onnx")                         # runs onnx.checker
+    save_graph(converted, tmp_path / "v16.onnx")                                # runs onnx.checker
     out = next(n for n in converted.graph.node if n.name == gemm.name).output[0]
     readers = [n for n in converted.graph.node if out in n.input]
     assert readers and not any(n.op_type == "Cast" for n in readers)                # fp32 consumers read it directly
@@ -331,7 +333,7 @@ def test_saved_graphs_past_the_threshold_keep_weights_in_a_data_file(tiny_artifa
     monkeypatch.setattr(onnx_files, "EXTERNAL_DATA_MIN_BYTES", 0)
     src = load_artifact(tiny_artifact).graph_path("vision")
     dst = tmp_path / "vision.onnx"
-    graphs.save_graph(graphs.load_graph(src), dst)                 # checker included
+    save_graph(graphs.load_graph(src), dst)                 # checker included
     assert [p.name for p in graphs.graph_files(dst)] == ["vision.onnx", "vision.onnx.data"]
     shaped = graphs.with_shapes(dst)                               # shapes inferred, weights read back
     assert shaped.graph.value_info and all(t.data_location != onnx.TensorProto.EXTERNAL

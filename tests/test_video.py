@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgevl.runtime.inputs.image_processing import ImageProcessorSettings
+from edgevl.artifact.processors import ImageProcessorSettings
 from edgevl.runtime.inputs.video import (
     VideoClip,
     VideoTooLarge,

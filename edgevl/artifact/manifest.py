@@ -29,7 +29,7 @@ from edgevl.artifact.fields import ManifestError
 from edgevl.artifact.fields import check as _check
 from edgevl.artifact.fields import is_int as _is_int
 from edgevl.errors import EdgevlError
-from edgevl.runtime.inputs.image_processing import ImageProcessorSettings
+from edgevl.artifact.processors import ImageProcessorSettings
 
 FORMAT = "edgevl-artifact"
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")

@@ -72,10 +72,6 @@ def is_past(name: str) -> bool:
     return name.startswith(PAST_PREFIX)
 
 
-def is_present(name: str) -> bool:
-    return name.startswith(PRESENT_PREFIX)
-
-
 # ----------------------------------------------------------------------------- graph variants and caches
 VARIANTS = ("ort", "standard")      # ort: onnxruntime contrib ops allowed; standard: ONNX-standard ops only
 IN_PLACE, CONCAT = "in_place", "concat"

@@ -67,12 +67,6 @@ def custom_ops(model: onnx.ModelProto) -> tuple[str, ...]:
     return tuple(sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain == names.EDGEVL_DOMAIN}))
 
 
-def count_nodes(model: onnx.ModelProto, op: str) -> int:
-    """How many main-graph nodes are `op` ('<domain>.<op type>', e.g. names.MROPE)."""
-    domain, _, op_type = op.rpartition(".")
-    return sum(1 for n in model.graph.node if n.domain == domain and n.op_type == op_type)
-
-
 def tensor_specs(values) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
                             tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim))

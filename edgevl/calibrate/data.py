@@ -144,7 +144,7 @@ def split_samples(samples: list[Sample], n_calib: int, n_eval: int, seed: int) -
 
 def samples_digest(samples: list[Sample]) -> str:
     """sha256 over prompts and decoded image pixels: the identity of a calibration set."""
-    from edgevl.runtime.inputs.image_processing import load_image
+    from edgevl.runtime.inputs.image_loading import load_image
 
     h = hashlib.sha256()
     for s in samples:

@@ -24,7 +24,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
-from edgevl.artifact.onnx_files import save_graph  # noqa: F401  (graphs are saved like the exporter's)
 
 WEIGHT_OPS = ("MatMul", "Gemm")
 

@@ -187,11 +187,6 @@ def _embeddings(src: Artifact, staged: Path, opts: QuantizeOptions) -> Embedding
     return own_table(staged, rows, precision, opts.block_size if precision == "int4" else 128)
 
 
-def _decoder_dtype(src: Artifact, staged: Path) -> str:
-    path = staged / src.manifest.graph(names.DECODER).file
-    return describe_graph(path, names.DECODER, "fp32").input(names.INPUTS_EMBEDS).dtype
-
-
 def _finish_manifest(src: Artifact, staged: Path, results: dict[str, GraphResult], quantization: Quantization,
                      embeddings: EmbeddingSpec) -> None:
     """The source's manifest with this artifact's graphs, embedding table, quantization and versions."""

@@ -33,7 +33,7 @@ import onnx
 
 from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, GraphFile
-from edgevl.artifact.onnx_files import describe_graph
+from edgevl.artifact.onnx_files import describe_graph, save_graph
 from edgevl.calibrate import passes
 from edgevl.calibrate.data import FeedStore, feed_reader
 from edgevl.calibrate.graph_edit import (
@@ -41,7 +41,6 @@ from edgevl.calibrate.graph_edit import (
     graph_precision,
     load_graph,
     node_groups,
-    save_graph,
     weight_nodes,
     with_shapes,
 )

@@ -23,7 +23,7 @@ from edgevl.export.modules import KV_CACHE
 from edgevl.export.ops import FUSED_STANDARD_OPSET, VARIANT_OPSET, in_place_problem
 from edgevl.export.qwen3_vl import MODEL_TYPES as QWEN3_MODEL_TYPES
 from edgevl.export.trace import export_decoder, export_vision
-from edgevl.runtime.inputs.image_processing import ImageProcessorSettings
+from edgevl.artifact.processors import ImageProcessorSettings
 from edgevl.runtime.backends.probe import package_versions
 from edgevl.runtime.inputs.video import video_settings
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgevl.artifact import names
 from edgevl.export.mrope import mrope
 from edgevl.export.ops import FUSED, Ops
 
@@ -235,4 +236,4 @@ class ConcatDecoder(_Decoder):
 
 VISION = {"qwen2_vl": VisionGraph, "qwen2_5_vl": WindowVisionGraph}
 DECODERS = {"ort": InPlaceDecoder, "standard": ConcatDecoder}
-KV_CACHE = {"ort": "in_place", "standard": "concat"}     # GraphSpec.kv_cache of each variant's decoder
+KV_CACHE = {"ort": names.IN_PLACE, "standard": names.CONCAT}     # GraphSpec.kv_cache of each variant's decoder

@@ -80,7 +80,7 @@ def export_vision(model, path: Path, dtype: torch.dtype, opset: int, variant: st
 def decoder_io_names(num_layers: int, kv_cache: str, extra: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
     """The decoder's inputs (extra ones, e.g. Qwen3-VL's deepstack_embeds, after the lengths) and outputs."""
     kv = names.kv_names(num_layers)
-    lengths = [names.SEQLENS_K, names.TOTAL_SEQUENCE_LENGTH] if kv_cache == "in_place" else [names.ATTENTION_MASK]
+    lengths = [names.SEQLENS_K, names.TOTAL_SEQUENCE_LENGTH] if kv_cache == names.IN_PLACE else [names.ATTENTION_MASK]
     inputs = [names.INPUTS_EMBEDS, names.POSITION_IDS, *lengths, *extra] + [past for past, _ in kv]
     outputs = [names.LOGITS, names.NEXT_TOKEN] + [present for _, present in kv]
     return inputs, outputs
@@ -95,7 +95,7 @@ def export_decoder(model, path: Path, dtype: torch.dtype, opset: int, variant: s
     embeds = torch.randn(bsz, seq, hidden, dtype=dtype)
     positions = torch.arange(past, past + seq).view(1, 1, seq).expand(3, bsz, seq).contiguous()
     b, s = torch.export.Dim(names.BATCH), torch.export.Dim(names.SEQUENCE)
-    if kv_cache == "in_place":
+    if kv_cache == names.IN_PLACE:
         capacity = 16                                          # buffer positions; symbolic in the graph
         lengths = (torch.full((bsz,), past + seq - 1, dtype=torch.int32), torch.tensor(past + seq, dtype=torch.int32))
         kv = [torch.zeros(bsz, graph.num_kv_heads, capacity, graph.head_dim, dtype=dtype) for _ in range(2 * layers)]
@@ -116,7 +116,7 @@ def export_decoder(model, path: Path, dtype: torch.dtype, opset: int, variant: s
                                custom_translation_table=_table(variant))
     attach_mrope_function(onnx_model)
     _import_domains(onnx_model)
-    if kv_cache == "concat":
+    if kv_cache == names.CONCAT:
         total = str(onnx_model.graph.inputs[2].shape[1])
         _rename_dims(onnx_model, {total: names.TOTAL_SEQUENCE, f"{names.SEQUENCE} + {names.PAST_SEQUENCE}":
                                   names.TOTAL_SEQUENCE, f"{names.PAST_SEQUENCE} + {names.SEQUENCE}":

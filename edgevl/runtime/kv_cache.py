@@ -37,7 +37,7 @@ class InPlaceCache:
         # GroupQueryAttention bounds each row by seqlens_k alone (checked equal on the CPU).
         self.static_total = static_total
         # A decoder may write a few positions past the new token (ort-cpu's grouped decode steps: spare ones).
-        shape = (batch, kv_heads, max_context + getattr(decoder, "kv_spare_positions", 0), head_dim)
+        shape = (batch, kv_heads, max_context + decoder.kv_spare_positions, head_dim)
         # np.zeros / device allocations: on the CPU the pages are only committed as rows are written, so
         # memory grows with the context actually used, not with max_context.
         self.buffers = {past: decoder.allocate(shape, dtype) for past, _ in names.kv_names(num_layers)}

@@ -13,7 +13,7 @@ import re
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.inputs.budget import PromptTooLong
-from edgevl.runtime.inputs.image_processing import ImageTooLarge
+from edgevl.runtime.inputs.image_loading import ImageTooLarge
 from edgevl.runtime.inputs.video import VideoTooLarge
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.inputs.image_processing import ImageInput, ImageTooLarge, read_image_header
+from edgevl.runtime.inputs.image_loading import ImageInput, ImageTooLarge, read_image_header
 from edgevl.serve.scheduler.jobs import DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
-from edgevl.runtime.inputs.video import MAX_FRAMES, VideoInput, VideoTooLarge, probe_video
+from edgevl.runtime.inputs.budget import MAX_FRAMES
+from edgevl.runtime.inputs.video import VideoInput, VideoTooLarge, probe_video
 from edgevl.serve.connections import DEFAULT_BODY_TIMEOUT_S
 from edgevl.serve.errors import ApiError, clip, sentence
 from edgevl.serve.schemas import ChatCompletionRequest, FieldProblem

@@ -94,9 +94,14 @@ class PrefillSplitRunner:
     def __init__(self, decode, prefill):
         self.decode, self.prefill = decode, prefill
         self.name = f"{decode.name}+int8-prefill"
+        self.device, self.device_id = decode.device, decode.device_id
+        self.kv_spare_positions, self.static_decode = decode.kv_spare_positions, decode.static_decode
 
-    def __getattr__(self, name):
-        return getattr(self.decode, name)
+    def input_metadata(self):
+        return self.decode.input_metadata()
+
+    def allocate(self, shape, dtype):
+        return self.decode.allocate(shape, dtype)
 
     def activate(self) -> None:
         from edgevl.runtime.backends.runner import activate_all

@@ -132,7 +132,7 @@ class OrtIoBindingRunner(OnnxrtRunner):
     """
 
     def __init__(self, build_session: Callable, name: str = "onnxrt-iobinding", device: str = "cuda",
-                 device_id: int = 0, keep_on_device: tuple[str, ...] = ("present.", "logits"),
+                 device_id: int = 0, keep_on_device: tuple[str, ...] = (names.PRESENT_PREFIX, names.LOGITS),
                  static_decode: bool = False):
         super().__init__(build_session, name)
         self.device, self.device_id, self.keep_on_device = device, device_id, tuple(keep_on_device)

@@ -296,8 +296,13 @@ class TrtRunner:
     outputs copied out, then the stream is synchronized once per call.
     """
 
+    device, device_id = "cuda", 0
+    kv_spare_positions = 0
+    static_decode = False
+
     def __init__(self, load_engine: Callable, profiles: list[Profile], max_bytes: dict[str, int],
-                 name: str = "trt", keep_on_device: tuple[str, ...] = ("present.",), memory_factory=CudaMemory):
+                 name: str = "trt", keep_on_device: tuple[str, ...] = (names.PRESENT_PREFIX,),
+                 memory_factory=CudaMemory):
         self.load_engine, self.profiles, self.max_bytes = load_engine, profiles, max_bytes
         self.name, self.keep_on_device, self.memory_factory = name, tuple(keep_on_device), memory_factory
         self.engine = None
@@ -334,6 +339,9 @@ class TrtRunner:
                 self.mem.free(ptr)
         self.mem.destroy(self.stream)
         self.context = self.engine = self.buffers = None
+
+    def allocate(self, shape: tuple[int, ...], dtype):
+        raise EdgevlError(f"{self.name} runs graphs whose cache grows by concatenation; it has no in-place buffers.")
 
     def input_metadata(self) -> dict[str, TensorMeta]:
         return {n: TensorMeta(self.dtypes[n], tuple(self.engine.get_tensor_shape(n))) for n in self.inputs}

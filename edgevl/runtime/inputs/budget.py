@@ -25,7 +25,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.inputs.image_processing import ImageProcessorSettings, smart_resize
+from edgevl.artifact.processors import ImageProcessorSettings
+from edgevl.runtime.inputs.image_processing import smart_resize
 
 # Qwen2VLVideoProcessor's sampling defaults.
 DEFAULT_FPS = 2.0

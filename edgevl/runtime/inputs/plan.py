@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgevl.runtime.inputs.budget import PromptCost, VideoPlan, fit_prompt, grid_tokens, image_grid, plan_video, resized
-from edgevl.runtime.inputs.image_processing import ImageInput, preprocess_image, read_image_header
+from edgevl.runtime.inputs.image_loading import ImageInput, read_image_header
+from edgevl.runtime.inputs.image_processing import preprocess_image
 from edgevl.runtime.inputs.video import VideoClip, VideoInput, preprocess_video, probe_video, read_frames
 
 Grid = tuple[int, int, int]

@@ -30,7 +30,7 @@ from PIL import Image
 
 from edgevl.errors import EdgevlError
 from edgevl.extras import requires
-from edgevl.runtime.inputs.budget import (  # noqa: F401 - sampling arithmetic, re-exported for video callers
+from edgevl.runtime.inputs.budget import (
     DEFAULT_FPS,
     MAX_FRAMES,
     MIN_FRAMES,
@@ -40,12 +40,8 @@ from edgevl.runtime.inputs.budget import (  # noqa: F401 - sampling arithmetic, 
     plan_video,
     sample_frame_indices,
 )
-from edgevl.runtime.inputs.image_processing import (
-    ImageProcessorSettings,
-    patchify,
-    rescale_normalize,
-    smart_resize,
-)
+from edgevl.artifact.processors import ImageProcessorSettings
+from edgevl.runtime.inputs.image_processing import patchify, rescale_normalize, smart_resize
 
 # Qwen2VLVideoProcessor's class defaults, used when a model ships no video settings.
 VIDEO_MIN_PIXELS = 128 * 28 * 28

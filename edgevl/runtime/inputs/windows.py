@@ -40,11 +40,6 @@ class WindowLayout:
         return {names.WINDOW_GATHER: self.gather, names.WINDOW_MASK: self.mask, names.WINDOW_SCATTER: self.scatter}
 
 
-def window_slots(window_size: int, patch_size: int) -> int:
-    side = window_size // patch_size
-    return side * side
-
-
 def window_layout(h: int, w: int, merge: int, window_size: int, patch_size: int) -> WindowLayout:
     """The layout of one (1, h, w) segment (an image, or one temporal patch of a video)."""
     side = window_size // merge // patch_size                     # merged units per window side

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.inputs.image_processing import ImageInput, ImageTooLarge, read_image_header
+from edgevl.runtime.inputs.image_loading import ImageInput, ImageTooLarge, read_image_header
 from edgevl.runtime.sampling import sampling_problem, show_value
 
 MAX_STOP_STRINGS = 16
