@@ -50,11 +50,13 @@ def test_load_image_matches_transformers_load_image(rotated_jpeg):
 
 
 def test_same_pixels_through_run_serve_and_the_python_api(rotated_jpeg, pipeline):
-    from edgevl.serve.requests import ServerLimits, image_input
+    from edgevl.serve.requests import Media, RequestLimits
 
     by_path = pipeline.prepare("What is this?", images=[rotated_jpeg])                       # edgevl run
     url = "data:image/jpeg;base64," + base64.b64encode(rotated_jpeg.read_bytes()).decode()
-    by_server = pipeline.prepare("What is this?", images=[image_input(url, ServerLimits())])   # edgevl serve
+    media = Media(RequestLimits())
+    media.url_part("image_url", url)
+    by_server = pipeline.prepare("What is this?", images=media.images)                      # edgevl serve
     by_api = pipeline.prepare("What is this?", images=[Image.open(rotated_jpeg)])              # Python API
     for other in (by_server, by_api):
         assert other.grids == by_path.grids

@@ -153,8 +153,9 @@ def test_a_chat_turns_video_is_fitted_to_what_the_conversation_left(pipeline, ph
 @pytest.fixture
 def app(pipeline):
     """A fresh app each time: a TestClient closes its app's scheduler when it leaves."""
-    from edgevl.serve.app import ServerLimits, create_app
-    return create_app(pipeline, "tiny", ServerLimits(max_image_pixels=4096 * 4096))
+    from edgevl.serve.app import ServerSettings, create_app
+    from edgevl.serve.requests import RequestLimits
+    return create_app(pipeline, "tiny", ServerSettings(RequestLimits(max_image_pixels=4096 * 4096)))
 
 
 def image_parts(data: bytes, n: int) -> list[dict]:
@@ -187,12 +188,13 @@ def test_a_text_over_the_context_has_openais_code(app):
 def test_a_video_over_the_pixel_limit_says_video(tmp_path):
     from fastapi.testclient import TestClient
 
-    from edgevl.serve.app import ServerLimits, create_app
+    from edgevl.serve.app import ServerSettings, create_app
+    from edgevl.serve.requests import RequestLimits
     path = encode(synthetic_frames(4, 112, 168), tmp_path / "v.mp4")
     url = "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
     part = {"type": "video_url", "video_url": {"url": url}}
     body = {"model": "tiny", "messages": [{"role": "user", "content": [part] + TEXT}]}
-    with TestClient(create_app(_NoPlan(), "tiny", ServerLimits(max_image_pixels=1000))) as client:
+    with TestClient(create_app(_NoPlan(), "tiny", ServerSettings(RequestLimits(max_image_pixels=1000)))) as client:
         error = assert_error_shape(client.post("/v1/chat/completions", json=body), 413)
     assert error["code"] == "video_too_large" and error["message"].startswith("the video has 168x112 frames")
     assert "image" not in error["message"]
@@ -249,9 +251,9 @@ def test_health_answers_while_a_request_decodes(app, photos, monkeypatch):
 
 def test_triton_refuses_forty_images_before_decoding(pipeline, no_decoding):
     from edgevl.serve.triton.handler import EdgevlTritonModel
-    from edgevl.serve.triton.protocol import Limits, RequestError
+    from edgevl.serve.triton.protocol import TRITON_LIMITS, RequestError
     model = EdgevlTritonModel.__new__(EdgevlTritonModel)
-    model.pipe, model.limits, model.decoupled = pipeline, Limits(), True
+    model.pipe, model.limits, model.decoupled = pipeline, TRITON_LIMITS, True
     model.pb = types.SimpleNamespace(get_input_tensor_by_name=lambda request, name: request.get(name))
     messages = [{"role": "user", "content": [{"type": "image"}] * 40 + TEXT}]
     tensor = types.SimpleNamespace

@@ -121,7 +121,7 @@ import edgevl.serve.scheduler.batching as batching
 from edgevl.runtime.pipeline import Pipeline
 trims, trim = [], batching.trim_heap
 batching.trim_heap = lambda: (trims.append(1), trim())
-from edgevl.serve.app import ServerLimits, create_app
+from edgevl.serve.app import ServerSettings, create_app
 pipe = Pipeline.load(sys.argv[1])
 own = pipe.image_settings          # 16384 tokens per 16 MP image: forty of them are 655360 tokens
 url = open(sys.argv[2]).read()
@@ -133,7 +133,7 @@ def idle_rss(app):
         time.sleep(0.05)
     time.sleep(0.5)
     return status("VmRSS")
-app = create_app(pipe, "tiny", ServerLimits())
+app = create_app(pipe, "tiny", ServerSettings())
 with TestClient(app) as client:
     pipe.image_settings = dataclasses.replace(own, max_pixels=256 * 28 * 28)
     assert client.post("/v1/chat/completions", json=body(1)).status_code == 200   # warm: arenas, caches

@@ -241,10 +241,11 @@ def test_undecodable_video_is_a_400(server):
 
 def test_video_without_pyav_names_the_extra(monkeypatch):
     from edgevl.serve import requests
-    from edgevl.serve.errors import ApiError
+    from edgevl.serve.body import to_hf_messages
+    from edgevl.serve.errors import RequestError
     from edgevl.serve.schemas import ChatCompletionRequest
     monkeypatch.setattr(requests, "_have_pyav", lambda: False)
     request = ChatCompletionRequest(model="tiny", messages=video_message("x", "data:video/mp4;base64,AAAA"))
-    with pytest.raises(ApiError) as e:
-        requests.to_hf_messages(request, requests.ServerLimits())
+    with pytest.raises(RequestError) as e:
+        to_hf_messages(request, requests.RequestLimits())
     assert e.value.status == 400 and "pip install 'edgevl[video]'" in e.value.message

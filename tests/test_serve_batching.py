@@ -50,9 +50,9 @@ def slow_pipeline(tiny_artifact):
     return pipe
 
 
-def serve(pipe, **limits):
-    from edgevl.serve.app import ServerLimits, create_app
-    return running(create_app(pipe, "tiny", ServerLimits(**limits)))
+def serve(pipe, **settings):
+    from edgevl.serve.app import ServerSettings, create_app
+    return running(create_app(pipe, "tiny", ServerSettings(**settings)))
 
 
 @pytest.fixture(scope="module")

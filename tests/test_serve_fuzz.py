@@ -118,11 +118,12 @@ bodies = st.one_of(
 def fuzz_server(tiny_artifact):
     from edgevl.runtime.backends.table import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
-    from edgevl.serve.app import ServerLimits, create_app
+    from edgevl.serve.app import ServerSettings, create_app
+    from edgevl.serve.requests import RequestLimits
     # A 256-token context bounds every generation (a valid max_tokens of 10**30 included).
     pipe = Pipeline.load(tiny_artifact, options=BackendOptions(max_context=256))
-    limits = ServerLimits(max_request_bytes=256 * 1024, max_image_pixels=100_000)
-    with running(create_app(pipe, "tiny", limits)) as base:
+    settings = ServerSettings(RequestLimits(max_image_pixels=100_000), max_request_bytes=256 * 1024)
+    with running(create_app(pipe, "tiny", settings)) as base:
         with httpx.Client(base_url=base, timeout=60) as client:
             yield client
 

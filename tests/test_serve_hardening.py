@@ -36,8 +36,10 @@ def small_pipeline(tiny_artifact):
 
 @pytest.fixture(scope="module")
 def live(small_pipeline):
-    from edgevl.serve.app import ServerLimits, create_app
-    app = create_app(small_pipeline, "tiny", ServerLimits(max_request_bytes=LIMIT, max_image_pixels=1_000_000))
+    from edgevl.serve.app import ServerSettings, create_app
+    from edgevl.serve.requests import RequestLimits
+    app = create_app(small_pipeline, "tiny", ServerSettings(RequestLimits(max_image_pixels=1_000_000),
+                                                            max_request_bytes=LIMIT))
     with running(app) as base:
         yield base
 

@@ -146,7 +146,7 @@ def test_structured_output_without_llguidance_is_refused_naming_the_extra(pipeli
     from edgevl.runtime.constrained import GrammarCompiler
     from edgevl.serve.errors import ApiError
     from edgevl.serve.output import plan_reply
-    from edgevl.serve.requests import parse_request
+    from edgevl.serve.body import parse_body
     monkeypatch.setitem(sys.modules, "llguidance", None)          # `import llguidance` fails
 
     class Stub:
@@ -156,12 +156,12 @@ def test_structured_output_without_llguidance_is_refused_naming_the_extra(pipeli
         def grammars(self):
             return GrammarCompiler(pipeline.tokenizer.impl.to_str(), 2100, (0,))
     for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}):
-        request = parse_request(json.dumps({"model": "tiny", "messages": MESSAGES, "response_format": fmt}).encode())
+        request = parse_body(json.dumps({"model": "tiny", "messages": MESSAGES, "response_format": fmt}).encode())
         with pytest.raises(ApiError) as e:
             plan_reply(request, Stub())
         assert e.value.param == "response_format" and "edgevl[serve]" in e.value.message
         assert one_sentence(e.value.message.replace("`pip install 'edgevl[serve]'`.", "it."))
-    plain = parse_request(json.dumps({"model": "tiny", "messages": MESSAGES, "logprobs": True}).encode())
+    plain = parse_body(json.dumps({"model": "tiny", "messages": MESSAGES, "logprobs": True}).encode())
     assert plan_reply(plain, Stub()).output.grammar is None      # nothing else needs it
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -234,6 +235,28 @@ def test_int8_prefill_reaches_the_model_settings(tiny_artifact, tmp_path):
     assert settings.int8_prefill is True
 
 
+def test_the_model_builds_the_backend_options_the_flags_give_edgevl_run(tiny_artifact, tmp_path):
+    """`edgevl triton FLAGS` writes parameters the model turns into the BackendOptions `edgevl run FLAGS` gets: one
+    constructor (BackendOptions.from_settings) reads both."""
+    from edgevl.cli import build_parser
+    from edgevl.cli.flags import backend_options
+    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.serve.triton.handler import ModelSettings, model_parameters
+    flags = ["--threads", "2", "--max-context", "2048", "--max-batch", "3", "--max-image-patches", "1024",
+             "--precision", "fp16", "--engine-cache", str(tmp_path / "engines"), "--cuda-graph", "--fast-load",
+             "--int8-prefill"]
+    code, _, err = edgevl("triton", tiny_artifact, "-o", tmp_path / "r", *flags)
+    assert code == 0, err
+    model = next((tmp_path / "r").iterdir())
+    params = {k: {"string_value": v} for k, v in parameters_of(read_config(model)).items()}
+    settings = ModelSettings.from_parameters(model_parameters({"parameters": params}), model / "1")
+    from_model = BackendOptions.from_settings(settings)
+    from_flags = backend_options(build_parser().parse_args(["run", str(tiny_artifact), "--prompt", "x", *flags]))
+    assert from_model == from_flags
+    assert (from_model.threads, from_model.prepack, from_model.max_context, from_model.cache_dir) == \
+        (2, False, 2048, tmp_path / "engines")
+
+
 def test_copy_is_verified_and_self_contained(repo, tiny_artifact):
     from edgevl.artifact.folder import load_artifact
     copied = repo / "tiny-unary" / "1" / "artifact"
@@ -402,7 +425,7 @@ def test_parse_request_stream_only_when_decoupled():
 
 
 def test_image_pixel_limit(photos):
-    limits = protocol.Limits(max_image_pixels=1000)
+    limits = dataclasses.replace(protocol.TRITON_LIMITS, max_image_pixels=1000)
     with pytest.raises(RequestError, match="512x512 pixels; this model accepts at most 1000"):
         parse_messages(json.dumps(image_message("x", data_url(photos["astronaut"]))), limits=limits)
 

@@ -22,7 +22,6 @@ import math
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from edgevl.runtime.limits import max_threads
 from edgevl.runtime.sampling import MAX_SEED, MAX_TEMPERATURE
@@ -152,13 +151,7 @@ def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False
 def backend_options(args, log=None):
     """The backend flags -> BackendOptions (validated there)."""
     from edgevl.runtime.backends.table import BackendOptions
-    from edgevl.runtime.limits import validate_threads
-    return BackendOptions(threads=validate_threads(args.threads, "--threads"), prepack=not args.fast_load, device_id=args.device,
-                          max_batch=args.max_batch, max_context=args.max_context,
-                          max_image_patches=args.max_image_patches, precision=args.precision,
-                          cache_dir=Path(args.engine_cache) if args.engine_cache else None,
-                          cuda_graph=args.cuda_graph, int8_prefill=args.int8_prefill,
-                          log=log or logger("backend"))
+    return BackendOptions.from_settings(args, args.device, log or logger("backend"))
 
 
 def backend_from_args(args, log=None, name: str | None = ...):

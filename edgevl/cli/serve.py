@@ -90,30 +90,31 @@ def run(args) -> int:
         import prometheus_client  # noqa: F401 - /metrics
         import uvicorn
 
-        from edgevl.serve.app import ServerLimits, create_app
+        from edgevl.serve.app import ServerSettings, create_app
         from edgevl.serve.connections import server_config
+        from edgevl.serve.requests import RequestLimits
 
     pipe = load_pipeline(args)
     name = args.model_name or Path(args.artifact).resolve().name
     mib = 1024 * 1024
-    limits = ServerLimits(max_request_bytes=int(args.max_request_mb * mib), max_image_pixels=args.max_image_pixels,
-                          allow_local_files=args.allow_local_files, max_video_bytes=int(args.max_video_mb * mib),
-                          max_video_frames=args.max_video_frames, max_batch=args.max_batch,
-                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                          prefix_cache=args.prefix_cache, body_timeout_s=args.body_timeout)
+    limits = RequestLimits(max_image_pixels=args.max_image_pixels, max_video_bytes=int(args.max_video_mb * mib),
+                           max_video_frames=args.max_video_frames, allow_local_files=args.allow_local_files)
+    settings = ServerSettings(limits, max_request_bytes=int(args.max_request_mb * mib),
+                              body_timeout_s=args.body_timeout, max_batch=args.max_batch, max_queue=args.max_queue,
+                              prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache)
     if not _is_loopback(args.host):
         print(f"warning: binding to {args.host} exposes the server beyond this machine; it has no "
               f"authentication.", file=sys.stderr)
-    app = create_app(pipe, name, limits)
+    app = create_app(pipe, name, settings)
     if app.state.scheduler.max_batch > 1:
-        batching = f"continuous batching, up to {limits.max_batch} requests at once"
-    elif limits.max_batch > 1:   # the standard variant's concat cache has no rows to batch in
+        batching = f"continuous batching, up to {settings.max_batch} requests at once"
+    elif settings.max_batch > 1:   # the standard variant's concat cache has no rows to batch in
         batching = "one request at a time (a --variant standard decoder; a --variant ort export batches requests)"
     else:
         batching = "one request at a time"
-    cache = ", prefix cache on" if limits.prefix_cache else ""
+    cache = ", prefix cache on" if settings.prefix_cache else ""
     print(f"serving '{name}' on http://{args.host}:{args.port}/v1 (backend {pipe.backend.name}; {batching}, "
-          f"{limits.max_queue} more queued{cache})", file=sys.stderr)
+          f"{settings.max_queue} more queued{cache})", file=sys.stderr)
     timeouts = ConnectionTimeouts(header_s=args.header_timeout, keep_alive_s=args.keep_alive_timeout)
     server = uvicorn.Server(server_config(app, args.host, args.port, timeouts))
     server.run()

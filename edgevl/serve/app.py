@@ -19,6 +19,7 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,27 +30,45 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from edgevl.errors import EdgevlError
 from edgevl.serve.scheduler.batching import make_scheduler
 from edgevl.serve.scheduler.jobs import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_PREFILL_CHUNK,
     Job,
     QueueFull,
     RequestCancelled,
 )
 from edgevl.runtime.generate import Decoding
+from edgevl.serve.body import parse_body, to_hf_messages, validation_api_error
+from edgevl.serve.connections import DEFAULT_BODY_TIMEOUT_S
 from edgevl.serve.errors import ApiError, RequestBodyLimit, as_api_error, clip, error_body, sentence
 from edgevl.serve.metrics import ServerMetrics
 from edgevl.serve.output import plan_reply
 from edgevl.serve.replies import StreamReply, completion_body
-from edgevl.serve.requests import ServerLimits, parse_request, to_hf_messages, validation_api_error
+from edgevl.serve.requests import RequestLimits, sampling_values
 
-DEFAULT_MAX_TOKENS = 256
 ROUTES = "POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
 DISCONNECT_POLL_S = 0.25       # how often a non-streaming request checks that its client is still there
 
 
+@dataclass(frozen=True)
+class ServerSettings:
+    """`edgevl serve`'s flags: what one request may hold (`limits`, as in the Triton model), the body's size and
+    time, and how requests are batched."""
+
+    limits: RequestLimits = RequestLimits()
+    max_request_bytes: int = 32 * 1024 * 1024
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # the whole request body within this, else a 408 (RequestBodyLimit)
+    max_batch: int = DEFAULT_MAX_BATCH             # requests decoded together (KV-cache rows), `--max-batch`
+    max_queue: int = DEFAULT_MAX_QUEUE             # more requests accepted while the rows are busy; then 429
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK     # prompt tokens per prefill call while other rows decode
+    prefix_cache: bool = False                     # finished rows keep their KV for prompts that share it
+
+
 # ----------------------------------------------------------------------------- app
-def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> FastAPI:
-    metrics = ServerMetrics(limits.max_batch)
-    scheduler = make_scheduler(pipe, limits.max_batch, limits.max_queue, limits.prefill_chunk, metrics,
-                               limits.prefix_cache)
+def create_app(pipe, model_name: str, settings: ServerSettings = ServerSettings()) -> FastAPI:
+    metrics = ServerMetrics(settings.max_batch)
+    scheduler = make_scheduler(pipe, settings.max_batch, settings.max_queue, settings.prefill_chunk, metrics,
+                               settings.prefix_cache)
 
     @asynccontextmanager
     async def lifespan(_app):
@@ -58,7 +77,8 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
 
     app = FastAPI(title="edgevl", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
     created = int(time.time())
-    app.add_middleware(RequestBodyLimit, max_bytes=limits.max_request_bytes, timeout_s=limits.body_timeout_s)
+    app.add_middleware(RequestBodyLimit, max_bytes=settings.max_request_bytes, timeout_s=settings.body_timeout_s)
+    limits = settings.limits
 
     def reply(exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.message, exc.kind, exc.code, exc.param), exc.status, headers=exc.headers)
@@ -108,14 +128,14 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(raw: Request):
-        request = parse_request(await raw.body())
+        request = parse_body(await raw.body())
         if request.model != model_name:
             raise ApiError(404, f"the model '{clip(request.model, 200)}' does not exist; this server serves "
                                 f"'{model_name}'.", code="model_not_found", param="model")
         busy(scheduler.check_room)     # a full server says so before decoding any image
         # The values the pipeline will use (the request's over the model's generation_config.json), checked by the
         # same validation as the CLI and the Python API before any work starts, and then used as they are.
-        sampling = pipe.sampling_options(**request.sampling())
+        sampling = pipe.sampling_options(**sampling_values(request.temperature, request.top_p, seed=request.seed))
         # logprobs, logit_bias, penalties, response_format, tools: refused by name unless this model can do them
         # (a JSON schema is compiled: off the event loop).
         reply = await run_in_threadpool(plan_reply, request, pipe)
@@ -123,11 +143,12 @@ def create_app(pipe, model_name: str, limits: ServerLimits = ServerLimits()) -> 
         def plan():
             # Headers only (a container's frame count, an image's size), off the event loop: a prompt that cannot
             # fit is refused here, with its numbers, before a pixel is decoded.
-            messages, images, videos = to_hf_messages(request, limits)
-            return pipe.plan_messages(messages, images, videos, **({"tools": reply.tools} if reply.tools else {}))
+            messages, media = to_hf_messages(request, limits)
+            return pipe.plan_messages(messages, media.images, media.videos,
+                                      **({"tools": reply.tools} if reply.tools else {}))
 
         planned = await run_in_threadpool(plan)
-        max_tokens = request.max_completion_tokens or request.max_tokens or DEFAULT_MAX_TOKENS
+        max_tokens = request.max_completion_tokens or request.max_tokens or limits.default_max_tokens
         stop = request.stop_strings()
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
 

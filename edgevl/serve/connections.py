@@ -3,7 +3,7 @@
     header_s      the request line and headers must arrive within this long of the connection opening (or of
                   the first byte of its next request): uvicorn has no such limit, so a client that sends half
                   its headers and waits kept its connection for ever (TimedH11Protocol closes it)
-    (the body)    ServerLimits.body_timeout_s, the app's own: RequestBodyLimit (serve/errors.py) answers 408 to
+    (the body)    ServerSettings.body_timeout_s, the app's own: RequestBodyLimit (serve/errors.py) answers 408 to
                   a body that has not arrived whole in time and closes the connection
     keep_alive_s  an idle connection between requests is closed after this long (uvicorn's timeout_keep_alive)
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-DEFAULT_BODY_TIMEOUT_S = 60.0      # ServerLimits.body_timeout_s
+DEFAULT_BODY_TIMEOUT_S = 60.0      # ServerSettings.body_timeout_s
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,12 @@
-"""The server's errors: every failure becomes an OpenAI-style JSON body with a 4xx (or a 500 without details).
+"""Serving errors: every failure becomes an OpenAI-style JSON body with a 4xx (or a 500 without details) in the
+server, and a TritonError with the same sentence in the Triton model.
 
-`ApiError` is a reply with a status and one sentence; `as_api_error` maps what the pipeline raises (EdgevlError,
-ImageTooLarge, a failed allocation) to one; `RequestBodyLimit` holds the body's size and time while it is
-read.
+`RequestError` is what the request parser (requests.py) raises for a bad request, for both: one sentence, the HTTP
+status and OpenAI code the server answers with, and where in the request (`param`); the Triton model answers
+INVALID_ARG with the sentence. `ApiError` is one of the server's own replies (a status, one sentence, and the
+reply's type and headers); `as_api_error` maps what the parser and the pipeline raise (RequestError, EdgevlError,
+ImageTooLarge, a failed allocation) to one; `RequestBodyLimit` holds the body's size and time while it is read.
+Nothing here imports FastAPI or Starlette: the Triton model imports this module too.
 """
 
 from __future__ import annotations
@@ -17,12 +21,23 @@ from edgevl.runtime.inputs.image_loading import ImageTooLarge
 from edgevl.runtime.inputs.video import VideoTooLarge
 
 
-class ApiError(Exception):
+class RequestError(EdgevlError):
+    """The client's request is wrong: `message` is one sentence for the client; `status` the HTTP status and `code`
+    the OpenAI error code the server answers with (400, or 413 for a too-large image or video); `param` where in
+    the request (the server's OpenAI `param`; the Triton model puts it before a sentence that does not name it)."""
+
+    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.code, self.param = message, status, code, param
+
+
+class ApiError(RequestError):
+    """One of the server's replies: a RequestError with the OpenAI error `type` (`kind`) and HTTP headers."""
+
     def __init__(self, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error",
                  param: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.kind, self.param = status, message, code, kind, param
-        self.headers = headers or {}
+        super().__init__(message, status, code, param)
+        self.kind, self.headers = kind, headers or {}
 
 
 def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None,
@@ -148,6 +163,8 @@ def as_api_error(exc: BaseException) -> ApiError | None:
     """The 4xx a failure of the pipeline stands for, or None for a bug (a 500 without details)."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, RequestError):
+        return ApiError(exc.status, exc.message, code=exc.code, param=exc.param)
     if isinstance(exc, ImageTooLarge):
         return ApiError(413, str(exc), code="image_too_large")
     if isinstance(exc, PromptTooLong):     # OpenAI's code for a prompt over the context

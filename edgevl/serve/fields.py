@@ -16,7 +16,7 @@ HONOURED: dict[str, str] = {
     "temperature": "0..2, 0 = greedy",
     "top_p": "nucleus sampling",
     "seed": "a per-request random generator",
-    "stop": "at most 16 stop strings, never part of the reply",
+    "stop": "at most 16 non-empty stop strings, never part of the reply",
     "stream": "server-sent events",
     "stream_options": "include_usage: a last chunk with the usage and no choices",
     "n": "1 only (one choice per request)",

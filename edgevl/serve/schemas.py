@@ -1,14 +1,14 @@
 """Request/response bodies of the OpenAI chat-completions API (the subset edgevl serves).
 
 Sampling values are checked by the runtime's own `validate_sampling` rules (`sampling_problem`), so the
-server refuses exactly what `edgevl run`, `edgevl chat` and the Python API refuse, in the same words.
+server refuses exactly what `edgevl run`, `edgevl chat` and the Python API refuse, in the same words; roles, content
+part types, text and stop strings follow the rules the Triton model shares (requests.py).
 Every OpenAI request field is declared (fields.py says what each does); the refused ones and any field that is
 not OpenAI's are a 400 naming them.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -24,12 +24,9 @@ from pydantic import (
 )
 
 from edgevl.runtime.logprobs import MAX_TOP_LOGPROBS
-from edgevl.runtime.sampling import sampling_problem, show_value
+from edgevl.runtime.sampling import show_value
 from edgevl.serve.fields import REFUSED, refusal
-
-MAX_STOP_STRINGS = 16
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
+from edgevl.serve.requests import PART_TYPES, ROLES, sampling_value_problem, stop_problem, surrogate_problem
 
 
 class FieldProblem(ValueError):
@@ -42,11 +39,9 @@ class FieldProblem(ValueError):
 
 
 def _no_lone_surrogates(text: str) -> str:
-    # JSON can spell a lone UTF-16 surrogate ("\ud800"), Python keeps it, and no tokenizer can encode it.
-    found = _SURROGATE.search(text)
-    if found:
-        raise FieldProblem(f"contains a lone UTF-16 surrogate (U+{ord(found.group()):04X}), which is not a "
-                           f"Unicode character, so the tokenizer cannot encode it")
+    problem = surrogate_problem(text)
+    if problem:
+        raise FieldProblem(problem)
     return text
 
 
@@ -69,8 +64,7 @@ class VideoURL(Strict):
 
 
 class ContentPart(Strict):
-    # video_url is not OpenAI's; it is the part vLLM accepts for Qwen2-VL video.
-    type: Literal["text", "image_url", "video_url"]
+    type: Literal[PART_TYPES]    # video_url is not OpenAI's; it is the part vLLM accepts for Qwen2-VL video
     text: Text | None = None
     image_url: ImageURL | None = None
     video_url: VideoURL | None = None
@@ -96,7 +90,7 @@ MESSAGE_REFUSALS = {"name": "the chat template has no participant names", "refus
 
 
 class Message(Strict):
-    role: Literal["system", "user", "assistant", "tool"]
+    role: Literal[(*ROLES, "tool")]
     content: Text | list[ContentPart] | None = None       # None: an assistant turn that only calls tools
     tool_calls: list[ToolCall] | None = None               # assistant turns
     tool_call_id: Text | None = None                       # tool turns
@@ -255,33 +249,20 @@ class ChatCompletionRequest(BaseModel):
     @classmethod
     def _sampling(cls, value, info):
         """The shared rules, before pydantic's coercion: "0.5" or true is not a temperature anywhere."""
-        if value is not None:
-            problem = sampling_problem(info.field_name, value)
-            if problem:
-                raise FieldProblem(f"{problem}, got {show_value(value)}")
+        problem = None if value is None else sampling_value_problem(info.field_name, value)
+        if problem:
+            raise FieldProblem(problem)
         return value
 
     @field_validator("stop")
     @classmethod
-    def _few_stops(cls, value):
-        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
-            raise FieldProblem(f"has {len(value)} strings; at most {MAX_STOP_STRINGS} are accepted")
+    def _stop_strings(cls, value):
+        problem = None if value is None else stop_problem([value] if isinstance(value, str) else value)
+        if problem:
+            raise FieldProblem(problem)
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-
-    def sampling(self) -> dict:
-        """OpenAI knobs -> edgevl sampling options; unset knobs keep the model's generation_config."""
-        opts: dict = {"seed": self.seed}
-        if self.temperature == 0:
-            opts["do_sample"] = False
-        elif self.temperature is not None or self.top_p is not None:
-            # OpenAI defaults for the knob not given, and no top-k (OpenAI has none): the model's
-            # generation_config (Qwen2-VL: top_k=1, top_p=0.001) would otherwise make it greedy.
-            opts.update(do_sample=True, top_k=0,
-                        temperature=1.0 if self.temperature is None else self.temperature,
-                        top_p=1.0 if self.top_p is None else self.top_p)
-        return opts

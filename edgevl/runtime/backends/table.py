@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, GraphFile
@@ -33,6 +33,7 @@ from edgevl.runtime.backends import ort_placement, packages, probe
 from edgevl.runtime.backends.ort import OnnxrtRunner, OrtIoBindingRunner
 from edgevl.runtime.backends.runner import Runner, activate_all
 from edgevl.runtime.backends.ort_session import SessionFromOnnx
+from edgevl.runtime.limits import validate_threads
 from edgevl.runtime.backends.sizing import (
     DEFAULT_ENGINE_CONTEXT,
     Limits,
@@ -42,6 +43,21 @@ from edgevl.runtime.backends.sizing import (
     resolve_context,
     ort_trt_profile_options,
 )
+
+
+class BackendSettings(Protocol):
+    """The backend settings by the names of their flags (add_backend_flags' argparse namespace; a Triton model's
+    config.pbtxt parameters, serve/triton/handler.ModelSettings)."""
+
+    threads: int
+    fast_load: bool
+    max_batch: int | None
+    max_context: int | None
+    max_image_patches: int | None
+    precision: str
+    engine_cache: str | None
+    cuda_graph: bool
+    int8_prefill: bool
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,17 @@ class BackendOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EdgevlError(f"--{name.replace('_', '-')} must be at least 1, not {value}.")
+
+    @classmethod
+    def from_settings(cls, settings: BackendSettings, device_id: int = 0,
+                      log: Callable[[str], None] | None = None) -> BackendOptions:
+        """The options the flags (or the Triton model's parameters) ask for, validated: the one place they are read."""
+        return cls(threads=validate_threads(settings.threads, "--threads"), prepack=not settings.fast_load,
+                   device_id=device_id, max_batch=settings.max_batch, max_context=settings.max_context,
+                   max_image_patches=settings.max_image_patches, precision=settings.precision,
+                   cache_dir=Path(settings.engine_cache) if settings.engine_cache else None,
+                   cuda_graph=settings.cuda_graph, int8_prefill=settings.int8_prefill,
+                   **({"log": log} if log else {}))
 
     def limits(self, config: ModelConfig) -> Limits:
         return Limits.resolve(config, self.max_batch, self.max_context, self.max_image_patches)

@@ -11,16 +11,18 @@ hands every call here.
 
 `pb_utils` (Triton's `triton_python_backend_utils`) is passed in, so this module imports nothing of Triton and
 the tests drive it with a stand-in. A request's problems (bad JSON, an undecodable image, a too-long prompt,
-sampling values out of range) are INVALID_ARG errors with one sentence; a full instance is UNAVAILABLE; anything
+sampling values out of range) are INVALID_ARG errors with the sentence `edgevl serve` answers with (serve/requests.py,
+the place in the request before it where the sentence does not name it); a full instance is UNAVAILABLE; anything
 else is INTERNAL with the exception's type only (its text can hold paths), the traceback in Triton's log.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,9 @@ from edgevl.serve.scheduler.jobs import (
     QueueFull,
     RequestCancelled,
 )
-from edgevl.serve.triton.protocol import Limits, Request, RequestError, inputs, parse_request
+from edgevl.serve.errors import RequestError, out_of_memory
+from edgevl.serve.requests import RequestLimits
+from edgevl.serve.triton.protocol import TRITON_LIMITS, Request, inputs, parse_request
 
 TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
@@ -63,7 +67,7 @@ class ModelSettings:
     cuda_graph: bool = False
     fast_load: bool = False
     int8_prefill: bool = False
-    limits: Limits = field(default_factory=Limits)
+    limits: RequestLimits = TRITON_LIMITS
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], version_dir: Path) -> ModelSettings:
@@ -96,15 +100,15 @@ class ModelSettings:
         if artifact is None:
             raise ParameterError("parameter artifact is missing; it names the edgevl artifact folder to serve.")
         path = Path(artifact)
-        video_mb = text("max_video_mb")
+        video_mb, base = text("max_video_mb"), TRITON_LIMITS
         try:
-            video_bytes = int(float(video_mb) * 1024 * 1024) if video_mb else Limits.max_video_bytes
+            video_bytes = int(float(video_mb) * 1024 * 1024) if video_mb else base.max_video_bytes
         except ValueError:
             raise ParameterError(f"parameter max_video_mb must be a number, got {video_mb!r}.") from None
-        limits = Limits(default_max_tokens=integer("default_max_tokens", Limits.default_max_tokens, 1),
-                        max_image_pixels=integer("max_image_pixels", Limits.max_image_pixels, 1),
-                        max_video_bytes=video_bytes,
-                        max_video_frames=integer("max_video_frames", Limits.max_video_frames, 2))
+        limits = dataclasses.replace(base, default_max_tokens=integer("default_max_tokens", base.default_max_tokens, 1),
+                                     max_image_pixels=integer("max_image_pixels", base.max_image_pixels, 1),
+                                     max_video_bytes=video_bytes,
+                                     max_video_frames=integer("max_video_frames", base.max_video_frames, 2))
         return cls(artifact=path if path.is_absolute() else version_dir / path, verify=flag("verify", True),
                    backend=text("backend", "ort-cpu"), threads=integer("threads", 0),
                    max_context=integer("max_context", None, 1), max_batch=integer("max_batch", DEFAULT_MAX_BATCH, 1),
@@ -141,10 +145,7 @@ class EdgevlTritonModel:
         self.limits = s.limits
         # Triton places each KIND_GPU instance on its GPU (instance_group gpus); KIND_CPU ones have none.
         device = int(args.get("model_instance_device_id") or 0) if args.get("model_instance_kind") == "GPU" else 0
-        options = BackendOptions(threads=s.threads, prepack=not s.fast_load, device_id=device, max_batch=s.max_batch,
-                                 max_context=s.max_context, max_image_patches=s.max_image_patches,
-                                 precision=s.precision, cache_dir=Path(s.engine_cache) if s.engine_cache else None,
-                                 cuda_graph=s.cuda_graph, int8_prefill=s.int8_prefill, log=self.log)
+        options = BackendOptions.from_settings(s, device, self.log)
         self.pipe = Pipeline.load(s.artifact, backend=get_backend(s.backend, options), verify=s.verify)
         self.scheduler = make_scheduler(self.pipe, s.max_batch, s.max_queue, s.prefill_chunk)
         kind = type(self.scheduler).__name__
@@ -274,6 +275,8 @@ class EdgevlTritonModel:
                                    f"max_batch {exc.max_batch}, max_queue {exc.max_queue}); retry later.")
         if isinstance(exc, RequestCancelled):
             return "CANCELLED", "the request was cancelled (the model is shutting down)."
+        if isinstance(exc, RequestError) and exc.param and not exc.message.startswith(exc.param):
+            return "INVALID_ARG", f"{exc.param}: {exc.message}"     # where in the request, as the server's `param`
         if isinstance(exc, EdgevlError):
             return "INVALID_ARG", str(exc)
         if out_of_memory(exc):
@@ -304,11 +307,3 @@ def _cancelled(sender) -> bool:
     except Exception:  # noqa: BLE001 - a sender already closed
         return False
 
-
-def out_of_memory(exc: BaseException) -> bool:
-    """A failed allocation: MemoryError, or onnxruntime's "Failed to allocate memory" / bad_alloc."""
-    if isinstance(exc, MemoryError):
-        return True
-    text = str(exc)
-    return type(exc).__module__.startswith("onnxruntime") and ("Failed to allocate memory" in text
-                                                               or "bad_alloc" in text)

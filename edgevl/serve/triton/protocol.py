@@ -1,8 +1,11 @@
-"""What a request to the Triton model holds, and how it becomes Pipeline arguments.
+"""What a request to the Triton model holds, and how its tensors become Pipeline arguments.
 
 One table (INPUTS, OUTPUTS) is the contract: `repository.py` writes it into config.pbtxt and `handler.py`
-reads requests by it. Parsing takes plain numpy arrays (what `as_numpy()` gives), so it runs and is tested
-without Triton.
+reads requests by it. Reading takes plain numpy arrays (what `as_numpy()` gives), so it runs and is tested
+without Triton. What the tensors hold is checked by the rules `edgevl serve` applies, with its sentences
+(serve/requests.py: data URLs, image and video limits, roles, part types, stop strings, sampling values); what is
+Triton's own is here: the tensors, the `messages` JSON (lenient: a whole chat-completions body is taken, a URL may
+be a string) and the `images` tensor filling `{"type": "image"}` parts.
 
 Inputs (max_batch_size 0: one conversation per request; a scalar is a [1] tensor):
 
@@ -33,21 +36,26 @@ Outputs, in every response (streaming: the last three are "", [] and 0 until the
 
 from __future__ import annotations
 
-import base64
-import binascii
-import importlib.util
 import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgevl.errors import EdgevlError
-from edgevl.runtime.inputs.image_loading import ImageInput, ImageTooLarge, read_image_header
-from edgevl.runtime.sampling import sampling_problem, show_value
+from edgevl.runtime.inputs.image_loading import ImageInput
+from edgevl.runtime.sampling import show_value
+from edgevl.serve.errors import RequestError
+from edgevl.serve.requests import (
+    MAX_STOP_STRINGS,
+    PART_TYPES,
+    ROLES,
+    Media,
+    RequestLimits,
+    sampling_values,
+    stop_problem,
+    surrogate_problem,
+)
 
-MAX_STOP_STRINGS = 16
-ROLES = ("system", "user", "assistant")
-PART_TYPES = ("text", "image_url", "video_url", "image")
+BLOB_PART = "image"      # a part without a URL: its image is the next one of the `images` tensor
 
 
 @dataclass(frozen=True)
@@ -78,24 +86,11 @@ OUTPUTS = (
     TensorDecl("token_ids", "TYPE_INT64", (-1,)),
     TensorDecl("prompt_tokens", "TYPE_INT64", (1,)),
 )
+TRITON_LIMITS = RequestLimits(local_files_flag=None, who="this model")   # the defaults of the model's parameters
 
 
 def inputs(decoupled: bool) -> tuple[TensorDecl, ...]:
     return tuple(t for t in INPUTS if decoupled or not t.decoupled_only)
-
-
-class RequestError(EdgevlError):
-    """The client's request is wrong (Triton's INVALID_ARG); the message is one sentence for the client."""
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request bounds, from the model's config.pbtxt parameters."""
-
-    default_max_tokens: int = 256
-    max_image_pixels: int = 4096 * 4096      # per image and per video frame
-    max_video_bytes: int = 24 * 1024 * 1024  # decoded bytes of one video data URL
-    max_video_frames: int = 768              # frames sampled (at 2 fps) per video
 
 
 @dataclass
@@ -131,10 +126,9 @@ def _text(name: str, value) -> str:
 
 
 def _no_surrogates(where: str, text: str) -> None:
-    for ch in text:
-        if "\ud800" <= ch <= "\udfff":
-            raise RequestError(f"{where} contains a lone UTF-16 surrogate (U+{ord(ch):04X}), which the tokenizer "
-                               f"cannot encode.")
+    problem = surrogate_problem(text)
+    if problem:
+        raise RequestError(f"{where} {problem}.")
 
 
 def _blobs(name: str, array: np.ndarray) -> list[bytes]:
@@ -152,24 +146,19 @@ def _number(name: str, array: np.ndarray, kind: type):
     return float(value)
 
 
-def sampling_values(temperature=None, top_p=None, top_k=None, repetition_penalty=None, seed=None) -> dict:
-    """Request values -> Pipeline sampling keywords (the server's reading, plus top_k), each checked by the
-    runtime's own rules; None = not given."""
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
-                        ("repetition_penalty", repetition_penalty), ("seed", seed)):
-        problem = None if value is None else sampling_problem(name, value)
-        if problem:
-            raise RequestError(f"{name} {problem}, got {show_value(value)}.")
-    opts: dict = {"seed": seed, "repetition_penalty": repetition_penalty}
-    if temperature == 0:
-        opts["do_sample"] = False
-    elif temperature is not None or top_p is not None or top_k is not None:
-        opts.update(do_sample=True, temperature=1.0 if temperature is None else temperature,
-                    top_p=1.0 if top_p is None else top_p, top_k=0 if top_k is None else top_k)
-    return opts
+def _stop(array: np.ndarray) -> tuple[str, ...]:
+    strings = array.reshape(-1)
+    if len(strings) > MAX_STOP_STRINGS:      # before each is read
+        raise RequestError(f"stop {stop_problem(strings)}.", param="stop")
+    stop = tuple(_text("stop", s) for s in strings)
+    problem = stop_problem(stop)
+    if problem:
+        raise RequestError(f"stop {problem}.", param="stop")
+    return stop
 
 
-def parse_request(tensors: dict[str, np.ndarray], limits: Limits = Limits(), decoupled: bool = True) -> Request:
+def parse_request(tensors: dict[str, np.ndarray], limits: RequestLimits = TRITON_LIMITS,
+                  decoupled: bool = True) -> Request:
     """Input arrays by name (absent optional inputs left out) -> a Request; RequestError for a bad one."""
     if "messages" not in tensors:
         raise RequestError("the request has no messages input; send the chat messages as a JSON string.")
@@ -186,14 +175,7 @@ def parse_request(tensors: dict[str, np.ndarray], limits: Limits = Limits(), dec
                        ("seed", int)):
         if name in tensors:
             values[name] = _number(name, tensors[name], kind)
-    stop: tuple[str, ...] = ()
-    if "stop" in tensors:
-        strings = tensors["stop"].reshape(-1)
-        if len(strings) > MAX_STOP_STRINGS:
-            raise RequestError(f"stop has {len(strings)} strings; at most {MAX_STOP_STRINGS} are accepted.")
-        stop = tuple(_text("stop", s) for s in strings)
-        if any(not s for s in stop):
-            raise RequestError("stop strings must not be empty.")
+    stop = _stop(tensors["stop"]) if "stop" in tensors else ()
     stream = True
     if "stream" in tensors:
         if not decoupled:
@@ -206,7 +188,7 @@ def parse_request(tensors: dict[str, np.ndarray], limits: Limits = Limits(), dec
 
 
 # ----------------------------------------------------------------------------- messages
-def parse_messages(text: str, blobs: list[bytes] = (), limits: Limits = Limits()):
+def parse_messages(text: str, blobs: list[bytes] = (), limits: RequestLimits = TRITON_LIMITS):
     """The JSON `messages` -> (chat-template messages, ImageInputs, VideoInputs): headers read and checked against
     the limits, no pixel decoded. `blobs` fill `{"type": "image"}` parts in order; every blob must be used."""
     try:
@@ -220,7 +202,7 @@ def parse_messages(text: str, blobs: list[bytes] = (), limits: Limits = Limits()
         data = data["messages"]
     if not isinstance(data, list) or not data:
         raise RequestError("messages must be a non-empty JSON array of {\"role\", \"content\"} objects.")
-    out, images, videos, blobs = [], [], [], list(blobs)
+    out, media, blobs = [], Media(limits), list(blobs)
     for i, message in enumerate(data):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -235,20 +217,19 @@ def parse_messages(text: str, blobs: list[bytes] = (), limits: Limits = Limits()
             continue
         if not isinstance(content, list):
             raise RequestError(f"{where}.content must be a string or an array of content parts.")
-        parts = []
-        for j, part in enumerate(content):
-            parts.append(_part(f"{where}.content[{j}]", part, images, videos, blobs, limits))
-        out.append({"role": role, "content": parts})
+        out.append({"role": role, "content": [_part(f"{where}.content[{j}]", part, media, blobs)
+                                              for j, part in enumerate(content)]})
     if blobs:
         raise RequestError(f"the images input has {len(blobs)} more image(s) than the messages have "
-                           f"{{\"type\": \"image\"}} parts.")
-    return out, images, videos
+                           f"{{\"type\": \"{BLOB_PART}\"}} parts.")
+    return out, media.images, media.videos
 
 
-def _part(where: str, part, images: list, videos: list, blobs: list, limits: Limits) -> dict:
-    if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
+def _part(where: str, part, media: Media, blobs: list[bytes]) -> dict:
+    types = (*PART_TYPES, BLOB_PART)
+    if not isinstance(part, dict) or part.get("type") not in types:
         got = show_value(part.get("type")) if isinstance(part, dict) else "a " + type(part).__name__
-        raise RequestError(f"{where} must be a content part with type {', '.join(PART_TYPES)}, got {got}.")
+        raise RequestError(f"{where} must be a content part with type {', '.join(types)}, got {got}.")
     kind = part["type"]
     if kind == "text":
         text = part.get("text")
@@ -256,62 +237,12 @@ def _part(where: str, part, images: list, videos: list, blobs: list, limits: Lim
             raise RequestError(f"{where}.text must be a string.")
         _no_surrogates(f"{where}.text", text)
         return {"type": "text", "text": text}
-    if kind == "image":
+    if kind == BLOB_PART:
         if not blobs:
             raise RequestError(f"{where} is an image part but the images input has no image left for it.")
-        images.append(image_input(blobs.pop(0), f"image {len(images) + 1}", limits))
-        return {"type": "image"}
+        return media.image(blobs.pop(0), where)
     url = part.get(kind)
     url = url.get("url") if isinstance(url, dict) else url
     if not isinstance(url, str):
         raise RequestError(f"{where}.{kind}.url must be a string (a base64 data URL).")
-    media = kind.removesuffix("_url")
-    data = read_data_url(url, media, where)
-    if media == "image":
-        images.append(image_input(data, f"image {len(images) + 1}", limits))
-        return {"type": "image"}
-    if importlib.util.find_spec("av") is None:
-        raise RequestError("this model cannot decode video because PyAV is not installed in Triton's Python "
-                           "environment; install it with `pip install 'edgevl[video]'`.")
-    if len(data) > limits.max_video_bytes:
-        raise RequestError(f"the video is {len(data)} bytes; this model accepts at most {limits.max_video_bytes} "
-                           f"bytes per video.")
-    videos.append(video_input(data, f"video {len(videos) + 1}", limits))
-    return {"type": "video"}
-
-
-def read_data_url(url: str, media: str, where: str) -> bytes:
-    if url.startswith(("http://", "https://")):
-        raise RequestError(f"{where}: remote {media} URLs are not fetched; send the {media} as a base64 data URL.")
-    if not url.startswith("data:"):
-        raise RequestError(f"{where}: the {media} must be a base64 data URL (data:{media}/...;base64,...); local "
-                           f"paths are not read.")
-    header, _, payload = url.partition(",")
-    if ";base64" not in header:
-        raise RequestError(f"{where}: {media} data URLs must be base64-encoded (data:{media}/...;base64,...).")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(f"{where}: the {media} data URL is not valid base64.") from None
-
-
-def image_input(data: bytes, label: str, limits: Limits) -> ImageInput:
-    """An encoded image's header (size, EXIF orientation), checked against the pixel limit; decoded later."""
-    try:
-        return read_image_header(data, max_pixels=limits.max_image_pixels, label=label)
-    except ImageTooLarge as e:
-        size = f"{e.width}x{e.height} pixels" if e.width else "too many pixels"
-        raise RequestError(f"{label} is {size}; this model accepts at most {limits.max_image_pixels} pixels per "
-                           f"image.") from None
-    except EdgevlError as e:   # not an image, an unknown format, ...
-        raise RequestError(str(e)) from None
-
-
-def video_input(data: bytes, label: str, limits: Limits):
-    """A video file's header (frame size, count, rate), checked against the pixel limit; its frames are decoded
-    later, only those the token budget keeps."""
-    from edgevl.runtime.inputs.video import probe_video
-    try:
-        return probe_video(data, max_frames=limits.max_video_frames, max_pixels=limits.max_image_pixels, label=label)
-    except EdgevlError as e:   # too large frames, undecodable, no frames
-        raise RequestError(str(e)) from None
+    return media.url_part(kind, url, f"{where}.{kind}")
