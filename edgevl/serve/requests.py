@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.inputs.budget import MAX_FRAMES
 from edgevl.runtime.inputs.image_loading import ImageInput, ImageTooLarge, read_image_header
-from edgevl.runtime.inputs.video import MAX_FRAMES, VideoInput, VideoTooLarge, probe_video
+from edgevl.runtime.inputs.video import VideoInput, VideoTooLarge, probe_video
 from edgevl.runtime.sampling import sampling_problem, show_value
 from edgevl.serve.errors import RequestError
 
