@@ -34,8 +34,8 @@ def turn(scheduler, prepare, max_new: int):
 def one_round(pipe, image, prefix_cache: bool, max_new: int) -> dict:
     from edgevl.serve.scheduler.batching import BatchScheduler
     scheduler = BatchScheduler(pipe, max_batch=2, max_queue=2, start=False, prefix_cache=prefix_cache)
-    calls, encode = [], pipe.encode_image
-    pipe.encode_image = lambda pixels, grid: (calls.append(grid), encode(pixels, grid))[1]
+    calls, encode = [], pipe.vision_encoder.call
+    pipe.vision_encoder.call = lambda pixels, grid: (calls.append(grid), encode(pixels, grid))[1]
     try:
         first = [user("What is in this picture?", 1)]
         reply = turn(scheduler, lambda: pipe.prepare_messages(first, [image]), max_new).text
@@ -48,7 +48,7 @@ def one_round(pipe, image, prefix_cache: bool, max_new: int) -> dict:
                 "vision_calls": len(calls) - before, "cached_tokens": result.timings.cached_tokens,
                 "prompt_tokens": len(result.prompt_token_ids), "tokens": result.token_ids}
     finally:
-        pipe.encode_image = encode
+        pipe.vision_encoder.call = encode
 
 
 def main(argv=None) -> int:

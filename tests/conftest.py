@@ -40,6 +40,27 @@ def tiny_artifact_standard(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen3-VL in the hub's layout (DeepStack, learned position table, interleaved M-RoPE)."""
+    from edgevl.synthetic.random_model import write_random_model
+    return write_random_model(tmp_path_factory.mktemp("qwen3") / "model", preset="qwen3-vl-tiny", seed=1)
+
+
+@pytest.fixture(scope="session", params=["ort", "standard"])
+def qwen3_artifact(request, qwen3_model_dir, tmp_path_factory) -> Path:
+    """That model exported in each graph variant."""
+    from edgevl.export.exporter import export_model
+    return export_model(str(qwen3_model_dir), tmp_path_factory.mktemp("qwen3-export") / request.param,
+                        variant=request.param, log=lambda msg: None)
+
+
+@pytest.fixture(scope="session")
+def qwen3_hf(qwen3_model_dir):
+    from transformers import Qwen3VLForConditionalGeneration
+    return Qwen3VLForConditionalGeneration.from_pretrained(qwen3_model_dir, dtype="float32").eval()
+
+
+@pytest.fixture(scope="session")
 def hf_model(tiny_model_dir):
     from transformers import Qwen2VLForConditionalGeneration
     return Qwen2VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype="float32").eval()

@@ -10,6 +10,7 @@ import pytest
 
 from edgevl.runtime.inputs.budget import (
     FrameSampling,
+    PerFramePixels,
     PromptCost,
     PromptTooLong,
     VideoMeta,
@@ -113,7 +114,8 @@ def test_random_videos_and_budgets_hold_every_rule():
 def test_videos_share_what_is_left_evenly():
     short, long = VideoMeta(112, 84, 16, 8.0), TEN_MINUTES_720P
     cost = PromptCost(text=40, images=(1000,))
-    plans = fit_prompt(8192, cost, [(short, FrameSampling()), (long, FrameSampling()), (long, FrameSampling())], VIDEO)
+    plans = fit_prompt(8192, cost, [(short, FrameSampling()), (long, FrameSampling()), (long, FrameSampling())],
+                       PerFramePixels(VIDEO))
     assert not plans[0].fitted                                  # the short one fits as it is
     assert plans[1].tokens == plans[2].tokens                   # the two long ones get equal shares
     assert cost.total + sum(p.tokens for p in plans) <= 8191    # one position left for a new token
@@ -122,13 +124,14 @@ def test_videos_share_what_is_left_evenly():
 
 def test_a_prompt_that_cannot_fit_is_refused_with_its_numbers():
     with pytest.raises(PromptTooLong) as e:
-        fit_prompt(32768, PromptCost(text=109, images=(16384,) * 40), [], VIDEO)
+        fit_prompt(32768, PromptCost(text=109, images=(16384,) * 40), [], PerFramePixels(VIDEO))
     message = str(e.value)
     assert message.startswith("the prompt needs 655469 tokens (109 of text, 655360 for 40 images) but the model's "
                               "context is 32768 tokens") and one_sentence(message)
     with pytest.raises(PromptTooLong, match=r"at least 32\d\d\d tokens .* for 1 video cut to 2 frames"):
-        fit_prompt(32768, PromptCost(text=20, images=(32700,)), [(TEN_MINUTES_720P, FrameSampling())], VIDEO)
-    assert fit_prompt(32768, PromptCost(text=32767), [], VIDEO) == []   # exactly one position left: fits
+        fit_prompt(32768, PromptCost(text=20, images=(32700,)), [(TEN_MINUTES_720P, FrameSampling())],
+                   PerFramePixels(VIDEO))
+    assert fit_prompt(32768, PromptCost(text=32767), [], PerFramePixels(VIDEO)) == []   # exactly one position left: fits
 
 
 def test_an_images_tokens_do_not_depend_on_its_orientation():

@@ -88,7 +88,7 @@ def test_images_and_a_video_file_across_turns_and_reset(pipeline, photos, video_
                        max_new_tokens=6, do_sample=False)
     assert (r.prompt_token_ids, r.token_ids) == (fresh.prompt_token_ids, fresh.token_ids)
     chat.reset()
-    assert chat.video_embeds == [] and chat.video_grids == [] and chat.cache.length == 0
+    assert chat.videos == [] and chat.video_grids == [] and chat.cache.length == 0
 
 
 def test_a_failed_video_turn_leaves_the_conversation_as_it_was(pipeline, tmp_path):
@@ -98,4 +98,4 @@ def test_a_failed_video_turn_leaves_the_conversation_as_it_was(pipeline, tmp_pat
     with pytest.raises(EdgevlError, match="missing.mp4"):
         chat.send("What happens?", videos=[tmp_path / "missing.mp4"], max_new_tokens=4, do_sample=False)
     assert chat.messages == before[0] and np.array_equal(chat.cached_ids, before[1])
-    assert chat.video_grids == [] and chat.video_embeds == []
+    assert chat.video_grids == [] and chat.videos == []

@@ -19,7 +19,7 @@ from PIL import Image, ImageFile
 from edgevl.errors import EdgevlError
 from edgevl.runtime.inputs.budget import PromptTooLong
 from edgevl.runtime.inputs.image_loading import read_image_header
-from tests.data.video_frames import synthetic_frames, write_video
+from tests.data.video_frames import synthetic_frames
 from tests.serve_helpers import assert_error_shape, one_sentence, running
 
 TEXT = [{"type": "text", "text": "Describe."}]

@@ -36,12 +36,12 @@ def job_for(prepare, max_new=8) -> Job:
 @pytest.fixture()
 def counted_vision(pipeline, monkeypatch):
     calls = []
-    encode = pipeline.encode_image
+    encode = pipeline.vision_encoder.call            # one vision graph call
 
     def counting(pixels, grid):
         calls.append(grid)
         return encode(pixels, grid)
-    monkeypatch.setattr(pipeline, "encode_image", counting)
+    monkeypatch.setattr(pipeline.vision_encoder, "call", counting)
     return calls
 
 

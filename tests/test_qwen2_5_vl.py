@@ -82,7 +82,8 @@ def test_vision_matches_transformers(photo, pipe, hf, photos):
 def test_vision_on_video_frames_matches_transformers(shape, pipe, hf):
     """Two and three temporal patches: windows never span frames, full attention neither."""
     clip = VideoClip(synthetic_frames(*shape), 2.0, shape[0], np.arange(shape[0]))
-    ((pv, grid, _),) = pipe.video_patches([clip])
+    (video,) = pipe.video_patches([clip])
+    pv, grid = video.pixel_values, video.grid
     assert grid[0] == shape[0] // 2
     _close(pipe.encode_image(pv, grid), _hf_vision(hf, pv, grid))
 

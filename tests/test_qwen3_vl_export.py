@@ -27,22 +27,18 @@ PATCH_ROW = 3 * 2 * 16 * 16
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from edgevl.synthetic.random_model import write_random_model
-    return write_random_model(tmp_path_factory.mktemp("qwen3") / "model", preset="qwen3-vl-tiny", seed=1)
+def model_dir(qwen3_model_dir):
+    return qwen3_model_dir
 
 
 @pytest.fixture(scope="module")
-def hf(model_dir):
-    from transformers import Qwen3VLForConditionalGeneration
-    return Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+def hf(qwen3_hf):
+    return qwen3_hf
 
 
-@pytest.fixture(scope="module", params=["ort", "standard"])
-def artifact(request, model_dir, tmp_path_factory):
-    from edgevl.export.exporter import export_model
-    return export_model(str(model_dir), tmp_path_factory.mktemp("qwen3-export") / request.param,
-                        variant=request.param, log=lambda m: None)
+@pytest.fixture(scope="module")
+def artifact(qwen3_artifact):
+    return qwen3_artifact
 
 
 def _decoder(artifact, hf) -> Decoder:

@@ -102,3 +102,29 @@ def test_moe_op_matches_the_transformers_block():
     x = torch.randn(3, 17, 40)
     with torch.no_grad():
         torch.testing.assert_close(SparseMoE(block)(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_runtime_gives_transformers_greedy_tokens(artifact, hf, model_dir):
+    """The MoE artifact through the torch-free Pipeline (image, DeepStack, sparse layers): tokens equal transformers'."""
+    import json
+
+    from PIL import Image
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from edgevl.bench.reference import processor_inputs
+    from edgevl.runtime.pipeline import Pipeline
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = json.loads((model_dir / "chat_template.json").read_text())["chat_template"]
+    image = Image.fromarray((np.random.default_rng(3).random((200, 260, 3)) * 255).astype(np.uint8))
+    inputs = processor_inputs(tokenizer, Qwen2VLImageProcessorPil.from_pretrained(model_dir), "What is it?", [image])
+    ids = inputs["input_ids"]
+    ours = Pipeline.load(artifact).generate("What is it?", images=[image], max_new_tokens=8, do_sample=False,
+                                            repetition_penalty=1.0)
+    assert ours.prompt_token_ids == ids[0].tolist()
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                          mm_token_type_ids=(ids == hf.config.image_token_id).int(), pixel_values=inputs["pixel_values"],
+                          image_grid_thw=inputs["image_grid_thw"], max_new_tokens=8, do_sample=False,
+                          repetition_penalty=1.0)[0, ids.shape[1]:].tolist()
+    assert ours.token_ids == ref[:len(ours.token_ids)]

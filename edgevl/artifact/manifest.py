@@ -162,6 +162,12 @@ class ModelConfig:
     num_experts_per_tok: int | None = None        # how many of them each token runs
     moe_intermediate_size: int | None = None      # each expert's MLP width
 
+    @property
+    def timestamped_video(self) -> bool:
+        """Qwen3-VL's video: sampled and resized over the whole clip, each temporal patch announced by its time
+        in the prompt (`<1.5 seconds>`) and positioned as its own (1, h, w) grid."""
+        return self.model_type in QWEN3_MODEL_TYPES
+
     @classmethod
     def parse(cls, f: _Fields) -> "ModelConfig":
         values = {}

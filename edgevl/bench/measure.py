@@ -268,15 +268,18 @@ class EdgevlEngine:
         return len(self.prepare(text, image).input_ids)
 
     def encode(self, prepared):
-        return self.pipe.encode_vision(prepared)[0]                      # per image (no videos here)
+        return self.pipe.encode_vision(prepared)[0]                      # VisionFeatures per image (no videos here)
 
     def prefill(self, prepared, vision):
         from edgevl.runtime.generate import Prompt, prefill
         ids = prepared.input_ids[None, :]
-        embeds = self.pipe.embed(prepared.input_ids, vision or [])[None]
+        vision = vision or []
+        embeds = self.pipe.embed(prepared.input_ids, [f.embeds for f in vision])[None]
+        levels = self.pipe.deepstack(prepared.input_ids, [f.deepstack for f in vision])
         positions, deltas = self.pipe.positions(ids, np.ones_like(ids), prepared.grids)
         cache = self.pipe.new_cache(1)
-        outputs = prefill(self.pipe.decoder, cache, Prompt(embeds, ids, positions, deltas, np.array([ids.shape[1]])))
+        outputs = prefill(self.pipe.decoder, cache, Prompt(embeds, ids, positions, deltas, np.array([ids.shape[1]]),
+                                                           None if levels is None else levels[:, None]))
         return {"cache": cache, "deltas": deltas}, self._argmax(outputs)
 
     def decode(self, state, token):

@@ -33,6 +33,7 @@ from edgevl.runtime.generate import Decoding, Prompt, Result, Timings
 from edgevl.runtime.inputs.plan import decode_inputs
 from edgevl.runtime.pipeline import Pipeline
 from edgevl.runtime.inputs.prompt import user_message
+from edgevl.runtime.vision import VisionFeatures
 
 
 @dataclass
@@ -40,18 +41,19 @@ class ChatSession:
     pipe: Pipeline
     system: str | None = None
     messages: list[dict] = field(default_factory=list)
-    image_embeds: list[np.ndarray] = field(default_factory=list)   # per image, in conversation order
+    images: list[VisionFeatures] = field(default_factory=list)      # per image, in conversation order
     grids: list[tuple[int, int, int]] = field(default_factory=list)
-    video_embeds: list[np.ndarray] = field(default_factory=list)   # per video, in conversation order
+    videos: list[VisionFeatures] = field(default_factory=list)      # per video, in conversation order
     video_grids: list[tuple[int, int, int]] = field(default_factory=list)
-    video_seconds: list[float] = field(default_factory=list)      # per video: seconds per temporal patch
+    video_seconds: list[float] = field(default_factory=list)        # per video: seconds per temporal patch
+    video_timestamps: list[tuple[float, ...]] = field(default_factory=list)  # per video: its patches' times
     cached_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # tokens whose KV is cached
     cache: object | None = None                                    # the pipeline's KV cache (kv_cache.py)
     last_prefill_tokens: int = 0
 
     def reset(self) -> None:
-        self.messages, self.image_embeds, self.grids = [], [], []
-        self.video_embeds, self.video_grids, self.video_seconds = [], [], []
+        self.messages, self.images, self.grids = [], [], []
+        self.videos, self.video_grids, self.video_seconds, self.video_timestamps = [], [], [], []
         self.cached_ids = np.zeros(0, np.int64)
         if self.cache is not None:
             self.cache.truncate(0)          # keep the buffers: an in-place cache is allocated once
@@ -80,9 +82,10 @@ class ChatSession:
                               f"the model's context is {e.context}; type /reset to start a new conversation.") from None
         new_images, new_videos = decode_inputs(self.pipe, plan)
         grids = self.grids + [g for _, g in new_images]
-        video_grids = self.video_grids + [g for _, g, _ in new_videos]
-        video_seconds = self.video_seconds + [s for _, _, s in new_videos]
-        ids = self.pipe.tokenize_messages(messages, grids, video_grids)
+        video_grids = self.video_grids + [v.grid for v in new_videos]
+        video_seconds = self.video_seconds + [v.seconds for v in new_videos]
+        video_timestamps = self.video_timestamps + [v.timestamps for v in new_videos]
+        ids = self.pipe.tokenize_messages(messages, grids, video_grids, video_timestamps=video_timestamps)
         try:
             self.pipe.check_context(len(ids))   # before the (costly) vision encoder
         except PromptTooLong:
@@ -91,16 +94,17 @@ class ChatSession:
         timings = Timings(preprocess_s=time.perf_counter() - t0)
 
         t0 = time.perf_counter()
-        image_embeds = self.image_embeds + [self.pipe.encode_image(pv, g) for pv, g in new_images]
-        video_embeds = self.video_embeds + [self.pipe.encode_image(pv, g) for pv, g, _ in new_videos]
+        images = self.images + [self.pipe.encode(pv, g) for pv, g in new_images]
+        videos = self.videos + [self.pipe.encode(v.pixel_values, v.grid) for v in new_videos]
         timings.vision_s = time.perf_counter() - t0
         keep = self._reuse_prefix(ids)
-        embeds = self.pipe.embed(ids, image_embeds, video_embeds)[keep:]    # [S_new, H]
+        embeds = self.pipe.embed(ids, [f.embeds for f in images], [f.embeds for f in videos])[keep:]    # [S_new, H]
+        levels = self.pipe.deepstack(ids, [f.deepstack for f in images], [f.deepstack for f in videos])
         mask = np.ones((1, len(ids)), np.int64)
         position_ids, rope_deltas = self.pipe.positions(ids[None], mask, grids, video_grids, video_seconds)
         self.last_prefill_tokens = len(ids) - keep
         prompt = Prompt(embeds[None], ids[None], position_ids[:, :, keep:], rope_deltas,
-                        np.array([len(ids) - keep]))
+                        np.array([len(ids) - keep]), None if levels is None else levels[:, None, keep:])
         result = self.pipe.decode(prompt, mask, self.cache, decoding, (lambda _, d: on_text(d)) if on_text else None,
                                   timings=timings)[0]
         # The cache now holds the prompt and every generated token but the last (never fed back).
@@ -108,8 +112,9 @@ class ChatSession:
         self.messages = messages[1:] if self.system is not None else messages
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": result.text}]})
         # Only now, after a successful turn: a failed turn (a bad video, a full context) changes no history.
-        self.image_embeds, self.grids = image_embeds, grids
-        self.video_embeds, self.video_grids, self.video_seconds = video_embeds, video_grids, video_seconds
+        self.images, self.grids = images, grids
+        self.videos, self.video_grids, self.video_seconds = videos, video_grids, video_seconds
+        self.video_timestamps = video_timestamps
         return result
 
     def _with_system(self, messages: list[dict]) -> list[dict]:

@@ -140,18 +140,32 @@ class Prompt:
     position_ids: np.ndarray     # [3, B, S] M-RoPE ids of the new tokens
     rope_deltas: np.ndarray      # [B, 1] from mrope_position_ids: decode positions = real length + delta
     new_tokens: np.ndarray       # [B] real (not padding) tokens per row in `embeds`
+    deepstack: np.ndarray | None = None   # Qwen3-VL: [levels, B, S, H] vision features added after the first layers
 
 
-def decoder_step(decoder: Runner, cache, embeds: np.ndarray, position_ids: np.ndarray, new: np.ndarray) -> dict:
-    """One decoder call adding new[b] tokens to row b of `cache`; returns the graph's outputs (logits, next_token)."""
+def decoder_step(decoder: Runner, cache, embeds: np.ndarray, position_ids: np.ndarray, new: np.ndarray,
+                 deepstack: np.ndarray | None = None) -> dict:
+    """One decoder call adding new[b] tokens to row b of `cache`; returns the graph's outputs (logits, next_token).
+    deepstack: Qwen3-VL's [levels, B, S, H] vision features for these positions; zeros when not given (text, decode
+    steps) to a decoder that takes them."""
     feed = {names.INPUTS_EMBEDS: embeds, names.POSITION_IDS: position_ids, **cache.feed(new, embeds.shape[1])}
+    levels = deepstack_levels(decoder)
+    if levels:
+        feed[names.DEEPSTACK_EMBEDS] = deepstack if deepstack is not None else \
+            np.zeros((levels, *embeds.shape), embeds.dtype)
     outputs = decoder.infer(feed, cache.bindings())
     cache.advance(outputs, new)
     return outputs
 
 
+def deepstack_levels(decoder: Runner) -> int:
+    """How many DeepStack levels a decoder takes (Qwen3-VL), 0 when it takes none."""
+    meta = decoder.input_metadata().get(names.DEEPSTACK_EMBEDS)
+    return int(meta.shape[0]) if meta is not None else 0
+
+
 def prefill(decoder: Runner, cache, prompt: Prompt) -> dict:
-    return decoder_step(decoder, cache, prompt.embeds, prompt.position_ids, prompt.new_tokens)
+    return decoder_step(decoder, cache, prompt.embeds, prompt.position_ids, prompt.new_tokens, prompt.deepstack)
 
 
 def decode_one_token(decoder: Runner, cache, embeddings, tokens: np.ndarray, rope_deltas: np.ndarray) -> dict:

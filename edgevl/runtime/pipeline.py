@@ -26,13 +26,16 @@ import numpy as np
 from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, load_artifact
 from edgevl.errors import EdgevlError
+from edgevl.runtime.backends.runner import Runner
 from edgevl.runtime.backends.table import Backend, BackendOptions, get_backend
-from edgevl.runtime.inputs.budget import PromptTooLong
 from edgevl.runtime.constrained import GrammarCompiler
 from edgevl.runtime.embeddings import EmbeddingTable
 from edgevl.runtime.generate import Decoding, Prompt, Result, Sequence, Timings, generate
 from edgevl.runtime.guide import Guide, OutputOptions
-from edgevl.runtime.inputs.plan import InputPlan, decode_inputs, image_patches, plan_inputs, video_patches
+from edgevl.runtime.inputs.budget import PerFramePixels, PromptTooLong
+from edgevl.runtime.inputs.plan import InputPlan, VideoPatches, decode_inputs, image_patches, plan_inputs, video_patches
+from edgevl.runtime.inputs.qwen3_vl_prompt import expand_video_placeholders, timestamp_text
+from edgevl.runtime.inputs.qwen3_vl_video import ClipPixels
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.runtime.inputs.prompt import (
     StreamDecoder,
@@ -40,10 +43,10 @@ from edgevl.runtime.inputs.prompt import (
     expand_vision_pads,
     user_message,
 )
-from edgevl.runtime.inputs.rope_index import mrope_position_ids, vision_rotary_position_ids
+from edgevl.runtime.inputs.rope_index import mrope_position_ids, qwen3_vl_mrope_position_ids
 from edgevl.runtime.sampling import SamplingOptions
+from edgevl.runtime.vision import VisionEncoder, VisionFeatures, scatter_vision
 from edgevl.runtime.inputs.template import ChatTemplate
-from edgevl.runtime.inputs.windows import window_layout
 
 IMAGE_PAD = "<|image_pad|>"
 VIDEO_PAD = "<|video_pad|>"
@@ -59,6 +62,7 @@ class PreparedPrompt:
     video_pixel_values: list[np.ndarray] = field(default_factory=list)  # per video [t*h*w, C*T*P*P]
     video_grids: list[tuple[int, int, int]] = field(default_factory=list)
     video_seconds: list[float] = field(default_factory=list)   # per video: seconds per temporal patch
+    video_timestamps: list[tuple[float, ...]] = field(default_factory=list)  # per video: each patch's time (Qwen3-VL)
 
 
 class Pipeline:
@@ -78,11 +82,24 @@ class Pipeline:
         self.generation_config = artifact.read_json("generation_config.json")
         vision, decoder = self.backend.graphs(artifact)
         self.decoder_spec = decoder.spec
-        self.vision, self.decoder = self.backend.load([vision, decoder])
+        vision_runner, self.decoder = self.backend.load([vision, decoder])
+        self.vision_encoder = VisionEncoder(vision_runner, self.config, self.image_settings.merge_size)
+        self._timestamp_tokens: dict[str, int] = {}     # `<1.5 seconds>` -> its tokens (Qwen3-VL's video text)
+        self.frame_planner = ClipPixels(self.video_settings, self.video_text_tokens) if self.config.timestamped_video \
+            else PerFramePixels(self.video_settings)
         self.dtype = self.decoder.input_metadata()[names.INPUTS_EMBEDS].dtype
         # Memory-mapped: only the rows of tokens actually used are read from disk.
         self.embeddings = EmbeddingTable(artifact.manifest.embeddings, artifact.file, self.dtype)
         self.load_s = time.perf_counter() - t0
+
+    @property
+    def vision(self) -> Runner:
+        """The vision graph's runner (held by the vision encoder, which feeds it)."""
+        return self.vision_encoder.runner
+
+    @vision.setter
+    def vision(self, runner: Runner) -> None:
+        self.vision_encoder.runner = runner
 
     @classmethod
     def load(cls, path, backend: Backend | str | None = None, verify: bool = True,
@@ -117,20 +134,21 @@ class Pipeline:
 
     def prepare_plan(self, plan: InputPlan) -> PreparedPrompt:
         """Decode a plan's images and videos (one at a time, a video's planned frames only), then tokenize."""
-        processed, processed_videos = decode_inputs(self, plan)
+        processed, videos = decode_inputs(self, plan)
         grids = [grid for _, grid in processed]
-        video_grids = [grid for _, grid, _ in processed_videos]
-        return PreparedPrompt(self.tokenize_messages(plan.messages, grids, video_grids, plan.tools),
-                              [pv for pv, _ in processed], grids, [pv for pv, _, _ in processed_videos], video_grids,
-                              [seconds for _, _, seconds in processed_videos])
+        video_grids = [v.grid for v in videos]
+        timestamps = [v.timestamps for v in videos]
+        return PreparedPrompt(self.tokenize_messages(plan.messages, grids, video_grids, plan.tools, timestamps),
+                              [pv for pv, _ in processed], grids, [v.pixel_values for v in videos], video_grids,
+                              [v.seconds for v in videos], timestamps)
 
     def image_patches(self, images) -> list[tuple[np.ndarray, tuple[int, int, int]]]:
         """Paths, bytes, PIL images or ImageInputs -> (pixel_values, grid) per image."""
         return image_patches(self, images)
 
-    def video_patches(self, videos) -> list[tuple[np.ndarray, tuple[int, int, int], float]]:
-        """Paths (sampled at 2 fps), VideoInputs or `VideoClip`s -> (pixel_values, grid, seconds per temporal patch)
-        per video, without a token budget (`plan_messages` fits videos to the context)."""
+    def video_patches(self, videos) -> list[VideoPatches]:
+        """Paths (sampled at 2 fps), VideoInputs or `VideoClip`s -> VideoPatches per video, without a token budget
+        (`plan_messages` fits videos to the context)."""
         return video_patches(self, videos)
 
     @property
@@ -138,47 +156,58 @@ class Pipeline:
         return self.video_settings.temporal_patch_size
 
     def tokenize_messages(self, messages: list[dict], grids: list[tuple[int, int, int]],
-                          video_grids: list[tuple[int, int, int]] = (), tools: list[dict] | None = None) -> np.ndarray:
-        """Chat template -> one vision pad per merged vision token -> token ids [S]."""
+                          video_grids: list[tuple[int, int, int]] = (), tools: list[dict] | None = None,
+                          video_timestamps: list = ()) -> np.ndarray:
+        """Chat template -> one vision pad per merged vision token -> token ids [S]. Qwen3-VL: each video's
+        temporal patches as timestamped blocks (`<1.5 seconds><|vision_start|>pads<|vision_end|>`, one per entry
+        of video_timestamps[i])."""
         text = self.template.render(messages, **({"tools": tools} if tools else {}))
         text = expand_vision_pads(text, IMAGE_PAD, grids, self.image_settings.merge_size)
-        text = expand_vision_pads(text, VIDEO_PAD, list(video_grids), self.video_settings.merge_size)
+        if self.config.timestamped_video:
+            patches = [((len(ts), h, w), ts) for (_, h, w), ts in zip(video_grids, video_timestamps)]
+            text = expand_video_placeholders(text, patches, self.video_settings.merge_size)
+        else:
+            text = expand_vision_pads(text, VIDEO_PAD, list(video_grids), self.video_settings.merge_size)
         return self.tokenizer.encode_bounded(text, self.max_context)
 
+    def video_text_tokens(self, timestamps) -> int:
+        """Tokens of the text around a video's temporal patches: Qwen3-VL's timestamps and vision start / end of
+        each; 0 for the families whose videos are one run of pads."""
+        if not self.config.timestamped_video:
+            return 0
+        counts = self._timestamp_tokens
+        for t in timestamps:
+            text = timestamp_text(t)
+            if text not in counts:
+                counts[text] = len(self.tokenizer.encode(text))
+        return sum(counts[timestamp_text(t)] + 2 for t in timestamps)
+
+    def encode(self, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> VisionFeatures:
+        """[t*h*w, D] patches -> the image's (or video's) features: one vision call per temporal patch, each
+        attending alone (runtime/vision.py)."""
+        return self.vision_encoder(pixel_values, grid)
+
     def encode_image(self, pixel_values: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
-        """[t*h*w, D] patches -> [t*h*w/merge^2, hidden] embeddings; each temporal patch attends alone.
-        Qwen2.5-VL: the patches go in window order with their windows, the embeddings come back in order."""
-        t, h, w = grid
-        merge = self.image_settings.merge_size
-        rotary = vision_rotary_position_ids((1, h, w), merge)
-        cfg = self.config
-        layout = (window_layout(h, w, merge, cfg.vision_window_size, cfg.patch_size) if cfg.vision_window_size
-                  else None)
-        dtype = self.vision.input_metadata()[names.PIXEL_VALUES].dtype
-        out = []
-        for frame in np.split(pixel_values.astype(dtype), t):
-            if layout is None:
-                feed = {names.PIXEL_VALUES: frame, names.ROTARY_POS_IDS: rotary}
-            else:
-                feed = {names.PIXEL_VALUES: frame[layout.patch_order], names.ROTARY_POS_IDS: rotary[layout.patch_order],
-                        **layout.feed()}
-            embeds = self.vision.infer(feed)[names.IMAGE_EMBEDS]
-            out.append(embeds if layout is None else embeds[layout.restore])
-        return np.concatenate(out)
+        """[t*h*w, D] patches -> [t*h*w/merge^2, hidden] embeddings (`encode(...).embeds`)."""
+        return self.encode(pixel_values, grid).embeds
 
     def embed(self, input_ids: np.ndarray, image_embeds: list[np.ndarray],
               video_embeds: list[np.ndarray] = ()) -> np.ndarray:
         """input_ids [S] -> [S, hidden] with image/video pad rows replaced by vision embeddings, in order."""
-        embeds = self.embeddings.rows(input_ids)
-        for kind, token, vision in (("image", self.config.image_token_id, image_embeds),
-                                    ("video", self.config.video_token_id, video_embeds)):
-            slots = np.flatnonzero(input_ids == token)
-            rows = np.concatenate(vision).astype(self.dtype) if len(vision) else np.zeros((0, embeds.shape[1]))
-            if len(rows) != len(slots):
-                raise EdgevlError(f"{len(slots)} {kind} tokens in the prompt but {len(rows)} "
-                                  f"embeddings for them.")
-            embeds[slots] = rows
-        return embeds
+        return scatter_vision(input_ids, self.embeddings.rows(input_ids), self._vision_rows(image_embeds, video_embeds))
+
+    def deepstack(self, input_ids: np.ndarray, image_levels: list[np.ndarray | None],
+                  video_levels: list[np.ndarray | None] = ()) -> np.ndarray | None:
+        """Qwen3-VL: the DeepStack features [levels, S, hidden] of a prompt, each image's and video's levels at its
+        pad rows, zeros elsewhere; None for a model without DeepStack."""
+        levels = len(self.config.vision_deepstack_indexes)
+        if not levels:
+            return None
+        base = np.zeros((levels, len(input_ids), self.config.hidden_size), self.dtype)
+        return scatter_vision(input_ids, base, self._vision_rows(image_levels, video_levels), axis=1)
+
+    def _vision_rows(self, images: list, videos: list) -> dict:
+        return {"image": (self.config.image_token_id, list(images)), "video": (self.config.video_token_id, list(videos))}
 
     # ------------------------------------------------------------------ generation
     def decoding(self, max_new_tokens: int = 128, stop=(), output: OutputOptions | None = None,
@@ -219,20 +248,25 @@ class Pipeline:
         longest = max(len(r.input_ids) for r in rows)
         self.check_context(longest)       # before the vision encoder: a long video is refused cheaply
         t0 = time.perf_counter()
-        row_embeds = [self.embed(r.input_ids, *self.encode_vision(r)) for r in rows]
+        features = [self.encode_vision(r) for r in rows]
+        row_embeds = [self.embed(r.input_ids, [f.embeds for f in im], [f.embeds for f in vid])
+                      for r, (im, vid) in zip(rows, features)]
+        row_levels = [self.deepstack(r.input_ids, [f.deepstack for f in im], [f.deepstack for f in vid])
+                      for r, (im, vid) in zip(rows, features)]
         timings = Timings(preprocess_s=preprocess_s, vision_s=time.perf_counter() - t0)
         cache = self.new_cache(len(rows))
         ids, mask, embeds = self._pad(rows, row_embeds, longest, cache.padding)
+        deepstack = self._pad_levels(rows, row_levels, longest, cache.padding)
         position_ids, rope_deltas = self.positions(ids, mask, [g for r in rows for g in r.grids],
                                                    [g for r in rows for g in r.video_grids],
                                                    [s for r in rows for s in r.video_seconds])
-        prompt = Prompt(embeds, ids, position_ids, rope_deltas, mask.sum(1))
+        prompt = Prompt(embeds, ids, position_ids, rope_deltas, mask.sum(1), deepstack)
         return self.decode(prompt, mask, cache, decoding, on_text, on_logprobs, timings)
 
-    def encode_vision(self, row: PreparedPrompt) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Embeddings per image and per video (a video is a t > 1 grid through the same graph)."""
-        return ([self.encode_image(pv, g) for pv, g in zip(row.pixel_values, row.grids)],
-                [self.encode_image(pv, g) for pv, g in zip(row.video_pixel_values, row.video_grids)])
+    def encode_vision(self, row: PreparedPrompt) -> tuple[list[VisionFeatures], list[VisionFeatures]]:
+        """Features per image and per video (a video is a t > 1 grid through the same graph)."""
+        return ([self.encode(pv, g) for pv, g in zip(row.pixel_values, row.grids)],
+                [self.encode(pv, g) for pv, g in zip(row.video_pixel_values, row.video_grids)])
 
     def check_context(self, length: int) -> None:
         if length >= self.max_context:
@@ -250,10 +284,14 @@ class Pipeline:
         video_seconds: per video, seconds per temporal patch (Qwen2.5-VL spaces video time ids by them)."""
         def as_array(g):
             return np.array(g, np.int64).reshape(-1, 3) if len(g) else None
-        tps = self.config.tokens_per_second
+        cfg = self.config
+        if cfg.timestamped_video:       # Qwen3-VL: each temporal patch of a video is its own (1, h, w) run of pads
+            return qwen3_vl_mrope_position_ids(ids, mask, cfg.image_token_id, cfg.video_token_id, as_array(grids),
+                                               as_array(video_grids), cfg.spatial_merge_size)
+        tps = cfg.tokens_per_second
         intervals = [np.float32(tps) * np.float32(s) for s in video_seconds] if tps is not None else None
-        return mrope_position_ids(ids, mask, self.config.image_token_id, self.config.video_token_id,
-                                  as_array(grids), as_array(video_grids), self.config.spatial_merge_size, intervals)
+        return mrope_position_ids(ids, mask, cfg.image_token_id, cfg.video_token_id,
+                                  as_array(grids), as_array(video_grids), cfg.spatial_merge_size, intervals)
 
     def new_cache(self, batch: int):
         """An empty KV cache of the kind the decoder graph has (kv_cache.py), for `batch` rows."""
@@ -304,6 +342,16 @@ class Pipeline:
         """The token padding rows and fed to finished rows: the model's pad token, else its first EOS."""
         pad = self.config.pad_token_id
         return int(pad if pad is not None else self.config.eos_token_id[0])
+
+    def _pad_levels(self, rows, row_levels, length: int, side: str) -> np.ndarray | None:
+        """DeepStack rows padded like `_pad`'s embeds: [levels, B, L, hidden], zeros at padding; None without."""
+        if row_levels[0] is None:
+            return None
+        out = np.zeros((row_levels[0].shape[0], len(rows), length, row_levels[0].shape[2]), self.dtype)
+        for b, (row, levels) in enumerate(zip(rows, row_levels)):
+            n = len(row.input_ids)
+            out[:, b, slice(length - n, length) if side == "left" else slice(0, n)] = levels
+        return out
 
     def _pad(self, rows, row_embeds, length: int, side: str):
         """Pad every row to `length` on `side` ("left" | "right", the cache's): ids and mask [B, L] int64,

@@ -67,8 +67,17 @@ class OnnxrtRunner:
     def infer(self, feed: dict, bindings: dict | None = None) -> dict:
         self._require_active()
         if not bindings and all(isinstance(v, np.ndarray) for v in feed.values()):
-            return dict(zip(self._outputs, self.session.run(None, feed, self._arena_policy(feed))))
+            return dict(zip(self._outputs, self.session.run(None, self._in_graph_types(feed), self._arena_policy(feed))))
         return self._run_bound(feed, bindings or {}, self._arena_policy(feed))
+
+    def _in_graph_types(self, feed: dict) -> dict:
+        """Float arrays in the float type the graph declares (the runtime computes inputs in float32; an fp16
+        graph takes float16), as the IO-binding path and the TensorRT runner copy them in."""
+        out = {}
+        for name, value in feed.items():
+            want = self._meta[name].dtype if name in self._meta else value.dtype
+            out[name] = value.astype(want) if value.dtype != want and value.dtype.kind == want.kind == "f" else value
+        return out
 
     def _arena_policy(self, feed: dict):
         """RunOptions that shrink the CPU arena after this call when its input shapes are new (or None)."""

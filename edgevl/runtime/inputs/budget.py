@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import numpy as np
 
@@ -110,6 +111,7 @@ class VideoPlan:
     settings: ImageProcessorSettings        # the processor settings for these frames: `size` stays as it is
     sampled: int                            # frames the sampling alone asked for (more once fitted)
     fitted: bool = False                    # fewer or smaller frames than the video processor alone gives
+    text_tokens: int = 0                    # Qwen3-VL: the timestamps and vision start / end around each patch
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -118,7 +120,29 @@ class VideoPlan:
 
     @property
     def tokens(self) -> int:
-        return grid_tokens(self.grid, self.settings.merge_size)
+        return grid_tokens(self.grid, self.settings.merge_size) + self.text_tokens
+
+
+class FramePlanner(Protocol):
+    """How a model family samples and sizes a video's frames: `plan` (fitted to `budget` tokens when given,
+    PromptTooLong when it cannot be) and `smallest` (the fewest tokens a video can cost)."""
+
+    def plan(self, meta: VideoMeta, sampling: FrameSampling, budget: int | None = None) -> VideoPlan: ...
+    def smallest(self, meta: VideoMeta) -> int: ...
+
+
+@dataclass(frozen=True)
+class PerFramePixels:
+    """Qwen2-VL / Qwen2.5-VL: frames sampled in pairs at `fps`, each resized within the per-frame pixel bounds
+    (`plan_video`, `smallest_video_tokens`)."""
+
+    settings: ImageProcessorSettings
+
+    def plan(self, meta: VideoMeta, sampling: FrameSampling, budget: int | None = None) -> VideoPlan:
+        return plan_video(meta, self.settings, sampling, budget)
+
+    def smallest(self, meta: VideoMeta) -> int:
+        return smallest_video_tokens(meta, self.settings)
 
 
 def plan_video(meta: VideoMeta, settings: ImageProcessorSettings, sampling: FrameSampling = FrameSampling(),
@@ -173,18 +197,18 @@ class PromptCost:
 
 
 def fit_prompt(context: int, cost: PromptCost, videos: list[tuple[VideoMeta, FrameSampling]],
-               settings: ImageProcessorSettings) -> list[VideoPlan]:
+               planner: FramePlanner) -> list[VideoPlan]:
     """A plan per video such that the whole prompt leaves one position of `context` free; PromptTooLong with
     the numbers when even the videos' smallest form does not fit."""
     free = context - 1 - cost.total
-    plans = [plan_video(meta, settings, sampling) for meta, sampling in videos]
+    plans = [planner.plan(meta, sampling) for meta, sampling in videos]
     if sum(p.tokens for p in plans) <= free:
         return plans
-    least = [smallest_video_tokens(meta, settings) for meta, _ in videos]
+    least = [planner.smallest(meta) for meta, _ in videos]
     if sum(least) > free:
         raise _too_long(context, cost, least)
     shares = _shares(free, least, [p.tokens for p in plans])
-    return [plan_video(meta, settings, sampling, share) for (meta, sampling), share in zip(videos, shares)]
+    return [planner.plan(meta, sampling, share) for (meta, sampling), share in zip(videos, shares)]
 
 
 def _shares(free: int, least: list[int], wanted: list[int]) -> list[int]:

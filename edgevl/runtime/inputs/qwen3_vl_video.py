@@ -19,10 +19,14 @@ Checked against transformers' recorded outputs in tests/test_qwen3_vl_video.py (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 
+from edgevl.artifact.processors import ImageProcessorSettings
 from edgevl.errors import EdgevlError
+from edgevl.runtime.inputs.budget import FrameSampling, PromptTooLong, VideoMeta, VideoPlan
 
 # Qwen3VLVideoProcessor's class defaults (the hub's video_preprocessor_config.json has the same).
 DEFAULT_FPS = 2.0
@@ -113,3 +117,67 @@ def video_grid(num_frames: int, height: int, width: int, min_pixels: int, max_pi
     budget = frame_pixel_budget(num_frames, min_pixels, max_pixels, factor, cap_pixels_per_frame, max_video_tokens)
     h, w = resized_frame_size(num_frames, height, width, min_pixels, budget, factor, temporal_patch_size)
     return -(-num_frames // temporal_patch_size), h // patch_size, w // patch_size
+
+
+# ----------------------------------------------------------------------------- planning against the context
+@dataclass(frozen=True)
+class ClipPixels:
+    """Qwen3-VL's FramePlanner (budget.py): frames at `linspace`, all of them resized within one pixel budget over
+    the whole clip, each temporal patch announced by its timestamp. `text_tokens(timestamps)`: the tokens of the
+    text around a video's patches (timestamps, vision start / end), from the model's tokenizer.
+
+    A video that does not fit `budget` tokens is fitted the way the processor's own budget works: a smaller
+    total-pixel budget first (frames get smaller together, down to the processor's minimum), then fewer frames
+    (sampled over the whole video), refused only when two frames at the smallest size do not fit."""
+
+    settings: ImageProcessorSettings
+    text_tokens: Callable[[list[float]], int]
+
+    def plan(self, meta: VideoMeta, sampling: FrameSampling, budget: int | None = None) -> VideoPlan:
+        plan = self._plan(meta, sampling, sampling.max_frames, self.settings.max_pixels)
+        if budget is None or plan.tokens <= budget:
+            return plan
+        frames = len(plan.indices)
+        while frames >= self.settings.temporal_patch_size:
+            fitted = self._fit_pixels(meta, sampling, frames, budget)
+            if fitted is not None:
+                return replace(fitted, sampled=plan.sampled, fitted=True)
+            frames //= 2
+        least = self.smallest(meta)
+        raise PromptTooLong(f"the video needs at least {least} tokens (2 frames at the smallest size) but only "
+                            f"{budget} are left in the context.", least, budget)
+
+    def smallest(self, meta: VideoMeta) -> int:
+        s = self.settings
+        return self._plan(meta, FrameSampling(max_frames=s.temporal_patch_size), s.temporal_patch_size,
+                          s.min_pixels).tokens
+
+    def _fit_pixels(self, meta: VideoMeta, sampling: FrameSampling, frames: int, budget: int) -> VideoPlan | None:
+        """The largest total-pixel budget whose plan of `frames` frames fits `budget` tokens, or None."""
+        s = self.settings
+        low, high = s.min_pixels, s.max_pixels
+        best = None
+        for _ in range(40):                          # bisection over the pixel budget: a few dozen steps at most
+            if low > high:
+                break
+            mid = (low + high) // 2
+            plan = self._plan(meta, sampling, frames, mid)
+            if plan.tokens <= budget:
+                best, low = plan, mid + 1
+            else:
+                high = mid - 1
+        return best
+
+    def _plan(self, meta: VideoMeta, sampling: FrameSampling, max_frames: int, max_pixels: int) -> VideoPlan:
+        s = self.settings
+        indices = sample_frame_indices(meta.total_frames, meta.source_fps, sampling.fps,
+                                       min(sampling.min_frames, max_frames), max_frames)
+        if len(indices) < s.temporal_patch_size:     # transformers' processor refuses a one-frame video too
+            raise EdgevlError(f"the video has {meta.total_frames} frame(s); at least {s.temporal_patch_size} are "
+                              f"needed.")
+        h, w = resized_frame_size(len(indices), meta.height, meta.width, min(s.min_pixels, max_pixels), max_pixels,
+                                  s.factor, s.temporal_patch_size)
+        # The frames are resized once, while they are decoded; the per-frame settings keep them at that size.
+        exact = replace(s, min_pixels=min(s.min_pixels, h * w), max_pixels=h * w)
+        times = frame_timestamps(indices, meta.source_fps, s.temporal_patch_size)
+        return VideoPlan(indices, (h, w), exact, len(indices), text_tokens=self.text_tokens(times))

@@ -71,6 +71,7 @@ from edgevl.serve.scheduler.heap import trim_heap
 from edgevl.runtime.kv_cache import make_cache
 from edgevl.serve.scheduler.prefix_cache import PadTokens, RowPrefixes, cached_vision, prompt_key
 from edgevl.runtime.sampling import HostOutputs
+from edgevl.runtime.vision import VisionFeatures
 
 # Calls with more than one row run an even number of them (decode steps get a pad row, prefill chunks are even):
 # onnxruntime's CPU MatMulNBits (w4a16, 8-bit) computes rows two at a time and an odd last row with its one-row
@@ -83,7 +84,7 @@ ROW_MULTIPLE = 2
 # ----------------------------------------------------------------------------- per-row pieces
 def vision_calls(prompt) -> list[tuple[str, int, np.ndarray, tuple[int, int, int]]]:
     """The vision encoder calls a prompt needs, one per image and per temporal patch of a video, as
-    Pipeline.encode_image makes them: (kind, index of the image or video, its patches, grid (1, h, w))."""
+    Pipeline.encode makes them: (kind, index of the image or video, its patches, grid (1, h, w))."""
     calls = []
     for kind, pixels, grids in (("image", prompt.pixel_values, prompt.grids),
                                 ("video", prompt.video_pixel_values, prompt.video_grids)):
@@ -102,9 +103,10 @@ class Slot:
     prompt: object                                  # PreparedPrompt
     reply: Sequence
     vision: list = field(default_factory=list)      # vision_calls still to run
-    vision_out: dict = field(default_factory=dict)  # kind -> per image/video, its calls' embeddings
+    vision_out: dict = field(default_factory=dict)  # kind -> per image/video, its calls' VisionFeatures
     key: np.ndarray | None = None                   # prefix_cache.prompt_key of the prompt (with prefix_cache)
     embeds: np.ndarray | None = None                # [S, H] once vision is done
+    deepstack: np.ndarray | None = None             # Qwen3-VL: [levels, S, H] once vision is done
     position_ids: np.ndarray | None = None          # [3, 1, S]
     rope_deltas: np.ndarray | None = None           # [1, 1]
     prefilled: int = 0                              # prompt tokens in the cache
@@ -264,7 +266,7 @@ class BatchScheduler(SchedulerBase):
         out = {"image": [[] for _ in prompt.grids], "video": [[] for _ in prompt.video_grids]}
         cached = cached_vision(prompt, keep, self.pads) if keep else {}
         for (kind, index), count in cached.items():     # in the cache already: zeros stand in for rows no call reads
-            out[kind][index] = [np.zeros((count, self.pipe.config.hidden_size), np.float32)]
+            out[kind][index] = [self._stand_in(count)]
         calls = [c for c in vision_calls(prompt) if (c[0], c[1]) not in cached]
         now = time.perf_counter()
         slot = Slot(job, row, prompt, None, calls, out, key=key, prefilled=keep, joined=now)
@@ -274,6 +276,13 @@ class BatchScheduler(SchedulerBase):
         if keep:
             self.observer.cached_tokens(keep)
         return slot
+
+    def _stand_in(self, count: int) -> VisionFeatures:
+        """Features for `count` vision rows already in a kept cache: zeros, never read by a call."""
+        levels = len(self.pipe.config.vision_deepstack_indexes)
+        hidden = self.pipe.config.hidden_size
+        return VisionFeatures(np.zeros((count, hidden), np.float32),
+                              np.zeros((levels, count, hidden), np.float32) if levels else None)
 
     def _teller(self, slot: Slot, tell):
         """A reply's on_text / on_logprobs: the job's, after telling it the reply has started."""
@@ -309,7 +318,7 @@ class BatchScheduler(SchedulerBase):
         t0 = time.perf_counter()
         if slot.vision:
             kind, index, pixels, grid = slot.vision.pop(0)
-            slot.vision_out[kind][index].append(self.pipe.encode_image(pixels, grid))
+            slot.vision_out[kind][index].append(self.pipe.vision_encoder.call(pixels, grid))
             slot.timings.vision_s += time.perf_counter() - t0
             return
         if slot.embeds is None:
@@ -317,7 +326,8 @@ class BatchScheduler(SchedulerBase):
         start = slot.prefilled
         stop = min(slot.length, start + self.prefill_chunk) if chunked else slot.length
         outputs = decoder_step(self.pipe.decoder, self.cache.rows(slot.row, slot.row + 1), slot.embeds[None, start:stop],
-                               slot.position_ids[:, :, start:stop], np.array([stop - start], np.int64))
+                               slot.position_ids[:, :, start:stop], np.array([stop - start], np.int64),
+                               None if slot.deepstack is None else slot.deepstack[:, None, start:stop])
         slot.prefilled = stop
         slot.timings.prefill_s += time.perf_counter() - t0
         if stop == slot.length:
@@ -327,13 +337,13 @@ class BatchScheduler(SchedulerBase):
     def _prompt_inputs(self, slot: Slot) -> None:
         """Embeddings (vision rows scattered in) and M-RoPE positions of the whole prompt, as Pipeline makes them."""
         p = slot.prompt
-        images = [np.concatenate(parts) for parts in slot.vision_out["image"]]
-        videos = [np.concatenate(parts) for parts in slot.vision_out["video"]]
-        slot.embeds = self.pipe.embed(p.input_ids, images, videos)
+        images = [VisionFeatures.concat(parts) for parts in slot.vision_out["image"]]
+        videos = [VisionFeatures.concat(parts) for parts in slot.vision_out["video"]]
+        slot.embeds = self.pipe.embed(p.input_ids, [f.embeds for f in images], [f.embeds for f in videos])
+        slot.deepstack = self.pipe.deepstack(p.input_ids, [f.deepstack for f in images], [f.deepstack for f in videos])
         ids = np.asarray(p.input_ids)[None]
-        extra = (p.video_seconds,) if getattr(p, "video_seconds", None) else ()   # Qwen2.5-VL video time ids
         slot.position_ids, slot.rope_deltas = self.pipe.positions(ids, np.ones_like(ids), list(p.grids),
-                                                                list(p.video_grids), *extra)
+                                                                list(p.video_grids), p.video_seconds)
 
     def _decode(self, slots: list[Slot]) -> None:
         """One decode step of rows 0..hi-1: each decoding row feeds its chosen token; the others a pad token at
