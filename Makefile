@@ -1,7 +1,7 @@
 # edgevl: set-up, demo and tests on a fresh machine.
 #   make setup   virtual environment in .venv with the runtime, the export extra and test tools
 #   make demo    build a tiny random Qwen2-VL, export it, run it on a real photograph
-#   make test    the whole test suite (CPU, a few minutes)
+#   make test    the whole test suite (CPU, ~6 minutes on 2 cores; TEST_JOBS=1 for one process)
 #   make bench   edgevl vs transformers on this CPU -> benchmarks/results/cpu-<machine>.{json,md,png}
 #                (PRESET=qwen2.5-vl-3b-l4 make bench: the Qwen2.5-VL-3B-shaped model -> cpu-<preset>-<machine>.*)
 #   make bench-peers    set up llama.cpp (built from source) and OpenVINO GenAI, each in its own environment
@@ -48,8 +48,11 @@ demo: $(ART)/tiny-export/manifest.json $(ART)/astronaut.png
 		--prompt "Describe this image." --max-new-tokens 32
 	@echo "(random weights: the text above is meaningless; a real checkpoint gives real answers)"
 
+# Two workers (pytest-xdist): the suite's exports and parity runs are mostly single-threaded.
+TEST_JOBS ?= 2
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS)
 
 bench: setup
 	PY=$(PY) bash benchmarks/run_cpu.sh
