@@ -23,7 +23,7 @@ from edgevl.runtime.inputs.qwen3_vl_video import (
 )
 from edgevl.runtime.inputs.template import ChatTemplate
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[2] / "data"
 sys.path.insert(0, str(DATA))
 from qwen3_vl_cases import (  # noqa: E402
     CHAT_IMAGE,
@@ -38,7 +38,7 @@ from qwen3_vl_cases import (  # noqa: E402
 )
 
 REFERENCE = np.load(DATA / "qwen3_vl_reference.npz")
-ASSET_TEMPLATE = Path(__file__).parent.parent / "edgevl" / "synthetic" / "assets" / "qwen3_vl_chat_template.jinja"
+ASSET_TEMPLATE = Path(__file__).parents[3] / "edgevl" / "synthetic" / "assets" / "qwen3_vl_chat_template.jinja"
 MERGE, PATCH, TEMPORAL = 2, 16, 2
 
 

@@ -250,7 +250,7 @@ def test_the_docs_list_every_field_as_the_table_does():
 
     from edgevl.serve.fields import HONOURED, REFUSED
     rows = {}
-    for line in (Path(__file__).parents[1] / "docs" / "serve.md").read_text().splitlines():
+    for line in (Path(__file__).parents[2] / "docs" / "serve.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 2 and cells[0].startswith("`") and cells[1] in ("honoured", "refused"):
             rows[cells[0].strip("`")] = cells[1]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,9 @@ from edgevl.runtime.inputs.video import (
     preprocess_video,
     sample_frame_indices,
 )
+from tests.data.video_frames import SAMPLING_CASES, SETTINGS, synthetic_frames, write_video
 
-sys.path.insert(0, str(Path(__file__).parent / "data"))
-from video_frames import SAMPLING_CASES, SETTINGS, synthetic_frames, write_video  # noqa: E402
-
-REFERENCE = np.load(Path(__file__).parent / "data" / "video_reference.npz")
+REFERENCE = np.load(Path(__file__).parents[2] / "data" / "video_reference.npz")
 
 
 @pytest.mark.parametrize("case", range(len(SAMPLING_CASES)))

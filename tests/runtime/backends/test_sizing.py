@@ -3,7 +3,8 @@
 TensorRT checks all three corners of every profile against the network when it builds an engine, so a corner the
 graph cannot run (the old prefill profile's max: past c-1 + sequence c != total c) fails the build on the GPU. Here
 each corner runs through the exported `standard` graphs on onnxruntime's CPU EP, and the arithmetic is checked for
-many limits.
+many limits. Also the profiles built from the manifest (and the strings ort-trt takes), the buffer sizes that cover
+the largest shapes, and the KV-cache and weight memory arithmetic.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edgevl.artifact import load_artifact, names
+from edgevl.artifact import names
 from edgevl.errors import EdgevlError
 from edgevl.runtime.backends import sizing
+from edgevl.runtime.backends import table as backends
+
 
 SMALL = sizing.Limits(max_batch=2, max_context=24, max_image_patches=30)
-
-
-@pytest.fixture(scope="module")
-def art(tiny_artifact_standard):
-    return load_artifact(tiny_artifact_standard)
 
 
 @pytest.mark.parametrize("context", [2, 3, 7, 8, 9, 64, 4096, 32768])
@@ -104,3 +102,70 @@ def test_each_kind_of_call_finds_its_profile(art):
         sizing.select_profile(profiles, call(3500, 100))      # past the extend profile's 3c/4 cached tokens
     with pytest.raises(EdgevlError, match=r"--max-context"):
         sizing.select_profile(profiles, call(0, 5000))
+
+
+QWEN2_VL_2B = {"num_hidden_layers": 28, "num_key_value_heads": 2, "head_dim": 128, "max_position_embeddings": 32768}
+
+
+# ----------------------------------------------------------------------------- profiles and sizes
+def test_decoder_profiles_from_the_manifest(art):
+    limits = sizing.Limits(max_batch=2, max_context=256)
+    decode, prefill, extend = sizing.build_profiles("decoder", art.manifest.graph("decoder").inputs, limits, art.config)
+    hidden, kv, hd = art.config.hidden_size, art.config.num_key_value_heads, art.config.head_dim
+    assert (decode.name, prefill.name, extend.name) == ("decode", "prefill", "extend")
+    assert decode.shapes["inputs_embeds"] == ((1, 1, hidden), (1, 1, hidden), (2, 1, hidden))
+    assert decode.shapes["past_key_values.1.value"] == ((1, kv, 1, hd), (1, kv, 128, hd), (2, kv, 255, hd))
+    assert decode.shapes["attention_mask"] == ((1, 2), (1, 129), (2, 256))
+    assert prefill.shapes["position_ids"] == ((3, 1, 1), (3, 1, 256), (3, 2, 256))
+    assert prefill.shapes["past_key_values.0.key"][2] == (2, kv, 0, hd)       # prefill starts from an empty cache
+    assert extend.shapes["attention_mask"] == ((1, 3), (1, 192), (2, 256))    # 64 new tokens after 128 cached
+    assert len(decode.shapes) == 3 + 4 * art.config.num_hidden_layers // 2
+    # a decode step, a prompt, and a prompt too long for the engines
+    step = {"inputs_embeds": (1, 1, hidden), "attention_mask": (1, 41), "past_key_values.0.key": (1, kv, 40, hd)}
+    prompt = {"inputs_embeds": (1, 40, hidden), "attention_mask": (1, 40), "past_key_values.0.key": (1, kv, 0, hd)}
+    assert sizing.select_profile([decode, prefill, extend], step) == 0
+    assert sizing.select_profile([decode, prefill, extend], prompt) == 1
+    with pytest.raises(EdgevlError, match=r"attention_mask has shape \[1, 300\].*--max-context"):
+        sizing.select_profile([decode, prefill, extend], {**prompt, "attention_mask": (1, 300)})
+
+
+def test_vision_profile_and_ort_trt_strings(art):
+    (image,) = sizing.build_profiles("vision", art.manifest.graph("vision").inputs,
+                                     sizing.Limits(max_image_patches=2048), art.config)
+    assert image.shapes == {"pixel_values": ((4, 1176), (1024, 1176), (2048, 1176)),
+                            "rotary_pos_ids": ((4, 2), (1024, 2), (2048, 2))}
+    opts = sizing.ort_trt_profile_options([image])
+    assert opts == {"trt_profile_min_shapes": "pixel_values:4x1176,rotary_pos_ids:4x2",
+                    "trt_profile_opt_shapes": "pixel_values:1024x1176,rotary_pos_ids:1024x2",
+                    "trt_profile_max_shapes": "pixel_values:2048x1176,rotary_pos_ids:2048x2"}
+    provider = backends.ort_trt_provider_options(art.graph("decoder"), backends.BackendOptions(max_context=64))
+    assert provider["trt_fp16_enable"] is False and provider["trt_int8_enable"] is False
+    assert provider["trt_profile_max_shapes"].count("inputs_embeds:") == 3              # decode, prefill, extend
+    assert "past_key_values.0.key:1x2x0x16" in provider["trt_profile_min_shapes"]
+
+
+def test_buffer_sizes_cover_the_largest_shapes(art):
+    limits = sizing.Limits(max_batch=2, max_context=256, max_image_patches=400)
+    env = sizing.max_dims("decoder", limits, art.config)
+    assert env == {"batch": 2, "sequence": 256, "past_sequence": 255, "total_sequence": 256}
+    out = {v.name: v for v in art.manifest.graph("decoder").outputs}
+    kv, hd = art.config.num_key_value_heads, art.config.head_dim
+    assert sizing.max_tensor_bytes(out["present.0.key"], env) == 2 * kv * 256 * hd * 4
+    assert sizing.max_tensor_bytes(out["logits"], env) == 2 * art.config.vocab_size * 4
+    (embeds,) = art.manifest.graph("vision").outputs
+    assert sizing.eval_dim(embeds.shape[0], {"num_patches": 400}) == 100             # "(num_patches//4)"
+    with pytest.raises(EdgevlError):
+        sizing.eval_dim("__import__('os')", {})
+
+
+def test_kv_cache_and_weight_memory(art):
+    qwen2_vl_2b = dataclasses.replace(art.config, **QWEN2_VL_2B)
+    assert qwen2_vl_2b.kv_cache_bytes(1, 32768, 2) == 2 * 28 * 2 * 32768 * 128 * 2 == 939_524_096
+    assert qwen2_vl_2b.kv_cache_bytes(4, 4096, 4) == 2 * 28 * 4 * 2 * 4096 * 128 * 4
+    weights = sizing.weights_bytes(art)
+    assert weights["decoder"] == (art.path / "decoder.onnx").stat().st_size
+    vocab, hidden = art.manifest.embeddings.shape
+    assert weights["embeddings"] == vocab * hidden * 4
+    plan = sizing.memory_plan(art, 1, 1024)
+    assert plan["kv_cache"] == art.config.kv_cache_bytes(1, 1024, 4)
+    assert plan["device_total"] == weights["vision"] + weights["decoder"] + 2 * plan["kv_cache"]

@@ -1,4 +1,5 @@
-"""Multi-turn chat: KV cache reuse gives the same tokens as re-running the whole conversation."""
+"""Multi-turn chat (runtime/chat.py): KV cache reuse gives the same tokens as re-running the whole conversation, also
+on the device runners' code paths."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import numpy as np
 import pytest
 
 from edgevl.errors import EdgevlError
+from edgevl.runtime.backends import sizing
+from edgevl.runtime.backends.ort import OrtIoBindingRunner
+from edgevl.runtime.backends.ort_session import SessionFromOnnx
 from edgevl.runtime.chat import ChatSession
 from edgevl.runtime.inputs.prompt import user_message
 from edgevl.runtime.inputs.video import VideoClip
 from tests.data.video_frames import synthetic_frames
+from tests.fake_trt import fake_trt_runners
+from tests.swapped_runners import Swapped
 
 
 def _fresh_run(pipeline, messages, images, videos=(), **kwargs):
@@ -99,3 +105,25 @@ def test_a_failed_video_turn_leaves_the_conversation_as_it_was(pipeline, tmp_pat
         chat.send("What happens?", videos=[tmp_path / "missing.mp4"], max_new_tokens=4, do_sample=False)
     assert chat.messages == before[0] and np.array_equal(chat.cached_ids, before[1])
     assert chat.video_grids == [] and chat.videos == []
+
+
+def _chat(pipeline, photo):
+    from edgevl.runtime.chat import ChatSession
+    chat = ChatSession(pipeline)
+    first = chat.send("What is in this image?", images=[photo], max_new_tokens=8, do_sample=False)
+    second = chat.send("And what colour is it?", max_new_tokens=8, do_sample=False)
+    return first.token_ids, second.token_ids, chat.last_prefill_tokens
+
+
+def test_chat_reuses_a_device_cache(pipeline, standard_pipeline, photos, art):
+    """Multi-turn chat (cache kept, then cut to the common prefix) on the device runners' code paths:
+    the in-place cache on the IO-binding runner, the concat cache on it and on the TensorRT runner."""
+    expected = _chat(pipeline, photos["coffee"])
+    for pipe in (pipeline, standard_pipeline):
+        io = OrtIoBindingRunner(SessionFromOnnx(pipe.artifact.graph_path("decoder")), device="cpu")
+        io.activate()
+        with Swapped(pipe, pipe.vision, io):
+            assert _chat(pipe, photos["coffee"]) == expected
+    runners, _ = fake_trt_runners(art, sizing.Limits(max_context=1024, max_image_patches=2048))
+    with Swapped(standard_pipeline, runners["vision"], runners["decoder"]):
+        assert _chat(standard_pipeline, photos["coffee"]) == expected

@@ -1,49 +1,59 @@
-"""trt.py against the Python API of every TensorRT edgevl supports, recorded from the real bindings wheels
+"""runtime/backends/trt.py: the engine cache key and build options, the M-RoPE inlining the engine backends build
+from, the TensorRT runner's profiles, buffers and KV ping-pong over a stand-in engine and host memory, and trt.py
+against the Python API of every TensorRT edgevl supports, recorded from the real bindings wheels
 (tests/data/trt_api/, benchmarks/trt_api_surface.py): 10.3 (JetPack 6), 10.13 .. 10.16, 11.0 .. 11.4.
 
 The builder and the runner run against a `tensorrt` module with exactly one version's names (tests/fake_trt.py):
 a name that version lacks fails as it would there. TensorRT 11 removed BuilderFlag.FP16 / INT8 (networks are
 always strongly typed), so --precision fp16 / int8 is a sentence there and a weakly typed build on 10.x. And the
-TensorRT EP options backends.py passes exist in onnxruntime-gpu 1.31.1's TensorRT EP (tests/data/ort_gpu/).
+TensorRT EP options table.py passes exist in onnxruntime-gpu 1.31.1's TensorRT EP (tests/data/ort_gpu/).
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgevl.artifact import load_artifact, names
+from edgevl.artifact import names
+from edgevl.artifact.folder import Artifact, GraphFile
 from edgevl.errors import EdgevlError
-from edgevl.runtime.backends import table as backends
 from edgevl.runtime.backends import sizing, trt
+from edgevl.runtime.backends import table as backends
+from edgevl.runtime.backends.ort import OnnxrtRunner
+from edgevl.runtime.backends.ort_session import SessionFromOnnx
+from edgevl.runtime.compare import compare_outputs
 from tests.fake_trt import (
     CheckedEngine,
     FakeBuild,
     FakeEngine,
     HostMemory,
     fake_tensorrt,
+    fake_trt_runners,
     recorded_versions,
     surface,
 )
+from tests.swapped_runners import Swapped, greedy_tokens
+
 
 VERSIONS = recorded_versions()
-ORT_GPU = json.loads((Path(__file__).parent / "data" / "ort_gpu" / "onnxruntime-gpu-1.31.1.json").read_text())
+
+
+ORT_GPU = json.loads((Path(__file__).parents[2] / "data" / "ort_gpu" / "onnxruntime-gpu-1.31.1.json").read_text())
+
+
 LIMITS = sizing.Limits(max_batch=1, max_context=32, max_image_patches=64)
 
 
 def _major(version: str) -> int:
     return int(version.split(".")[0])
-
-
-@pytest.fixture(scope="module")
-def art(tiny_artifact_standard):
-    return load_artifact(tiny_artifact_standard)
 
 
 def test_every_supported_version_is_recorded():
@@ -169,3 +179,69 @@ def test_tensorrt_ep_options_exist_in_onnxruntime_gpu(art, monkeypatch, tmp_path
             assert not unknown, unknown
     links = ORT_GPU["links"]["tensorrt"]            # what the advice in runtime/backends/packages.py is about
     assert {"libnvinfer.so.10", "libnvonnxparser.so.10", "libcudart.so.13"} <= set(links)
+
+
+# ----------------------------------------------------------------------------- engine cache keys
+def test_engine_cache_key_is_stable_and_changes_with_every_input():
+    base = dict(graph_sha="a" * 64, gpu_name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0),
+                trt_version="10.3.0", options={"precision": "graph", "profiles": [["decode", [["x", [1]]]]]})
+    key = trt.engine_cache_key(**base)
+    assert key == trt.engine_cache_key(**dict(base)) and len(key) == 32
+    changes = [{"graph_sha": "b" * 64}, {"gpu_name": "Orin"}, {"compute_capability": (8, 7)},
+               {"trt_version": "10.4.0"}, {"options": {**base["options"], "precision": "fp16"}},
+               {"options": {**base["options"], "profiles": [["decode", [["x", [2]]]]]}}]
+    assert len({trt.engine_cache_key(**{**base, **c}) for c in changes} | {key}) == len(changes) + 1
+
+
+def test_graph_digest_and_build_options_key(art, tmp_path):
+    digest = art.graph("decoder").digest
+    assert digest == art.graph("decoder").digest != art.graph("vision").digest
+    changed = Artifact(art.path, dataclasses.replace(art.manifest, files={**art.manifest.files,
+                                                                          "decoder.onnx": "0" * 64}))
+    assert changed.graph("decoder").digest != digest
+    assert changed.graph("vision").digest == art.graph("vision").digest
+    # a graph outside any artifact hashes its own files: the same digest as inside the artifact
+    shutil.copy(art.graph_path("vision"), tmp_path / "vision.onnx")
+    outside = GraphFile.standalone(tmp_path / "vision.onnx", art.manifest.graph("vision"), art.config)
+    assert outside.digest == art.graph("vision").digest
+    profiles = sizing.build_profiles("decoder", art.manifest.graph("decoder").inputs,
+                                     sizing.Limits(max_context=64), art.config)
+    assert trt.BuildOptions().key(profiles) != trt.BuildOptions("fp16").key(profiles)
+    with pytest.raises(EdgevlError):
+        trt.BuildOptions("int4")
+    assert trt.trt_dtype_to_numpy("HALF") == np.float16 and trt.trt_dtype_to_numpy("INT64") == np.int64
+
+
+def test_trt_runner_logic_over_a_stand_in_engine(standard_pipeline, photos, art):
+    """TrtRunner's profiles, buffers and KV ping-pong, with TensorRT and CUDA replaced by stand-ins."""
+    expected = greedy_tokens(standard_pipeline, photos["astronaut"])
+    runners, memories = fake_trt_runners(art, sizing.Limits(max_context=512, max_image_patches=2048))
+    with Swapped(standard_pipeline, runners["vision"], runners["decoder"]):
+        assert greedy_tokens(standard_pipeline, photos["astronaut"]) == expected
+    dec = runners["decoder"]
+    assert dec.context.profiles_set == [1, 0]              # prefill profile, then decode for every new token
+    kv_buffers = {p for out in dec.kv.values() for p in dec.buffers[out]}
+    assert not [p for p in memories["decoder"].h2d_calls if p in kv_buffers]   # the cache never left the "GPU"
+    for r in runners.values():
+        r.deactivate()
+    assert not memories["decoder"].blocks                  # every buffer freed
+
+
+# ----------------------------------------------------------------------------- M-RoPE inlining
+def test_inlined_decoder_has_no_functions_and_same_outputs(art, tmp_path):
+    import onnx
+    path = trt.inline_local_functions(art.graph_path("decoder"), tmp_path / "inlined", log=lambda m: None)
+    model = onnx.load(str(path))
+    assert not model.functions and all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert "edgevl" not in {i.domain for i in model.opset_import}
+    assert trt.inline_local_functions(art.graph_path("decoder"), tmp_path / "inlined") == path   # reused
+    a = OnnxrtRunner(SessionFromOnnx(art.graph_path("decoder")))
+    b = OnnxrtRunner(SessionFromOnnx(path))
+    a.activate(), b.activate()
+    rng = np.random.default_rng(1)
+    kv, hd = art.config.num_key_value_heads, art.config.head_dim
+    feed = {"inputs_embeds": rng.standard_normal((2, 3, art.config.hidden_size), np.float32),
+            "position_ids": rng.integers(0, 50, (3, 2, 3)), "attention_mask": np.ones((2, 7), np.int64),
+            **{n: rng.standard_normal((2, kv, 4, hd), np.float32) for n in a.input_metadata()
+               if n.startswith("past_key_values.")}}
+    assert compare_outputs(a.infer(feed), b.infer(feed), atol=1e-5)["ok"]
