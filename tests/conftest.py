@@ -14,7 +14,8 @@ from PIL import Image
 
 # `edgevl run/chat/serve/bench` put the whole process on one onnxruntime thread pool, for good; onnxruntime then
 # refuses the per-session pools its quantizers make. The suite calls those commands in its own process, so
-# it opts out here; tests/test_backends.py checks the shared pool in subprocesses.
+# it opts out here; tests/runtime/backends/test_ort_session.py checks the shared pool in
+# subprocesses.
 os.environ["EDGEVL_SHARED_THREADS"] = "0"
 
 

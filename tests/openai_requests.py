@@ -17,6 +17,16 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
                          "ok": {"type": "boolean"}}}
 
 
+def is_person(value) -> bool:
+    """Whether a reply's JSON value is one PERSON allows."""
+    p = PERSON["properties"]
+    return (isinstance(value, dict) and set(PERSON["required"]) <= set(value) <= set(p)
+            and isinstance(value["name"], str) and len(value["name"]) <= 12
+            and type(value["age"]) is int and 0 <= value["age"] <= 120 and isinstance(value["ok"], bool)
+            and (isinstance(value.get("tags", []), list) and len(value.get("tags", [])) <= 3
+                 and all(t in ("a", "b", "c") for t in value.get("tags", []))))
+
+
 def server_for(pipe):
     """A real uvicorn server for `pipe` (context manager yielding its URL)."""
     from edgevl.serve.app import create_app

@@ -207,3 +207,14 @@ def test_the_manifest_round_trips_and_is_typed(tiny_artifact, tmp_path):
     with pytest.raises(ManifestError):
         write_manifest(folder, dataclasses.replace(m, graphs={}))
     assert Path(folder / MANIFEST).exists()
+
+
+def test_kv_cache_bytes(tiny_artifact):
+    import dataclasses
+
+    from edgevl.artifact import load_artifact
+    # Qwen2-VL-2B at 1000 tokens of context, fp32: 28 layers x K and V x 2 heads x 128 dims x 4 bytes per token.
+    config = dataclasses.replace(load_artifact(tiny_artifact).config, num_hidden_layers=28, num_key_value_heads=2,
+                                 head_dim=128)
+    assert config.kv_cache_bytes(1, 1000, 4) == 2 * 28 * 2 * 128 * 1000 * 4
+    assert config.kv_cache_bytes(3, 1000, 4) == 3 * config.kv_cache_bytes(1, 1000, 4)

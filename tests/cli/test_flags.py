@@ -1,4 +1,5 @@
-"""Every numeric flag of every command refuses nan, inf and values outside its range by name, in one sentence.
+"""The flags (cli/flags.py): every option of every command has help, and every numeric flag refuses nan, inf and values
+outside its range by name, in one sentence.
 
 The flags are found by walking the parser, so a numeric flag added later is covered (and one added with a bare
 `type=int` / `type=float` fails `test_every_numeric_flag_has_a_range`)."""
@@ -11,6 +12,7 @@ import pytest
 
 from edgevl.cli import build_parser, main
 from edgevl.cli.flags import Number
+from tests.cli import edgevl
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -118,3 +120,12 @@ def test_help_still_exits_zero(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["serve", "--help"])
     assert exit_.value.code == 0 and "--max-request-mb" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["export", "run", "chat", "serve", "bench", "build", "doctor"])
+def test_every_option_has_help(command):
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    for action in sub._actions:
+        assert action.help, f"{command} {action.option_strings or action.dest} has no help"
+    assert command in edgevl(command, "--help").stdout

@@ -1,7 +1,7 @@
 """Bad input from a user or a downloaded artifact: one sentence and exit 2, nothing unbounded, no traceback.
 
-(The server's classes are in test_serve_hardening.py and test_serve_fuzz.py, the manifest's in
-test_manifest.py.)"""
+(The server's classes are in tests/serve/test_hardening.py and tests/serve/test_fuzz.py, the manifest's in
+tests/artifact/test_manifest.py.)"""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ a multi-turn chat on the same model.
 transformers' Qwen3-VL processor needs torchvision (not installed here): its steps are spelled out as for Qwen2-VL
 (edgevl.bench.reference.processor_inputs with the PIL image processor, which reads the checkpoint's patch size and
 mean/std), and the video path hands transformers the runtime's own pixels and prompt, whose processor equivalence is
-checked against recorded outputs in tests/test_qwen3_vl_video.py.
+checked against recorded outputs in tests/runtime/inputs/test_qwen3_vl_video.py.
 """
 
 from __future__ import annotations

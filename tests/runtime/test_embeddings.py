@@ -85,7 +85,7 @@ def test_a_tied_table_is_the_decoders_lm_head_and_generation_matches_transformer
 def test_a_quantized_tied_table_shares_the_quantized_lm_head(tied, tmp_path, photos, recipe, bits):
     from edgevl.artifact import onnx_files
     from edgevl.runtime.pipeline import Pipeline
-    from tests.test_quantize import quantize
+    from tests.calibrate.test_quantize import quantize
     _, src = tied
     threshold = onnx_files.EXTERNAL_DATA_MIN_BYTES
     onnx_files.EXTERNAL_DATA_MIN_BYTES = 0

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from edgevl.errors import EdgevlError
-from edgevl.runtime.limits import max_threads, validate_threads
 from edgevl.runtime.sampling import (
     SamplingOptions,
     next_tokens,
     sampling_problem,
     validate_sampling,
 )
+
 
 NOT_A_NUMBER = object()
 BAD = {
@@ -106,12 +106,3 @@ def test_the_python_api_refuses_bad_sampling_values(pipeline):
         with pytest.raises(EdgevlError) as e:
             pipeline.generate("Hi", max_new_tokens=2, **kwargs)
         assert _one_sentence(str(e.value)) and str(e.value).startswith(next(iter(kwargs)))
-
-
-def test_threads_are_bounded():
-    assert validate_threads(0) == 0 and validate_threads(2) == 2
-    assert validate_threads(max_threads()) == max_threads() and max_threads() >= 64
-    for bad in (-1, max_threads() + 1, 10_000, 1.5, "4", True, None):
-        with pytest.raises(EdgevlError) as e:
-            validate_threads(bad, name="--threads")
-        assert str(e.value).startswith("--threads must be a whole number from 0 to ") and _one_sentence(str(e.value))

@@ -3,7 +3,7 @@
 logprobs / top_logprobs (checked against a direct decoder run), stream_options.include_usage (the openai client),
 logit_bias and the frequency / presence penalties (against the same run with the adjustment by hand), and the
 table of every field of the OpenAI client's request type (serve/fields.py). response_format and tools:
-test_serve_structured_output.py.
+tests/serve/test_output.py and tests/serve/test_tools.py.
 """
 
 from __future__ import annotations
@@ -24,12 +24,6 @@ pytest.importorskip("fastapi")
 
 
 # ----------------------------------------------------------------------------- servers
-@pytest.fixture(scope="module")
-def base(pipeline):
-    with server_for(pipeline) as url:
-        yield url
-
-
 @pytest.fixture(scope="module")
 def serial_base(standard_pipeline):
     """The standard variant's pipeline: one request at a time through Pipeline.generate_prepared."""

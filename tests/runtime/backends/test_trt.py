@@ -44,11 +44,7 @@ from tests.swapped_runners import Swapped, greedy_tokens
 
 
 VERSIONS = recorded_versions()
-
-
 ORT_GPU = json.loads((Path(__file__).parents[2] / "data" / "ort_gpu" / "onnxruntime-gpu-1.31.1.json").read_text())
-
-
 LIMITS = sizing.Limits(max_batch=1, max_context=32, max_image_patches=64)
 
 
@@ -61,8 +57,8 @@ def test_every_supported_version_is_recorded():
 
 
 def _build(monkeypatch, version: str, precision: str, art):
-    """EngineFromOnnx over the opset-23 standard decoder; the op check is tests/test_trt_ops.py's subject, so
-    it is bypassed here for the versions whose parser lacks the fused ops."""
+    """EngineFromOnnx over the opset-23 standard decoder; the op check is tests/runtime/backends/test_trt_parser.py's
+    subject, so it is bypassed here for the versions whose parser lacks the fused ops."""
     build = FakeBuild()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(version, build))
     monkeypatch.setattr(trt.EngineFromOnnx, "_check_ops", lambda self, version: None)

@@ -1,4 +1,5 @@
-"""The `edgevl` command: help texts, bad input (one sentence, exit 2, no traceback), the torch-free runtime."""
+"""`edgevl run`: JSON and streamed output, bad input (one sentence, exit 2, no traceback), and the torch-free
+runtime."""
 
 from __future__ import annotations
 
@@ -11,30 +12,7 @@ import textwrap
 
 import pytest
 
-from edgevl.cli import build_parser
-
-
-def edgevl(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "edgevl", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def assert_one_sentence_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-@pytest.mark.parametrize("command", ["export", "run", "chat", "serve", "bench", "build", "doctor"])
-def test_every_option_has_help(command):
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
-    for action in sub._actions:
-        assert action.help, f"{command} {action.option_strings or action.dest} has no help"
-    assert command in edgevl(command, "--help").stdout
+from tests.cli import assert_one_sentence_error, edgevl
 
 
 def test_run_json_output(tiny_artifact, photos):
@@ -52,29 +30,6 @@ def test_run_streams_text(tiny_artifact):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
     assert "ms/token" in proc.stderr
-
-
-def test_chat_reads_turns_from_stdin(tiny_artifact, photos, tmp_path):
-    turns = f"Hello\n/image {photos['coffee']}\nWhat is this?\n/image {tmp_path / 'missing.png'}\nAnd this?\n" \
-            "/reset\nHi again\n"
-    proc = subprocess.run([sys.executable, "-m", "edgevl", "chat", str(tiny_artifact), "--max-new-tokens", "5",
-                           "--greedy"], input=turns, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("assistant> ") == 3          # the missing image fails its turn, not the chat
-    assert "missing.png" in proc.stderr and "conversation reset" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-def test_chat_video_command(tiny_artifact, video_file, tmp_path):
-    assert "/video PATH" in edgevl("chat", "--help").stdout
-    turns = f"/video {tmp_path / 'missing.mp4'}\nWhat happens?\n/video {video_file}\nWhat happens now?\nAnd then?\n"
-    proc = subprocess.run([sys.executable, "-m", "edgevl", "chat", str(tiny_artifact), "--max-new-tokens", "5",
-                           "--greedy"], input=turns, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("assistant> ") == 2          # the missing video fails its turn, not the chat
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "missing.mp4" in errors[0] and errors[0].endswith(".")
-    assert "Traceback" not in proc.stderr
 
 
 @pytest.fixture
@@ -128,19 +83,6 @@ def test_hash_mismatch(tiny_artifact, tmp_path):
 
 def test_not_an_artifact(tmp_path):
     assert_one_sentence_error(edgevl("run", tmp_path, "--prompt", "x"), "manifest.json")
-
-
-def test_export_unknown_model_type(tmp_path):
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert_one_sentence_error(edgevl("export", tmp_path / "m", "-o", tmp_path / "out"), "llama")
-    assert not (tmp_path / "out").exists()
-
-
-def test_export_missing_model_offline(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = edgevl("export", "no-such-org/no-such-model", "-o", tmp_path / "out", env=env)
-    assert_one_sentence_error(proc, "no-such-org/no-such-model")
 
 
 def test_runtime_works_without_torch_and_transformers(tiny_artifact, photos):

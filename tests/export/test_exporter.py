@@ -1,4 +1,5 @@
-"""Export: graph structure, the MRoPE custom op, vision/decoder parity with transformers, atomic writes."""
+"""Export (export/exporter.py): graph structure, the MRoPE custom op in the decoder, vision/decoder parity with
+transformers, atomic writes."""
 
 from __future__ import annotations
 
@@ -12,13 +13,7 @@ import torch
 
 from edgevl.artifact import FORMAT_VERSION, load_artifact
 from edgevl.errors import EdgevlError
-from edgevl.export.mrope import (
-    DOMAIN,
-    DOMAIN_VERSION,
-    OP_NAME,
-    mrope_function_proto,
-    mrope_tables,
-)
+from edgevl.export.mrope import DOMAIN, OP_NAME
 from edgevl.runtime.inputs.image_processing import preprocess_image
 from edgevl.runtime.backends.tensors import to_host
 
@@ -88,41 +83,6 @@ def test_onnxruntime_fuses_the_norms_and_shares_the_rotary_token_index(graph, ti
     if graph == "decoder":
         layers = hf_model.config.text_config.num_hidden_layers
         assert count["SimplifiedLayerNormalization"] == 2 * layers + 1 and count["Reciprocal"] == 0
-
-
-def _single_node_model(opset: int = 18) -> onnx.ModelProto:
-    """A model holding only edgevl.MRoPE, to run the function body on its own."""
-    h = onnx.helper
-    node = h.make_node(OP_NAME, ["pos", "inv_freq"], ["cos", "sin"], domain=DOMAIN, mrope_section=[2, 3, 3])
-    graph = h.make_graph([node], "mrope", [
-        h.make_tensor_value_info("pos", onnx.TensorProto.INT64, [3, "B", "S"]),
-        h.make_tensor_value_info("inv_freq", onnx.TensorProto.FLOAT, [8])],
-        [h.make_tensor_value_info("cos", onnx.TensorProto.FLOAT, ["B", "S", 8]),
-         h.make_tensor_value_info("sin", onnx.TensorProto.FLOAT, ["B", "S", 8])])
-    return h.make_model(graph, opset_imports=[h.make_opsetid("", opset), h.make_opsetid(DOMAIN, DOMAIN_VERSION)],
-                        functions=[mrope_function_proto(opset)])
-
-
-def test_mrope_function_body_matches_transformers_rotary(hf_model):
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
-
-    from edgevl.export.ops import rotary
-    model = _single_node_model()
-    onnx.checker.check_model(model, full_check=True)
-    sess = ort.InferenceSession(model.SerializeToString())
-    emb = hf_model.model.language_model.rotary_emb
-    x = torch.randn(2, 4, 7, 16)
-    pos = torch.randint(0, 50, (3, 2, 7))          # three different rows: a genuine 3-D case
-    cos_hf, sin_hf = emb(x, pos)                   # transformers: [B, S, D], the halves repeated
-    cos, sin = sess.run(None, {"pos": pos.numpy(), "inv_freq": emb.inv_freq.numpy()})
-    ref_cos, ref_sin = mrope_tables(pos, emb.inv_freq, [2, 3, 3])
-    np.testing.assert_allclose(cos, ref_cos.numpy(), atol=1e-6)
-    np.testing.assert_allclose(sin, ref_sin.numpy(), atol=1e-6)
-    # the rotation a layer applies with the tables = transformers' multimodal rotary on q and k
-    expected, _ = apply_rotary_pos_emb(x, x, cos_hf, sin_hf)
-    flat = x.transpose(1, 2).reshape(2, 7, 64)                                    # [B, S, H*D]
-    got = rotary(flat, torch.from_numpy(cos), torch.from_numpy(sin), 4).view(2, 7, 4, 16).transpose(1, 2)
-    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
 
 
 def _hf_vision(hf_model, pixel_values, grids):

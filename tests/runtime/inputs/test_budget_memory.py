@@ -1,43 +1,20 @@
-"""Peak memory follows what the token budget keeps, not the input: each case runs in a fresh process that resets its
-peak RSS (Linux's /proc/self/clear_refs) once the model is loaded and reports how far it rose above that baseline."""
+"""Peak memory follows what the token budget (runtime/inputs/budget.py) keeps, not the input: each case runs in a fresh
+process that resets its peak RSS (Linux's /proc/self/clear_refs) once the model is loaded and reports how far it rose
+above that baseline (tests/peak_rss.py)."""
 
 from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
-
-MB = 1 << 20
-MEASURE = """
-import json, os, sys
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-def reset():
-    open("/proc/self/clear_refs", "w").write("5")     # VmHWM := VmRSS
-    return status("VmRSS")
-def report(**values):
-    print("MEASURED " + json.dumps(values), flush=True)
-"""
+from tests.peak_rss import MB, NEEDS_PEAK_RESET, measure
 
 
-def measure(script: str, *args: str, timeout: int = 120) -> dict:
-    """Run MEASURE + script in a fresh interpreter; the dict it reported."""
-    proc = subprocess.run([sys.executable, "-c", MEASURE + script, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=Path(__file__).parent.parent)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("MEASURED ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("MEASURED "))
+pytestmark = NEEDS_PEAK_RESET
 
 
 def solid_png(size: int = 4096) -> bytes:
@@ -156,29 +133,3 @@ with TestClient(app) as client:
     # nothing of them is held, and the heaps were trimmed
     assert got["accepted"] == 200 and got["accepted_peak"] < 400 * MB and got["held"] < 60 * MB, got
     assert got["trims"] >= 1
-
-
-def test_trim_heap_gives_back_what_glibc_keeps():
-    """The pattern of a request on the preparing thread: large arrays freed among small survivors stay resident
-    (209 MB here) until `trim_heap`."""
-    got = measure("""
-import threading
-import numpy as np
-from edgevl.serve.scheduler.heap import trim_heap
-base, survivors = status("VmRSS"), []
-def request():
-    first = np.ones((24 << 20) // 8)
-    del first                               # a freed mmapped chunk raises glibc's mmap threshold: later ones stay
-    arrays = []
-    for _ in range(12):
-        arrays.append(np.ones((20 << 20) // 8))
-        survivors.append(np.ones(100))      # small objects that outlive the request
-thread = threading.Thread(target=request)
-thread.start()
-thread.join()
-held = status("VmRSS") - base
-trim_heap()
-report(held=held, trimmed=status("VmRSS") - base)
-""")
-    assert got["held"] > 100 * MB, got          # what glibc keeps (not a promise of glibc's: the test's premise)
-    assert got["trimmed"] < 20 * MB, got

@@ -1,16 +1,16 @@
-"""`edgevl serve`'s response_format (constrained decoding with llguidance) and tools (through a chat template
-that takes them: `<tool_call>` blocks parsed into tool_calls; tool_choice required / a named function constrained).
+"""`edgevl serve`'s tools (serve/tools.py), through a chat template that takes them: `<tool_call>` blocks parsed into
+tool_calls, tool_choice required / a named function constrained, tool turns rendered by the template; refused by name
+where the template takes none.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from tests.openai_requests import MESSAGES, PERSON, ok, refused, server_for, stream_events
-from tests.serve_helpers import one_sentence
+from tests.openai_requests import MESSAGES, PERSON, is_person, ok, refused, server_for
+
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -23,6 +23,7 @@ WEATHER = {"type": "function", "function": {
 CLOCK = {"type": "function", "function": {
     "name": "get_time", "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
                                        "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+
 
 # Qwen2.5-Instruct's text chat template (tools in the system turn, <tool_call> blocks, tool turns as
 # <tool_response>): the model of a fine-tune whose template takes tools.
@@ -67,12 +68,6 @@ You are a helpful assistant.<|im_end|>
 
 
 @pytest.fixture(scope="module")
-def base(pipeline):
-    with server_for(pipeline) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def tools_pipe(tiny_artifact):
     from edgevl.runtime.pipeline import Pipeline
     from edgevl.runtime.inputs.template import ChatTemplate
@@ -87,85 +82,6 @@ def tools_base(tools_pipe):
         yield url
 
 
-# ----------------------------------------------------------------------------- response_format
-def _is_person(value) -> bool:
-    p = PERSON["properties"]
-    return (isinstance(value, dict) and set(PERSON["required"]) <= set(value) <= set(p)
-            and isinstance(value["name"], str) and len(value["name"]) <= 12
-            and type(value["age"]) is int and 0 <= value["age"] <= 120 and isinstance(value["ok"], bool)
-            and (isinstance(value.get("tags", []), list) and len(value.get("tags", [])) <= 3
-                 and all(t in ("a", "b", "c") for t in value.get("tags", []))))
-
-
-@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 1},
-                                      {"temperature": 2.0, "seed": 7}, {"temperature": 1.2, "top_p": 0.9, "seed": 3}])
-def test_json_schema_replies_parse_and_match_the_schema(base, sampling):
-    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
-    choice = ok(base, max_tokens=120, response_format=fmt, **sampling)["choices"][0]
-    assert choice["finish_reason"] == "stop", choice
-    assert _is_person(json.loads(choice["message"]["content"])), choice["message"]["content"]
-
-
-def test_json_replies_stream_and_take_logprobs(base):
-    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
-    events = stream_events(base, max_tokens=120, temperature=0.8, seed=11, response_format=fmt, logprobs=True)
-    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
-    assert _is_person(json.loads(text))
-    entries = [x for e in events for x in (e["choices"][0]["logprobs"] or {}).get("content", [])]
-    assert b"".join(bytes(x["bytes"]) for x in entries).decode() == text
-
-
-def test_json_object_replies_are_json_objects(base):
-    greedy = ok(base, max_tokens=120, temperature=0, response_format={"type": "json_object"})["choices"][0]
-    assert isinstance(json.loads(greedy["message"]["content"]), dict)
-    # Sampled, random weights write keys of random words: a reply cut by max_tokens is the start of an object.
-    finished = 0
-    for seed in range(4):
-        choice = ok(base, max_tokens=60, temperature=1.0, seed=seed, response_format={"type": "json_object"})["choices"][0]
-        if choice["finish_reason"] == "stop":
-            finished += 1
-            assert isinstance(json.loads(choice["message"]["content"]), dict)
-        else:
-            assert choice["finish_reason"] == "length" and choice["message"]["content"].startswith('{"')
-    assert finished
-    assert ok(base, max_tokens=3, temperature=0, response_format={"type": "text"})["choices"][0]["message"]["content"]
-
-
-@pytest.mark.parametrize("fmt, field", [
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frobnicated"}}},
-     "response_format.json_schema.schema"),
-    ({"type": "json_schema"}, "response_format.json_schema"),
-    ({"type": "json_object", "json_schema": {"name": "x"}}, "response_format.json_schema"),
-    ({"type": "json_schema", "json_schema": {"name": "bad name!"}}, "response_format.json_schema.name"),
-    ({"type": "yaml"}, "response_format.type")])
-def test_bad_response_formats_are_refused_by_name(base, fmt, field):
-    refused(base, field, response_format=fmt)
-
-
-def test_structured_output_without_llguidance_is_refused_naming_the_extra(pipeline, monkeypatch):
-    from edgevl.runtime.constrained import GrammarCompiler
-    from edgevl.serve.errors import ApiError
-    from edgevl.serve.output import plan_reply
-    from edgevl.serve.body import parse_body
-    monkeypatch.setitem(sys.modules, "llguidance", None)          # `import llguidance` fails
-
-    class Stub:
-        template, config = pipeline.template, pipeline.config
-
-        @property
-        def grammars(self):
-            return GrammarCompiler(pipeline.tokenizer.impl.to_str(), 2100, (0,))
-    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}):
-        request = parse_body(json.dumps({"model": "tiny", "messages": MESSAGES, "response_format": fmt}).encode())
-        with pytest.raises(ApiError) as e:
-            plan_reply(request, Stub())
-        assert e.value.param == "response_format" and "edgevl[serve]" in e.value.message
-        assert one_sentence(e.value.message.replace("`pip install 'edgevl[serve]'`.", "it."))
-    plain = parse_body(json.dumps({"model": "tiny", "messages": MESSAGES, "logprobs": True}).encode())
-    assert plan_reply(plain, Stub()).output.grammar is None      # nothing else needs it
-
-
-# ----------------------------------------------------------------------------- tools
 def test_tools_are_refused_when_the_chat_template_takes_none(base, pipeline):
     assert not pipeline.template.takes("tools")
     message = refused(base, "tools", tools=[WEATHER])
@@ -239,7 +155,7 @@ def test_tool_choice_auto_gives_the_model_the_tools(tools_base, tools_pipe):
     # With response_format, auto means a tool call or the JSON reply: either way it is one of the two.
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     choice = ok(tools_base, max_tokens=200, temperature=0, tools=[WEATHER], response_format=fmt)["choices"][0]
-    assert choice["message"].get("tool_calls") or _is_person(json.loads(choice["message"]["content"]))
+    assert choice["message"].get("tool_calls") or is_person(json.loads(choice["message"]["content"]))
 
 
 def test_a_conversation_with_tool_turns_is_rendered_by_the_template(tools_base, tools_pipe):
