@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
+from edgevl.artifact import names
 from edgevl.artifact.onnx_files import save_graph
 from edgevl.calibrate import data, passes, report
 from edgevl.calibrate import graph_edit as graphs
@@ -70,23 +71,115 @@ def test_recipe_makes_an_artifact_the_runtime_runs(quantized, tiny_artifact, pho
     assert saved["recipe"] == recipe and saved["failed"] == rep["failed"]
 
 
-def test_report_numbers_come_from_real_runs(quantized):
-    for _, rep in quantized.values():
-        vision, decoder = rep["graphs"]["vision"], rep["graphs"]["decoder"]
-        assert vision["metrics"]["images"] >= 1 and 0 < vision["metrics"]["cosine_mean"] <= 1 + 1e-9
-        assert decoder["metrics"]["positions"] >= rep["pipeline"]["greedy"]["samples"]   # >= 1 per sample
-        assert 0 <= decoder["metrics"]["top1_agreement"] <= 1 and decoder["metrics"]["kl_mean"] >= 0
-        assert 0 <= rep["pipeline"]["greedy"]["prefix_agreement"] <= 1
+@pytest.fixture(scope="module")
+def held_out(pipeline, tmp_path_factory):
+    """The held-out samples the quantize runs above measured on (the same source and seeded split as SMALL asks
+    for), and the FP32 pipeline's runs on them recorded again: every graph feed with its vision embeddings or
+    decoder logits."""
+    opts = QuantizeOptions("fp16", **SMALL)
+    pool, _ = data.load_samples(opts.calib, opts.samples + opts.eval_samples, opts.seed)
+    _, eval_set = data.split_samples(pool, opts.samples, opts.eval_samples, opts.seed)
+    store = data.FeedStore(tmp_path_factory.mktemp("held-out"))
+    tokens = data.capture(pipeline, eval_set, store, opts.new_tokens)
+    return eval_set, store, tokens
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def _kl(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(q)) per row, in nats."""
+    lp, lq = _log_softmax(ref), _log_softmax(q)
+    return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def _measured(pipe, store) -> dict:
+    """What the report should say for `pipe`'s graphs, recomputed here from the recorded FP32 outputs: the mean
+    cosine of its image embeddings, and the teacher-forced top-1 agreement and KL of its decoder's logits."""
+    cosines = []
+    for path in store.files(names.VISION):
+        feed, ref = data.FeedStore.load(path)
+        dtype = pipe.vision.input_metadata()[names.PIXEL_VALUES].dtype
+        out = pipe.vision.infer({**feed, names.PIXEL_VALUES: feed[names.PIXEL_VALUES].astype(dtype)})
+        cosines.append(_row_cosines(out[names.IMAGE_EMBEDS], ref[names.IMAGE_EMBEDS]).mean())
+    agree, kls = [], []
+    for sequence in store.decoder_sequences():
+        for (_, ref), logits in zip(sequence, report.decoder_logits(pipe.decoder, sequence)):
+            agree.extend(np.argmax(ref, -1) == np.argmax(logits, -1))
+            kls.extend(_kl(ref, logits))
+    return {"images": len(cosines), "cosine_mean": float(np.mean(cosines)), "positions": len(agree),
+            "top1_agreement": float(np.mean(agree)), "kl_mean": float(np.mean(kls))}
+
+
+def _prefix_agreement(ref: list[int], q: list[int]) -> float:
+    same = 0
+    while same < min(len(ref), len(q)) and ref[same] == q[same]:
+        same += 1
+    return same / len(ref)
+
+
+def test_report_numbers_come_from_real_runs(quantized, held_out, pipeline):
+    """Every quality number of every report is recomputed here from runs of its artifact on the same held-out
+    samples against the FP32 pipeline's recorded outputs (which the FP32 graphs reproduce exactly); a deliberately
+    broken candidate (the decoder's logits reversed) scores what a broken one must."""
+    from edgevl.runtime.pipeline import Pipeline
+    eval_set, store, fp32_tokens = held_out
+    exact = _measured(pipeline, store)                        # the recording is the FP32 graphs' own output
+    assert exact["images"] >= 1 and exact["positions"] == len(eval_set) * SMALL["new_tokens"]
+    assert exact["cosine_mean"] == pytest.approx(1, abs=1e-9) and exact["top1_agreement"] == 1
+    assert exact["kl_mean"] == pytest.approx(0, abs=1e-9)
+    for recipe, (folder, rep) in quantized.items():
+        quant = Pipeline.load(folder)
+        vision, decoder = rep["graphs"]["vision"]["metrics"], rep["graphs"]["decoder"]["metrics"]
+        ours = _measured(quant, store)
+        assert (vision["images"], decoder["positions"]) == (ours["images"], ours["positions"]), recipe
+        assert vision["cosine_mean"] == pytest.approx(ours["cosine_mean"], abs=1e-6), recipe
+        assert decoder["top1_agreement"] == pytest.approx(ours["top1_agreement"], abs=1e-9), recipe
+        assert decoder["kl_mean"] == pytest.approx(ours["kl_mean"], rel=1e-3, abs=1e-7), recipe
+        assert rep["graphs"]["decoder"]["gate"]["drop"] == pytest.approx(1 - ours["top1_agreement"], abs=1e-9)
+        tokens = [quant.generate(s.prompt, images=list(s.images), max_new_tokens=SMALL["new_tokens"],
+                                 do_sample=False, repetition_penalty=1.0).token_ids for s in eval_set]
+        greedy = rep["pipeline"]["greedy"]
+        assert greedy["samples"] == len(eval_set) and greedy["new_tokens"] == SMALL["new_tokens"]
+        assert greedy["prefix_agreement"] == pytest.approx(
+            np.mean([_prefix_agreement(r, q) for r, q in zip(fp32_tokens, tokens)]), abs=1e-9), recipe
+        assert greedy["identical_sequences"] == sum(r == q for r, q in zip(fp32_tokens, tokens)), recipe
         for side in ("fp32", "quantized"):
             assert rep["pipeline"]["latency"][side]["decode_ms_per_token"] > 0
-        assert vision["size_bytes"]["quantized"] < vision["size_bytes"]["fp32"]
-        assert decoder["size_bytes"]["quantized"] < decoder["size_bytes"]["fp32"]
+        assert rep["graphs"]["vision"]["size_bytes"]["quantized"] < rep["graphs"]["vision"]["size_bytes"]["fp32"]
+        assert rep["graphs"]["decoder"]["size_bytes"]["quantized"] < rep["graphs"]["decoder"]["size_bytes"]["fp32"]
     fp16 = quantized["fp16"][1]["graphs"]
     assert fp16["vision"]["metrics"]["cosine_mean"] > 0.9999 and fp16["decoder"]["metrics"]["top1_agreement"] == 1
     assert fp16["decoder"]["ops"]["MRoPE"] == {"fp32": 1}
     assert fp16["decoder"]["ops"]["GroupQueryAttention"] == {"fp16": 2}      # the fused attention, per layer
     assert quantized["fp16"][1]["failed"] == [] and quantized["int8"][1]["failed"] == []
     assert quantized["int8"][1]["graphs"]["decoder"]["details"]["activations"] == "static"   # as asked
+    # the scores tell a broken decoder: its logits reversed, the FP32 top-1 becomes the last choice everywhere
+    broken = report.score_decoder(_Reversed(pipeline.decoder), store)
+    assert broken["top1_agreement"] == 0 and broken["kl_mean"] > 10 * max(
+        q[1]["graphs"]["decoder"]["metrics"]["kl_mean"] for q in quantized.values())
+
+
+class _Reversed:
+    """A decoder whose logits are negated (the FP32 model's favourite token becomes its least likely)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def infer(self, feed, bindings=None):
+        out = dict(self.inner.infer(feed))
+        out[names.LOGITS] = -np.asarray(out[names.LOGITS])
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def test_int8_auto_measures_static_and_dynamic_activations(tiny_artifact, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from edgevl.artifact import load_artifact
-from edgevl.artifact.folder import MANIFEST, hash_files
+from edgevl.artifact.folder import MANIFEST, hash_files, sha256_file
 from edgevl.cli import main
 from edgevl.errors import EdgevlError
 from edgevl.runtime.inputs.template import ChatTemplate
@@ -167,5 +167,35 @@ def test_sigterm_during_export_leaves_nothing_behind(tiny_model_dir, tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_the_runtime_reads_a_good_artifact_after_all_this(tiny_artifact):
-    load_artifact(tiny_artifact)
+def _files(folder: Path) -> dict[str, str]:
+    """Every file of the folder, the manifest included, by relative path: its sha256."""
+    return {**hash_files(folder), MANIFEST: sha256_file(folder / MANIFEST)}
+
+
+def _greedy_tokens(artifact: Path, capsys) -> list[int]:
+    assert main(["run", str(artifact), "--prompt", "Describe.", "--max-new-tokens", "4", "--greedy", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["token_ids"]
+
+
+def test_bad_input_never_changes_the_artifact_it_reads(tiny_artifact, tmp_path, capsys):
+    """Self-contained (it was one load after the other tests, so it proved something only when they ran first, in
+    that order): each refused command that reads the artifact leaves every file of it as it was, and afterwards the
+    artifact still verifies and gives the same greedy tokens."""
+    before = _files(tiny_artifact)
+    tokens = _greedy_tokens(tiny_artifact, capsys)
+    art = str(tiny_artifact)
+    refused = [
+        ["run", art, "--prompt", "hi", "--seed", "-1"],
+        ["chat", art, "--temperature", "nan"],
+        ["run", art, "--prompt", "hi", "--threads", "10000"],
+        ["run", art, "--prompt", "hi", "--image", str(tmp_path / "missing.png")],
+        ["run", art, "--prompt", "hi " * 100_000],                               # longer than the context
+        ["quantize", art, "-o", art, "--recipe", "int8", "--force"],             # the output is the input
+    ]
+    for argv in refused:
+        _one_sentence(capsys, main(argv))
+        assert _files(tiny_artifact) == before, argv
+    proc = subprocess.run([*PY, "run", art, "--prompt", b"caf\xe9 \xff"], capture_output=True, timeout=120)
+    assert proc.returncode == 2 and _files(tiny_artifact) == before
+    load_artifact(tiny_artifact)                                                 # verifies every hash
+    assert _greedy_tokens(tiny_artifact, capsys) == tokens

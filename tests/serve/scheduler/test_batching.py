@@ -41,6 +41,70 @@ def assert_same(job: Job, expected) -> None:
     assert job.starts == [0]                                          # once, at the first token, before any text
 
 
+class Recorded:
+    """The pipeline with its decoder and vision-encoder calls recorded in the order they run (`calls`):
+    ("vision", grid) or ("decoder", [batch, seq], inputs_embeds of a batch-1 call, seqlens_k)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    def __getattr__(self, name):
+        if name == "decoder":
+            return _RecordingDecoder(self.pipe.decoder, self.calls)
+        if name == "vision_encoder":
+            return _RecordingVision(self.pipe.vision_encoder, self.calls)
+        return getattr(self.pipe, name)
+
+
+class _RecordingDecoder:
+    def __init__(self, inner, calls):
+        self.inner, self.calls = inner, calls
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def infer(self, feed, bindings=None):
+        embeds = feed[names.INPUTS_EMBEDS]
+        self.calls.append(("decoder", embeds.shape[:2], np.array(embeds[0]) if embeds.shape[0] == 1 else None,
+                           np.array(feed[names.SEQLENS_K])))
+        return self.inner.infer(feed, bindings)
+
+
+class _RecordingVision:
+    def __init__(self, inner, calls):
+        self.inner, self.calls = inner, calls
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def call(self, pixels, grid):
+        self.calls.append(("vision", tuple(grid)))
+        return self.inner.call(pixels, grid)
+
+
+def _prefill_chunks(calls, embeds: np.ndarray) -> list[int]:
+    """Indexes in `calls` of the batch-1 decoder calls that prefilled the prompt whose embeddings are `embeds`,
+    found from the last one backwards: each chunk ends where the next begins (its row's length after the call,
+    seqlens_k + 1), and carries exactly those rows of the prompt (prompts share their chat template's first
+    tokens, so an earlier request's first chunk can look the same: the latest one before the next chunk is it)."""
+    stop, found = len(embeds), []
+    for i in range(len(calls) - 1, -1, -1):
+        kind, shape, rows, seqlens = calls[i] if calls[i][0] == "decoder" else (*calls[i], None, None)
+        if kind != "decoder" or shape[0] != 1 or int(seqlens[0]) + 1 != stop:
+            continue
+        start = stop - shape[1]
+        if np.array_equal(rows, embeds[start:stop]):
+            found.append(i)
+            stop = start
+            if stop == 0:
+                return found[::-1]
+    raise AssertionError(f"the prompt's prefill was not found (reached position {stop})")
+
+
+def _is_decode_step(call) -> bool:
+    return call[0] == "decoder" and call[1][1] == 1 and call[1][0] >= 2
+
+
 def _prompt_inputs(pipe, text):
     ids = pipe.prepare(text).input_ids
     embeds = pipe.embed(ids, [], [])
@@ -81,15 +145,18 @@ def test_a_row_view_writes_its_row_of_the_batch_cache(pipeline, by_pointer):
 # ----------------------------------------------------------------------------- tokens as alone
 def test_each_request_gets_its_tokens_alone_while_others_join_and_leave(pipeline, photos):
     """Five requests (text, two images, a prompt prefilled in 16-token chunks) through 3 rows, joining while
-    others decode: each one's tokens, text and finish reason equal a run of it alone."""
+    others decode: each one's tokens, text and finish reason equal a run of it alone; and the long prompt's prefill
+    chunks interleave with the other rows' decode steps (one decode step between two of its chunks)."""
+    words = "word " * 120 + "Summarize."
     requests = [
         dict(text=LONG, max_new=20),
         dict(text="What is in this picture?", images=[photos["coffee"]], max_new=9),
-        dict(text="word " * 120 + "Summarize.", max_new=14),
+        dict(text=words, max_new=14),
         dict(text="Hi", max_new=5),
         dict(text="And this one?", images=[photos["chelsea_odd"]], max_new=11),
     ]
-    scheduler = BatchScheduler(pipeline, max_batch=3, max_queue=8, prefill_chunk=16, start=False)
+    recorded = Recorded(pipeline)
+    scheduler = BatchScheduler(recorded, max_batch=3, max_queue=8, prefill_chunk=16, start=False)
     jobs = []
     for request in requests:
         jobs.append(scheduler.submit(make_job(pipeline, **request)))
@@ -100,17 +167,29 @@ def test_each_request_gets_its_tokens_alone_while_others_join_and_leave(pipeline
     for job, request in zip(jobs, requests):
         assert_same(job, alone(pipeline, **request))
     assert scheduler.running == 0 and not scheduler.cache.lengths.any()
+    calls = recorded.calls
+    chunks = _prefill_chunks(calls, pipeline.embed(pipeline.prepare(words).input_ids, [], []))
+    assert len(chunks) >= 3 and all(calls[i][1][1] == 16 for i in chunks[:-1])
+    for a, b in zip(chunks, chunks[1:]):
+        between = calls[a + 1:b]
+        assert len(between) == 1 and _is_decode_step(between[0]), between    # the others' tokens, in between
 
 
 def test_a_video_request_in_a_batch(pipeline, video_file):
     """A video's temporal patches go through the vision encoder one per step, between the others' decode steps."""
-    scheduler = BatchScheduler(pipeline, max_batch=2, prefill_chunk=8, start=False)
+    recorded = Recorded(pipeline)
+    scheduler = BatchScheduler(recorded, max_batch=2, prefill_chunk=8, start=False)
     first = scheduler.submit(make_job(pipeline, LONG, max_new=30))
     scheduler.step()
     video = scheduler.submit(make_job(pipeline, "What happens?", videos=[video_file], max_new=8))
     scheduler.run_until_idle()
     assert_same(first, alone(pipeline, LONG, max_new=30))
     assert_same(video, alone(pipeline, "What happens?", videos=[video_file], max_new=8))
+    vision = [i for i, call in enumerate(recorded.calls) if call[0] == "vision"]
+    assert len(vision) >= 2 and all(grid[0] == 1 for _, grid in (recorded.calls[i] for i in vision))
+    for a, b in zip(vision, vision[1:]):
+        between = recorded.calls[a + 1:b]
+        assert len(between) == 1 and _is_decode_step(between[0]), between
 
 
 def test_seeded_sampling_is_reproducible_in_any_company(pipeline):
