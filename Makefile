@@ -27,12 +27,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[export,quantize,bench,serve,video,triton,dev]'
 	touch $@
 
-# A real tritonserver for tests/test_triton.py's live tests: the nvidia-pytriton wheel bundles one (CPU-only
-# here) and pins numpy<2, so it goes beside the venv, not into it. Optional: if it cannot be installed the
+# A real tritonserver for tests/serve/triton/test_server.py's live tests: the nvidia-pytriton wheel bundles one
+# (CPU-only here) and pins numpy<2, so it goes beside the venv, not into it. Optional: if it cannot be installed the
 # live tests skip and say why.
 $(PYTRITON)/.installed: | $(VENV)/.installed
 	$(PY) -m pip install --quiet --target $(PYTRITON) nvidia-pytriton==0.7.0 \
-		&& touch $@ || echo "nvidia-pytriton not installed: tests/test_triton.py's live server tests will skip"
+		&& touch $@ || echo "nvidia-pytriton not installed: tests/serve/triton/test_server.py's live server tests will skip"
 
 $(ART)/tiny-model/config.json: | setup
 	$(PY) -m edgevl.synthetic.random_model $(ART)/tiny-model --preset tiny --seed 0

@@ -7,8 +7,9 @@
 #   benchmarks/gpu_check.sh           (= all) the whole check, at most 8 minutes (BUDGET_S=470; stages time-boxed):
 #     1. install onnxruntime-gpu 1.31.1 (CUDA 13) from the chunks that ../shared/device/ort-gpu-wheel.sh prepared
 #        and that were copied to /root/acc/part* (join + pip install --target /root/ortgpu, as that script prints)
-#     2. edgevl doctor, then `pytest -m gpu tests/test_gpu.py` (tiny model: ort-cuda fp16 greedy tokens vs
-#        transformers, with and without CUDA graphs; the fp32 decoder refused; fp32 vision vs the CPU within 1e-4)
+#     2. edgevl doctor, then `pytest -m gpu tests/runtime/backends/test_gpu.py` (tiny model: ort-cuda fp16 greedy
+#        tokens vs transformers, with and without CUDA graphs; the fp32 decoder refused; fp32 vision vs the CPU
+#        within 1e-4)
 #     3. wait for the benchmark model (started in the background now if `prepare` did not run before)
 #     4. benchmarks/gpu_bench.py on the 2B-width preset: ort-cuda fp16 without and with --cuda-graph against
 #        transformers bf16 sdpa in the same run (vision / TTFT / decode ms, greedy tokens vs transformers'),
@@ -96,8 +97,8 @@ export PYTHONPATH="$ORTGPU:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 say "edgevl doctor"
 "$PY" -c 'from edgevl.runtime.doctor import collect, format_report; print(format_report(collect()))'
 if [ -z "${EDGEVL_GPU_TINY:-}" ] && [ -d /root/gpu-tiny/fp16 ]; then export EDGEVL_GPU_TINY=/root/gpu-tiny; fi
-say "pytest -m gpu tests/test_gpu.py (tiny models: ${EDGEVL_GPU_TINY:-exported here})"
-timeout "${PYTEST_S:-150}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$WORK/pytest_gpu.log"
+say "pytest -m gpu tests/runtime/backends/test_gpu.py (tiny models: ${EDGEVL_GPU_TINY:-exported here})"
+timeout "${PYTEST_S:-150}" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/runtime/backends/test_gpu.py 2>&1 | tee "$WORK/pytest_gpu.log"
 PYTEST_RC=${PIPESTATUS[0]}
 say "pytest exit status $PYTEST_RC"
 collect "$WORK/pytest_gpu.log"

@@ -1,8 +1,8 @@
 """pytest plugin for a CPU dry run of the GPU check: `ort-cuda` pretends to be available and is backed by
-the same IO-binding runner on ONNX Runtime's CPU EP (device "cpu"), so tests/test_gpu.py and
+the same IO-binding runner on ONNX Runtime's CPU EP (device "cpu"), so tests/runtime/backends/test_gpu.py and
 benchmarks/gpu_check.sh run end to end on a machine without a GPU:
 
-    PYTHONPATH=benchmarks python -m pytest -p gpu_dryrun -m gpu tests/test_gpu.py \
+    PYTHONPATH=benchmarks python -m pytest -p gpu_dryrun -m gpu tests/runtime/backends/test_gpu.py \
         -k "not kv_cache_stays and not doctor_sees"      # these two check real CUDA placement
 
 Never loaded by default; it changes nothing on a machine where it is not named.

@@ -4,7 +4,7 @@
     python benchmarks/gpu_prepare.py bench DIR [--preset qwen2-vl-2b]
                                                            DIR/model (random weights, real shapes), DIR/fp16
 
-`tiny` output is what tests/test_gpu.py reads from EDGEVL_GPU_TINY=DIR (a few MB: small enough to
+`tiny` output is what tests/runtime/backends/test_gpu.py reads from EDGEVL_GPU_TINY=DIR (a few MB: small enough to
 carry to the GPU machine). `bench` runs `python -m edgevl.synthetic.random_model` and `edgevl export --dtype fp16`
 as separate processes (each frees its memory) and writes DIR/prepare.done, or DIR/prepare.failed.
 """

@@ -10,7 +10,7 @@ createNvOnnxParser_INTERNAL, ...), imports the bindings over them in a child pro
 name, every enum's members and every class's attributes.
 
 Why recorded, not imported by the tests: CI must not download eight wheels per run (nor depend on PyPI being
-up); the surface of a released version never changes, so it is recorded once. tests/test_trt_api.py checks
+up); the surface of a released version never changes, so it is recorded once. tests/runtime/backends/test_trt.py checks
 trt.py against every recorded version, through tests/fake_trt.py, whose TensorRT exposes exactly a recorded
 surface. Every version listed here imported over the stand-ins when this was written (none had to be left out).
 

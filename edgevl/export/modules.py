@@ -182,7 +182,7 @@ class InPlaceDecoder(_Decoder):
         cache at S - 1). The index comes from data, not from the graph's shapes: positions 0..S-1 are a CumSum
         over ones shaped like a row of position_ids. onnxruntime computes shape arithmetic on the host, and a host
         value feeding a GPU node is a copy (a Memcpy node) that rules out CUDA graphs on ort-cuda
-        (tests/test_ort_cuda_placement.py checks the exported graphs)."""
+        (tests/runtime/backends/test_ort_placement.py checks the exported graphs)."""
         ones = position_ids[0] * 0 + 1                                               # [B, S] int64, on the device
         positions = torch.cumsum(ones, dim=1) - 1                                    # 0 .. S-1 per row
         last = torch.minimum(seqlens_k.to(torch.int64), positions[:, -1])            # [B]

@@ -2,7 +2,7 @@
 
 A field is either HONOURED (with what that means here; some take only part of OpenAI's values, the rest are
 refused by name) or REFUSED (a 400 naming it, whatever its value but null). A field in neither is not
-OpenAI's and is refused by name too. schemas.py declares exactly these fields; tests/test_serve_openai_fields.py
+OpenAI's and is refused by name too. schemas.py declares exactly these fields; tests/serve/test_fields.py
 checks this table against the OpenAI client's own list of request fields.
 """
 

@@ -7,8 +7,8 @@ step). And it moves shape arithmetic to the CPU on purpose: a node fed only by `
 and graph inputs runs there. That is harmless while such values only reach inputs the CUDA kernels read from host
 memory anyway (Reshape's shape, Slice's starts, ...); a host value feeding a GPU node's data is a Memcpy node,
 which rules out CUDA graphs (`ort-cuda --cuda-graph`). All of that shows in the graph, so `ort-cuda` checks a
-graph before it makes its session (`check_for_cuda`) and tests/test_ort_cuda_placement.py lints every exported
-`ort` graph.
+graph before it makes its session (`check_for_cuda`) and tests/runtime/backends/test_ort_placement.py lints every
+exported `ort` graph.
 
 `session.disable_cpu_ep_fallback` cannot replace this check: the CUDA EP hands its shape-arithmetic nodes to the
 CPU EP itself (GetCapability drops GetCpuPreferredNodes' result), so the entry refuses any graph with a `Shape`

@@ -14,7 +14,7 @@ size, max image patches) into ranges per dim, and every input's profile follows 
 dims. The decoder gets three profiles: "decode" (one new token, opt at a half-full cache),
 "prefill" (a whole prompt, empty cache) and "extend" (a few new tokens after a cache: a chat's
 next turn); a runner picks the first profile that holds the shapes of a call (`select_profile`).
-Every profile's min, opt and max are shapes the graphs run (tests/test_sizing.py runs them).
+Every profile's min, opt and max are shapes the graphs run (tests/runtime/backends/test_sizing.py runs them).
 Nothing here imports onnxruntime or tensorrt.
 """
 

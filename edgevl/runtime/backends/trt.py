@@ -19,8 +19,8 @@ cuts itself, so for `ort-trt` the functions are inlined first (`inline_local_fun
 
 Versions: every TensorRT name used here exists in 10.3 (JetPack 6), 10.13 .. 10.16 and 11.0 .. 11.4, except
 BuilderFlag.FP16 / INT8, which TensorRT 11 removed (its networks are always strongly typed) and which are only
-touched where they exist (`builder_flags`). tests/test_trt_api.py checks that against each version's recorded API
-(tests/data/trt_api/, benchmarks/trt_api_surface.py).
+touched where they exist (`builder_flags`). tests/runtime/backends/test_trt.py checks that against each version's
+recorded API (tests/data/trt_api/, benchmarks/trt_api_surface.py).
 
 `tensorrt` and `cuda-python` are imported only inside the loaders and `CudaMemory`; everything else
 here is plain Python so that the runner's logic is tested on a CPU with stand-ins.

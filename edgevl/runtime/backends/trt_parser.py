@@ -6,8 +6,9 @@ as of 10.15 ("opset 9 to opset 24"; Attention, RotaryEmbedding, RMSNormalization
 operators.md of a TensorRT 11 release was read: 11.x is taken to parse what 10.16 parses (its Python API has the
 matching network layers: add_attention, add_rotary_embedding, add_normalization_v2). Nothing here ran TensorRT.
 
-Used by `trt` before it builds (a sentence instead of the parser's error) and by tests/test_trt_ops.py on every
-exported `standard` graph at each opset the docs offer (23 by default, 18 for JetPack 6's TensorRT 10.3).
+Used by `trt` before it builds (a sentence instead of the parser's error) and by
+tests/runtime/backends/test_trt_parser.py on every exported `standard` graph at each opset the docs offer (23 by
+default, 18 for JetPack 6's TensorRT 10.3).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ The vision graph takes the resampling as two small inputs and gathers and sums t
 with the patches in the order the vision graph takes them: 2 x 2 merge blocks, row-major blocks, row-major
 inside a block, the whole frame repeated for every temporal patch. The arithmetic is transformers'
 `get_vision_interpolation_indices_and_weights` (mode "bilinear", align_corners=True, the merge size of the
-config) step by step in float32, so the ids are equal and the weights bit-identical (tests/test_pos_embed.py).
+config) step by step in float32, so the ids are equal and the weights bit-identical
+(tests/runtime/inputs/test_pos_embed.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Where Qwen3-VL differs from Qwen2-VL (budget.py's `sample_frame_indices`, image_
   up first, and transformers' optional per-frame cap (`cap_pixels_per_frame`, off by default in 5.25 with a
   warning) can lower it.
 
-Checked against transformers' recorded outputs in tests/test_qwen3_vl_video.py (tests/data/qwen3_vl_reference.npz).
+Checked against transformers' recorded outputs in tests/runtime/inputs/test_qwen3_vl_video.py
+(tests/data/qwen3_vl_reference.npz).
 """
 
 from __future__ import annotations
