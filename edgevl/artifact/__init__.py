@@ -14,18 +14,8 @@ from edgevl.artifact.folder import (
     staged_folder,
     write_manifest,
 )
-from edgevl.artifact.manifest import (
-    FORMAT_VERSION,
-    ArrayRef,
-    EmbeddingSpec,
-    GraphSpec,
-    Manifest,
-    ManifestError,
-    ModelConfig,
-    Quantization,
-    SourceModel,
-    TensorSpec,
-)
+from edgevl.artifact.manifest import FORMAT_VERSION, ArrayRef, EmbeddingSpec, GraphSpec, Manifest, ManifestError, Quantization, SourceModel, TensorSpec
+from edgevl.artifact.model_config import ModelConfig
 
 __all__ = ["MANIFEST", "FORMAT_VERSION", "ArrayRef", "Artifact", "GraphFile", "load_artifact", "staged_folder", "write_manifest",
            "EmbeddingSpec", "GraphSpec", "Manifest", "ManifestError", "ModelConfig", "Quantization", "SourceModel",

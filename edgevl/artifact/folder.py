@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgevl.artifact.manifest import GraphSpec, Manifest, ManifestError, ModelConfig
+from edgevl.artifact.manifest import GraphSpec, Manifest, ManifestError
+from edgevl.artifact.model_config import ModelConfig
 from edgevl.errors import EdgevlError
 
 MANIFEST = "manifest.json"

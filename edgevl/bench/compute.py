@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from edgevl.artifact.manifest import ModelConfig
+from edgevl.artifact.model_config import ModelConfig
 from edgevl.runtime.inputs.windows import window_layout
 
 GEMM_SHAPE = (1024, 1280, 5120)    # M, K, N: a 448x448 image's patches through a 2B ViT's MLP
@@ -56,8 +56,9 @@ def vision_flops(config: ModelConfig, grid: tuple[int, int, int]) -> int:
     per_block = 2 * n * d * (4 * d + (3 if gated else 2) * mlp)            # qkv + proj, MLP
     attention = t * 4 * _attention_rows(config, h, w) * d                   # QK^T and AV
     merged, wide = n // config.spatial_merge_size ** 2, d * config.spatial_merge_size ** 2
-    merger = 2 * merged * wide * (wide + config.hidden_size)
-    return 2 * n * patch * d + config.vision_depth * per_block + attention + merger
+    # one merger, and one more per DeepStack level (Qwen3-VL), each LayerNorm -> fc1 [wide, wide] -> fc2 [wide, hidden]
+    mergers = (1 + len(config.vision_deepstack_indexes)) * 2 * merged * wide * (wide + config.hidden_size)
+    return 2 * n * patch * d + config.vision_depth * per_block + attention + mergers
 
 
 def decoder_flops(config: ModelConfig, tokens: int, past: int = 0) -> int | None:
@@ -71,6 +72,8 @@ def decoder_flops(config: ModelConfig, tokens: int, past: int = 0) -> int | None
     heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     projections = hidden * head_dim * (2 * heads + 2 * kv_heads)         # q, o; k, v
     mlp = 3 * hidden * config.intermediate_size                                   # gate, up, down
+    if config.num_experts:          # MoE: the router, and the chosen experts' gate, up and down per token
+        mlp = hidden * config.num_experts + config.num_experts_per_tok * 3 * hidden * config.moe_intermediate_size
     attention = 4 * tokens * (past + tokens) * heads * head_dim             # QK^T and AV
     lm_head = 2 * hidden * config.vocab_size
     return layers * (2 * tokens * (projections + mlp) + attention) + lm_head

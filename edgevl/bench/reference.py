@@ -23,6 +23,7 @@ edgevl.bench works without it.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -72,10 +73,20 @@ def processor_inputs(tokenizer, image_processor, text: str, images=()) -> dict:
     return {"input_ids": tokenizer(chat, return_tensors="pt")["input_ids"], **out}
 
 
+def processor_chat_template(model_dir: Path) -> str | None:
+    """The chat template a checkpoint keeps beside its processor (chat_template.json / .jinja), or None."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text()
+    if (model_dir / "chat_template.json").is_file():
+        return json.loads((model_dir / "chat_template.json").read_text()).get("chat_template")
+    return None
+
+
 def model_class(model_type: str):
     """transformers' class for a model_type the exporter accepts."""
     import transformers
-    classes = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+    classes = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+               "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
     if model_type not in classes:
         raise EdgevlError(f"the reference model is a '{model_type}' model; edgevl compares {', '.join(classes)}.")
     return getattr(transformers, classes[model_type])
@@ -100,13 +111,16 @@ class TransformersEngine:
         self.model = model_class(AutoConfig.from_pretrained(model_dir).model_type).from_pretrained(
             model_dir, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation="sdpa").eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if self.tokenizer.chat_template is None:    # Qwen3-VL keeps it beside the processor, not the tokenizer
+            self.tokenizer.chat_template = processor_chat_template(Path(model_dir))
         self.processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
         self.load_s = time.perf_counter() - t0
         self.dtype = dtype
         self.threads = torch.get_num_threads()
         self.image_token_id = self.model.config.image_token_id
         text = self.model.config.text_config
-        self.kv_shape = (text.num_key_value_heads, text.hidden_size // text.num_attention_heads)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.kv_shape = (text.num_key_value_heads, head_dim)
         self.num_layers = text.num_hidden_layers
 
     def prepare(self, text: str, image: Path | None):

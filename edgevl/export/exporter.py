@@ -16,12 +16,12 @@ import torch
 
 from edgevl.artifact import names
 from edgevl.artifact.folder import check_output, read_json_object, staged_folder, write_manifest
-from edgevl.artifact.manifest import EmbeddingSpec, Manifest, ModelConfig, SourceModel
+from edgevl.artifact.manifest import EmbeddingSpec, Manifest, SourceModel
+from edgevl.artifact.model_config import MODEL_TYPES, QWEN3_MODEL_TYPES, ModelConfig
 from edgevl.artifact.onnx_files import describe_graph, tied_dense_table, write_npy
 from edgevl.errors import EdgevlError
 from edgevl.export.modules import KV_CACHE
 from edgevl.export.ops import FUSED_STANDARD_OPSET, VARIANT_OPSET, in_place_problem
-from edgevl.export.qwen3_vl import MODEL_TYPES as QWEN3_MODEL_TYPES
 from edgevl.export.trace import export_decoder, export_vision
 from edgevl.artifact.processors import ImageProcessorSettings
 from edgevl.runtime.backends.probe import package_versions
@@ -33,7 +33,7 @@ MAX_OPSET = 24
 # --opset 18..22 gives the same math in primitive ops for older TensorRT (JetPack 6: 10.3)
 DEFAULT_OPSET = {"ort": 18, "standard": FUSED_STANDARD_OPSET}
 EXPORT_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnx-ir", "onnxruntime", "numpy")
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", *QWEN3_MODEL_TYPES)
+SUPPORTED_MODEL_TYPES = MODEL_TYPES
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                 "preprocessor_config.json", "video_preprocessor_config.json", "config.json")
 

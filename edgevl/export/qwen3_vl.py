@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from edgevl.artifact import names
+from edgevl.artifact.model_config import QWEN3_MODEL_TYPES
 from edgevl.errors import EdgevlError
 from edgevl.export.modules import ConcatDecoder, InPlaceDecoder, VisionGraph
 from edgevl.export.moe import interleave_gate_up, moe
 from edgevl.export.ops import FUSED, Ops
 
-MODEL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
+MODEL_TYPES = QWEN3_MODEL_TYPES      # the families this module exports (artifact/model_config.py)
 
 
 class Qwen3VisionGraph(VisionGraph):

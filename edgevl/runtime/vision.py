@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgevl.artifact import names
-from edgevl.artifact.manifest import ModelConfig
+from edgevl.artifact.model_config import ModelConfig
 from edgevl.errors import EdgevlError
 from edgevl.runtime.backends.runner import Runner
 from edgevl.runtime.inputs.pos_embed import pos_embed_taps

@@ -18,7 +18,7 @@ import torch
 
 from edgevl.artifact import load_artifact, names
 from edgevl.artifact.fields import Fields, ManifestError
-from edgevl.artifact.manifest import ModelConfig
+from edgevl.artifact.model_config import ModelConfig
 from edgevl.export.mrope import DOMAIN, DOMAIN_VERSION, OP_NAME, mrope_function_proto, mrope_tables
 from edgevl.runtime.backends import trt_parser
 from tests.qwen3_reference import Decoder, Prompt, check_decoder, close, hf_vision, run_vision, session

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgevl.artifact import names
-from edgevl.artifact.manifest import ModelConfig, TensorSpec
+from edgevl.artifact.manifest import TensorSpec
+from edgevl.artifact.model_config import ModelConfig
 from edgevl.errors import EdgevlError
 
 DEFAULT_ENGINE_CONTEXT = 4096      # KV positions an engine is built for unless --max-context says otherwise

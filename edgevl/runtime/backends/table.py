@@ -26,7 +26,7 @@ from typing import Callable, Protocol
 
 from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, GraphFile
-from edgevl.artifact.manifest import ModelConfig
+from edgevl.artifact.model_config import ModelConfig
 from edgevl.cache import cache_root
 from edgevl.errors import EdgevlError
 from edgevl.runtime.backends import ort_placement, packages, probe
