@@ -57,7 +57,7 @@ def median(xs) -> float:
 
 def bench_edgevl(artifact: Path, backend: str, image: Path, new_tokens: int, runs: int,
                  cuda_graph: bool = False) -> dict:
-    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.runtime.backends.options import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
     t0 = time.perf_counter()
     pipe = Pipeline.load(artifact, backend=backend, verify=False, options=BackendOptions(cuda_graph=cuda_graph))

@@ -42,7 +42,7 @@ from edgevl.bench.measure import (
     synthetic_image,
 )
 from edgevl.errors import EdgevlError
-from edgevl.runtime.backends.table import BackendOptions
+from edgevl.runtime.backends.options import BackendOptions
 
 SCHEMA = "edgevl-bench/1"
 

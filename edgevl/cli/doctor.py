@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.runtime.backends.options import BackendOptions
     from edgevl.runtime.backends.doctor import collect, format_report
     artifact = None
     if args.artifact:

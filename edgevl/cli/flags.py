@@ -117,7 +117,8 @@ def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False
     else:
         g.add_argument("--backend", choices=list(BACKENDS), default=None, help=help_text)
     g.add_argument("--threads", type=whole(0, max_threads()), default=0, metavar="N",
-                   help="CPU threads per graph (0 = onnxruntime's default)")
+                   help="CPU threads of onnxruntime's one pool, shared by the process's sessions (0 = onnxruntime's "
+                        "default, one per physical core)")
     g.add_argument("--max-context", type=whole(1), metavar="N",
                    help="most tokens per sequence, prompt + generated: the KV-cache size (TensorRT engines are "
                         "built for it; default 4096 for trt/ort-trt, the model's context otherwise)")
@@ -150,7 +151,7 @@ def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False
 
 def backend_options(args, log=None):
     """The backend flags -> BackendOptions (validated there)."""
-    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.runtime.backends.options import BackendOptions
     return BackendOptions.from_settings(args, args.device, log or logger("backend"))
 
 

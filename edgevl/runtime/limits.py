@@ -10,7 +10,7 @@ from edgevl.runtime.sampling import show_value
 
 
 def max_threads() -> int:
-    """The most CPU threads per graph we accept: 4 per core, at least 64. More only adds contention
+    """The most CPU threads (--threads) we accept: 4 per core, at least 64. More only adds contention
     (512 threads on 2 cores ran 100x slower than 2) and thousands never finish starting."""
     return max(64, 4 * (os.cpu_count() or 1))
 

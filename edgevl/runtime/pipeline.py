@@ -27,7 +27,8 @@ from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, load_artifact
 from edgevl.errors import EdgevlError
 from edgevl.runtime.backends.runner import Runner
-from edgevl.runtime.backends.table import Backend, BackendOptions, get_backend
+from edgevl.runtime.backends.table import Backend, get_backend
+from edgevl.runtime.backends.options import BackendOptions
 from edgevl.runtime.constrained import GrammarCompiler
 from edgevl.runtime.embeddings import EmbeddingTable
 from edgevl.runtime.generate import Decoding, Prompt, Result, Sequence, Timings, generate

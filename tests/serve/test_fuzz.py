@@ -116,7 +116,7 @@ bodies = st.one_of(
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_artifact):
-    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.runtime.backends.options import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
     from edgevl.serve.app import ServerSettings, create_app
     from edgevl.serve.requests import RequestLimits

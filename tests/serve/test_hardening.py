@@ -29,7 +29,7 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 @pytest.fixture(scope="module")
 def small_pipeline(tiny_artifact):
     """The tiny model with a 256-token context: a long prompt is refused without a long generation."""
-    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.runtime.backends.options import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
     return Pipeline.load(tiny_artifact, options=BackendOptions(max_context=256))
 

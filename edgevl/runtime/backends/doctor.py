@@ -14,7 +14,8 @@ import platform
 
 from edgevl import __version__
 from edgevl.runtime.backends import probe
-from edgevl.runtime.backends.table import BackendOptions, availability
+from edgevl.runtime.backends.table import availability
+from edgevl.runtime.backends.options import BackendOptions
 
 
 def collect(artifact=None, options: BackendOptions | None = None) -> dict:

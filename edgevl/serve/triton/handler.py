@@ -128,7 +128,8 @@ class EdgevlTritonModel:
     """One model instance: a Pipeline and its scheduler, driven by Triton's execute calls."""
 
     def __init__(self, pb_utils, args: dict):
-        from edgevl.runtime.backends.table import BackendOptions, get_backend
+        from edgevl.runtime.backends.table import get_backend
+        from edgevl.runtime.backends.options import BackendOptions
         from edgevl.runtime.pipeline import Pipeline
 
         t0 = time.perf_counter()

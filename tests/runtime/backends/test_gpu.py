@@ -136,7 +136,7 @@ def test_kv_cache_stays_on_the_gpu(cuda_pipeline):
 
 
 def test_cuda_graph_decode_gives_the_same_tokens(tiny_artifact_fp16, cuda_pipeline, photos):
-    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.runtime.backends.options import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
     graphed = Pipeline.load(tiny_artifact_fp16, backend="ort-cuda", options=BackendOptions(cuda_graph=True))
     kwargs = dict(images=[photos["astronaut"]], max_new_tokens=16, do_sample=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgevl.runtime.backends.table import BackendOptions
+from edgevl.runtime.backends.options import BackendOptions
 from edgevl.runtime.backends.int8_prefill import PrefillSplitRunner, dequantize_4bit, per_channel_int8
 
 

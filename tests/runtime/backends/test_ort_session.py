@@ -42,7 +42,7 @@ print("same" if tokens() == alone else f"different: {{alone}}")
 
 
 def test_fast_load_skips_prepacking_with_the_same_tokens(tiny_artifact, pipeline, photos):
-    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.runtime.backends.options import BackendOptions
     from edgevl.runtime.pipeline import Pipeline
     fast = Pipeline.load(tiny_artifact, backend="ort-cpu", options=BackendOptions(prepack=False))
     entries = fast.decoder.session.get_session_options().get_session_config_entry("session.disable_prepacking")
@@ -55,7 +55,7 @@ def test_fast_load_still_prepacks_quantized_graphs(tiny_artifact, tmp_path):
     # quantized kernels are many times slower on unpacked weights: --fast-load leaves them packed
     import shutil
 
-    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.runtime.backends.options import BackendOptions
     art = load_artifact(tiny_artifact, verify=False)
     decoder = art.graph("decoder")
     quantized = dataclasses.replace(decoder, spec=dataclasses.replace(decoder.spec, precision="int4"))

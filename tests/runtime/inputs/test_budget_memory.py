@@ -47,7 +47,7 @@ def long_video(tmp_path_factory) -> Path:
 def test_a_long_video_peaks_at_what_its_budget_keeps(tiny_artifact, long_video):
     got = measure("""
 import time
-from edgevl.runtime.backends.table import BackendOptions
+from edgevl.runtime.backends.options import BackendOptions
 from edgevl.runtime.pipeline import Pipeline
 from edgevl.runtime.inputs.video import probe_video
 pipe = Pipeline.load(sys.argv[1], options=BackendOptions(max_context=4096))

@@ -84,7 +84,7 @@ def test_the_model_builds_the_backend_options_the_flags_give_edgevl_run(tiny_art
     constructor (BackendOptions.from_settings) reads both."""
     from edgevl.cli import build_parser
     from edgevl.cli.flags import backend_options
-    from edgevl.runtime.backends.table import BackendOptions
+    from edgevl.runtime.backends.options import BackendOptions
     from edgevl.serve.triton.handler import ModelSettings, model_parameters
     flags = ["--threads", "2", "--max-context", "2048", "--max-batch", "3", "--max-image-patches", "1024",
              "--precision", "fp16", "--engine-cache", str(tmp_path / "engines"), "--cuda-graph", "--fast-load",
