@@ -20,11 +20,10 @@ What a downloaded Qwen/Qwen3-VL-*-Instruct folder holds, written offline for a p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from edgevl.synthetic.architectures import ModelPreset, build_config
-from edgevl.synthetic.random_model import ASSETS, special_token_ids, train_tokenizer, write_weights
+from edgevl.synthetic.pieces import ASSETS, special_token_ids, train_tokenizer, write_json, write_weights
 
 CHAT_TEMPLATE_PATH = ASSETS / "qwen3_vl_chat_template.jinja"
 
@@ -51,8 +50,6 @@ _VISION_KEYS = ("deepstack_visual_indexes", "depth", "hidden_act", "hidden_size"
                 "spatial_merge_size", "temporal_patch_size")
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def hub_config(config, ids: dict, dtype: str) -> dict:
@@ -105,13 +102,13 @@ def write_tokenizer_files(tokenizer, out_dir: Path) -> None:
     tokenizer.model.save(str(out_dir))
     added = {str(tokenizer.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                                              "single_word": False, "special": special} for t, special in ADDED_TOKENS}
-    _write_json(out_dir / "tokenizer_config.json", {
+    write_json(out_dir / "tokenizer_config.json", {
         "add_bos_token": False, "add_prefix_space": False, "added_tokens_decoder": added,
         "additional_special_tokens": [t for t, special in ADDED_TOKENS[1:] if special], "bos_token": None,
         "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>", "errors": "replace",
         "model_max_length": 262144, "pad_token": "<|endoftext|>", "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer", "unk_token": None})
-    _write_json(out_dir / "chat_template.json", {"chat_template": CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")})
+    write_json(out_dir / "chat_template.json", {"chat_template": CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")})
 
 
 def write_processor_files(out_dir: Path, preset: ModelPreset) -> None:
@@ -119,9 +116,9 @@ def write_processor_files(out_dir: Path, preset: ModelPreset) -> None:
     common = {"patch_size": preset.patch_size, "temporal_patch_size": preset.temporal_patch_size,
               "merge_size": preset.spatial_merge_size, "image_mean": HALF, "image_std": HALF,
               "processor_class": "Qwen3VLProcessor"}
-    _write_json(out_dir / "preprocessor_config.json",
+    write_json(out_dir / "preprocessor_config.json",
                 {"size": IMAGE_SIZE, **common, "image_processor_type": "Qwen2VLImageProcessorFast"})
-    _write_json(out_dir / "video_preprocessor_config.json",
+    write_json(out_dir / "video_preprocessor_config.json",
                 {"size": VIDEO_SIZE, **common, "video_processor_type": "Qwen3VLVideoProcessor"})
 
 
@@ -134,7 +131,7 @@ def write_qwen3_files(out: Path, preset: ModelPreset, seed: int, dtype: str) -> 
     if preset.family == "qwen3_vl_moe":
         for weights in sorted(out.glob("*.safetensors")):
             to_hub_expert_layout(weights)
-    _write_json(out / "config.json", hub_config(config, ids, dtype))
+    write_json(out / "config.json", hub_config(config, ids, dtype))
     write_tokenizer_files(tokenizer, out)
     write_processor_files(out, preset)
     return out

@@ -4,7 +4,7 @@ as Hugging Face lists them), and an unknown preset is a user error."""
 import pytest
 
 from edgevl.errors import EdgevlError
-from edgevl.synthetic import random_model as tiny_model
+from edgevl.synthetic import pieces
 from edgevl.synthetic.architectures import PRESETS, build_config, get_preset
 
 
@@ -25,7 +25,7 @@ def test_preset_shapes_are_consistent(name):
 # Hugging Face lists Qwen2-VL-2B/7B/72B-Instruct at 2.21B / 8.29B / 73.4B parameters.
 @pytest.mark.parametrize("name,billions", [("qwen2-vl-2b", 2.21), ("qwen2-vl-7b", 8.29), ("qwen2-vl-72b", 73.4)])
 def test_big_preset_config_builds_the_real_architecture(name, billions):
-    ids = tiny_model.special_token_ids(tiny_model.train_tokenizer())
+    ids = pieces.special_token_ids(pieces.train_tokenizer())
     preset = get_preset(name)
     config = build_config(preset, ids)
     assert config.text_config.hidden_size == config.vision_config.hidden_size == preset.hidden_size

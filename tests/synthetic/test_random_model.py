@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from edgevl.synthetic import pieces
 from edgevl.synthetic import random_model as tiny_model
 from edgevl.synthetic.architectures import PRESETS, TINY_VOCAB_SIZE
 
@@ -87,8 +88,8 @@ def test_model_loads_with_every_weight(model_dir):
 
 
 def test_tokenizer_has_qwen2_vl_special_tokens_in_real_order(tokenizer):
-    ids = tokenizer.convert_tokens_to_ids(list(tiny_model.SPECIAL_TOKENS))
-    assert ids == list(range(tiny_model.BPE_VOCAB_SIZE, tiny_model.BPE_VOCAB_SIZE + 14))
+    ids = tokenizer.convert_tokens_to_ids(list(pieces.SPECIAL_TOKENS))
+    assert ids == list(range(pieces.BPE_VOCAB_SIZE, pieces.BPE_VOCAB_SIZE + 14))
     assert len(tokenizer) == TINY_VOCAB_SIZE
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     assert tokenizer.bos_token is None
@@ -195,6 +196,6 @@ def test_tokenizer_training_is_deterministic_and_fast():
     import time
 
     start = time.perf_counter()
-    first = tiny_model.train_tokenizer().to_str()
+    first = pieces.train_tokenizer().to_str()
     assert time.perf_counter() - start < 5
-    assert tiny_model.train_tokenizer().to_str() == first
+    assert pieces.train_tokenizer().to_str() == first

@@ -64,7 +64,7 @@ def variants(precision: str) -> list[dict]:
 def pre_tokenizer(source: Path) -> str | None:
     """'qwen2' when the model's tokenizer.json pre-tokenizes as Qwen2 does (its split regex, then
     byte-level): then llama.cpp's qwen2 pre-tokenizer is right whatever the vocabulary."""
-    from edgevl.synthetic.random_model import QWEN2_PRETOKENIZE_REGEX
+    from edgevl.synthetic.pieces import QWEN2_PRETOKENIZE_REGEX
     try:
         pre = json.loads((Path(source) / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
     except (OSError, ValueError):
