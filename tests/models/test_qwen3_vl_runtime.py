@@ -214,3 +214,41 @@ def test_quantized_qwen3_artifacts_calibrate_on_the_new_inputs_and_run(recipe, q
         fp32 = Pipeline.load(qwen3_artifact).generate("What is in this picture?", images=images, max_new_tokens=4,
                                                       do_sample=False)
         assert result.token_ids[:2] == fp32.token_ids[:2]
+
+
+def test_an_image_and_a_video_in_one_message_equal_transformers(pipe, qwen3_hf):
+    """Positions run through the image's grid, the video's timestamp text and its patches' grids in order."""
+    images = _images((123, 457))
+    clip = VideoClip(synthetic_frames(4, 64, 96), 2.0, 4, np.arange(4))
+    ours = _ours(pipe, "Compare the picture with the video.", images, [clip])
+    row = pipe.prepare("Compare the picture with the video.", images, [clip])
+    assert row.input_ids.tolist() == ours.prompt_token_ids
+    ids = torch.tensor([ours.prompt_token_ids])
+    ref = _hf_generate(qwen3_hf, ids, pixel_values=torch.from_numpy(row.pixel_values[0]),
+                       image_grid_thw=torch.tensor(row.grids), pixel_values_videos=torch.from_numpy(row.video_pixel_values[0]),
+                       video_grid_thw=torch.tensor(row.video_grids))
+    assert ours.token_ids == ref[:len(ours.token_ids)]
+
+
+def test_the_openai_server_serves_qwen3_vl(pipe):
+    """An image request through `edgevl serve` gives the pipeline's own greedy tokens (its text)."""
+    import base64
+    import io
+
+    import httpx
+
+    from edgevl.serve.app import create_app
+    from tests.serve_helpers import running
+    image = _images((300, 400))[0]
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    alone = _ours(pipe, "What is in this picture?", [image])
+    body = {"model": "qwen3", "max_tokens": NEW_TOKENS, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in this picture?"}]}]}
+    with running(create_app(pipe, "qwen3")) as base:
+        reply = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text[:300]
+    data = reply.json()
+    assert data["choices"][0]["message"]["content"] == alone.text
+    assert data["usage"]["prompt_tokens"] == len(alone.prompt_token_ids)
