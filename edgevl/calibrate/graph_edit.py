@@ -36,11 +36,13 @@ def load_graph(path: str | os.PathLike) -> onnx.ModelProto:
 
 def graph_precision(path: str | os.PathLike) -> str:
     """What a graph's weight matrices are stored as, read from its nodes and initializer types (weights not
-    loaded): int4 if any MatMulNBits, int8 if any int8 weight, fp16 if its weights are fp16, else fp32."""
+    loaded): int4 if any MatMulNBits or 4-bit QMoE, int8 if any int8 weight, fp16 if its weights are fp16, else fp32."""
     model = onnx.load(str(path), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
     types = {t.data_type for t in model.graph.initializer}
-    if "MatMulNBits" in ops:
+    four_bit_experts = any(n.op_type == "QMoE" and {a.name: a.i for a in n.attribute}.get("expert_weight_bits", 4) == 4
+                           for n in model.graph.node)
+    if "MatMulNBits" in ops or four_bit_experts:
         return "int4"
     if types & {TensorProto.INT8, TensorProto.UINT8} or ops & _INT8_OPS:
         return "int8"
@@ -250,9 +252,10 @@ def precision_by_op(path: str | os.PathLike) -> dict[str, dict[str, int]]:
 
 
 def _node_precision(node, producer, types) -> str:
-    if node.op_type == "MatMulNBits":
+    if node.op_type in ("MatMulNBits", "QMoE"):
         attrs = {a.name: a.i for a in node.attribute}
-        return f"int{attrs.get('bits', 4)}" + ("/int8-compute" if attrs.get("accuracy_level") == 4 else "")
+        bits = attrs.get("bits", attrs.get("expert_weight_bits", 4))
+        return f"int{bits}" + ("/int8-compute" if attrs.get("accuracy_level") == 4 else "")
     if node.op_type in _INT8_OPS:
         return "int8"
     if node.op_type in _QDQ_FUSED_OPS:   # onnxruntime fuses DQ -> op into an int8 kernel when both operands are DQ
@@ -275,7 +278,8 @@ def weight_table(model: onnx.ModelProto) -> list[dict]:
 
     Stored bytes count what the node reads: a plain float weight; a QDQ weight's int8 tensor,
     scales and zero points; a MatMulInteger's int8 weight and zero point; MatMulNBits' packed
-    blocks, scales and zero points. fp32 bytes are the same matrix at 4 bytes per element, so
+    blocks, scales and zero points; a MoE node's expert weights (fc1, fc2) and a QMoE node's packed
+    experts with their scales and zero points (one row per node). fp32 bytes are the same matrix at 4 bytes per element, so
     rows from a quantized graph compare with its fp32 source without matching node names.
     """
     inits = {t.name: t for t in model.graph.initializer}
@@ -290,7 +294,19 @@ def weight_table(model: onnx.ModelProto) -> list[dict]:
 
     rows = []
     for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
+        if node.op_type == "MoE" and node.input[2] in inits:
+            t = inits[node.input[2]]
+            precision = _TYPE_NAMES.get(t.data_type, "fp32")
+            rows.append({"node": node.name, "op": node.op_type, "precision": precision,
+                         "bytes": stored(node.input[2]) + stored(node.input[4]),
+                         "fp32_bytes": 4 * (numel(t) + numel(inits.get(node.input[4])))})
+        elif node.op_type == "QMoE":
+            bits = next((a.i for a in node.attribute if a.name == "expert_weight_bits"), 4)
+            parts = [node.input[i] for i in (2, 3, 5, 6, 11, 12) if i < len(node.input) and node.input[i]]
+            rows.append({"node": node.name, "op": node.op_type, "precision": f"int{bits}",
+                         "bytes": sum(stored(i) for i in parts),
+                         "fp32_bytes": 4 * 8 // bits * sum(numel(inits.get(node.input[i])) for i in (2, 5))})
+        elif node.op_type == "MatMulNBits":
             attrs = {a.name: a.i for a in node.attribute}
             rows.append({"node": node.name, "op": node.op_type, "precision": f"int{attrs.get('bits', 4)}",
                          "bytes": sum(stored(i) for i in node.input[1:4] if i),

@@ -236,8 +236,8 @@ def gptq_differs_from_rtn() -> bool:
 
 
 def set_accuracy_level(model: onnx.ModelProto, level: int, bits: int = 4) -> int:
-    """Set MatMulNBits' accuracy_level on every `bits`-bit such node (0 = float compute, 4 = int8 compute);
-    returns the count.
+    """Set the accuracy_level of every `bits`-bit MatMulNBits node and every `bits`-bit QMoE node (the
+    quantized experts, calibrate/moe.py; same meaning) (0 = float compute, 4 = int8 compute); returns the count.
 
     The packed weights do not depend on it: the kernel choice happens when a session is made. 8-bit nodes
     always compute in int8: onnxruntime 1.32's float-compute 8-bit kernel is ~150x slower (2B lm_head on a
@@ -245,8 +245,8 @@ def set_accuracy_level(model: onnx.ModelProto, level: int, bits: int = 4) -> int
     """
     count = 0
     for node in model.graph.node:
-        node_bits = next((a.i for a in node.attribute if a.name == "bits"), 4)
-        if node.op_type == "MatMulNBits" and node_bits == bits:
+        key = {"MatMulNBits": "bits", "QMoE": "expert_weight_bits"}.get(node.op_type)
+        if key and next((a.i for a in node.attribute if a.name == key), 4) == bits:
             for attr in [a for a in node.attribute if a.name == "accuracy_level"]:
                 node.attribute.remove(attr)
             node.attribute.append(onnx.helper.make_attribute("accuracy_level", level))

@@ -34,7 +34,7 @@ import onnx
 from edgevl.artifact import names
 from edgevl.artifact.folder import Artifact, GraphFile
 from edgevl.artifact.onnx_files import describe_graph, save_graph
-from edgevl.calibrate import passes
+from edgevl.calibrate import moe, passes
 from edgevl.calibrate.data import FeedStore, feed_reader
 from edgevl.calibrate.graph_edit import (
     gemm_to_matmul,
@@ -185,6 +185,7 @@ def int8_decoder(ctx: Context) -> GraphResult:
     """Static and/or dynamic activations, per --activations; the lower calibration KL wins."""
     src = ctx.tmp("decoder-matmul")
     model = gemm_to_matmul(load_graph(ctx.src.graph_path(names.DECODER)))   # lm_head Gemm -> MatMul
+    experts = moe.quantize_graph_experts(model, 8, 128)
     save_graph(model, src, check=False)
     weights = [n.name for n in weight_nodes(model)]
     groups = {"lm_head": node_groups(model).get("lm_head", [])}
@@ -192,7 +193,17 @@ def int8_decoder(ctx: Context) -> GraphResult:
     # onnxruntime graphs: lm_head in 8-bit MatMulNBits rows (int8 compute; faster than dynamic int8 on the
     # 2B's 151936 x 1536 head), which a tied embedding table then shares. TensorRT graphs keep Q/DQ.
     rows = ("lm_head",) if ctx.src.manifest.graph(names.DECODER).variant == "ort" else ()
-    return best_int8_variant(ctx, names.DECODER, src, weights, groups, {"lm_head": ("int8", "fp32")}, rows)
+    return _with_experts(best_int8_variant(ctx, names.DECODER, src, weights, groups, {"lm_head": ("int8", "fp32")},
+                                           rows), experts)
+
+
+def _with_experts(result: GraphResult, experts: dict) -> GraphResult:
+    """The MoE experts' quantization (calibrate/moe.py) in a decoder's result, when the model has experts."""
+    if experts:
+        result.details["experts"] = experts["experts"]
+        result.details.setdefault("notes", {})["experts"] = experts["note"]
+        result.description += f"; {experts['note']}"
+    return result
 
 
 SPEED_KEY = {names.VISION: "ms_per_image", names.DECODER: "decode_ms"}
@@ -264,6 +275,7 @@ def int4_decoder(ctx: Context) -> GraphResult:
     del model
     if algorithm == "awq":
         base, algorithm = _awq_or_rtn(ctx, base, body, groups["lm_head"], details["awq"])
+    experts = moe.quantize_graph_experts(base, 4, ctx.opts.block_size)
 
     def build(levels):
         graph = onnx.ModelProto()
@@ -277,10 +289,10 @@ def int4_decoder(ctx: Context) -> GraphResult:
 
     path, score, kept, trials = search_levels(ctx, names.DECODER, groups, {"lm_head": ("int4", "int8", "fp32")}, build)
     path, score, compute, note = _choose_compute(ctx, path, score, trials)
-    return GraphResult(path, "int4", f"int4 MatMulNBits ({algorithm}, block {ctx.opts.block_size}), "
-                                     f"{compute} activations", kept, trials,
-                       {"block_size": ctx.opts.block_size, "algorithm": algorithm, "calibration": score,
-                        "compute": compute, **details, "notes": {"compute": note, **_awq_note(details)}})
+    return _with_experts(GraphResult(
+        path, "int4", f"int4 MatMulNBits ({algorithm}, block {ctx.opts.block_size}), {compute} activations", kept,
+        trials, {"block_size": ctx.opts.block_size, "algorithm": algorithm, "calibration": score, "compute": compute,
+                 **details, "notes": {"compute": note, **_awq_note(details)}}), experts)
 
 
 def _awq_prescale(ctx: Context, model: onnx.ModelProto, body: list[str]) -> dict:

@@ -205,7 +205,7 @@ PRESETS: dict[str, ModelPreset] = {
     # The MoE in miniature: 8 experts of width 24, top 2 (hidden 64 is neither 24 nor 48, so the hub's expert
     # layout [E, H, 2I] / [E, I, H] cannot be mistaken for transformers' own [E, 2I, H] / [E, H, I]).
     "qwen3-vl-moe-tiny": replace(_QWEN3_TINY, family="qwen3_vl_moe", num_experts=8, num_experts_per_tok=2,
-                                 moe_intermediate_size=24),
+                                 moe_intermediate_size=48),
     "qwen3-vl-2b": _QWEN3_VL_2B,
     "qwen3-vl-4b": replace(_QWEN3_VL_2B, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                            num_attention_heads=32),

@@ -49,7 +49,7 @@ def test_the_checkpoint_stores_experts_as_the_hub_does(model_dir, hf):
     with safe_open(model_dir / "model.safetensors", "pt") as f:
         gate_up = f.get_tensor("model.language_model.layers.0.mlp.experts.gate_up_proj")
         down = f.get_tensor("model.language_model.layers.0.mlp.experts.down_proj")
-    assert tuple(gate_up.shape) == (8, 64, 48) and tuple(down.shape) == (8, 24, 64)
+    assert tuple(gate_up.shape) == (8, 64, 96) and tuple(down.shape) == (8, 48, 64)
     experts = hf.model.language_model.layers[0].mlp.experts
     assert torch.equal(experts.gate_up_proj, gate_up.transpose(1, 2)) and torch.equal(experts.down_proj,
                                                                                       down.transpose(1, 2))
@@ -58,7 +58,7 @@ def test_the_checkpoint_stores_experts_as_the_hub_does(model_dir, hf):
 def test_manifest_records_the_experts(artifact):
     cfg = load_artifact(artifact).manifest.config
     assert (cfg.model_type, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == \
-        ("qwen3_vl_moe", 8, 2, 24)
+        ("qwen3_vl_moe", 8, 2, 48)
 
 
 def test_sparse_layers_are_moe_nodes_or_standard_ops(artifact, hf):
@@ -128,3 +128,39 @@ def test_the_runtime_gives_transformers_greedy_tokens(artifact, hf, model_dir):
                           image_grid_thw=inputs["image_grid_thw"], max_new_tokens=8, do_sample=False,
                           repetition_penalty=1.0)[0, ids.shape[1]:].tolist()
     assert ours.token_ids == ref[:len(ours.token_ids)]
+
+
+@pytest.mark.parametrize("recipe, bits", [("int8", 8), ("w4a16", 4)])
+def test_quantized_recipes_quantize_the_experts(recipe, bits, artifact, tmp_path):
+    """int8 / w4a16 turn every MoE node into QMoE whose experts are this artifact's experts rounded to `bits`
+    (each weight within half a step of its block's scale), the report says so, and the artifact runs an image."""
+    from onnx import numpy_helper
+
+    from edgevl.calibrate import moe
+    from edgevl.calibrate.options import QuantizeOptions
+    from edgevl.calibrate.quantize import quantize
+    from edgevl.runtime.pipeline import Pipeline
+    if load_artifact(artifact).manifest.graph("decoder").variant != "ort":
+        pytest.skip("standard graphs have no MoE node: their experts are MatMuls over stacked weights")
+    options = QuantizeOptions(recipe, samples=2, eval_samples=1, new_tokens=2, calib_steps=2, progress=False,
+                              force=True, block_size=32)
+    report = quantize(artifact, tmp_path / recipe, options, None, log=lambda m: None, table=lambda t: None)
+    # experts 48 wide: the largest power-of-two block dividing 64 and 48 is 16, not the recipe's 32
+    assert report["graphs"]["decoder"]["details"]["experts"] == {"layers": 4, "bits": bits, "block_size": 16}
+    source = onnx.load(str(artifact / "decoder.onnx"))
+    floats = {n.name: [numpy_helper.to_array(t) for i in (2, 4) for t in source.graph.initializer
+                       if t.name == n.input[i]] for n in moe.moe_nodes(source)}
+    decoder = onnx.load(str(tmp_path / recipe / "decoder.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in decoder.graph.initializer}
+    qmoe = [n for n in decoder.graph.node if n.op_type == "QMoE"]
+    assert not moe.moe_nodes(decoder) and sorted(n.name for n in qmoe) == sorted(floats)
+    for node in qmoe:
+        for weight, (q, s, z) in zip(floats[node.name], ((2, 3, 11), (5, 6, 12))):
+            scales = inits[node.input[s]]
+            got = moe.dequantize_experts(inits[node.input[q]], scales, inits[node.input[z]], bits)
+            assert np.all(np.abs(got - weight) <= np.repeat(scales, 16, axis=-1) / 2 + 1e-6)
+    from PIL import Image
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    result = Pipeline.load(tmp_path / recipe).generate("What is it?", images=[image], max_new_tokens=3,
+                                                       do_sample=False)
+    assert 1 <= len(result.token_ids) <= 3
