@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Two edgevl source trees (e.g. before and after a refactor) on the SAME artifacts in alternating rounds: each round
-# runs `edgevl bench` from tree A, then from tree B, on every artifact (one synthetic 448x448 image, "Describe this
-# image.", 32 new tokens, 3 runs after a warm-up); prints per-round and median stage times and the B/A ratios, and
-# writes them as JSON and Markdown. Both trees run with this checkout's Python environment (PYTHONPATH selects the
-# tree), so only edgevl's own code differs.
+# Two edgevl source trees (e.g. before and after a refactor) on the SAME artifacts in alternating rounds: for every
+# artifact each round runs `edgevl bench` from both trees back to back, A then B in odd rounds and B then A in even
+# ones (one synthetic 448x448 image, "Describe this image.", 32 new tokens, 5 runs after a warm-up, a 64 MiB
+# bandwidth probe); prints per-round and median stage times and the B/A ratios, and writes them as JSON and
+# Markdown. Both trees run with this checkout's Python environment (PYTHONPATH selects the tree), so only edgevl's
+# own code differs.
 #
 #   bash benchmarks/paired_trees.sh TREE_A TREE_B OUT_PREFIX ARTIFACT [ARTIFACT ...]
 #
@@ -20,12 +21,14 @@ TMP=$(mktemp -d /tmp/edgevl-trees-XXXXXX)
 trap 'rm -rf "$TMP"' EXIT
 IMG=$("$PY" -c "from pathlib import Path; from edgevl.bench.measure import synthetic_image; print(synthetic_image(448, 448, Path('$TMP')))")
 for i in $(seq "$ROUNDS"); do
-  for side in A B; do
-    tree=$A; [ "$side" = B ] && tree=$B
-    for art in "$@"; do
-      name=$(basename "$art")
+  order="A B"; [ $((i % 2)) = 0 ] && order="B A"
+  for art in "$@"; do
+    name=$(basename "$art")
+    for side in $order; do
+      tree=$A; [ "$side" = B ] && tree=$B
       (cd "$TMP" && PYTHONPATH="$tree" "$PY" -m edgevl bench "$art" --image "$IMG" --prompt "Describe this image." \
-          --new-tokens 32 --runs 3 --warmup 1 --no-progress --json "$TMP/$side-$name-$i.json" > /dev/null)
+          --new-tokens 32 --runs 5 --warmup 1 --bandwidth-mib 64 --no-progress --json "$TMP/$side-$name-$i.json" \
+          > /dev/null 2>&1)
     done
   done
   echo "round $i of $ROUNDS done" >&2
@@ -54,7 +57,7 @@ result = {"tree_a": tree_a, "tree_b": tree_b, "rounds": rounds, "machine": machi
 json.dump(result, open(out + ".json", "w"), indent=1)
 lines = [f"# edgevl bench, two trees in {rounds} alternating rounds", "",
          f"A = `{tree_a}`, B = `{tree_b}`; {machine}, {result['cores']} cores; medians over rounds of each round's "
-         f"median (3 runs), ms.", "",
+         f"median (5 runs), ms; A and B back to back per artifact, their order swapped every round.", "",
          "| artifact | tree | vision | prefill | TTFT | decode ms/token |", "|---|---|---|---|---|---|"]
 for r in rows:
     for side in "AB":
