@@ -8,7 +8,9 @@ source model and precision, once (cached under ~/.cache/edgevl/peers/openvino/mo
 
 A config.json written by transformers 5 keeps M-RoPE's sections only in `rope_parameters`;
 transformers 4 reads `rope_scaling`, so the export then reads a view of the model folder (links
-to its files, config.json with the transformers-4 keys added: `legacy_config`).
+to its files, config.json with the transformers-4 keys added: `legacy_config`). A model whose chat
+template is only in chat_template.json (Qwen3-VL) gets it inline in the view's tokenizer_config.json
+(`tokenizer_config_with_template`): optimum-intel takes it from the processor, which needs torchvision.
 
 Each weight format runs twice, with the CPU plugin's default precision (bf16 compute and a u8 KV
 cache where the CPU has bf16, as this machine's AVX-512 BF16) and with INFERENCE_PRECISION_HINT
@@ -80,6 +82,26 @@ def legacy_config(config: dict) -> dict | None:
     return out
 
 
+def tokenizer_config_with_template(model: Path) -> dict | None:
+    """tokenizer_config.json with the model's chat template inline, or None when it already has one or the model
+    has none. optimum-intel puts the processor's template into the converted tokenizer when it can load the
+    processor; Qwen3-VL's processor needs torchvision, which the peer's venv leaves out (setup_peers.sh), and its
+    checkpoints keep the template only in chat_template.json, so the export would have none and VLMPipeline
+    refuses to run. The same template goes where the tokenizer finds it."""
+    try:
+        config = json.loads((model / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if config.get("chat_template"):
+        return None
+    template = None
+    if (model / "chat_template.jinja").is_file():
+        template = (model / "chat_template.jinja").read_text()
+    elif (model / "chat_template.json").is_file():
+        template = json.loads((model / "chat_template.json").read_text()).get("chat_template")
+    return {**config, "chat_template": template} if template else None
+
+
 def export_command(setup: PeerSetup, model: Path, out: Path, weight_format: str) -> list[str]:
     return [setup.path("optimum_cli"), "export", "openvino", "--model", model, "--task", "image-text-to-text",
             "--weight-format", weight_format, out]
@@ -91,13 +113,16 @@ def model_folder(setup: PeerSetup, source: Path, weight_format: str, log: Callab
 
     def export(tmp: Path):
         model = Path(source)
-        legacy = legacy_config(json.loads((model / "config.json").read_text()))
+        replaced = {"config.json": legacy_config(json.loads((model / "config.json").read_text())),
+                    "tokenizer_config.json": tokenizer_config_with_template(model)}
+        replaced = {name: content for name, content in replaced.items() if content is not None}
         with tempfile.TemporaryDirectory(prefix="edgevl-ov-source-") as view:
-            if legacy is not None:
+            if replaced:
                 for f in model.iterdir():
-                    if f.name != "config.json":
+                    if f.name not in replaced:
                         os.symlink(f.resolve(), Path(view) / f.name)
-                (Path(view) / "config.json").write_text(json.dumps(legacy, indent=1))
+                for name, content in replaced.items():
+                    (Path(view) / name).write_text(json.dumps(content, indent=1))
                 model = Path(view)
             check(run_tool(export_command(setup, model, tmp, weight_format), TIMEOUT_S),
                   f"optimum-cli export openvino --weight-format {weight_format}")

@@ -69,3 +69,30 @@ def test_transformers_5_config_gets_the_transformers_4_rope_keys():
     assert legacy["text_config"]["hidden_size"] == 8 and "rope_scaling" not in config["text_config"]
     assert openvino.legacy_config(legacy) is None                        # already readable by transformers 4
     assert openvino.legacy_config({"rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}}) is None
+
+
+def test_a_template_only_in_chat_template_json_reaches_the_export(tmp_path):
+    """Qwen3-VL keeps its chat template in chat_template.json (a processor file; optimum-intel reads it through
+    the processor, which needs torchvision): the export reads a view whose tokenizer_config.json has it inline,
+    the source folder is left as it was, and a model whose tokenizer_config.json has one is read as it is."""
+    import os
+    import stat
+    import sys
+
+    from edgevl.bench.peers.driver import PeerSetup
+    from edgevl.synthetic.random_model import write_random_model
+    qwen3 = write_random_model(tmp_path / "qwen3", preset="qwen3-vl-tiny", seed=0)
+    qwen2 = write_random_model(tmp_path / "qwen2", preset="tiny", seed=0)
+    template = json.loads((qwen3 / "chat_template.json").read_text())["chat_template"]
+    assert openvino.tokenizer_config_with_template(qwen3)["chat_template"] == template
+    assert openvino.tokenizer_config_with_template(qwen2) is None      # its tokenizer_config.json has one inline
+    tool = tmp_path / "optimum-cli"                                    # copies what it reads into the export
+    tool.write_text(f"#!{sys.executable}\nimport shutil, sys\nargs = sys.argv[1:]\n"
+                    "shutil.copytree(args[args.index('--model') + 1], args[-1], dirs_exist_ok=True)\n")
+    tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
+    setup = PeerSetup("openvino", tmp_path / "peer", {"paths": {"optimum_cli": str(tool)}})
+    before = {f.name: f.read_bytes() for f in qwen3.iterdir() if f.is_file()}
+    out = openvino.model_folder(setup, qwen3, "fp32", log=lambda m: None)
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+    assert {f.name: f.read_bytes() for f in qwen3.iterdir() if f.is_file()} == before
+    assert not os.path.islink(qwen3 / "tokenizer_config.json")
