@@ -17,9 +17,10 @@ from edgevl.runtime.inputs.rope_index import (
     split_temporal_patches,
     text_position_ids,
 )
+from tests.runtime.inputs.rope_cases import (
+    IMG, MERGE, PAD, VE, VID, VS, as_grid, check_against_transformers, left_pad,
+)
 
-IMG, VID, VS, VE, PAD = 100, 101, 102, 103, 0  # token ids inside the tiny vocab
-MERGE = 2
 TIMESTAMP = [11, 12]                           # stands in for the tokens of "<0.3 seconds>"
 
 
@@ -55,26 +56,10 @@ def video(grid) -> list[int]:
     return [tok for _ in range(t) for tok in TIMESTAMP + [VS] + [VID] * (h * w // MERGE**2) + [VE]]
 
 
-def left_pad(rows):
-    width = max(len(r) for r in rows)
-    ids = np.array([[PAD] * (width - len(r)) + r for r in rows], dtype=np.int64)
-    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=np.int64)
-    return ids, mask
 
 
-def as_grid(grids):
-    return None if not grids else np.array(grids, dtype=np.int64)
 
 
-def hf_rope_index(model, ids, mask, image_grids, video_grids):
-    ids_t = torch.from_numpy(ids)
-    types = (ids_t == IMG).int() + 2 * (ids_t == VID).int()  # what the processor returns
-    as_tensor = lambda g: None if g is None else torch.from_numpy(g.copy())  # noqa: E731
-    pos, deltas = model.model.get_rope_index(
-        ids_t, mm_token_type_ids=types, image_grid_thw=as_tensor(image_grids),
-        video_grid_thw=as_tensor(video_grids), attention_mask=None if mask is None else torch.from_numpy(mask),
-    )
-    return pos.numpy(), deltas.numpy()
 
 
 def ours(ids, mask, image_grids, video_grids):
@@ -101,16 +86,7 @@ MASK_CASES = [(n, True) for n in sorted(PROMPTS)] + [(n, False) for n in sorted(
 
 @pytest.mark.parametrize("name,use_mask", MASK_CASES)
 def test_positions_match_get_rope_index(model, name, use_mask):
-    rows, image_grids, video_grids = PROMPTS[name]()
-    ids, mask = left_pad(rows)
-    mask = mask if use_mask else None
-    image_grids, video_grids = as_grid(image_grids), as_grid(video_grids)
-    pos, deltas = ours(ids, mask, image_grids, video_grids)
-    ref_pos, ref_deltas = hf_rope_index(model, ids, mask, image_grids, video_grids)
-    assert pos.dtype == np.int64 and deltas.dtype == np.int64
-    assert pos.shape == (3, *ids.shape) and deltas.shape == (ids.shape[0], 1)
-    np.testing.assert_array_equal(pos, ref_pos)
-    np.testing.assert_array_equal(deltas, ref_deltas)
+    check_against_transformers(model, ours, *PROMPTS[name](), use_mask)
 
 
 def test_each_temporal_patch_starts_after_its_timestamp():
