@@ -10,11 +10,11 @@ from edgevl.errors import EdgevlError
 from edgevl.runtime.inputs.rope_index import (
     decode_position_ids,
     mrope_position_ids,
-    text_position_ids,
     vision_rotary_position_ids,
 )
 from tests.runtime.inputs.rope_cases import (
-    IMG, MERGE, PAD, VE, VID, VS, as_grid, check_against_transformers, left_pad,
+    IMG, MERGE, PAD, VE, VID, VS, as_grid, check_against_transformers, check_decode_steps, left_pad,
+    positions_seen_by_generate,
 )
 
 HIDDEN = 64
@@ -175,35 +175,7 @@ def test_matches_positions_used_by_generate(model, name):
     rows, image_grids, video_grids = PROMPTS[name]()
     ids, mask = left_pad(rows)
     image_grids, video_grids = as_grid(image_grids), as_grid(video_grids)
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["position_ids"].clone()), with_kwargs=True)
-    ids_t = torch.from_numpy(ids)
-    inputs = dict(
-        input_ids=ids_t, attention_mask=torch.from_numpy(mask),
-        mm_token_type_ids=(ids_t == IMG).int() + 2 * (ids_t == VID).int(), max_new_tokens=3, do_sample=False,
-    )
-    if image_grids is not None:
-        n = int(np.prod(image_grids, axis=1).sum())
-        inputs.update(image_grid_thw=torch.from_numpy(image_grids), pixel_values=torch.randn(n, 1176))
-    if video_grids is not None:
-        n = int(np.prod(video_grids, axis=1).sum())
-        inputs.update(video_grid_thw=torch.from_numpy(video_grids), pixel_values_videos=torch.randn(n, 1176))
-    try:
-        with torch.no_grad():
-            model.generate(**inputs)
-    finally:
-        hook.remove()
+    seen = positions_seen_by_generate(model, ids, mask, image_grids, video_grids, patch=1176)
     pos, deltas = ours(ids, mask, image_grids, video_grids)
-    # generate passes [4, B, S]: a 1-D text row, then the 3 mrope rows.
-    np.testing.assert_array_equal(seen[0][1:].numpy(), pos)
-    batch, prompt_len = ids.shape
-    for step, used in enumerate(seen[1:]):
-        full_mask = np.ones((batch, prompt_len + step + 1), dtype=np.int64)
-        full_mask[:, :prompt_len] = mask
-        got = decode_position_ids(deltas, prompt_len + step, 1, attention_mask=full_mask)
-        np.testing.assert_array_equal(got, used[1:].numpy())
-        # what the generation loop computes: each row's real length so far + its delta
-        np.testing.assert_array_equal(text_position_ids(full_mask[:, :-1].sum(1), deltas), used[1:].numpy())
-        if mask.all():  # without padding the no-mask formula agrees too
-            np.testing.assert_array_equal(decode_position_ids(deltas, prompt_len + step), used[1:].numpy())
+    np.testing.assert_array_equal(seen[0], pos)
+    check_decode_steps(seen, deltas, mask)

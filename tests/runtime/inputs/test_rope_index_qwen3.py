@@ -11,14 +11,13 @@ from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from edgevl.errors import EdgevlError
 from edgevl.runtime.inputs.rope_index import (
-    decode_position_ids,
     mrope_position_ids,
     qwen3_vl_mrope_position_ids,
     split_temporal_patches,
-    text_position_ids,
 )
 from tests.runtime.inputs.rope_cases import (
-    IMG, MERGE, PAD, VE, VID, VS, as_grid, check_against_transformers, left_pad,
+    IMG, MERGE, PAD, VE, VID, VS, as_grid, check_against_transformers, check_decode_steps, left_pad,
+    positions_seen_by_generate,
 )
 
 TIMESTAMP = [11, 12]                           # stands in for the tokens of "<0.3 seconds>"
@@ -115,33 +114,7 @@ def test_generate_uses_these_positions(model):
     rows, image_grids, video_grids = PROMPTS["padded_batch"]()
     ids, mask = left_pad(rows)
     image_grids, video_grids = as_grid(image_grids), as_grid(video_grids)
-    seen = []
-    hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["position_ids"].clone()), with_kwargs=True)
-    ids_t = torch.from_numpy(ids)
-    patch = 3 * 2 * 16 * 16
-    torch.manual_seed(1)
-    inputs = dict(
-        input_ids=ids_t, attention_mask=torch.from_numpy(mask),
-        mm_token_type_ids=(ids_t == IMG).int() + 2 * (ids_t == VID).int(), max_new_tokens=3, do_sample=False,
-        image_grid_thw=torch.from_numpy(image_grids), video_grid_thw=torch.from_numpy(video_grids),
-        pixel_values=torch.randn(int(np.prod(image_grids, axis=1).sum()), patch),
-        pixel_values_videos=torch.randn(int(np.prod(video_grids, axis=1).sum()), patch),
-    )
-    try:
-        with torch.no_grad():
-            model.generate(**inputs)
-    finally:
-        hook.remove()
+    seen = positions_seen_by_generate(model, ids, mask, image_grids, video_grids, patch=3 * 2 * 16 * 16)
     pos, deltas = ours(ids, mask, image_grids, video_grids)
-    used = seen[0][1:] if seen[0].shape[0] == 4 else seen[0]   # [4, B, S]: a 1-D text row, then the 3 mrope rows
-    np.testing.assert_array_equal(used.numpy(), pos)
-    batch, prompt_len = ids.shape
-    assert len(seen) == 3
-    for step, later in enumerate(seen[1:]):
-        later = later[1:] if later.shape[0] == 4 else later
-        full_mask = np.ones((batch, prompt_len + step + 1), dtype=np.int64)
-        full_mask[:, :prompt_len] = mask
-        np.testing.assert_array_equal(decode_position_ids(deltas, prompt_len + step, 1, attention_mask=full_mask),
-                                      later.numpy())
-        np.testing.assert_array_equal(text_position_ids(full_mask[:, :-1].sum(1), deltas), later.numpy())
+    np.testing.assert_array_equal(seen[0], pos)
+    check_decode_steps(seen, deltas, mask)
