@@ -9,9 +9,10 @@ w4a16 recipes turn each MoE node into a QMoE node with the same routing attribut
     scales       float [E, N, K / block]
     zero points  uint8 [E, N, ceil(K / block * bits / 8)]
 
-per expert exactly what MatMulNBits stores for a [K, N] weight (asymmetric round-to-nearest per block of K,
-awq.rtn_quantize_blockwise), which is onnxruntime's raw QMoE layout (`weights_prepacked` 0). The math is pure
-(`quantize_experts`, `dequantize_experts`) and tested against the kernel; `moe_to_qmoe` is the graph edit.
+per expert exactly what MatMulNBits stores for a [K, N] weight (asymmetric round-to-nearest per block of K: the
+rows embedding.quantize_rows writes and runtime.embeddings.dequantize_rows reads), which is onnxruntime's raw QMoE
+layout (`weights_prepacked` 0). `quantize_experts` and `dequantize_experts` are those two per expert, tested
+against the kernel; `moe_to_qmoe` is the graph edit.
 
 QMoE needs the block to divide both H and I and to be a power of two of at least 16: `expert_block` picks the
 largest such block not above the recipe's. A model where none exists keeps float experts, and the recipe says so.
@@ -24,8 +25,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgevl.calibrate.awq import rtn_quantize_blockwise
-from edgevl.calibrate.embedding import pack
+from edgevl.calibrate.embedding import quantize_rows
+from edgevl.runtime.embeddings import dequantize_rows
 
 MIN_BLOCK = 16
 _COPIED = ("k", "activation_type", "swiglu_fusion", "normalize_routing_weights", "activation_alpha",
@@ -44,36 +45,22 @@ def expert_block(hidden: int, inter: int, block: int) -> int | None:
 
 def quantize_experts(weights: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float [E, N, K] -> (uint8 [E, N, K * bits / 8], float32 scales [E, N, K / block],
-    uint8 zero points [E, N, ceil(K / block * bits / 8)])."""
+    uint8 zero points [E, N, ceil(K / block * bits / 8)]): each expert as embedding.quantize_rows quantizes a
+    table, its [N, blocks, blob] weight read as [N, K * bits / 8]."""
     experts, n, k = weights.shape
     if k % block:
         raise ValueError(f"K={k} is not a multiple of the block {block}")
-    packed, scales, zeros = [], [], []
-    for w in weights:
-        q, s, z = rtn_quantize_blockwise(np.asarray(w, np.float32).T, block, bits)     # [blocks, block, N]
-        packed.append(pack(q.transpose(2, 0, 1).reshape(n, k), bits))
-        z = z.T                                                                       # [N, blocks]
-        if bits == 4 and z.shape[1] % 2:
-            z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-        scales.append(s.T)
-        zeros.append(pack(z, bits))
-    return np.stack(packed), np.stack(scales).astype(np.float32), np.stack(zeros)
-
-
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    if bits == 8:
-        return packed[..., :count].astype(np.float32)
-    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
-    return values[..., :count].astype(np.float32)
+    parts = [quantize_rows(w, bits, block) for w in weights]
+    return (np.stack([q.reshape(n, -1) for q, _, _ in parts]), np.stack([s for _, s, _ in parts]),
+            np.stack([z for _, _, z in parts]))
 
 
 def dequantize_experts(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray, bits: int) -> np.ndarray:
-    """The float [E, N, K] weights that `quantize_experts`' output stands for."""
+    """The float [E, N, K] weights that `quantize_experts`' output stands for (runtime.embeddings.dequantize_rows
+    per expert)."""
     experts, n, blocks = scales.shape
     k = packed.shape[-1] * 8 // bits
-    q = _unpack(packed, bits, k).reshape(experts, n, blocks, k // blocks)
-    zero = _unpack(zeros, bits, blocks)[..., None]
-    return ((q - zero) * scales[..., None]).reshape(experts, n, k)
+    return np.stack([dequantize_rows(q.reshape(n, blocks, -1), s, z, bits, k) for q, s, z in zip(packed, scales, zeros)])
 
 
 def moe_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
