@@ -59,6 +59,19 @@ def hf_vision(hf, pixel_values: np.ndarray, grid) -> tuple[np.ndarray, np.ndarra
     return out.pooler_output.numpy(), np.stack([f.numpy() for f in out.deepstack_features])
 
 
+def check_vision(graph: Path, hf, grid, num_position_embeddings: int, seed: int) -> None:
+    """The vision graph at `graph` on random patches for `grid`: image embeddings and every DeepStack level within
+    1e-4 of transformers' visual tower (each level against its own scale)."""
+    patch_row = 3 * hf.config.vision_config.temporal_patch_size * hf.config.vision_config.patch_size ** 2
+    pixels = np.random.default_rng(seed).standard_normal((int(np.prod(grid)), patch_row)).astype(np.float32)
+    embeds, levels = run_vision(session(graph), pixels, grid, num_position_embeddings)
+    ref_embeds, ref_levels = hf_vision(hf, pixels, grid)
+    close(embeds, ref_embeds)
+    assert levels.shape == ref_levels.shape == (len(ref_levels), *ref_embeds.shape)
+    for ours, ref in zip(levels, ref_levels):
+        close(ours, ref)
+
+
 # ----------------------------------------------------------------------------- decoder
 @dataclass
 class Prompt:
