@@ -51,7 +51,7 @@ def _localise(argv: list[str], model: Path, work: Path, photo: Path, port: int) 
             out.append(str(photo))
         elif argv[i - 1] == "--port":
             out.append(str(port))
-        elif not arg.startswith("-") and argv[i - 1] in ("-o",) or (i == 2 and argv[1] != "export"):
+        elif argv[i - 1] == "-o" or (i == 2 and argv[1] != "export"):      # an output, or the artifact a command reads
             out.append(str(work / arg))
         else:
             out.append(arg)
