@@ -75,6 +75,9 @@ class GraphSpec:
     variant: str = "ort"                     # VARIANTS
     kv_cache: str | None = None              # decoders: names.IN_PLACE (one buffer written by position) | CONCAT
     opset: int = 18                          # the default ONNX domain's opset the graph imports
+    # 4-bit decoders: `edgevl quantize` measured its prompts on int8 copies of the 4-bit weights within its
+    # accuracy budget (runtime/backends/int8_prefill.py); ort-cpu then runs them so by default
+    int8_prefill: bool = False
 
     @classmethod
     def parse(cls, f: _Fields) -> "GraphSpec":
@@ -86,7 +89,9 @@ class GraphSpec:
                    data_files=f.strs("data_files", default=()), custom_ops=f.strs("custom_ops", default=()),
                    variant=f.str("variant", default="ort", choices=VARIANTS),
                    kv_cache=f.str("kv_cache", default=None, choices=names.KV_CACHES),
-                   opset=f.int("opset", minimum=1))
+                   opset=f.int("opset", minimum=1), int8_prefill=f.bool("int8_prefill", default=False))
+        if spec.int8_prefill and (spec.kind != names.DECODER or spec.precision != "int4"):
+            raise ManifestError(f"manifest field '{f.path('int8_prefill')}' is for 4-bit decoders only.")
         seen = [t.name for t in (*spec.inputs, *spec.outputs)]
         if len(set(seen)) != len(seen):
             raise ManifestError(f"manifest field '{f.where}' names a tensor twice.")
@@ -104,6 +109,8 @@ class GraphSpec:
         out = {"kind": self.kind, "variant": self.variant, "opset": self.opset, "file": self.file,
                "data_files": list(self.data_files), "precision": self.precision, "custom_ops": list(self.custom_ops),
                "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs]}
+        if self.int8_prefill:
+            out["int8_prefill"] = True
         return {**out, "kv_cache": self.kv_cache} if self.kv_cache else out
 
     @property

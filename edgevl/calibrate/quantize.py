@@ -43,7 +43,8 @@ from edgevl.calibrate.graph_edit import (
     weight_summary,
 )
 from edgevl.calibrate.options import QuantizeOptions
-from edgevl.calibrate.recipes import RECIPES, Context, GraphResult
+from edgevl.calibrate.context import Context, GraphResult
+from edgevl.calibrate.recipes import RECIPES
 from edgevl.errors import EdgevlError
 from edgevl.runtime.backends.table import Backend, get_backend
 from edgevl.runtime.embeddings import EmbeddingTable
@@ -193,7 +194,8 @@ def _finish_manifest(src: Artifact, staged: Path, results: dict[str, GraphResult
     graphs = {}
     for name, spec in src.manifest.graphs.items():
         result = results[spec.kind]
-        graphs[name] = describe_graph(staged / spec.file, spec.kind, result.precision, spec.variant, spec.kv_cache)
+        graphs[name] = replace(describe_graph(staged / spec.file, spec.kind, result.precision, spec.variant,
+                                              spec.kv_cache), int8_prefill=result.int8_prefill)
     manifest = replace(src.manifest, graphs=graphs, embeddings=embeddings, quantization=quantization,
                        versions={**src.manifest.versions,
                                  **{f"{k} (quantize)": v for k, v in package_versions(("onnxruntime", "onnx")).items()

@@ -139,10 +139,11 @@ def run(args) -> int:
         "threads": str(args.threads), "max_batch": str(args.max_batch), "max_queue": str(args.max_queue),
         "prefill_chunk": str(args.prefill_chunk), "precision": args.precision,
         "cuda_graph": "true" if args.cuda_graph else "false", "fast_load": "true" if args.fast_load else "false",
-        "int8_prefill": "true" if args.int8_prefill else "false",
         "default_max_tokens": str(args.max_tokens), "max_image_pixels": str(args.max_image_pixels),
         "max_video_mb": f"{args.max_video_mb:g}", "max_video_frames": str(args.max_video_frames),
     }
+    if args.int8_prefill is not None:
+        parameters["int8_prefill"] = "true" if args.int8_prefill else "false"
     if args.max_context is not None:
         parameters["max_context"] = str(args.max_context)
     if args.max_image_patches is not None:

@@ -218,3 +218,16 @@ def test_kv_cache_bytes(tiny_artifact):
                                  head_dim=128)
     assert config.kv_cache_bytes(1, 1000, 4) == 2 * 28 * 2 * 128 * 1000 * 4
     assert config.kv_cache_bytes(3, 1000, 4) == 3 * config.kv_cache_bytes(1, 1000, 4)
+
+
+def test_int8_prefill_is_written_only_when_set_and_only_for_4bit_decoders(tiny_artifact):
+    m = load_artifact(tiny_artifact).manifest
+    decoder = m.to_json()["graphs"]["decoder"]
+    assert "int8_prefill" not in decoder                     # older manifests and float graphs stay as they were
+    marked = {**decoder, "precision": "int4", "int8_prefill": True}
+    again = Manifest.from_json({**m.to_json(), "graphs": {**m.to_json()["graphs"], "decoder": marked}})
+    assert again.graph("decoder").int8_prefill and again.to_json()["graphs"]["decoder"]["int8_prefill"] is True
+    for bad in ({**decoder, "int8_prefill": True}, {**m.to_json()["graphs"]["vision"], "int8_prefill": True}):
+        graphs = {**m.to_json()["graphs"], bad["kind"]: bad}
+        with pytest.raises(ManifestError, match="int8_prefill' is for 4-bit decoders only"):
+            Manifest.from_json({**m.to_json(), "graphs": graphs})

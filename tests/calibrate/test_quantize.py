@@ -401,9 +401,9 @@ def test_w4a16_awq_makes_an_artifact_no_worse_than_rtn_on_calibration(tiny_artif
 def test_histogram_methods_calibrate_in_strides(tiny_artifact, tmp_path, monkeypatch, method):
     """entropy / percentile (and minmax) collect one feed at a time: bounded memory, and feeds of different
     image sizes (which onnxruntime's histogram collector cannot stack) work."""
-    from edgevl.calibrate import recipes
+    from edgevl.calibrate import context
     ranges = []
-    original = recipes.feed_reader
+    original = context.feed_reader
 
     def spying_reader(*args, **kwargs):
         reader = original(*args, **kwargs)
@@ -413,7 +413,7 @@ def test_histogram_methods_calibrate_in_strides(tiny_artifact, tmp_path, monkeyp
                                                               set_range(self, start_index, end_index))[1]
         return reader
 
-    monkeypatch.setattr(recipes, "feed_reader", spying_reader)
+    monkeypatch.setattr(context, "feed_reader", spying_reader)
     rep = quantize(tiny_artifact, tmp_path / method, "int8", method=method, force=True)
     assert rep["method"] == method
     assert ranges and all(end - start == 1 for start, end in ranges)

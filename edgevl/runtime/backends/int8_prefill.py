@@ -1,14 +1,20 @@
-"""ort-cpu, opt-in (`--int8-prefill`): a w4a16 decoder's prompt calls run on int8 copies of its 4-bit weights.
+"""ort-cpu: a w4a16 decoder's prompt calls run on int8 copies of its 4-bit weights.
 
 onnxruntime's CPU `MatMulNBits` multiplies many rows at about half the rate of its per-channel int8 GEMM
 (`benchmarks/kernel_probe.py blocks`: ~750 vs ~1500 GFLOP/s on a 2-core EPYC), which makes the prefill of a
 w4a16 artifact slower than an int8 one's, while its decode steps (one row) are the faster. So the runner
 holds two sessions of the one decoder file: the graph as exported for decode steps, and a prefill graph in
 which each 4-bit `MatMulNBits` but the lm_head (it multiplies the last position only) becomes a
-`DynamicQuantizeMatMul` over int8 per-column weights requantized from the dequantized 4-bit blocks at load
-(`dequantize_4bit`, `per_channel_int8`: pure numpy). Calls with more than one position per row go to the
+`DynamicQuantizeMatMul` over int8 per-column weights requantized from the 4-bit blocks at load (`requantize`:
+pure numpy, bit for bit `per_channel_int8(dequantize_4bit(...))` without its float copy of the weights, a few
+matrices at a time, each written to a file onnxruntime reads before the next is made: qwen3-vl-2b-l4's 200M
+weights in 0.8 s instead of 2.8 s on a 2-core EPYC). Calls with more than one position per row go to the
 prefill session; both bind the same in-place KV buffers, so the cache a prefill writes is the one decode
 steps read.
+
+When: `--int8-prefill` / `--no-int8-prefill`; by default where `edgevl quantize` measured it within its
+accuracy budget (the decoder's manifest field int8_prefill, calibrate/int4.py), on CPUs with int8 dot products
+(where it was measured faster) when the copy takes at most a quarter of the memory available (`by_default`).
 
 Costs: one more byte per weight in memory and a longer load (the requantization, the second session);
 numerics: the int8 copy adds a rounding step below the 4-bit one (per column, 1/127 of its largest value),
@@ -18,11 +24,14 @@ the greedy tokens can differ from the plain w4a16 run's. The files on disk stay 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from edgevl.artifact import names
 
 OP = "MatMulNBits"
+REQUANTIZE_THREADS = min(4, os.cpu_count() or 1)   # each holds one matrix's float copy (2B: 50 MB at most)
 
 
 def dequantize_4bit(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int,
@@ -48,9 +57,89 @@ def per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
+_NIBBLES = np.stack([np.arange(256) & 0x0F, np.arange(256) >> 4], axis=1).astype(np.int8).view(np.int16).ravel()
+
+
+def requantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int,
+               block: int) -> tuple[np.ndarray, np.ndarray]:
+    """per_channel_int8(dequantize_4bit(...)), bit for bit, at a quarter of its time and memory: the nibbles
+    unpacked by a table into int8, zero points subtracted in int8, each column's peak from its blocks' peaks
+    (a positive scale keeps the order), one float pass for the division, an int8 transpose in tiles."""
+    blocks = -(-k // block)
+    q = np.take(_NIBBLES, packed.reshape(n, -1)).view(np.int8).reshape(n, blocks, block)      # 0..15
+    if zero_points is None:
+        q -= 8
+    else:
+        zero = np.take(_NIBBLES, zero_points.reshape(n, -1)).view(np.int8).reshape(n, -1)[:, :blocks]
+        q -= zero[:, :, None]                                                                  # -15..15
+    q.reshape(n, -1)[:, k:] = 0                     # the last block's padding is not a weight
+    s = scales.reshape(n, blocks).astype(np.float32)
+    scale = (np.abs(q).max(axis=2).astype(np.float32) * s).max(axis=1) / np.float32(127.0)
+    scale[scale == 0] = 1.0
+    w = q.astype(np.float32)
+    w *= s[:, :, None]
+    w /= scale[:, None, None]
+    np.rint(w, out=w)                                # |w| <= 127: the column's peak maps to 127
+    return _transposed(w.reshape(n, -1)[:, :k].astype(np.int8)), scale
+
+
+def _transposed(a: np.ndarray, tile: int = 64) -> np.ndarray:
+    """a.T contiguous, copied in column tiles (numpy's one-pass int8 transpose is 2.5x slower)."""
+    out = np.empty(a.shape[::-1], a.dtype)
+    for i in range(0, a.shape[0], tile):
+        out[:, i:i + tile] = a[i:i + tile].T
+    return out
+
+
 def _attrs(node) -> dict:
     import onnx
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni")    # x86 int8 dot products (every AMX CPU has avx512_vnni)
+
+
+def int8_dot_products(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has the int8 dot-product instructions on which the int8 prefill was measured faster than
+    onnxruntime's 4-bit prompt kernels (Zen 5's AVX-512 VNNI; kernel_probe.py). Unknown (no /proc/cpuinfo,
+    other architectures): False, so the default stays what was measured."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return any(flag in INT8_DOT_FLAGS for flag in line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return False
+
+
+def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
+    """MemAvailable in bytes, None where unknown."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+MEMORY_SHARE = 4     # by default the int8 copy may take at most a quarter of the memory available at load
+
+
+def by_default(nodes, cpu_has_int8_dot: bool | None = None, available: int | None = -1) -> str:
+    """Why the int8 prefill of these candidate nodes stays off by default on this machine ("" when it goes on):
+    a CPU without int8 dot products (not where it was measured faster), or an int8 copy (one byte per weight)
+    larger than 1/MEMORY_SHARE of the memory available."""
+    if not (int8_dot_products() if cpu_has_int8_dot is None else cpu_has_int8_dot):
+        return "this CPU has no AVX-512 VNNI or AVX-VNNI, on which the int8 prefill was measured faster"
+    extra = sum(_attrs(n)["K"] * _attrs(n)["N"] for n in nodes)
+    available = available_memory() if available == -1 else available
+    if available is not None and extra * MEMORY_SHARE > available:
+        return (f"its int8 copy, {extra / 1e9:.2f} GB, is more than 1/{MEMORY_SHARE} of the {available / 1e9:.1f} "
+                f"GB of memory available")
+    return ""
 
 
 def candidates(model, vocab_size: int) -> list:
@@ -60,20 +149,18 @@ def candidates(model, vocab_size: int) -> list:
 
 
 def prefill_rewrite(folder, vocab_size: int):
-    """transform(model) -> {initializer name: array} for SessionFromOnnx: the prefill graph (module docstring)
-    of a decoder whose external weights live in `folder`; the new int8 weights are handed over as arrays."""
-    def transform(model) -> dict[str, np.ndarray]:
+    """transform(model) -> (name, array) pairs for SessionFromOnnx: the prefill graph (module docstring) of a
+    decoder whose external weights live in `folder`; its new int8 weights are made as they are read, a few
+    matrices at a time (SessionFromOnnx writes each to a file before the next)."""
+    def transform(model):
         from onnx import helper, numpy_helper
         inits = {t.name: t for t in model.graph.initializer}
         value = lambda name: numpy_helper.to_array(inits[name], base_dir=str(folder)) if name else None  # noqa: E731
-        new, replaced = {}, set()
+        jobs, replaced = [], set()
         for node in candidates(model, vocab_size):
-            a = _attrs(node)
-            inputs = list(node.input) + [""] * (6 - len(node.input))
-            w = dequantize_4bit(value(inputs[1]), value(inputs[2]), value(inputs[3]), a["K"], a["N"], a["block_size"])
-            q, scale = per_channel_int8(w)
+            a, inputs = _attrs(node), list(node.input) + [""] * (6 - len(node.input))
             wq, ws = f"{node.name}/int8_prefill/w", f"{node.name}/int8_prefill/scale"
-            new[wq], new[ws] = q, scale
+            jobs.append((wq, ws, inputs[1:4], (a["K"], a["N"], a["block_size"])))
             replaced.update(x for x in inputs[1:4] if x)
             bias = ["", inputs[5]] if inputs[5] else []              # MatMulNBits' input 5, DQMM's 4
             node.CopyFrom(helper.make_node("DynamicQuantizeMatMul", [inputs[0], wq, ws, *bias], list(node.output),
@@ -82,8 +169,28 @@ def prefill_rewrite(folder, vocab_size: int):
         kept = [t for t in model.graph.initializer if t.name not in replaced or t.name in still_used]
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
-        return new
+        return _requantized(jobs, value)
     return transform
+
+
+def _requantized(jobs, value):
+    """(name, array) pairs of each job's int8 weights and scales, in order, REQUANTIZE_THREADS matrices at a
+    time (numpy lets go of the GIL); value(name) reads a 4-bit input."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def job(names_, shape):
+        return requantize(*[value(x) for x in names_], *shape)
+
+    with ThreadPoolExecutor(max_workers=REQUANTIZE_THREADS) as pool:
+        pending = []
+        for i, (wq, ws, names_, shape) in enumerate(jobs):
+            pending.append((wq, ws, pool.submit(job, names_, shape)))
+            while len(pending) >= REQUANTIZE_THREADS or (pending and i == len(jobs) - 1):
+                wq_, ws_, future = pending.pop(0)
+                q, scale = future.result()
+                yield wq_, q
+                yield ws_, scale
+                del q, scale, future
 
 
 class PrefillSplitRunner:

@@ -25,7 +25,7 @@ class BackendSettings(Protocol):
     precision: str
     engine_cache: str | None
     cuda_graph: bool
-    int8_prefill: bool
+    int8_prefill: bool | None
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class BackendOptions:
     precision: str = "graph"               # graph | fp16 | int8 (engines; see trt.BuildOptions)
     cache_dir: Path | None = None          # engine cache (default $EDGEVL_CACHE or ~/.cache/edgevl)
     cuda_graph: bool = False               # ort-cuda: decode steps captured and replayed as CUDA graphs
-    int8_prefill: bool = False             # ort-cpu: a 4-bit decoder's prompts on int8 copies (int8_prefill.py)
+    int8_prefill: bool | None = None       # ort-cpu: a 4-bit decoder's prompts on int8 copies (int8_prefill.py);
+                                           # None: where its quantizer measured it and the CPU has int8 dot products
     log: Callable[[str], None] = field(default=lambda msg: None, compare=False)
 
     def __post_init__(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -82,8 +82,8 @@ class SessionFromOnnx:
         self.path = Path(path)
         self.config_entries = tuple(config_entries)
         # transform(ModelProto) edits the graph before the session is made: the file on disk is not changed,
-        # its external weights are memory-mapped and handed over as they are. It may return {name: array} of
-        # new weights, handed over the same way (int8_prefill.py).
+        # its external weights are memory-mapped and handed over as they are. It may return new weights as
+        # {name: array} or an iterator of (name, array) pairs, handed over the same way (int8_prefill.py).
         self.transform = transform
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
@@ -132,16 +132,20 @@ class SessionFromOnnx:
 
         model = onnx.load(str(self.path), load_external_data=False)
         result = self.transform(model)
-        new = result if isinstance(result, dict) else {}        # new weights, when it made any
+        # new weights, when it made any: {name: array}, or an iterator of (name, array) pairs made one at a time,
+        # each written to a file onnxruntime reads and can drop the pages of, so they are never all in memory.
+        # Anything else it returns is its own business (grouped_decode.rewrite's count).
+        pairs = result.items() if isinstance(result, dict) else result if isinstance(result, Iterator) else ()
         maps, names_, values = {}, [], []
-        if new:         # the arrays' memory goes; onnxruntime reads their copies in a file it can drop
-            maps[None], views = _file_backed(new)
+        mapped, views = _file_backed(pairs)
+        if views:
+            maps[None] = mapped
             for name, view in views.items():
                 model.graph.initializer.append(_declared(name, view))
                 names_.append(name)
                 values.append(ort.OrtValue.ortvalue_from_numpy(view))
-        new_names = set(new)
-        del result, new
+        new_names = set(views)
+        del result, pairs
         for tensor in model.graph.initializer:
             if not uses_external_data(tensor) or tensor.name in new_names:
                 continue
@@ -170,21 +174,25 @@ def _load_failure(name: str, message: str) -> str:
 _ALIGN = 64
 
 
-def _file_backed(arrays: dict[str, np.ndarray]):
-    """(map, {name: read-only view}): the arrays written one after another (64-byte aligned) to an unlinked
-    temporary file and mapped. Once onnxruntime has packed them, release_maps drops their pages as it does the
-    artifact's own weights' (anonymous memory could not be given back without losing it)."""
+def _file_backed(pairs):
+    """(map or None, {name: read-only view}): the (name, array) pairs written one after another (64-byte
+    aligned) to an unlinked temporary file and mapped. Once onnxruntime has packed them, release_maps drops their
+    pages as it does the artifact's own weights' (anonymous memory could not be given back without losing it)."""
     import mmap
     import tempfile
-    offsets = {}
+    layout = {}
     with tempfile.TemporaryFile(prefix="edgevl-weights-") as f:
-        for name, array in arrays.items():
+        for name, array in pairs:
             f.write(b"\0" * (-f.tell() % _ALIGN))
-            offsets[name] = f.tell()
-            f.write(np.ascontiguousarray(array).tobytes())
+            layout[name] = (f.tell(), array.dtype, array.shape)
+            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+            del array
+        if not layout:
+            return None, {}
         f.flush()
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)     # the map keeps the file alive
-    views = {name: np.frombuffer(mapped, a.dtype, a.size, offsets[name]).reshape(a.shape) for name, a in arrays.items()}
+    views = {name: np.frombuffer(mapped, dtype, int(np.prod(shape, dtype=np.int64)), offset).reshape(shape)
+             for name, (offset, dtype, shape) in layout.items()}
     return mapped, views
 
 

@@ -134,21 +134,32 @@ def make_ort_cpu(graph: GraphFile, opts: BackendOptions) -> Runner:
                                           disabled_optimizers=_disabled_optimizers(graph), transform=transform),
                           name=f"ort-cpu:{graph.name}", shrink_on_new_shapes=graph.spec.kind == names.VISION,
                           kv_spare_positions=spare)
-    return _with_int8_prefill(runner, graph, opts) if opts.int8_prefill else runner
+    if opts.int8_prefill or (opts.int8_prefill is None and graph.spec.int8_prefill):
+        return _with_int8_prefill(runner, graph, opts)
+    return runner
 
 
 def _with_int8_prefill(runner, graph: GraphFile, opts: BackendOptions):
     """`runner` with its prompt calls on an int8 copy of a 4-bit decoder (runtime/backends/int8_prefill.py); as it is
-    for graphs without 4-bit matmuls (the vision encoder, fp32 / int8 decoders)."""
+    for graphs without 4-bit matmuls (the vision encoder, fp32 / int8 decoders). Asked for (--int8-prefill), or by
+    default where the quantizer measured it (the graph's int8_prefill) and int8_prefill.by_default agrees."""
     if graph.spec.kind != names.DECODER or graph.spec.kv_cache != names.IN_PLACE:
         return runner
     import onnx
 
     from edgevl.runtime.backends import int8_prefill
     vocab = graph.config.vocab_size
-    if not int8_prefill.candidates(onnx.load(str(graph.path), load_external_data=False), vocab):
+    nodes = int8_prefill.candidates(onnx.load(str(graph.path), load_external_data=False), vocab)
+    if not nodes:
         opts.log(f"--int8-prefill: {graph.name} has no 4-bit matmuls; its prompts run as exported")
         return runner
+    if opts.int8_prefill is None:
+        why_not = int8_prefill.by_default(nodes)
+        opts.log(f"{graph.name}: prompts run on its 4-bit weights ({why_not}; --int8-prefill turns it on)" if why_not
+                 else f"{graph.name}: prompts run on int8 copies of its 4-bit weights, as measured when it was "
+                      f"quantized (--no-int8-prefill turns it off)")
+        if why_not:
+            return runner
     prefill = OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",),
                                            intra_op_threads=opts.threads, prepack=True,
                                            disabled_optimizers=_disabled_optimizers(graph),

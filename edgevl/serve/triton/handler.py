@@ -66,7 +66,7 @@ class ModelSettings:
     engine_cache: str | None = None
     cuda_graph: bool = False
     fast_load: bool = False
-    int8_prefill: bool = False
+    int8_prefill: bool | None = None      # None: as the artifact and the CPU say (BackendOptions)
     limits: RequestLimits = TRITON_LIMITS
 
     @classmethod
@@ -116,7 +116,7 @@ class ModelSettings:
                    prefill_chunk=integer("prefill_chunk", DEFAULT_PREFILL_CHUNK, 1),
                    max_image_patches=integer("max_image_patches", None, 1), precision=text("precision", "graph"),
                    engine_cache=text("engine_cache"), cuda_graph=flag("cuda_graph", False),
-                   fast_load=flag("fast_load", False), int8_prefill=flag("int8_prefill", False), limits=limits)
+                   fast_load=flag("fast_load", False), int8_prefill=flag("int8_prefill", None), limits=limits)
 
 
 def model_parameters(model_config: dict) -> dict[str, str]:

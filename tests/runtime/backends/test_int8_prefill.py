@@ -60,7 +60,7 @@ def w4a16(tiny_artifact, tmp_path_factory):
 
 def test_prompts_go_to_the_int8_session_and_decode_steps_to_the_4bit_one(w4a16, photos):
     from edgevl.runtime.pipeline import Pipeline
-    plain = Pipeline.load(w4a16, backend="ort-cpu")
+    plain = Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=False))
     split = Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=True))
     assert isinstance(split.decoder, PrefillSplitRunner) and not isinstance(plain.decoder, PrefillSplitRunner)
     calls = []
@@ -85,7 +85,8 @@ def test_the_int8_prefill_is_as_far_from_fp32_as_the_4bit_graph_is(w4a16, tiny_a
     from edgevl.artifact import names
     from edgevl.runtime.generate import decoder_step
     from edgevl.runtime.pipeline import Pipeline
-    pipes = {"fp32": Pipeline.load(tiny_artifact, backend="ort-cpu"), "w4a16": Pipeline.load(w4a16, backend="ort-cpu"),
+    pipes = {"fp32": Pipeline.load(tiny_artifact, backend="ort-cpu"),
+             "w4a16": Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=False)),
              "split": Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=True))}
     base = pipes["fp32"]
     ids = base.prepare("Describe a cat in one long sentence, please. " * 8).input_ids
@@ -119,3 +120,67 @@ def test_graphs_without_4bit_matmuls_run_as_exported(tiny_artifact):
     pipe = Pipeline.load(tiny_artifact, backend="ort-cpu", options=BackendOptions(int8_prefill=True, log=notes.append))
     assert not isinstance(pipe.decoder, PrefillSplitRunner)
     assert any("no 4-bit matmuls" in n for n in notes)
+
+
+@pytest.mark.parametrize("k,block,with_zero_points", [(64, 16, True), (96, 32, False), (80, 32, True), (256, 128, True)])
+def test_requantize_is_per_channel_int8_of_the_dequantized_weights_bit_for_bit(k, block, with_zero_points):
+    """The load-time path (requantize) and the readable definition (per_channel_int8 over dequantize_4bit) agree
+    exactly, padding of a last partial block included."""
+    from edgevl.runtime.backends.int8_prefill import requantize
+    rng, n = np.random.default_rng(k + block), 72
+    blocks = -(-k // block)
+    packed = rng.integers(0, 256, (n, blocks, block // 2), dtype=np.uint8)
+    scales = (rng.random(n * blocks, dtype=np.float32) + 0.1) * 0.05
+    zero_points = rng.integers(0, 256, n * -(-blocks // 2), dtype=np.uint8) if with_zero_points else None
+    q, scale = requantize(packed, scales, zero_points, k, n, block)
+    q_ref, scale_ref = per_channel_int8(dequantize_4bit(packed, scales, zero_points, k, n, block))
+    assert q.shape == (k, n) and q.dtype == np.int8 and q.flags.c_contiguous
+    np.testing.assert_array_equal(scale, scale_ref)
+    np.testing.assert_array_equal(q, q_ref)
+
+
+def test_quantize_measures_the_int8_prefill_and_writes_its_choice_into_the_manifest(w4a16):
+    import json
+    from edgevl.artifact.folder import load_artifact
+    decoder = load_artifact(w4a16).manifest.graph("decoder")
+    report = json.loads((w4a16 / "quant_report.json").read_text())["graphs"]["decoder"]
+    trial = next(t for t in report["trials"] if t["levels"].get("prefill") == "int8")
+    assert "int8 prefill" in report["details"]["notes"]["prefill"] and trial["kl_mean"] >= 0
+    assert decoder.int8_prefill == ("int8 prefill kept" in report["details"]["notes"]["prefill"])
+    assert decoder.int8_prefill     # on the tiny model it is measured well within the budget
+
+
+@pytest.mark.parametrize("flag,cpu,split", [(None, True, True), (None, False, False), (False, True, False),
+                                            (True, False, True)])
+def test_the_default_follows_the_manifest_and_the_cpu_and_the_flag_overrides_both(w4a16, monkeypatch, flag, cpu,
+                                                                                     split):
+    from edgevl.runtime.backends import int8_prefill
+    from edgevl.runtime.pipeline import Pipeline
+    monkeypatch.setattr(int8_prefill, "int8_dot_products", lambda: cpu)
+    notes = []
+    pipe = Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=flag, log=notes.append))
+    assert isinstance(pipe.decoder, PrefillSplitRunner) == split
+    if flag is None:
+        assert any(("int8 copies" if cpu else "no AVX-512 VNNI") in n for n in notes), notes
+
+
+def test_by_default_it_stays_off_where_the_copy_would_take_over_a_quarter_of_the_memory(w4a16):
+    import onnx
+    from edgevl.runtime.backends.int8_prefill import by_default, candidates
+    nodes = candidates(onnx.load(str(w4a16 / "decoder.onnx"), load_external_data=False), 1 << 30)
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    extra = sum(a["K"] * a["N"] for a in attrs)                    # one byte per weight
+    assert by_default(nodes, cpu_has_int8_dot=True, available=4 * extra) == ""
+    assert "more than 1/4 of the" in by_default(nodes, cpu_has_int8_dot=True, available=4 * extra - 1)
+    assert by_default(nodes, cpu_has_int8_dot=True, available=None) == ""          # unknown memory: no limit
+    assert "no AVX-512 VNNI" in by_default(nodes, cpu_has_int8_dot=False, available=None)
+
+
+def test_int8_dot_products_reads_the_cpu_flags(tmp_path):
+    from edgevl.runtime.backends.int8_prefill import int8_dot_products
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert int8_dot_products(str(cpuinfo))
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx_vnni_int8\n")   # not AVX-VNNI itself
+    assert not int8_dot_products(str(cpuinfo))
+    assert not int8_dot_products(str(tmp_path / "missing"))

@@ -77,6 +77,14 @@ def test_int8_prefill_reaches_the_model_settings(tiny_artifact, tmp_path):
     settings = ModelSettings.from_parameters(model_parameters({"parameters": {k: {"string_value": v}
                                                                               for k, v in params.items()}}), model / "1")
     assert settings.int8_prefill is True
+    code, _, err = edgevl("triton", tiny_artifact, "-o", tmp_path / "auto")       # no flag: the artifact decides
+    assert code == 0, err
+    model = next((tmp_path / "auto").iterdir())
+    params = parameters_of(read_config(model))
+    assert "int8_prefill" not in params
+    assert ModelSettings.from_parameters(model_parameters({"parameters": {k: {"string_value": v}
+                                                                          for k, v in params.items()}}),
+                                         model / "1").int8_prefill is None
 
 
 def test_the_model_builds_the_backend_options_the_flags_give_edgevl_run(tiny_artifact, tmp_path):
