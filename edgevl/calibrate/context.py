@@ -47,7 +47,8 @@ class Context:
     def score(self, kind: str, path: Path, backend: Backend | None = None) -> dict:
         """A candidate graph (in the work folder, outside any artifact) scored on calibration feeds, run by
         the user's backend like the artifact will be (or by `backend`, the user's with other options)."""
-        spec = describe_graph(path, kind, graph_precision(path))
+        source = self.src.manifest.graph(kind)          # same inputs and cache layout as the graph it came from
+        spec = describe_graph(path, kind, graph_precision(path), source.variant, source.kv_cache)
         runner = (backend or self.backend).make_runner(GraphFile.standalone(path, spec, self.src.config))
         runner.activate()
         try:

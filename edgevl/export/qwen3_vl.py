@@ -52,6 +52,7 @@ class Qwen3VisionGraph(VisionGraph):
             raise EdgevlError(f"deepstack_visual_indexes {indexes} must be one or more increasing ViT block indexes "
                               f"below the depth {len(self.blocks)}.")
         self.deepstack_mergers = visual.deepstack_merger_list
+        self.gelu_tanh = getattr(visual.config, "hidden_act", None) == "gelu_pytorch_tanh"
 
     def forward(self, pixel_values, rotary_pos_ids, pos_embed_ids, pos_embed_weights):
         h = pixel_values.to(self.patch_weight.dtype) @ self.patch_weight + self.patch_bias      # [N, E]
@@ -64,10 +65,17 @@ class Qwen3VisionGraph(VisionGraph):
         levels = []
         for i, blk in enumerate(self.blocks):
             h = h + self._attention(blk.attn, blk.norm1(h), cos, sin)
-            h = h + blk.mlp(blk.norm2(h))
+            h = h + self._mlp(blk.mlp, blk.norm2(h))
             if i in self.levels:
                 levels.append(self.deepstack_mergers[self.levels[i]](h))
         return self.merger(h), torch.stack(levels)
+
+
+    def _mlp(self, mlp: nn.Module, x):
+        """linear_fc1 -> act -> linear_fc2, the hub's gelu_pytorch_tanh as the fused op; other acts as traced."""
+        if not self.gelu_tanh:
+            return mlp(x)
+        return mlp.linear_fc2(self.ops.gelu_tanh(mlp.linear_fc1(x)))
 
 
 class SparseMoE(nn.Module):

@@ -78,6 +78,11 @@ def test_graphs_hold_the_variant_s_ops_and_interleaved_mrope(artifact, hf):
     assert attrs == {"mrope_section": [6, 5, 5], "interleaved": 1}
     ops = {(n.domain, n.op_type) for n in model.graph.node}
     layers = hf.config.text_config.num_hidden_layers
+    vision = [(n.domain, n.op_type, tuple(onnx.helper.get_attribute_value(a) for a in n.attribute))
+              for n in onnx.load(str(artifact / "vision.onnx")).graph.node]
+    gelu = ("com.microsoft", "FastGelu", ()) if artifact.name == "ort" else ("", "Gelu", (b"tanh",))
+    assert vision.count(gelu) == hf.config.vision_config.depth          # the ViT MLP's activation, one op each
+    assert not [v for v in vision if v[1] == "Tanh"]
     if artifact.name == "ort":
         assert ("com.microsoft", "RotaryEmbedding") in ops
         assert sum(n.op_type == "GroupQueryAttention" for n in model.graph.node) == layers

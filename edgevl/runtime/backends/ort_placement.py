@@ -71,6 +71,8 @@ CUDA_TYPES: dict[tuple[str, str], tuple[int, frozenset | None]] = {
     ("", "DynamicQuantizeLinear"): (0, NONE),
     (MS, "GroupQueryAttention"): (0, frozenset({F16, BF16})),
     (MS, "MultiHeadAttention"): (0, frozenset({F32, F16, BF16})),
+    # FastGelu<float|MLFloat16>: contrib_ops/cuda/cuda_contrib_kernels.cc (read through the code index, not the .so)
+    (MS, "FastGelu"): (0, frozenset({F32, F16})),
     (MS, "RotaryEmbedding"): (0, frozenset({F32, F16, BF16})),
     (MS, "MatMulNBits"): (0, frozenset({F32, F16, BF16})),
     (MS, "SkipSimplifiedLayerNormalization"): (0, frozenset({F32, F16, BF16})),
