@@ -58,6 +58,9 @@ def decoder_feed(pipe, runner, prompt_tokens: int | None, decode_context: int | 
             "position_ids": np.broadcast_to(np.arange(past, past + seq), (3, 1, seq)).astype(np.int64).copy(),
             "attention_mask": np.ones((1, past + seq), np.int64), **cache.feed(np.array([seq]), seq)}
     inputs = set(runner.input_metadata())
+    levels = len(cfg.vision_deepstack_indexes or ())
+    if "deepstack_embeds" in inputs:        # Qwen3-VL: zeros at text positions, what a text-only prompt feeds
+        feed["deepstack_embeds"] = np.zeros((levels, 1, seq, cfg.hidden_size), pipe.dtype)
     return {k: v for k, v in feed.items() if k in inputs}, cache.bindings()
 
 
