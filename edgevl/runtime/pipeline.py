@@ -45,7 +45,7 @@ from edgevl.runtime.inputs.prompt import (
     user_message,
 )
 from edgevl.runtime.inputs.rope_index import mrope_position_ids, qwen3_vl_mrope_position_ids
-from edgevl.runtime.sampling import SamplingOptions
+from edgevl.runtime.sampling import SAMPLING_RULES, SamplingOptions
 from edgevl.runtime.vision import VisionEncoder, VisionFeatures, scatter_vision
 from edgevl.runtime.inputs.template import ChatTemplate
 
@@ -215,6 +215,10 @@ class Pipeline:
                  **sampling) -> Decoding:
         """How a reply is made, from the model's generation_config with `sampling` (do_sample, temperature, top_k,
         top_p, repetition_penalty, seed; None = the config's) on top: validated here, once."""
+        unknown = sorted(set(sampling) - set(SAMPLING_RULES))
+        if unknown:
+            raise EdgevlError(f"{', '.join(unknown)}: not a generation setting; they are max_new_tokens, stop, "
+                              f"output and {', '.join(SAMPLING_RULES)}.")
         return Decoding(self.sampling_options(**sampling), max_new_tokens, tuple(stop), output or OutputOptions())
 
     def generate(self, prompt: str, images=(), videos=(), on_text=None, decoding: Decoding | None = None,

@@ -1,5 +1,5 @@
 """The pipeline (runtime/pipeline.py) on the tiny model: seeded sampling is reproducible, stop strings cut the text
-and the stream alike, and every stage's time is reported."""
+and the stream alike, every stage's time is reported, and a setting it does not have is refused by name."""
 
 from __future__ import annotations
 
@@ -31,3 +31,12 @@ def test_timings_are_reported(pipeline, photos):
     t = r.timings
     assert t.vision_s > 0 and t.prefill_s > 0 and t.preprocess_s > 0
     assert len(t.decode_s_per_token) == len(r.token_ids) - 1
+
+
+def test_an_unknown_generation_setting_is_one_sentence_naming_it(pipeline):
+    import pytest
+
+    from edgevl.errors import EdgevlError
+    with pytest.raises(EdgevlError, match=r"^ignore_eos: not a generation setting; they are max_new_tokens, stop, "
+                                          r"output and do_sample, temperature, top_k, top_p, repetition_penalty, seed"):
+        pipeline.generate("Hi", max_new_tokens=2, ignore_eos=True)

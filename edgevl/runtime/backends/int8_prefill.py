@@ -176,21 +176,24 @@ def prefill_rewrite(folder, vocab_size: int):
 def _requantized(jobs, value):
     """(name, array) pairs of each job's int8 weights and scales, in order, REQUANTIZE_THREADS matrices at a
     time (numpy lets go of the GIL); value(name) reads a 4-bit input."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     def job(names_, shape):
         return requantize(*[value(x) for x in names_], *shape)
 
+    def done(wq, ws, future):
+        q, scale = future.result()
+        return (wq, q), (ws, scale)
+
     with ThreadPoolExecutor(max_workers=REQUANTIZE_THREADS) as pool:
-        pending = []
-        for i, (wq, ws, names_, shape) in enumerate(jobs):
+        pending = deque()
+        for wq, ws, names_, shape in jobs:
             pending.append((wq, ws, pool.submit(job, names_, shape)))
-            while len(pending) >= REQUANTIZE_THREADS or (pending and i == len(jobs) - 1):
-                wq_, ws_, future = pending.pop(0)
-                q, scale = future.result()
-                yield wq_, q
-                yield ws_, scale
-                del q, scale, future
+            if len(pending) == REQUANTIZE_THREADS:
+                yield from done(*pending.popleft())
+        while pending:
+            yield from done(*pending.popleft())
 
 
 class PrefillSplitRunner:

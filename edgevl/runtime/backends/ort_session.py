@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
