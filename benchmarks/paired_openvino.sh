@@ -2,7 +2,8 @@
 # edgevl and OpenVINO GenAI in alternating rounds, for stages whose single-run rankings this VM's memory-bandwidth
 # noise decides (fp32 decode moves 30-50 % between runs for every engine): each round runs `edgevl bench` on an
 # artifact, then the OpenVINO peer's driver (prefix cache off, as in the bench) on the matching export, 3 runs each
-# after a warm-up, same synthetic 448x448 image and prompt; prints per-round and median decode ms/token and TTFT.
+# after a warm-up, same synthetic 448x448 image and prompt; prints each round's vision, prefill, TTFT (ms) and decode
+# (ms/token) medians and the median over rounds of each stage's edgevl/OpenVINO ratio.
 #
 #   bash benchmarks/paired_openvino.sh ARTIFACT OPENVINO_MODEL_FOLDER [ROUNDS] [HINTS_JSON]
 #
@@ -28,16 +29,18 @@ for i in $(seq "$ROUNDS"); do
 done
 "$PY" - "$TMP" "$ROUNDS" <<'PY'
 import json, statistics as st, sys
+from edgevl.bench.peers.openvino import stage_times
 tmp, rounds = sys.argv[1], int(sys.argv[2])
-rows = []
+STAGES = ("vision_ms", "prefill_ms", "ttft_ms", "decode")
+ours, theirs = [], []
 for i in range(1, rounds + 1):
     e = json.load(open(f"{tmp}/edgevl-{i}.json"))["rows"][0]["edgevl"]["stages"]
-    o = json.load(open(f"{tmp}/openvino-{i}.json"))
-    rows.append((e["decode_ms_per_token"]["median"], e["ttft_ms"]["median"],
-                 st.median(d for r in o["runs"] for d in r["decode_ms"]), st.median(r["ttft_ms"] for r in o["runs"])))
-    print(f"round {i}: edgevl decode {rows[-1][0]:.1f} ms/token, TTFT {rows[-1][1]:.0f} ms | "
-          f"OpenVINO decode {rows[-1][2]:.1f} ms/token, TTFT {rows[-1][3]:.0f} ms")
-ed, et, od, ot = (st.median(col) for col in zip(*rows))
-print(f"medians: edgevl decode {ed:.1f}, TTFT {et:.0f} | OpenVINO decode {od:.1f}, TTFT {ot:.0f} | "
-      f"edgevl/OpenVINO decode {ed / od:.2f}x, TTFT {et / ot:.2f}x")
+    ours.append({**{k: e[k]["median"] for k in STAGES[:3]}, "decode": e["decode_ms_per_token"]["median"]})
+    runs = [stage_times(r) for r in json.load(open(f"{tmp}/openvino-{i}.json"))["runs"]]
+    theirs.append({**{k: st.median(r[k] for r in runs) for k in STAGES[:3]},
+                   "decode": st.median(d for r in runs for d in r["decode_ms"])})
+    print(f"round {i}: " + " | ".join(f"{k} edgevl {ours[-1][k]:.1f} OpenVINO {theirs[-1][k]:.1f}" for k in STAGES))
+ratios = {k: st.median(o[k] / t[k] for o, t in zip(ours, theirs)) for k in STAGES}
+print("medians of the per-round ratios edgevl/OpenVINO (below 1: edgevl faster): "
+      + ", ".join(f"{k.removesuffix('_ms')} {r:.2f}x" for k, r in ratios.items()))
 PY
