@@ -136,6 +136,7 @@ class SideResult:
     other_cores: float | None = None                          # cores other processes kept busy meanwhile
     rss_shared: bool = False                                  # peak_rss covers every interleaved engine
     load_times: list[float] = field(default_factory=list)     # seconds, each measured load (after warm-up)
+    runners: str = ""                                         # edgevl: its runners, e.g. "...decoder+int8-prefill"
 
     def decode_pairs(self) -> list[tuple[int, float]]:
         return [(self.prompt_len + i + 1, ms) for run in self.runs for i, ms in enumerate(run["decode_ms"])]
@@ -257,6 +258,7 @@ class EdgevlEngine:
         self.load_s = time.perf_counter() - t0
         self.config = self.pipe.config
         self.threads = self.pipe.backend.options.threads or None   # 0: onnxruntime's default, one per core
+        self.runners = ", ".join(r.name for r in (self.pipe.vision, self.pipe.decoder))    # what ran, as loaded
 
     def prepare(self, text, image):
         return self.pipe.prepare(text, [image] if image is not None else [])
@@ -352,4 +354,5 @@ def side_json(side: SideResult | None, new_tokens: int) -> dict | None:
             "peak_rss_delta_bytes": side.peak_rss - side.rss_before, "peak_rss_shared": side.rss_shared,
             "gpu_memory": side.gpu,
             "threads": side.threads, "other_processes_cores": side.other_cores,
+            "runners": side.runners,
             "tokens": side.tokens, "runs": side.runs}

@@ -44,15 +44,22 @@ def artifact_label(artifact: dict) -> str:
     return f"{name} ({artifact.get('recipe') or artifact.get('dtype') or '?'})"
 
 
+def backend_label(row: dict) -> str:
+    """The backend edgevl's side ran on, with ", int8 prefill" where its prompts ran on int8 copies of 4-bit weights
+    (a w4a16 artifact's measured default on ort-cpu, or --int8-prefill)."""
+    return row["backend"] + (", int8 prefill" if "int8-prefill" in row["edgevl"].get("runners", "") else "")
+
+
 def _config_cells(row: dict) -> list[str]:
     w = row["workload"]
-    return [artifact_label(row["artifact"]), row["backend"], w["image"], str(w["prompt_tokens"]), str(w["new_tokens"])]
+    return [artifact_label(row["artifact"]), backend_label(row), w["image"], str(w["prompt_tokens"]),
+            str(w["new_tokens"])]
 
 
 def _sweep_label(row: dict, with_artifact: bool = True) -> str:
     w = row["workload"]
     what = f"image {w['image']}, {w['prompt_tokens']}+{w['new_tokens']} tok"
-    return f"{artifact_label(row['artifact'])} {row['backend']}, {what}" if with_artifact else what
+    return f"{artifact_label(row['artifact'])} {backend_label(row)}, {what}" if with_artifact else what
 
 
 def engine_label(side: dict) -> str:
@@ -173,7 +180,7 @@ def comparison_table(report: dict) -> tuple[list[str], list[list[str]]]:
     for row in report["rows"]:
         for i, (key, side) in enumerate(_sides(row)):
             ref_dtype = "fp32" if row["artifact"].get("recipe") else row["artifact"].get("dtype")
-            name = {"edgevl": f"edgevl {artifact_label(row['artifact'])} {row['backend']}",
+            name = {"edgevl": f"edgevl {artifact_label(row['artifact'])} {backend_label(row)}",
                     "reference": f"transformers {ref_dtype}"}.get(key, engine_label(side))
             at = _probe_at(report, row, key, side)
             disk = row["artifact"].get("on_disk_bytes") if key == "edgevl" else side.get("on_disk_bytes")

@@ -275,7 +275,7 @@ def _run_edgevl(cfg, artifacts, workloads, sources, texts, probes, progress) -> 
         for w in workloads:
             r = measure_workload(engine, _prompt_text(cfg, engine, source, w, texts), w, cfg.runs, cfg.warmup,
                                  progress.tick)
-            r.rss_before = before
+            r.rss_before, r.runners = before, engine.runners
             results[(str(artifact.path), backend, w.key)] = r
         if cfg.decode_contexts:
             probes.append({"artifact": artifact.path.name, "backend": backend, "engine": "edgevl",
@@ -325,6 +325,7 @@ def _run_interleaved(cfg, artifacts, workloads, sources, texts, probes, progress
                                            cfg.runs, cfg.warmup, progress.tick)
                 for r in pair:
                     r.rss_before, r.rss_shared = before, True
+                pair[0].runners = engine.runners
                 results[(str(artifact.path), backend, w.key)], references[(str(artifact.path), backend, w.key)] = pair
             if cfg.decode_contexts:
                 probes.append({"artifact": artifact.path.name, "backend": backend, "engine": "edgevl",

@@ -186,3 +186,22 @@ def test_int8_dot_products_reads_the_cpu_flags(tmp_path):
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx_vnni_int8\n")   # not AVX-VNNI itself
     assert not int8_dot_products(str(cpuinfo))
     assert not int8_dot_products(str(tmp_path / "missing"))
+
+
+def test_the_bench_report_says_which_edgevl_rows_ran_their_prompts_on_int8_copies(w4a16, tmp_path, monkeypatch):
+    import json
+
+    from edgevl.cli.bench import run as cmd_bench
+    from edgevl.runtime.backends import int8_prefill
+    from tests.bench.test_suite import bench_args
+    monkeypatch.setattr(int8_prefill, "int8_dot_products", lambda: True)
+    out = {}
+    for flag in ("--int8-prefill", "--no-int8-prefill"):
+        args = bench_args(w4a16, "--image-size", "none", "--new-tokens", "2", "--runs", "1", "--warmup", "0", flag,
+                          "--bandwidth-mib", "8", "--json", tmp_path / "r.json", "--markdown", tmp_path / "r.md",
+                          "--no-progress")
+        assert cmd_bench(args) == 0
+        row, = json.loads((tmp_path / "r.json").read_text())["rows"]
+        out[flag] = (row["edgevl"]["runners"], (tmp_path / "r.md").read_text())
+    assert "decoder+int8-prefill" in out["--int8-prefill"][0] and "| ort-cpu, int8 prefill |" in out["--int8-prefill"][1]
+    assert "int8-prefill" not in out["--no-int8-prefill"][0] and "int8 prefill |" not in out["--no-int8-prefill"][1]
