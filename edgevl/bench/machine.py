@@ -58,14 +58,8 @@ def _total_ram_bytes() -> int | None:
         return int(psutil.virtual_memory().total)
     except ImportError:
         pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    from edgevl.runtime.backends.probe import meminfo_bytes
+    return meminfo_bytes("MemTotal")
 
 
 def _physical_cores() -> int | None:

@@ -103,39 +103,20 @@ def int8_dot_products(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU has the int8 dot-product instructions on which the int8 prefill was measured faster than
     onnxruntime's 4-bit prompt kernels (Zen 5's AVX-512 VNNI; kernel_probe.py). Unknown (no /proc/cpuinfo,
     other architectures): False, so the default stays what was measured."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return any(flag in INT8_DOT_FLAGS for flag in line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return False
-
-
-def available_memory(meminfo: str = "/proc/meminfo") -> int | None:
-    """MemAvailable in bytes, None where unknown."""
-    try:
-        with open(meminfo) as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    from edgevl.runtime.backends.probe import cpu_flags
+    return bool(cpu_flags(cpuinfo) & set(INT8_DOT_FLAGS))
 
 
 MEMORY_SHARE = 4     # by default the int8 copy may take at most a quarter of the memory available at load
 
 
-def by_default(nodes, cpu_has_int8_dot: bool | None = None, available: int | None = -1) -> str:
-    """Why the int8 prefill of these candidate nodes stays off by default on this machine ("" when it goes on):
-    a CPU without int8 dot products (not where it was measured faster), or an int8 copy (one byte per weight)
-    larger than 1/MEMORY_SHARE of the memory available."""
-    if not (int8_dot_products() if cpu_has_int8_dot is None else cpu_has_int8_dot):
+def by_default(nodes, cpu_has_int8_dot: bool, available: int | None) -> str:
+    """Why the int8 prefill of these candidate nodes stays off by default on a machine ("" when it goes on): a CPU
+    without int8 dot products (not where it was measured faster), or an int8 copy (one byte per weight) larger
+    than 1/MEMORY_SHARE of the `available` bytes of memory (None: unknown, no limit)."""
+    if not cpu_has_int8_dot:
         return "this CPU has no AVX-512 VNNI or AVX-VNNI, on which the int8 prefill was measured faster"
     extra = sum(_attrs(n)["K"] * _attrs(n)["N"] for n in nodes)
-    available = available_memory() if available == -1 else available
     if available is not None and extra * MEMORY_SHARE > available:
         return (f"its int8 copy, {extra / 1e9:.2f} GB, is more than 1/{MEMORY_SHARE} of the {available / 1e9:.1f} "
                 f"GB of memory available")

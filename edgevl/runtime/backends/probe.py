@@ -261,5 +261,29 @@ def package_versions(names) -> dict[str, str]:
     return versions
 
 
+def meminfo_bytes(field: str, path: str = "/proc/meminfo") -> int | None:
+    """One /proc/meminfo field (MemTotal, MemAvailable, ...) in bytes; None where unknown (not Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags /proc/cpuinfo lists for the first processor; empty where unknown."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except (OSError, IndexError):
+        pass
+    return frozenset()
+
+
 def machine() -> str:
     return platform.machine()

@@ -154,7 +154,8 @@ def _with_int8_prefill(runner, graph: GraphFile, opts: BackendOptions):
         opts.log(f"--int8-prefill: {graph.name} has no 4-bit matmuls; its prompts run as exported")
         return runner
     if opts.int8_prefill is None:
-        why_not = int8_prefill.by_default(nodes)
+        why_not = int8_prefill.by_default(nodes, int8_prefill.int8_dot_products(),
+                                          probe.meminfo_bytes("MemAvailable"))
         opts.log(f"{graph.name}: prompts run on its 4-bit weights ({why_not}; --int8-prefill turns it on)" if why_not
                  else f"{graph.name}: prompts run on int8 copies of its 4-bit weights, as measured when it was "
                       f"quantized (--no-int8-prefill turns it off)")

@@ -205,3 +205,11 @@ def test_the_bench_report_says_which_edgevl_rows_ran_their_prompts_on_int8_copie
         out[flag] = (row["edgevl"]["runners"], (tmp_path / "r.md").read_text())
     assert "decoder+int8-prefill" in out["--int8-prefill"][0] and "| ort-cpu, int8 prefill |" in out["--int8-prefill"][1]
     assert "int8-prefill" not in out["--no-int8-prefill"][0] and "int8 prefill |" not in out["--no-int8-prefill"][1]
+
+
+def test_meminfo_and_cpu_flags_read_procs_files_and_say_none_where_they_are_missing(tmp_path):
+    from edgevl.runtime.backends.probe import cpu_flags, meminfo_bytes
+    (tmp_path / "meminfo").write_text("MemTotal:       24684544 kB\nMemAvailable:   23000000 kB\n")
+    assert meminfo_bytes("MemAvailable", str(tmp_path / "meminfo")) == 23000000 * 1024
+    assert meminfo_bytes("MemTotal", str(tmp_path / "missing")) is None
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
