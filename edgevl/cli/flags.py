@@ -145,10 +145,11 @@ def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False
                         "slower; quantized graphs stay packed. For one-shot runs of float exports, not servers")
     g.add_argument("--int8-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="ort-cpu, w4a16 artifacts: run prompts (prefill) on int8 copies of the 4-bit weights made at "
-                        "load, decode steps on the 4-bit ones: ~2x faster prefill for ~1.5 s more load and ~250 MB "
-                        "more memory (2B); tokens can differ from the plain w4a16 run's. Default: on where `edgevl "
-                        "quantize` measured it within its accuracy budget (the manifest's int8_prefill) and the CPU "
-                        "has int8 dot-product instructions (AVX-512 VNNI or AVX-VNNI); --no-int8-prefill turns it off")
+                        "load, decode steps on the 4-bit ones: ~2x faster prefill for one more byte per 4-bit weight in "
+                        "memory and a longer load (the 2b-l4 preset: +1.3 s); tokens can differ from the plain w4a16 "
+                        "run's. Default: on where `edgevl quantize` measured it within its accuracy budget (the "
+                        "manifest's int8_prefill), the CPU has AVX-512 VNNI or AVX-VNNI and the copy takes at most a "
+                        "quarter of the available memory; --no-int8-prefill turns it off")
 
 
 def backend_options(args, log=None):
