@@ -6,7 +6,7 @@ w4a16 artifact slower than an int8 one's, while its decode steps (one row) are t
 holds two sessions of the one decoder file: the graph as exported for decode steps, and a prefill graph in
 which each 4-bit `MatMulNBits` but the lm_head (it multiplies the last position only) becomes a
 `DynamicQuantizeMatMul` over int8 per-column weights requantized from the 4-bit blocks at load (`requantize`:
-pure numpy, bit for bit `per_channel_int8(dequantize_4bit(...))` without its float copy of the weights, a few
+pure numpy, the symmetric per-column int8 rounding of the dequantized 4-bit weights without their float copy, a few
 matrices at a time, each written to a file onnxruntime reads before the next is made: qwen3-vl-2b-l4's 200M
 weights in 0.8 s instead of 2.8 s on a 2-core EPYC). Calls with more than one position per row go to the
 prefill session; both bind the same in-place KV buffers, so the cache a prefill writes is the one decode
@@ -34,35 +34,15 @@ OP = "MatMulNBits"
 REQUANTIZE_THREADS = min(4, os.cpu_count() or 1)   # each holds one matrix's float copy (2B: 50 MB at most)
 
 
-def dequantize_4bit(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int,
-                    block: int) -> np.ndarray:
-    """MatMulNBits' 4-bit weights as float32 [K, N]: packed [N, blocks, block/2] (low nibble first), scales
-    [N * blocks], zero points [N * ceil(blocks/2)] packed the same way (8 when absent)."""
-    blocks = -(-k // block)
-    q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block).astype(np.float32)
-    if zero_points is None:
-        z = np.full((n, blocks), 8, np.float32)
-    else:
-        zp = zero_points.reshape(n, -1)
-        z = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
-    w = (q - z[:, :, None]) * scales.reshape(n, blocks)[:, :, None].astype(np.float32)
-    return np.ascontiguousarray(w.reshape(n, blocks * block)[:, :k].T)
-
-
-def per_channel_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per column of w [K, N]: (q int8 [K, N], scale float32 [N]), w ~= q * scale."""
-    scale = np.abs(w).max(axis=0) / 127.0
-    scale[scale == 0] = 1.0
-    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
-    return q, scale.astype(np.float32)
-
-
 _NIBBLES = np.stack([np.arange(256) & 0x0F, np.arange(256) >> 4], axis=1).astype(np.int8).view(np.int16).ravel()
 
 
 def requantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int,
                block: int) -> tuple[np.ndarray, np.ndarray]:
-    """per_channel_int8(dequantize_4bit(...)), bit for bit, at a quarter of its time and memory: the nibbles
+    """MatMulNBits' 4-bit weights (packed [N, blocks, block/2], low nibble first; scales [N * blocks]; zero points
+    [N * ceil(blocks/2)] packed the same way, 8 when absent) as symmetric int8 per column: (q int8 [K, N], scale
+    float32 [N]), q = rint(w / scale), scale = max|w| / 127 (1 for an all-zero column), w the dequantized
+    float32 weights (runtime.embeddings.dequantize_rows). Bit for bit that, without w's float copy: the nibbles
     unpacked by a table into int8, zero points subtracted in int8, each column's peak from its blocks' peaks
     (a positive scale keeps the order), one float pass for the division, an int8 transpose in tiles."""
     blocks = -(-k // block)

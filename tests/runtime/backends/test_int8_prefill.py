@@ -6,7 +6,23 @@ import numpy as np
 import pytest
 
 from edgevl.runtime.backends.options import BackendOptions
-from edgevl.runtime.backends.int8_prefill import PrefillSplitRunner, dequantize_4bit, per_channel_int8
+from edgevl.runtime.backends.int8_prefill import PrefillSplitRunner
+from edgevl.runtime.embeddings import dequantize_rows
+
+
+def dequantize_4bit(packed, scales, zero_points, k, n, block):
+    """MatMulNBits' 4-bit weights as float32 [K, N], in the flat layout its node inputs have."""
+    blocks = -(-k // block)
+    zero = None if zero_points is None else zero_points.reshape(n, -1)
+    return dequantize_rows(packed, scales.reshape(n, blocks), zero, 4, k).T
+
+
+def per_channel_int8(w):
+    """The readable definition requantize must equal: symmetric int8 per column of w [K, N], w ~= q * scale."""
+    scale = np.abs(w).max(axis=0) / 127.0
+    scale[scale == 0] = 1.0
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
 
 
 def _matmul_nbits(k, n, block, packed, scales, zero_points):
