@@ -108,6 +108,15 @@ def _awq_note(details: dict) -> dict:
     return {"awq": note}
 
 
+def _chosen(trials: list) -> dict:
+    return next(t for t in trials if t.get("chosen"))
+
+
+def _within_slack(alt: dict, base: dict) -> bool:
+    """The one rule for both CPU-speed choices: `alt`'s calibration loss adds at most COMPUTE_SLACK to `base`'s."""
+    return alt["loss"] <= base["loss"] * (1 + COMPUTE_SLACK) + 1e-9
+
+
 def _choose_compute(ctx: Context, path: Path, score: dict, trials: list) -> tuple[Path, dict, str, str]:
     """MatMulNBits' accuracy_level, measured: 0 computes with float activations (w4a16 proper); 4 quantizes
     each K-block of the activations to int8 and uses int8 dot products, several times faster on CPUs
@@ -120,11 +129,11 @@ def _choose_compute(ctx: Context, path: Path, score: dict, trials: list) -> tupl
     save_graph(graph, alt)
     del graph
     alt_score = ctx.score(names.DECODER, alt)
-    chosen = next(t for t in trials if t.get("chosen"))
+    chosen = _chosen(trials)
     trials.append({"levels": {**chosen["levels"], "accuracy_level": 4}, **brief(alt_score)})
     note = (f"calibration KL {score['kl_mean']:.4g} / {score['decode_ms']:.2f} ms per step with float activations, "
             f"{alt_score['kl_mean']:.4g} / {alt_score['decode_ms']:.2f} ms with int8 compute")
-    if alt_score["loss"] <= score["loss"] * (1 + COMPUTE_SLACK) + 1e-9:
+    if _within_slack(alt_score, score):
         chosen.pop("chosen")
         trials[-1]["chosen"] = True
         discard(path)
@@ -143,9 +152,8 @@ def _choose_prefill(ctx: Context, path: Path, score: dict, trials: list) -> tupl
     ctx.log("decoder: measuring prompts on int8 copies of the 4-bit weights (int8 prefill)")
     backend = replace(ctx.backend, options=replace(ctx.backend.options, int8_prefill=True))
     alt = ctx.score(names.DECODER, path, backend)
-    trials.append({"levels": {**next(t for t in trials if t.get("chosen"))["levels"], "prefill": "int8"},
-                   **brief(alt)})
-    kept = alt["loss"] <= score["loss"] * (1 + COMPUTE_SLACK) + 1e-9
+    trials.append({"levels": {**_chosen(trials)["levels"], "prefill": "int8"}, **brief(alt)})
+    kept = _within_slack(alt, score)
     note = (f"int8 prefill {'kept' if kept else 'not kept'}: calibration KL {alt['kl_mean']:.4g} with prompts on "
             f"int8 copies, {score['kl_mean']:.4g} without (kept within +{COMPUTE_SLACK:.0%})")
     return kept, {"prefill": note}
