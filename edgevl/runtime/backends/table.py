@@ -156,11 +156,11 @@ def _with_int8_prefill(runner, graph: GraphFile, opts: BackendOptions):
     if opts.int8_prefill is None:
         why_not = int8_prefill.by_default(nodes, int8_prefill.int8_dot_products(),
                                           probe.meminfo_bytes("MemAvailable"))
-        opts.log(f"{graph.name}: prompts run on its 4-bit weights ({why_not}; --int8-prefill turns it on)" if why_not
-                 else f"{graph.name}: prompts run on int8 copies of its 4-bit weights, as measured when it was "
-                      f"quantized (--no-int8-prefill turns it off)")
         if why_not:
+            opts.log(f"{graph.name}: prompts run on its 4-bit weights ({why_not}; --int8-prefill turns it on)")
             return runner
+        opts.log(f"{graph.name}: prompts run on int8 copies of its 4-bit weights, as measured when it was quantized "
+                 f"(--no-int8-prefill turns it off)")
     prefill = OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",),
                                            intra_op_threads=opts.threads, prepack=True,
                                            disabled_optimizers=_disabled_optimizers(graph),
