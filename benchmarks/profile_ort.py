@@ -35,13 +35,13 @@ def make_session(path: Path, threads: int, profile_dir: Path):
 
 
 def vision_feed(pipe, size: str) -> dict:
+    """The vision graph's inputs for one synthetic photo, as the runtime builds them (VisionEncoder.feed: the
+    Qwen2.5-VL window layout and Qwen3-VL position-table taps included)."""
     from edgevl.bench.measure import parse_size, synthetic_image
-    from edgevl.runtime.inputs.rope_index import vision_rotary_position_ids
     w, h = parse_size(size)
     prepared = pipe.prepare("Describe this image.", [synthetic_image(w, h, Path(tempfile.mkdtemp()))])
-    (t, gh, gw), = prepared.grids
-    return {"pixel_values": prepared.pixel_values[0].astype(np.float32),
-            "rotary_pos_ids": vision_rotary_position_ids((1, gh, gw), pipe.image_settings.merge_size)}
+    grid, = prepared.grids
+    return pipe.vision_encoder.feed(prepared.pixel_values[0], grid)[0]
 
 
 def decoder_feed(pipe, runner, prompt_tokens: int | None, decode_context: int | None) -> tuple[dict, dict]:

@@ -59,6 +59,15 @@ class VisionEncoder:
 
     def call(self, frame: np.ndarray, grid: tuple[int, int, int]) -> VisionFeatures:
         """One vision call: the patches of one image or temporal patch, grid (1, h, w)."""
+        feed, layout = self.feed(frame, grid)
+        out = self.runner.infer(feed)
+        embeds, deepstack = out[names.IMAGE_EMBEDS], out.get(names.DEEPSTACK_EMBEDS)
+        if layout is not None:
+            embeds = embeds[layout.restore]
+        return VisionFeatures(embeds, deepstack)
+
+    def feed(self, frame: np.ndarray, grid: tuple[int, int, int]):
+        """(the graph's inputs for one call, the window layout or None): what `call` runs, for tools that time it."""
         _, h, w = grid
         cfg = self.config
         inputs = self.runner.input_metadata()
@@ -74,11 +83,7 @@ class VisionEncoder:
             feed[names.PIXEL_VALUES] = feed[names.PIXEL_VALUES][layout.patch_order]
             feed[names.ROTARY_POS_IDS] = rotary[layout.patch_order]
             feed.update(layout.feed())
-        out = self.runner.infer(feed)
-        embeds, deepstack = out[names.IMAGE_EMBEDS], out.get(names.DEEPSTACK_EMBEDS)
-        if layout is not None:
-            embeds = embeds[layout.restore]
-        return VisionFeatures(embeds, deepstack)
+        return feed, layout
 
 
 def scatter_vision(input_ids: np.ndarray, rows: np.ndarray, vision: dict[str, tuple[int, list]],
