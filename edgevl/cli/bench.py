@@ -86,12 +86,24 @@ def config_from_args(args, log=lambda msg: None):
         presets[str(path)] = args.preset
         notes.append(RANDOM_WEIGHTS_NOTE.format(name=args.preset))
     return BenchConfig(
-        artifacts=artifacts, backends=args.backend or ["ort-cpu"], options=backend_options(args, log),
+        artifacts=artifacts, backends=args.backend or ["ort-cpu"], options=backend_options(args, _once(log)),
         images=args.image, image_sizes=args.image_size, prompt=args.prompt, prompt_tokens=args.prompt_tokens or [None],
         new_tokens=args.new_tokens or [32], runs=args.runs, warmup=args.warmup, reference=args.reference,
         reference_model=args.reference_model, interleave=args.interleave, decode_contexts=args.decode_contexts,
         verify=not args.no_verify, bandwidth_mib=args.bandwidth_mib, notes=notes, presets=presets,
         progress=False if args.no_progress else None)
+
+
+def _once(log):
+    """`log` that prints each message once: bench loads every engine warm-up + runs times, and a backend's load
+    notes (which kernels a graph runs on) would repeat with each load."""
+    seen = set()
+
+    def log_once(msg: str) -> None:
+        if msg not in seen:
+            seen.add(msg)
+            log(msg)
+    return log_once
 
 
 def _check_reports(args, artifacts) -> None:
