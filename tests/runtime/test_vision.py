@@ -4,6 +4,7 @@ that feed run (the tools that time the graph alone, benchmarks/profile_ort.py, u
 from __future__ import annotations
 
 import numpy as np
+
 from edgevl.runtime.pipeline import Pipeline
 
 
