@@ -8,7 +8,7 @@ which each 4-bit `MatMulNBits` but the lm_head (it multiplies the last position 
 `DynamicQuantizeMatMul` over int8 per-column weights requantized from the 4-bit blocks at load (`requantize`:
 pure numpy, the symmetric per-column int8 rounding of the dequantized 4-bit weights without their float copy, a few
 matrices at a time, each written to a file onnxruntime reads before the next is made: qwen3-vl-2b-l4's 200M
-weights in 0.8 s instead of 2.8 s on a 2-core EPYC). Calls with more than one position per row go to the
+weights in 0.4-0.6 s instead of 2.8 s on a 2-core EPYC). Calls with more than one position per row go to the
 prefill session; both bind the same in-place KV buffers, so the cache a prefill writes is the one decode
 steps read.
 
@@ -63,8 +63,9 @@ def requantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
     return _transposed(w.reshape(n, -1)[:, :k].astype(np.int8)), scale
 
 
-def _transposed(a: np.ndarray, tile: int = 64) -> np.ndarray:
-    """a.T contiguous, copied in column tiles (numpy's one-pass int8 transpose is 2.5x slower)."""
+def _transposed(a: np.ndarray, tile: int = 16) -> np.ndarray:
+    """a.T contiguous, copied in column tiles: a 6144 x 2048 int8 matrix in 10 ms with tiles of 16 rows, 28 ms
+    with 64, 58 ms in numpy's one pass (2-core EPYC, Zen 4)."""
     out = np.empty(a.shape[::-1], a.dtype)
     for i in range(0, a.shape[0], tile):
         out[:, i:i + tile] = a[i:i + tile].T
