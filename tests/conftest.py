@@ -19,6 +19,19 @@ from PIL import Image
 os.environ["EDGEVL_SHARED_THREADS"] = "0"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _edgevl_cache(tmp_path_factory):
+    """What the runtime keeps between loads (the int8 prefill's copies, engines) goes to a folder of this session,
+    never to the user's ~/.cache/edgevl; tests that need their own set EDGEVL_CACHE themselves."""
+    before = os.environ.get("EDGEVL_CACHE")
+    os.environ["EDGEVL_CACHE"] = str(tmp_path_factory.mktemp("edgevl-cache"))
+    yield Path(os.environ["EDGEVL_CACHE"])
+    if before is None:
+        os.environ.pop("EDGEVL_CACHE", None)
+    else:
+        os.environ["EDGEVL_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from edgevl.synthetic.random_model import write_random_model

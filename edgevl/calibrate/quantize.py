@@ -107,6 +107,8 @@ def quantize(artifact, output, opts: QuantizeOptions, backend: Backend | None = 
     handler.check(opts)                                   # fail before the (long) capture, not after
     max_drop = handler.default_max_drop if opts.max_drop is None else opts.max_drop
     backend = backend or get_backend("ort-cpu")
+    # its graphs are candidates in a work folder: none of their int8 prefill copies is worth keeping
+    backend = replace(backend, options=replace(backend.options, keep_int8_copies=False))
     inputs = _inputs(artifact, opts)
     out = check_output(Path(output), opts.force, inputs)   # before any work: never replace or write into an input
     src = load_artifact(artifact)

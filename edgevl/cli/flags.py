@@ -146,8 +146,9 @@ def add_backend_flags(p, backend_help: str | None = None, multiple: bool = False
     g.add_argument("--int8-prefill", action=argparse.BooleanOptionalAction, default=None,
                    help="ort-cpu, w4a16 artifacts: run prompts (prefill) on int8 copies of the 4-bit weights made at "
                         "load, decode steps on the 4-bit ones: ~2x faster prefill for one more byte per 4-bit weight in "
-                        "memory and a longer load (the 2b-l4 preset: +1.3 s); tokens can differ from the plain w4a16 "
-                        "run's. Default: on where `edgevl quantize` measured it within its accuracy budget (the "
+                        "memory and a longer first load (the copies are then kept under $EDGEVL_CACHE/int8-prefill, "
+                        "one byte per weight on disk, and read by later loads); tokens can differ from the plain "
+                        "w4a16 run's. Default: on where `edgevl quantize` measured it within its accuracy budget (the "
                         "manifest's int8_prefill), the CPU has AVX-512 VNNI or AVX-VNNI and the copy takes at most a "
                         "quarter of the available memory; --no-int8-prefill turns it off")
 

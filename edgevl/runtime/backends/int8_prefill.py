@@ -16,7 +16,8 @@ When: `--int8-prefill` / `--no-int8-prefill`; by default where `edgevl quantize`
 accuracy budget (the decoder's manifest field int8_prefill, calibrate/int4.py), on CPUs with int8 dot products
 (where it was measured faster) when the copy takes at most a quarter of the memory available (`by_default`).
 
-Costs: one more byte per weight in memory and a longer load (the requantization, the second session);
+Costs: one more byte per weight in memory and a longer load (the requantization, the second session); the
+copies are kept on disk (`kept_copies`: one more byte per weight there) so later loads read them instead;
 numerics: the int8 copy adds a rounding step below the 4-bit one (per column, 1/127 of its largest value),
 and the dynamic activation scale is per call, so a chunked prefill is not bit-identical to a whole one and
 the greedy tokens can differ from the plain w4a16 run's. The files on disk stay as exported.
@@ -24,7 +25,10 @@ the greedy tokens can differ from the plain w4a16 run's. The files on disk stay 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -133,6 +137,19 @@ def prefill_rewrite(folder, vocab_size: int):
         model.graph.initializer.extend(kept)
         return _requantized(jobs, value)
     return transform
+
+
+KEPT_FORMAT = 1          # the int8 copies kept for later loads: bump when requantize's output changes
+
+
+def kept_copies(graph, root: Path) -> Path:
+    """Where the int8 copies of `graph` (a GraphFile) are kept for later loads: under root/int8-prefill, named by
+    the graph's digest, its files' sizes and times (a file changed under a manifest that was not re-verified
+    gets a new name) and KEPT_FORMAT."""
+    folder = graph.path.parent
+    stamp = [(f, (folder / f).stat().st_size, (folder / f).stat().st_mtime_ns) for f in graph.spec.files]
+    key = hashlib.sha256(json.dumps([graph.digest, stamp, KEPT_FORMAT]).encode()).hexdigest()[:24]
+    return Path(root) / "int8-prefill" / f"{graph.name}-{key}.bin"
 
 
 def _requantized(jobs, value):

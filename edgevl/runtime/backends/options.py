@@ -45,6 +45,8 @@ class BackendOptions:
     cuda_graph: bool = False               # ort-cuda: decode steps captured and replayed as CUDA graphs
     int8_prefill: bool | None = None       # ort-cpu: a 4-bit decoder's prompts on int8 copies (int8_prefill.py);
                                            # None: where its quantizer measured it and the CPU has int8 dot products
+    keep_int8_copies: bool = True          # ...and keeps those copies under cache/int8-prefill for later loads
+                                           # (quantize does not: its graphs are candidates in a work folder)
     log: Callable[[str], None] = field(default=lambda msg: None, compare=False)
 
     def __post_init__(self):

@@ -78,13 +78,17 @@ class SessionFromOnnx:
 
     def __init__(self, path: str | os.PathLike, providers=("CPUExecutionProvider",), intra_op_threads: int = 0,
                  optimization_level: str = "all", prepack: bool = True, disabled_optimizers: tuple[str, ...] = (),
-                 transform: Callable | None = None, config_entries: tuple[tuple[str, str], ...] = ()):
+                 transform: Callable | None = None, config_entries: tuple[tuple[str, str], ...] = (),
+                 weights_cache: Path | None = None):
         self.path = Path(path)
         self.config_entries = tuple(config_entries)
         # transform(ModelProto) edits the graph before the session is made: the file on disk is not changed,
         # its external weights are memory-mapped and handed over as they are. It may return new weights as
         # {name: array} or an iterator of (name, array) pairs, handed over the same way (int8_prefill.py).
+        # weights_cache: a file that keeps an iterator's weights for later sessions (`kept_weights`); it is
+        # read instead of running the iterator when it is there and whole.
         self.transform = transform
+        self.weights_cache = weights_cache
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
         self.optimization_level = optimization_level
@@ -137,7 +141,8 @@ class SessionFromOnnx:
         # Anything else it returns is its own business (grouped_decode.rewrite's count).
         pairs = result.items() if isinstance(result, dict) else result if isinstance(result, Iterator) else ()
         maps, names_, values = {}, [], []
-        mapped, views = _file_backed(pairs)
+        mapped, views = kept_weights(pairs, self.weights_cache) if self.weights_cache and isinstance(result, Iterator) \
+            else _file_backed(pairs)
         if views:
             maps[None] = mapped
             for name, view in views.items():
@@ -194,6 +199,71 @@ def _file_backed(pairs):
     views = {name: np.frombuffer(mapped, dtype, int(np.prod(shape, dtype=np.int64)), offset).reshape(shape)
              for name, (offset, dtype, shape) in layout.items()}
     return mapped, views
+
+
+KEPT_DTYPES = ("|i1", "<f4")          # what a kept weight file may hold (int8 weights, float32 scales)
+
+
+def kept_weights(pairs, path: Path):
+    """_file_backed's (map, {name: view}) from a file that outlives the process: `path` as written by an earlier
+    call when it is there and whole (then `pairs` is never iterated, so its weights are never made), else the
+    pairs written to it, staged in its folder and renamed into place, with their layout in path.json (written
+    last: a layout names a complete file). A folder that cannot be written: the pairs go to a temporary file."""
+    import tempfile
+    path = Path(path)
+    found = _read_kept(path)
+    if found is not None:
+        return found
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}-", delete=False)
+    except OSError:
+        return _file_backed(pairs)
+    return _write_kept(pairs, staged, path)
+
+
+def _read_kept(path: Path):
+    import json
+    import mmap
+    layout_file = path.with_name(path.name + ".json")
+    try:
+        layout = json.loads(layout_file.read_text())
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != layout["size"] or not layout["tensors"]:
+                return None
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        views = {}
+        for name, offset, dtype, shape in layout["tensors"]:
+            count = int(np.prod(shape, dtype=np.int64))
+            if dtype not in KEPT_DTYPES or offset < 0 or offset + count * np.dtype(dtype).itemsize > layout["size"]:
+                return None
+            views[name] = np.frombuffer(mapped, np.dtype(dtype), count, offset).reshape(shape)
+        return mapped, views
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_kept(pairs, staged, path: Path):
+    import json
+    tensors = []
+    with staged as f:
+        try:
+            for name, array in pairs:
+                f.write(b"\0" * (-f.tell() % _ALIGN))
+                tensors.append([name, f.tell(), array.dtype.str, list(array.shape)])
+                f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+                del array
+            size = f.tell()
+        except BaseException as e:
+            os.unlink(f.name)
+            if isinstance(e, OSError):
+                raise EdgevlError(f"could not write {path}: {e.strerror or e}.") from None
+            raise
+    os.replace(f.name, path)
+    layout = path.with_name(f".{path.name}.json-{os.getpid()}")
+    layout.write_text(json.dumps({"size": size, "tensors": tensors}))
+    os.replace(layout, path.with_name(path.name + ".json"))
+    return _read_kept(path) or (None, {})
 
 
 def _declared(name: str, array: np.ndarray):

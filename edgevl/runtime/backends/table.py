@@ -161,12 +161,28 @@ def _with_int8_prefill(runner, graph: GraphFile, opts: BackendOptions):
             return runner
         opts.log(f"{graph.name}: prompts run on int8 copies of its 4-bit weights, as measured when it was quantized "
                  f"(--no-int8-prefill turns it off)")
+    kept = _kept_copies(graph, opts)
     prefill = OnnxrtRunner(SessionFromOnnx(graph.path, providers=("CPUExecutionProvider",),
                                            intra_op_threads=opts.threads, prepack=True,
                                            disabled_optimizers=_disabled_optimizers(graph),
-                                           transform=int8_prefill.prefill_rewrite(graph.path.parent, vocab)),
+                                           transform=int8_prefill.prefill_rewrite(graph.path.parent, vocab),
+                                           weights_cache=kept),
                            name=f"ort-cpu:{graph.name}:int8-prefill", kv_spare_positions=runner.kv_spare_positions)
     return int8_prefill.PrefillSplitRunner(runner, prefill)
+
+
+def _kept_copies(graph: GraphFile, opts: BackendOptions):
+    """The file that keeps `graph`'s int8 copies for later loads (read when there: the requantization, most of the
+    load, is skipped), or None where opts.keep_int8_copies is off."""
+    if not opts.keep_int8_copies:
+        return None
+    from edgevl.runtime.backends import int8_prefill
+    path = int8_prefill.kept_copies(graph, opts.cache)
+    if path.with_name(path.name + ".json").exists():
+        opts.log(f"{graph.name}: int8 copies read from {path}")
+    else:
+        opts.log(f"{graph.name}: int8 copies made once and kept in {path} for later loads")
+    return path
 
 
 def _grouped_decode(graph: GraphFile):

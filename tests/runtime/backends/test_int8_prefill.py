@@ -68,9 +68,13 @@ def w4a16(tiny_artifact, tmp_path_factory):
     from edgevl.calibrate.options import QuantizeOptions
     from edgevl.calibrate.quantize import quantize as run_quantize
     folder = tmp_path_factory.mktemp("int8-prefill") / "w4a16"
-    run_quantize(tiny_artifact, folder, QuantizeOptions("w4a16", samples=4, eval_samples=2, new_tokens=4, calib_steps=3,
-                                                        progress=False, block_size=32, force=True),
-                 None, log=lambda msg: None, table=lambda text: None)
+    cache = folder.parent / "quantize-cache"          # what quantize leaves there: see the test of it below
+    cache.mkdir()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("EDGEVL_CACHE", str(cache))
+        run_quantize(tiny_artifact, folder, QuantizeOptions("w4a16", samples=4, eval_samples=2, new_tokens=4,
+                                                            calib_steps=3, progress=False, block_size=32, force=True),
+                     None, log=lambda msg: None, table=lambda text: None)
     return folder
 
 
@@ -229,3 +233,55 @@ def test_meminfo_and_cpu_flags_read_procs_files_and_say_none_where_they_are_miss
     assert meminfo_bytes("MemAvailable", str(tmp_path / "meminfo")) == 23000000 * 1024
     assert meminfo_bytes("MemTotal", str(tmp_path / "missing")) is None
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def _prefill_logits(pipe) -> np.ndarray:
+    from edgevl.artifact import names
+    from edgevl.runtime.generate import decoder_step
+    ids = pipe.prepare("Describe a cat in one long sentence, please. " * 4).input_ids
+    positions, _ = pipe.positions(ids[None], np.ones((1, len(ids)), np.int64), [], [])
+    return np.asarray(decoder_step(pipe.decoder, pipe.new_cache(1), pipe.embed(ids, [], [])[None], positions,
+                                   np.array([len(ids)]))[names.LOGITS])
+
+
+def test_later_loads_read_the_kept_int8_copies_instead_of_making_them(w4a16, tmp_path, monkeypatch):
+    from edgevl.runtime.backends import int8_prefill
+    from edgevl.runtime.pipeline import Pipeline
+    notes = []
+    opts = BackendOptions(int8_prefill=True, cache_dir=tmp_path, log=notes.append)
+    first = _prefill_logits(Pipeline.load(w4a16, backend="ort-cpu", options=opts))
+    kept = list((tmp_path / "int8-prefill").iterdir())
+    assert len(kept) == 2 and any("made once and kept in" in n for n in notes)
+
+    def remade(*args):
+        raise AssertionError("the int8 copies were made again")
+    monkeypatch.setattr(int8_prefill, "requantize", remade)
+    notes.clear()
+    again = _prefill_logits(Pipeline.load(w4a16, backend="ort-cpu", options=opts))
+    assert any("int8 copies read from" in n for n in notes)
+    np.testing.assert_array_equal(again, first)
+    monkeypatch.undo()
+    fresh = _prefill_logits(Pipeline.load(w4a16, backend="ort-cpu",
+                                          options=BackendOptions(int8_prefill=True, keep_int8_copies=False)))
+    np.testing.assert_array_equal(fresh, first)                       # the kept copies are the ones made
+
+
+def test_the_kept_copies_name_changes_with_the_graph_s_files(w4a16, tmp_path):
+    import os
+    import shutil
+
+    from edgevl.artifact.folder import load_artifact
+    from edgevl.runtime.backends.int8_prefill import kept_copies
+    graph = load_artifact(w4a16).graph("decoder")
+    name = kept_copies(graph, tmp_path)
+    assert name.parent == tmp_path / "int8-prefill" and name == kept_copies(graph, tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(w4a16, copy)                                     # the same files, times kept
+    assert kept_copies(load_artifact(copy).graph("decoder"), tmp_path) == name
+    data = copy / graph.spec.files[0]
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))   # changed under its manifest
+    assert kept_copies(load_artifact(copy, verify=False).graph("decoder"), tmp_path) != name
+
+
+def test_quantize_keeps_no_int8_copies_of_its_candidates(w4a16):
+    assert not (w4a16.parent / "quantize-cache" / "int8-prefill").exists()

@@ -1,5 +1,6 @@
 """onnxruntime sessions (runtime/backends/ort_session.py): one shared thread pool for the process, and --fast-load
-(no weight prepacking) with the same tokens, except for quantized graphs, which stay packed."""
+(no weight prepacking) with the same tokens, except for quantized graphs, which stay packed; weights a transform
+makes, kept in a file for later loads (kept_weights)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import dataclasses
 import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 from edgevl.artifact.folder import GraphFile, load_artifact
 from edgevl.runtime.backends import table as backends
@@ -67,3 +71,56 @@ def test_fast_load_still_prepacks_quantized_graphs(tiny_artifact, tmp_path):
     loose = GraphFile.standalone(outside, dataclasses.replace(art.manifest.graph("vision"), precision="int8"),
                                  art.config)
     assert backend.make_runner(loose).build_session.prepack
+
+
+def _pairs(log: list):
+    """The weights an int8 prefill transform yields, made lazily; `log` records each one made."""
+    rng = np.random.default_rng(0)
+    for name, array in (("w", rng.integers(-127, 128, (5, 7), dtype=np.int8)),
+                        ("scale", rng.random(7).astype(np.float32))):
+        log.append(name)
+        yield name, array
+
+
+def test_kept_weights_are_made_once_and_read_back_by_later_loads(tmp_path):
+    from edgevl.runtime.backends.ort_session import kept_weights
+    path = tmp_path / "cache" / "decoder-key.bin"
+    made = []
+    _, first = kept_weights(_pairs(made), path)
+    assert made == ["w", "scale"] and path.exists() and path.with_name(path.name + ".json").exists()
+    expected = dict(_pairs([]))
+    assert all(np.array_equal(first[k], expected[k]) and first[k].dtype == expected[k].dtype for k in expected)
+    again = []
+    _, second = kept_weights(_pairs(again), path)
+    assert again == []                                   # read back: nothing made
+    assert all(np.array_equal(second[k], expected[k]) for k in expected)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["decoder-key.bin", "decoder-key.bin.json"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "layout", "dtype"])
+def test_a_damaged_kept_file_is_made_again(tmp_path, damage):
+    import json
+    from edgevl.runtime.backends.ort_session import kept_weights
+    path = tmp_path / "decoder-key.bin"
+    kept_weights(_pairs([]), path)
+    layout_file = path.with_name(path.name + ".json")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-3])
+    elif damage == "layout":
+        layout_file.write_text("{not json")
+    else:
+        layout = json.loads(layout_file.read_text())
+        layout["tensors"][0][2] = "<f8"                  # a type the file never holds
+        layout_file.write_text(json.dumps(layout))
+    made = []
+    _, views = kept_weights(_pairs(made), path)
+    assert made == ["w", "scale"]
+    assert all(np.array_equal(views[k], v) for k, v in _pairs([]))
+
+
+def test_a_folder_that_cannot_be_written_falls_back_to_a_temporary_file(tmp_path):
+    from edgevl.runtime.backends.ort_session import kept_weights
+    (tmp_path / "a-file").write_text("")
+    made = []
+    _, views = kept_weights(_pairs(made), tmp_path / "a-file" / "decoder-key.bin")
+    assert made == ["w", "scale"] and all(np.array_equal(views[k], v) for k, v in _pairs([]))
