@@ -185,20 +185,29 @@ def _file_backed(pairs):
     pages as it does the artifact's own weights' (anonymous memory could not be given back without losing it)."""
     import mmap
     import tempfile
-    layout = {}
     with tempfile.TemporaryFile(prefix="edgevl-weights-") as f:
-        for name, array in pairs:
-            f.write(b"\0" * (-f.tell() % _ALIGN))
-            layout[name] = (f.tell(), array.dtype, array.shape)
-            f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
-            del array
-        if not layout:
+        tensors = _write_pairs(f, pairs)
+        if not tensors:
             return None, {}
         f.flush()
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)     # the map keeps the file alive
-    views = {name: np.frombuffer(mapped, dtype, int(np.prod(shape, dtype=np.int64)), offset).reshape(shape)
-             for name, (offset, dtype, shape) in layout.items()}
-    return mapped, views
+    return mapped, _views(mapped, tensors)
+
+
+def _write_pairs(f, pairs) -> list:
+    """Each (name, array) written to `f`, 64-byte aligned, one at a time: [[name, offset, dtype, shape], ...]."""
+    tensors = []
+    for name, array in pairs:
+        f.write(b"\0" * (-f.tell() % _ALIGN))
+        tensors.append([name, f.tell(), array.dtype.str, list(array.shape)])
+        f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+        del array
+    return tensors
+
+
+def _views(mapped, tensors) -> dict:
+    return {name: np.frombuffer(mapped, np.dtype(dtype), int(np.prod(shape, dtype=np.int64)), offset).reshape(shape)
+            for name, offset, dtype, shape in tensors}
 
 
 KEPT_DTYPES = ("|i1", "<f4")          # what a kept weight file may hold (int8 weights, float32 scales)
@@ -223,36 +232,30 @@ def kept_weights(pairs, path: Path):
 
 
 def _read_kept(path: Path):
+    """(map, views) of a kept file whose layout names it whole and in the types it may hold, else None."""
     import json
     import mmap
-    layout_file = path.with_name(path.name + ".json")
     try:
-        layout = json.loads(layout_file.read_text())
+        layout = json.loads(path.with_name(path.name + ".json").read_text())
+        size, tensors = layout["size"], layout["tensors"]
+        for _, offset, dtype, shape in tensors:
+            count = int(np.prod(shape, dtype=np.int64))
+            if dtype not in KEPT_DTYPES or offset < 0 or offset + count * np.dtype(dtype).itemsize > size:
+                return None
         with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size != layout["size"] or not layout["tensors"]:
+            if not tensors or os.fstat(f.fileno()).st_size != size:
                 return None
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        views = {}
-        for name, offset, dtype, shape in layout["tensors"]:
-            count = int(np.prod(shape, dtype=np.int64))
-            if dtype not in KEPT_DTYPES or offset < 0 or offset + count * np.dtype(dtype).itemsize > layout["size"]:
-                return None
-            views[name] = np.frombuffer(mapped, np.dtype(dtype), count, offset).reshape(shape)
-        return mapped, views
+        return mapped, _views(mapped, tensors)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def _write_kept(pairs, staged, path: Path):
     import json
-    tensors = []
     with staged as f:
         try:
-            for name, array in pairs:
-                f.write(b"\0" * (-f.tell() % _ALIGN))
-                tensors.append([name, f.tell(), array.dtype.str, list(array.shape)])
-                f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
-                del array
+            tensors = _write_pairs(f, pairs)
             size = f.tell()
         except BaseException as e:
             os.unlink(f.name)
