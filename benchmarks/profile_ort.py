@@ -39,7 +39,8 @@ def vision_feed(pipe, size: str) -> dict:
     Qwen2.5-VL window layout and Qwen3-VL position-table taps included)."""
     from edgevl.bench.measure import parse_size, synthetic_image
     w, h = parse_size(size)
-    prepared = pipe.prepare("Describe this image.", [synthetic_image(w, h, Path(tempfile.mkdtemp()))])
+    with tempfile.TemporaryDirectory(prefix="edgevl-profile-") as tmp:     # the photo is read by prepare
+        prepared = pipe.prepare("Describe this image.", [synthetic_image(w, h, Path(tmp))])
     grid, = prepared.grids
     return pipe.vision_encoder.feed(prepared.pixel_values[0], grid)[0]
 
