@@ -146,8 +146,8 @@ def kept_copies(graph, root: Path) -> Path:
     """Where the int8 copies of `graph` (a GraphFile) are kept for later loads: under root/int8-prefill, named by
     the graph's digest, its files' sizes and times (a file changed under a manifest that was not re-verified
     gets a new name) and KEPT_FORMAT."""
-    folder = graph.path.parent
-    stamp = [(f, (folder / f).stat().st_size, (folder / f).stat().st_mtime_ns) for f in graph.spec.files]
+    stats = {f: (graph.path.parent / f).stat() for f in graph.spec.files}
+    stamp = [(f, st.st_size, st.st_mtime_ns) for f, st in stats.items()]
     key = hashlib.sha256(json.dumps([graph.digest, stamp, KEPT_FORMAT]).encode()).hexdigest()[:24]
     return Path(root) / "int8-prefill" / f"{graph.name}-{key}.bin"
 

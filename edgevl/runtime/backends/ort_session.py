@@ -213,6 +213,11 @@ def _views(mapped, tensors) -> dict:
 KEPT_DTYPES = ("|i1", "<f4")          # what a kept weight file may hold (int8 weights, float32 scales)
 
 
+def kept_layout(path: Path) -> Path:
+    """The layout of the kept weight file `path` (kept_weights): written last, so its presence names a whole file."""
+    return path.with_name(path.name + ".json")
+
+
 def kept_weights(pairs, path: Path):
     """_file_backed's (map, {name: view}) from a file that outlives the process: `path` as written by an earlier
     call when it is there and whole (then `pairs` is never iterated, so its weights are never made), else the
@@ -236,7 +241,7 @@ def _read_kept(path: Path):
     import json
     import mmap
     try:
-        layout = json.loads(path.with_name(path.name + ".json").read_text())
+        layout = json.loads(kept_layout(path).read_text())
         size, tensors = layout["size"], layout["tensors"]
         for _, offset, dtype, shape in tensors:
             count = int(np.prod(shape, dtype=np.int64))
@@ -265,7 +270,7 @@ def _write_kept(pairs, staged, path: Path):
     os.replace(f.name, path)
     layout = path.with_name(f".{path.name}.json-{os.getpid()}")
     layout.write_text(json.dumps({"size": size, "tensors": tensors}))
-    os.replace(layout, path.with_name(path.name + ".json"))
+    os.replace(layout, kept_layout(path))
     return _read_kept(path) or (None, {})
 
 

@@ -31,7 +31,7 @@ from edgevl.runtime.backends import ort_placement, packages, probe
 from edgevl.runtime.backends.ort import OnnxrtRunner, OrtIoBindingRunner
 from edgevl.runtime.backends.runner import Runner, activate_all
 from edgevl.runtime.backends.options import BackendOptions
-from edgevl.runtime.backends.ort_session import SessionFromOnnx
+from edgevl.runtime.backends.ort_session import SessionFromOnnx, kept_layout
 from edgevl.runtime.backends.sizing import (
     DEFAULT_ENGINE_CONTEXT,
     build_profiles,
@@ -178,7 +178,7 @@ def _kept_copies(graph: GraphFile, opts: BackendOptions):
         return None
     from edgevl.runtime.backends import int8_prefill
     path = int8_prefill.kept_copies(graph, opts.cache)
-    if path.with_name(path.name + ".json").exists():
+    if kept_layout(path).exists():
         opts.log(f"{graph.name}: int8 copies read from {path}")
     else:
         opts.log(f"{graph.name}: int8 copies made once and kept in {path} for later loads")

@@ -102,21 +102,16 @@ def _kl(p_logits, q_logits) -> float:
 def test_the_int8_prefill_is_as_far_from_fp32_as_the_4bit_graph_is(w4a16, tiny_artifact):
     """Against the fp32 export's prefill logits, the int8 prefill (4-bit weights rounded once more, activations
     quantized per call) stays as close as the 4-bit graph itself: its extra rounding is small next to 4 bits'."""
-    from edgevl.artifact import names
-    from edgevl.runtime.generate import decoder_step
     from edgevl.runtime.pipeline import Pipeline
     pipes = {"fp32": Pipeline.load(tiny_artifact, backend="ort-cpu"),
              "w4a16": Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=False)),
              "split": Pipeline.load(w4a16, backend="ort-cpu", options=BackendOptions(int8_prefill=True))}
-    base = pipes["fp32"]
-    ids = base.prepare("Describe a cat in one long sentence, please. " * 8).input_ids
-    embeds = base.embed(ids, [], [])[None]
-    positions, _ = base.positions(ids[None], np.ones((1, len(ids)), np.int64), [], [])
+    prompt = _text_prompt(pipes["fp32"], "Describe a cat in one long sentence, please. " * 8)
     logits = {}
     for name, pipe in pipes.items():
-        cache = pipe.new_cache(1)
-        logits[name] = np.asarray(decoder_step(pipe.decoder, cache, embeds, positions, np.array([len(ids)]))[names.LOGITS])[0]
-        assert cache.lengths.tolist() == [len(ids)]                      # the cache the decode session reads
+        logits[name], cache = _prefill(pipe, prompt)
+        logits[name] = logits[name][0]
+        assert cache.lengths.tolist() == [prompt[0].shape[1]]            # the cache the decode session reads
     plain, split = _kl(logits["fp32"], logits["w4a16"]), _kl(logits["fp32"], logits["split"])
     assert split <= 1.25 * plain + 1e-3, (split, plain)
     assert not np.array_equal(logits["split"], logits["w4a16"])          # the int8 session did compute it
@@ -235,13 +230,25 @@ def test_meminfo_and_cpu_flags_read_procs_files_and_say_none_where_they_are_miss
     assert cpu_flags(str(tmp_path / "missing")) == frozenset()
 
 
-def _prefill_logits(pipe) -> np.ndarray:
+def _text_prompt(pipe, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(embeds [1, T, H], positions) of a text prompt, as `pipe` makes them."""
+    ids = pipe.prepare(text).input_ids
+    positions, _ = pipe.positions(ids[None], np.ones((1, len(ids)), np.int64), [], [])
+    return pipe.embed(ids, [], [])[None], positions
+
+
+def _prefill(pipe, prompt) -> tuple[np.ndarray, object]:
+    """(logits, the KV cache it wrote) of one prefill of `prompt` on pipe's decoder."""
     from edgevl.artifact import names
     from edgevl.runtime.generate import decoder_step
-    ids = pipe.prepare("Describe a cat in one long sentence, please. " * 4).input_ids
-    positions, _ = pipe.positions(ids[None], np.ones((1, len(ids)), np.int64), [], [])
-    return np.asarray(decoder_step(pipe.decoder, pipe.new_cache(1), pipe.embed(ids, [], [])[None], positions,
-                                   np.array([len(ids)]))[names.LOGITS])
+    embeds, positions = prompt
+    cache = pipe.new_cache(1)
+    outputs = decoder_step(pipe.decoder, cache, embeds, positions, np.array([embeds.shape[1]]))
+    return np.asarray(outputs[names.LOGITS]), cache
+
+
+def _prefill_logits(pipe) -> np.ndarray:
+    return _prefill(pipe, _text_prompt(pipe, "Describe a cat in one long sentence, please. " * 4))[0]
 
 
 def test_later_loads_read_the_kept_int8_copies_instead_of_making_them(w4a16, tmp_path, monkeypatch):
